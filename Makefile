@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test test-fast lint bench bench-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+# Inner loop: skips the few slow end-to-end tests (CI still runs them through `make test`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+
+bench: bench-deps
+	$(PY) -m experiments.bench_maml_torch
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,248 @@
+"""The inner loop: K steps of any optax rule on the adapted parameters, inside ``lax.scan``.
+
+One compiled function serves every step count: the scan always runs a static ``max_steps``
+K_max, and a traced ``num_steps`` k masks steps ``k..K_max-1`` out. Optional per-step weights
+w_k scale each applied update (psi_{k+1} = psi_k + w_k * u_k), which is what soft depth
+controllers need. The loop is differentiable end to end (second order: the meta-gradient flows
+through every inner gradient) unless ``first_order`` stops the inner gradients.
+
+Non-finite steps. A step whose loss or gradient is not finite is skipped: parameters and
+optimizer state stay as they were and the step is counted in ``num_skipped``. Masking the
+update is not enough for second order, because the backward pass of the masked step still
+multiplies a zero cotangent by the step's NaN intermediates (0 * NaN = NaN). The per-step
+value-and-grad is therefore wrapped in a ``custom_vjp`` whose backward zeroes every cotangent
+of a non-finite step before it reaches the inputs -- the "double where" applied where the NaN
+is made -- and the gradient itself is sanitised before the optimizer sees it.
+
+Numerically safe forms for second order: global norms use a safe square root (finite
+derivative at zero), and differentiating through Adam needs ``optax.adam(..., eps_root>0)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metattt.params import merge
+
+PyTree = Any
+LossFn = Callable[[PyTree, Any], Any]
+
+_TINY = 1e-30
+
+
+class InnerConfig(NamedTuple):
+    """The static choices of an inner loop; ``adapt(..., **cfg._asdict())`` applies them.
+
+    Attributes:
+        opt: the optax rule applied to the adapted parameters.
+        max_steps: K_max, the static length of the scan.
+        clip_norm: clip each step's gradient to this global norm (None: no clipping).
+        first_order: stop gradients through the inner gradients (FOMAML-style).
+        remat: ``jax.checkpoint`` each step (recompute in the backward pass, less memory).
+    """
+
+    opt: optax.GradientTransformation
+    max_steps: int
+    clip_norm: float | None = None
+    first_order: bool = False
+    remat: bool = False
+
+
+class InnerResult(NamedTuple):
+    """What an inner loop returns. Per-step arrays have shape (K_max,).
+
+    Attributes:
+        params: the adapted (fast) parameters psi_K.
+        opt_state: the optimizer state after the last applied step.
+        losses: loss at psi_k, before step k is applied.
+        grad_norms: global norm of step k's raw (unclipped) gradient.
+        update_norms: ||Delta psi_k|| actually applied (0 for masked or skipped steps).
+        active: whether step k was applied (within ``num_steps`` and finite).
+        num_skipped: number of steps within ``num_steps`` skipped as non-finite (int32).
+        aux: per-step auxiliary outputs of the loss (stacked), or None.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    losses: jax.Array
+    grad_norms: jax.Array
+    update_norms: jax.Array
+    active: jax.Array
+    num_skipped: jax.Array
+    aux: PyTree = None
+
+
+def safe_global_norm(tree: PyTree) -> jax.Array:
+    """Global L2 norm with a finite derivative at zero (plain sqrt has an infinite one)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+    nonzero = sq > _TINY
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+    """True when every inexact leaf of ``tree`` is finite."""
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _zero_if(bad: jax.Array, x: Any) -> Any:
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return jnp.where(bad, jnp.zeros_like(x), x)
+    return x  # integer inputs carry float0 cotangents: nothing to clean
+
+
+def _guarded_value_and_grad(loss_fn: LossFn, has_aux: bool) -> Callable:
+    """``value_and_grad`` of ``loss(fast, slow, batch)`` wrt ``fast`` whose VJP is NaN-safe.
+
+    The forward is the plain value-and-grad. The backward (used when an outer ``jax.grad``
+    differentiates through this step) applies the saved VJP and zeroes all cotangents when the
+    step's outputs were not finite, so a skipped step cannot poison a meta-gradient.
+    """
+
+    def inner_loss(fast, slow, batch):
+        return loss_fn(merge(fast, slow), batch)
+
+    vg = jax.value_and_grad(inner_loss, has_aux=has_aux)
+
+    @jax.custom_vjp
+    def guarded(fast, slow, batch):
+        return vg(fast, slow, batch)
+
+    def fwd(fast, slow, batch):
+        out, vjp_fn = jax.vjp(vg, fast, slow, batch)
+        (value, grads) = out
+        loss = value[0] if has_aux else value
+        ok = jnp.isfinite(loss) & tree_all_finite(grads)
+        return out, (vjp_fn, ok)
+
+    def bwd(res, cotangent):
+        vjp_fn, ok = res
+        cot = jax.tree.map(lambda c: _zero_if(~ok, c), cotangent)
+        return jax.tree.map(lambda c: _zero_if(~ok, c), vjp_fn(cot))
+
+    guarded.defvjp(fwd, bwd)
+    return guarded
+
+
+def adapt(
+    loss_fn: LossFn,
+    fast: PyTree,
+    slow: PyTree,
+    batch: Any,
+    *,
+    opt: optax.GradientTransformation,
+    max_steps: int,
+    num_steps: int | jax.Array | None = None,
+    step_weights: jax.Array | None = None,
+    clip_norm: float | None = None,
+    first_order: bool = False,
+    remat: bool = False,
+    has_aux: bool = False,
+    opt_state: PyTree = None,
+) -> InnerResult:
+    """Run up to ``max_steps`` steps of ``opt`` on ``loss_fn`` over the fast parameters.
+
+    psi_{k+1} = psi_k + w_k * u_k for k < num_steps, where u_k = opt.update(clip(g_k)) and
+    g_k = grad_psi loss_fn(merge(psi_k, slow), batch).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with ``has_aux``).
+        fast: the adapted parameters psi_0 (a pytree; ``None`` leaves are frozen slots).
+        slow: the frozen parameters, merged with ``fast`` for every loss evaluation.
+        batch: the data the inner loss sees (any pytree; the same batch every step).
+        opt: the optax rule.
+        max_steps: K_max, static.
+        num_steps: k <= K_max, may be traced; None means K_max.
+        step_weights: (K_max,) weights w_k, may be traced and differentiated; None means 1.
+        clip_norm: clip each gradient to this global norm before the optimizer.
+        first_order: stop gradients through the inner gradients.
+        remat: checkpoint each step.
+        has_aux: ``loss_fn`` returns ``(loss, aux)``.
+        opt_state: initial optimizer state (default: ``opt.init(fast)``).
+
+    Returns:
+        An :class:`InnerResult`.
+
+    Raises:
+        ValueError: bad ``max_steps`` or ``step_weights`` shape.
+    """
+    if not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(f"max_steps must be a non-negative Python int, got {max_steps!r}")
+    if step_weights is not None and jnp.shape(step_weights) != (max_steps,):
+        raise ValueError(
+            f"step_weights must have shape (max_steps,) = ({max_steps},), "
+            f"got {jnp.shape(step_weights)}"
+        )
+    if clip_norm is not None and clip_norm <= 0:
+        raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+    if not jax.tree.leaves(fast):
+        raise ValueError("adapt() got no fast parameters to adapt")
+    if opt_state is None:
+        opt_state = opt.init(fast)
+    limit = max_steps if num_steps is None else num_steps
+    weights = jnp.ones((max_steps,), jnp.float32) if step_weights is None else step_weights
+    value_and_grad = _guarded_value_and_grad(loss_fn, has_aux)
+
+    def step(carry, xs):
+        params, state, skipped = carry
+        k, w = xs
+        value, grads = value_and_grad(params, slow, batch)
+        loss, aux = value if has_aux else (value, None)
+        if first_order:
+            grads = jax.lax.stop_gradient(grads)
+        grad_norm = safe_global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        if clip_norm is not None:
+            safe_norm = jnp.where(finite, grad_norm, 0.0)
+            scale = jnp.where(safe_norm > clip_norm, clip_norm / jnp.maximum(safe_norm, _TINY), 1.0)
+            grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+        updates, new_state = opt.update(grads, state, params)
+        updates = jax.tree.map(lambda u, p: (w * u).astype(p.dtype), updates, params)
+        in_range = k < limit
+        active = in_range & finite
+        new_params = jax.tree.map(lambda p, u: jnp.where(active, p + u, p), params, updates)
+        new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
+        update_norm = jnp.where(active, safe_global_norm(updates), 0.0)
+        skipped = skipped + (in_range & ~finite).astype(jnp.int32)
+        out = (loss.astype(jnp.float32), grad_norm, update_norm, active, aux)
+        return (new_params, new_state, skipped), out
+
+    if remat:
+        step = jax.checkpoint(step)
+    init = (fast, opt_state, jnp.zeros((), jnp.int32))
+    (params, state, skipped), outs = jax.lax.scan(
+        step, init, (jnp.arange(max_steps), weights), length=max_steps
+    )
+    losses, grad_norms, update_norms, active, aux = outs
+    return InnerResult(params, state, losses, grad_norms, update_norms, active, skipped, aux)
+
+
+def per_param_sgd(learning_rates: PyTree) -> optax.GradientTransformation:
+    """SGD with one (possibly learned) learning rate per parameter entry: u = -alpha * g.
+
+    ``learning_rates`` has the structure of the adapted parameters; it may be traced, which is
+    how Meta-SGD learns it.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda a, g: -a * g, learning_rates, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
