@@ -82,7 +82,8 @@ def safe_global_norm(tree: PyTree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+    dtype = jnp.result_type(jnp.float32, *leaves)
+    sq = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
     nonzero = sq > _TINY
     return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
 
@@ -217,7 +218,7 @@ def adapt(
         new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
         update_norm = jnp.where(active, safe_global_norm(updates), 0.0)
         skipped = skipped + (in_range & ~finite).astype(jnp.int32)
-        out = (loss.astype(jnp.float32), grad_norm, update_norm, active, aux)
+        out = (loss, grad_norm, update_norm, active, aux)
         return (new_params, new_state, skipped), out
 
     if remat:

@@ -103,9 +103,11 @@ def _predicate(selector: Selector) -> Callable[[str, Any], bool]:
     if callable(selector):
         return selector
     if isinstance(selector, str):
-        terms = [t.strip() for t in selector.split("+")] if not selector.startswith("re:") else [
-            selector
-        ]
+        terms = (
+            [t.strip() for t in selector.split("+")]
+            if not selector.startswith("re:")
+            else [selector]
+        )
         if not terms or any(not t for t in terms):
             raise ValueError(f"empty term in parameter selector {selector!r}")
         preds = [_term_predicate(t) for t in terms]

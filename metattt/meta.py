@@ -1,0 +1,245 @@
+"""Meta-learning as meta-losses over the inner loop, and the meta-step over a task batch.
+
+A meta-loss is a function of the initial parameters, so ``jax.grad`` of it is the
+meta-gradient. Each method is a short composition of :func:`metattt.inner.adapt`:
+
+* MAML (Finn et al., 2017): query loss after K inner steps, differentiated through them.
+* FOMAML: the same with the inner gradients stopped (``first_order=True``).
+* End-to-end TTT: query loss after adaptation plus the mean of the applied inner losses.
+* Meta-SGD (Li et al., 2017): MAML whose inner rule is SGD with a learned learning rate per
+  parameter entry; the meta-parameters are ``MetaSGDParams(params, learning_rates)``.
+
+:func:`make_meta_step` vmaps a meta-loss over a batch of tasks, averages, and applies any optax
+outer optimizer; with a ``mesh`` the task batch is sharded over its devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from metattt.inner import InnerConfig, InnerResult, adapt, per_param_sgd, safe_global_norm
+from metattt.params import merge, split
+
+PyTree = Any
+
+
+class Task(NamedTuple):
+    """One task: the support batch adapts, the query batch scores the adapted parameters."""
+
+    support: Any
+    query: Any
+
+
+class MetaAux(NamedTuple):
+    """Per-task diagnostics of a meta-loss (scalars; inner arrays have shape (K_max,))."""
+
+    query_loss: jax.Array
+    inner_losses: jax.Array
+    num_skipped: jax.Array
+
+
+class MetaSGDParams(NamedTuple):
+    """Meta-SGD's meta-parameters: the initialisation and one learning rate per adapted entry."""
+
+    params: PyTree
+    learning_rates: PyTree
+
+
+def _adapt_task(loss_fn, params, task, mask, inner: InnerConfig, num_steps, opt=None):
+    fast, slow = split(params, mask)
+    cfg = inner._asdict()
+    if opt is not None:
+        cfg["opt"] = opt
+    result: InnerResult = adapt(loss_fn, fast, slow, task.support, num_steps=num_steps, **cfg)
+    return merge(result.params, slow), result
+
+
+def maml_loss(
+    loss_fn: Callable,
+    params: PyTree,
+    task: Task,
+    *,
+    mask: PyTree,
+    inner: InnerConfig,
+    num_steps: int | jax.Array | None = None,
+    query_loss_fn: Callable | None = None,
+) -> tuple[jax.Array, MetaAux]:
+    """Query loss after adapting the masked parameters on the support set.
+
+    Second order unless ``inner.first_order`` (then it is FOMAML; see :func:`fomaml_loss`).
+
+    Args:
+        loss_fn: inner loss ``loss_fn(params, batch) -> scalar``.
+        params: the initial parameters (the meta-parameters).
+        task: a :class:`Task`.
+        mask: boolean pytree from :func:`metattt.params.select`: which leaves adapt.
+        inner: the inner loop's static configuration.
+        num_steps: traced inner step count (default ``inner.max_steps``).
+        query_loss_fn: loss on the query set (default ``loss_fn``).
+
+    Returns:
+        ``(query_loss, MetaAux)``.
+    """
+    adapted, result = _adapt_task(loss_fn, params, task, mask, inner, num_steps)
+    query = (query_loss_fn or loss_fn)(adapted, task.query)
+    return query, MetaAux(query, result.losses, result.num_skipped)
+
+
+def fomaml_loss(loss_fn, params, task, *, mask, inner: InnerConfig, **kwargs):
+    """First-order MAML: :func:`maml_loss` with the inner gradients stopped."""
+    return maml_loss(
+        loss_fn, params, task, mask=mask, inner=inner._replace(first_order=True), **kwargs
+    )
+
+
+def e2e_ttt_loss(
+    loss_fn: Callable,
+    params: PyTree,
+    task: Task,
+    *,
+    mask: PyTree,
+    inner: InnerConfig,
+    num_steps: int | jax.Array | None = None,
+    query_loss_fn: Callable | None = None,
+) -> tuple[jax.Array, MetaAux]:
+    """End-to-end TTT meta-loss: query loss after adaptation + mean of the applied inner losses.
+
+    The inner-loss term trains the initialisation to be good before adaptation too, and gives
+    every inner step a direct learning signal.
+    """
+    adapted, result = _adapt_task(loss_fn, params, task, mask, inner, num_steps)
+    query = (query_loss_fn or loss_fn)(adapted, task.query)
+    applied = result.active.astype(result.losses.dtype)
+    inner_mean = jnp.sum(jnp.where(result.active, result.losses, 0.0)) / jnp.maximum(
+        jnp.sum(applied), 1.0
+    )
+    return query + inner_mean, MetaAux(query, result.losses, result.num_skipped)
+
+
+def meta_sgd_init(params: PyTree, mask: PyTree, learning_rate: float) -> MetaSGDParams:
+    """Meta-SGD meta-parameters: ``params`` and a learning rate ``learning_rate`` per entry."""
+    fast, _ = split(params, mask)
+    return MetaSGDParams(params, jax.tree.map(lambda p: jnp.full_like(p, learning_rate), fast))
+
+
+def meta_sgd_loss(
+    loss_fn: Callable,
+    meta_params: MetaSGDParams,
+    task: Task,
+    *,
+    mask: PyTree,
+    inner: InnerConfig,
+    num_steps: int | jax.Array | None = None,
+    query_loss_fn: Callable | None = None,
+) -> tuple[jax.Array, MetaAux]:
+    """Meta-SGD: MAML whose inner rule is SGD with learned per-entry rates (ignores inner.opt)."""
+    adapted, result = _adapt_task(
+        loss_fn,
+        meta_params.params,
+        task,
+        mask,
+        inner,
+        num_steps,
+        opt=per_param_sgd(meta_params.learning_rates),
+    )
+    query = (query_loss_fn or loss_fn)(adapted, task.query)
+    return query, MetaAux(query, result.losses, result.num_skipped)
+
+
+class MetaMetrics(NamedTuple):
+    """What one meta-step reports (means over the task batch)."""
+
+    meta_loss: jax.Array
+    query_loss: jax.Array
+    grad_norm: jax.Array
+    num_skipped: jax.Array
+
+
+class MetaStep(NamedTuple):
+    """A meta-learner: ``init(meta_params) -> opt_state`` and the jitted ``step``."""
+
+    init: Callable[[PyTree], PyTree]
+    step: Callable[[PyTree, PyTree, Any], tuple[PyTree, PyTree, MetaMetrics]]
+
+
+def batch_meta_loss(meta_loss: Callable, meta_params: PyTree, tasks: Any):
+    """Mean of ``meta_loss(meta_params, task)`` over a task batch (leading axis), by ``vmap``."""
+    losses, aux = jax.vmap(meta_loss, in_axes=(None, 0))(meta_params, tasks)
+    return jnp.mean(losses), aux
+
+
+def make_meta_step(
+    meta_loss: Callable[[PyTree, Any], tuple[jax.Array, MetaAux]],
+    outer_opt: optax.GradientTransformation,
+    *,
+    clip_norm: float | None = None,
+    mesh: Mesh | None = None,
+    axis_name: str | None = None,
+    jit: bool = True,
+) -> MetaStep:
+    """Build the meta-training step for ``meta_loss(meta_params, task) -> (loss, MetaAux)``.
+
+    Bind the method's arguments first, e.g.
+    ``functools.partial(maml_loss, loss_fn, mask=mask, inner=inner)`` (``params`` and
+    ``task`` stay positional).
+
+    Args:
+        meta_loss: per-task meta-loss.
+        outer_opt: the optax outer optimizer.
+        clip_norm: clip the meta-gradient to this global norm first.
+        mesh: shard the task batch's leading axis over this mesh (meta-parameters replicated).
+            The result equals the single-device one; the batch size must divide evenly.
+        axis_name: the mesh axis to shard over (default: the mesh's first axis).
+        jit: compile the step (turn off only to debug).
+
+    Returns:
+        A :class:`MetaStep` ``(init, step)``; ``step(meta_params, opt_state, tasks)`` returns
+        ``(meta_params, opt_state, MetaMetrics)``.
+    """
+    if clip_norm is not None:
+        outer_opt = optax.chain(optax.clip_by_global_norm(clip_norm), outer_opt)
+
+    def step(meta_params, opt_state, tasks):
+        (loss, aux), grads = jax.value_and_grad(
+            functools.partial(batch_meta_loss, meta_loss), has_aux=True
+        )(meta_params, tasks)
+        updates, opt_state = outer_opt.update(grads, opt_state, meta_params)
+        meta_params = optax.apply_updates(meta_params, updates)
+        metrics = MetaMetrics(
+            loss, jnp.mean(aux.query_loss), safe_global_norm(grads), jnp.sum(aux.num_skipped)
+        )
+        return meta_params, opt_state, metrics
+
+    if not jit:
+        return MetaStep(outer_opt.init, step)
+    if mesh is None:
+        return MetaStep(outer_opt.init, jax.jit(step))
+
+    axis = axis_name or mesh.axis_names[0]
+    # Automatic axes: XLA's partitioner shards the vmapped task batch; explicit axes would put
+    # the sharding into every traced type inside the inner loop, which vmap-of-scan rejects.
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(axis))
+    compiled = jax.jit(step, out_shardings=replicated)
+    num_shards = mesh.shape[axis]
+
+    def sharded_step(meta_params, opt_state, tasks):
+        sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(tasks)}
+        if len(sizes) != 1 or next(iter(sizes)) % num_shards:
+            raise ValueError(
+                f"the task batch's leading axis ({sorted(sizes)}) must be one size divisible "
+                f"by the {num_shards} devices of mesh axis {axis!r}"
+            )
+        tasks = jax.device_put(tasks, sharded)
+        meta_params, opt_state = jax.device_put((meta_params, opt_state), replicated)
+        return compiled(meta_params, opt_state, tasks)
+
+    return MetaStep(outer_opt.init, sharded_step)

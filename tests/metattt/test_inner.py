@@ -1,0 +1,175 @@
+"""The inner loop: masking by a traced step count, vmap, weights, clipping, non-finite steps."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metattt import inner
+from metattt import params as P
+
+K_MAX = 5
+
+
+def loss_fn(p, batch):
+    x, y = batch
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    return jnp.mean((h @ p["w2"] - y) ** 2)
+
+
+def init_params(key, width=8):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "w1": jax.random.normal(k1, (2, width)),
+        "b1": 0.1 * jax.random.normal(k2, (width,)),
+        "w2": jax.random.normal(k3, (width, 1)) / np.sqrt(width),
+    }
+
+
+def make_batch(key, n=16):
+    kx, kn = jax.random.split(key)
+    x = jax.random.normal(kx, (n, 2))
+    return x, jnp.sin(x[:, :1] * 2.0) + 0.1 * jax.random.normal(kn, (n, 1))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    params = init_params(jax.random.key(0))
+    fast, slow = P.split(params, P.select(params, "re:w2|b1"))
+    return fast, slow, make_batch(jax.random.key(1))
+
+
+def python_loop(fast, slow, batch, opt, k, clip_norm=None, weights=None):
+    """Reference: k explicit optax steps, no scan, no masks."""
+    state = opt.init(fast)
+    for i in range(k):
+        g = jax.grad(lambda f: loss_fn(P.merge(f, slow), batch))(fast)
+        if clip_norm is not None:
+            norm = optax.tree.norm(g)
+            g = jax.tree.map(lambda x: x * min(1.0, clip_norm / float(norm)), g)
+        u, state = opt.update(g, state, fast)
+        w = 1.0 if weights is None else weights[i]
+        fast = jax.tree.map(lambda p, d: p + w * d, fast, u)
+    return fast
+
+
+@pytest.mark.parametrize("opt", [optax.sgd(0.1), optax.adam(0.05)], ids=["sgd", "adam"])
+def test_masked_k_equals_explicit_k_under_one_compilation(problem, opt):
+    fast, slow, batch = problem
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def run(k):
+        return inner.adapt(loss_fn, fast, slow, batch, opt=opt, max_steps=K_MAX, num_steps=k)
+
+    for k in range(K_MAX + 1):
+        result = run(jnp.asarray(k))
+        expected = python_loop(fast, slow, batch, opt, k)
+        chex.assert_trees_all_close(result.params, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(result.active), np.arange(K_MAX) < k)
+        assert int(result.num_skipped) == 0
+        assert np.all(np.asarray(result.update_norms)[k:] == 0.0)
+        if k:
+            assert np.all(np.asarray(result.update_norms)[:k] > 0.0)
+
+
+def test_step_weights_and_clipping_match_reference(problem):
+    fast, slow, batch = problem
+    weights = jnp.array([1.0, 0.5, 0.0, 2.0, 0.25])
+    result = inner.adapt(
+        loss_fn,
+        fast,
+        slow,
+        batch,
+        opt=optax.sgd(0.3),
+        max_steps=K_MAX,
+        step_weights=weights,
+        clip_norm=0.05,
+    )
+    expected = python_loop(
+        fast, slow, batch, optax.sgd(0.3), K_MAX, clip_norm=0.05, weights=np.asarray(weights)
+    )
+    chex.assert_trees_all_close(result.params, expected, rtol=1e-5, atol=1e-6)
+    # grad norms are reported before clipping; applied updates are at most lr * w * clip.
+    assert float(result.grad_norms[0]) > 0.05
+    np.testing.assert_allclose(result.update_norms, 0.3 * 0.05 * weights, rtol=1e-5)
+
+
+def test_vmapped_per_example_adaptation_equals_python_loop(problem):
+    fast, slow, _ = problem
+    batches = jax.vmap(make_batch)(jax.random.split(jax.random.key(2), 4))
+    steps = jnp.array([0, 1, 3, 5])
+
+    def one(batch, k):
+        return inner.adapt(
+            loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=K_MAX, num_steps=k
+        ).params
+
+    batched = jax.jit(jax.vmap(one))(batches, steps)
+    for i in range(4):
+        batch_i = jax.tree.map(lambda x, i=i: x[i], batches)
+        expected = python_loop(fast, slow, batch_i, optax.sgd(0.1), int(steps[i]))
+        got = jax.tree.map(lambda x, i=i: x[i], batched)
+        chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_step_is_skipped_counted_and_meta_gradient_stays_finite(problem):
+    fast, slow, (x, y) = problem
+    bad = (x.at[3, 0].set(jnp.nan), y)
+    opt = optax.adam(0.05, eps_root=1e-8)
+
+    def meta_loss(f):
+        r = inner.adapt(loss_fn, f, slow, bad, opt=opt, max_steps=3)
+        return loss_fn(P.merge(r.params, slow), (x, y)), r
+
+    (value, result), grads = jax.value_and_grad(meta_loss, has_aux=True)(fast)
+    assert int(result.num_skipped) == 3
+    assert not np.any(np.asarray(result.active))
+    chex.assert_trees_all_equal(result.params, fast)
+    chex.assert_trees_all_equal(result.opt_state, opt.init(fast))
+    chex.assert_tree_all_finite(grads)
+    # No step applied: the meta-gradient is the plain gradient at the initial parameters.
+    plain = jax.grad(lambda f: loss_fn(P.merge(f, slow), (x, y)))(fast)
+    chex.assert_trees_all_close(grads, plain, rtol=1e-6)
+    assert np.isfinite(float(value))
+
+
+def test_skip_is_per_step_not_per_loop(problem):
+    """A step that goes non-finite mid-loop is skipped; earlier steps stay applied."""
+    fast, slow, batch = problem
+
+    def exploding(p, b):  # finite while w2 is small, infinite once it grows
+        return loss_fn(p, b) + jnp.where(jnp.sum(p["w2"] ** 2) > 3.0, jnp.inf, 0.0)
+
+    far = jax.tree.map(lambda w: w, fast)
+    far["w2"] = jnp.full_like(fast["w2"], 0.6)  # sum of squares 2.88: finite at the start
+    result = inner.adapt(exploding, far, slow, batch, opt=optax.sgd(-0.5), max_steps=4)
+    active = np.asarray(result.active)
+    assert active[0] and not active[-1]
+    assert int(result.num_skipped) == int((~active).sum())
+    assert np.all(np.isfinite(jax.tree.leaves(result.params)[0]))
+
+
+def test_has_aux_stacks_per_step(problem):
+    fast, slow, batch = problem
+    aux_loss = lambda p, b: (loss_fn(p, b), {"w2_norm": jnp.linalg.norm(p["w2"])})
+    result = inner.adapt(
+        aux_loss, fast, slow, batch, opt=optax.sgd(0.1), max_steps=K_MAX, has_aux=True
+    )
+    assert result.aux["w2_norm"].shape == (K_MAX,)
+    assert float(result.losses[-1]) < float(result.losses[0])
+
+
+def test_bad_arguments_raise(problem):
+    fast, slow, batch = problem
+    with pytest.raises(ValueError, match="step_weights must have shape"):
+        inner.adapt(
+            loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=3, step_weights=jnp.ones(4)
+        )
+    with pytest.raises(ValueError, match="max_steps"):
+        inner.adapt(loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=2.5)
+    with pytest.raises(ValueError, match="clip_norm"):
+        inner.adapt(loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=2, clip_norm=0.0)

@@ -1,0 +1,114 @@
+"""Parameter selection on NNX, linen and plain-dict trees; split/merge; counts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from metattt import params as P
+from metattt.models.functional import functionalize
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(8, 16, rngs=rngs)
+        self.down = nnx.Linear(16, 8, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """A transformer-ish block with the names the presets rely on."""
+
+    def __init__(self, rngs):
+        self.ln1 = nnx.LayerNorm(8, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+        self.norm2 = nnx.RMSNorm(8, rngs=rngs)
+        self.mlp = FeedForward(rngs)
+        self.token_emb = nnx.Embed(11, 8, rngs=rngs)
+        self.router = nnx.Linear(8, 4, use_bias=False, rngs=rngs)
+
+
+@pytest.fixture(scope="module")
+def nnx_params():
+    return functionalize(Block(nnx.Rngs(0))).params
+
+
+def _selected(tree, selector):
+    return P.selected_paths(tree, P.select(tree, selector))
+
+
+def test_presets_on_nnx(nnx_params):
+    assert _selected(nnx_params, "layernorm") == ["ln1/bias", "ln1/scale", "norm2/scale"]
+    assert _selected(nnx_params, "attn_proj") == ["attn/out/bias", "attn/out/kernel"]
+    assert _selected(nnx_params, "mlp_out") == ["mlp/down/bias", "mlp/down/kernel"]
+    assert _selected(nnx_params, "emb") == ["token_emb/embedding"]
+    assert _selected(nnx_params, "router") == ["router/kernel"]
+    biases = _selected(nnx_params, "bias")
+    assert all(p.endswith("/bias") for p in biases) and "ln1/bias" in biases
+    combo = _selected(nnx_params, "layernorm+attn_proj")
+    assert combo == ["attn/out/bias", "attn/out/kernel", "ln1/bias", "ln1/scale", "norm2/scale"]
+
+
+def test_presets_on_linen():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.LayerNorm()(x)
+            x = nn.MultiHeadDotProductAttention(num_heads=1)(x, x)
+            return nn.Dense(3)(nn.RMSNorm()(x))
+
+    variables = Net().init(jax.random.key(0), jnp.ones((1, 2, 4)))
+    assert _selected(variables, "layernorm") == [
+        "params/layernorm_0/bias",
+        "params/layernorm_0/scale",
+        "params/rmsnorm_0/scale",
+    ]
+    assert _selected(variables, "attn_proj") == [
+        "params/multiheaddotproductattention_0/out/bias",
+        "params/multiheaddotproductattention_0/out/kernel",
+    ]
+
+
+def test_plain_dict_lora_and_regex():
+    tree = {"block": {"lora_a": np.ones((4, 2)), "lora_b": np.ones((2, 4)), "w": np.ones(3)}}
+    assert _selected(tree, "lora") == ["block/lora_a", "block/lora_b"]
+    assert _selected(tree, "re:block/w$") == ["block/w"]
+    assert _selected(tree, ["lora", lambda path, leaf: path.endswith("/w")]) == [
+        "block/lora_a",
+        "block/lora_b",
+        "block/w",
+    ]
+
+
+def test_unknown_preset_and_empty_selection_raise(nnx_params):
+    with pytest.raises(ValueError, match="unknown parameter preset 'layrnorm'"):
+        P.select(nnx_params, "layrnorm")
+    with pytest.raises(ValueError, match="selects no leaf"):
+        P.select(nnx_params, "lora")
+    with pytest.raises(ValueError, match="empty term"):
+        P.select(nnx_params, "layernorm+")
+
+
+def test_split_merge_roundtrip_and_count():
+    rng = np.random.default_rng(0)
+    tree = {
+        "ln": {"scale": rng.normal(size=5), "bias": rng.normal(size=5)},
+        "dense": {"kernel": rng.normal(size=(5, 7)), "bias": rng.normal(size=7)},
+    }
+    mask = P.select(tree, "layernorm")
+    fast, slow = P.split(tree, mask)
+    assert fast["dense"]["kernel"] is None and slow["ln"]["scale"] is None
+    assert len(jax.tree.leaves(fast)) == 2 and len(jax.tree.leaves(slow)) == 2
+    back = P.merge(fast, slow)
+    jax.tree.map(np.testing.assert_array_equal, back, tree)
+    n = P.count(tree, mask)
+    assert (n.trainable, n.total) == (10, 5 + 5 + 35 + 7)
+    assert n.share == pytest.approx(10 / 52)
+    assert P.count(tree).trainable == 52
+
+
+def test_mask_from_another_tree_is_an_error():
+    tree = {"a": np.ones(2), "b": np.ones(3)}
+    with pytest.raises(ValueError, match="mask has 1 leaves"):
+        P.split(tree, {"a": True})
