@@ -67,6 +67,12 @@ def get_config(arg=None):
         c.eval.num_tasks = 100
         c.eval.num_query = 50
         c.eval.tune_pretrained_lrs = ()
+    elif arg == "demo":  # what `make demo` runs: every method, briefly
+        c.seeds = (0,)
+        c.train.num_steps = 3000
+        c.train.checkpoint_every = 3000
+        c.eval.num_tasks = 200
+        c.eval.tune_pretrained_lrs = ()
     elif arg is not None:
-        raise ValueError(f"unknown variant {arg!r} of configs/sinusoid.py (known: tiny)")
+        raise ValueError(f"unknown variant {arg!r} of configs/sinusoid.py (known: tiny, demo)")
     return c

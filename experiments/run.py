@@ -5,9 +5,10 @@
 
 The config is locked, so a misspelt key or a wrong type fails before anything runs. The
 experiment module is ``experiments.<config.experiment>`` and must define
-``run(config, workdir) -> results``. The resolved config, git commit, package versions and
-devices are written to ``workdir/run_info.json``; a run that is started again on the same
-workdir resumes from its checkpoints.
+``run(config, workdir) -> results`` and may define ``validate(config)``, which raises
+``ValueError`` for bad values before anything runs. The resolved config, git commit, package
+versions and devices are written to ``workdir/run_info.json``; a run that is started again on
+the same workdir resumes from its checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -41,8 +42,8 @@ def init_distributed(config) -> None:
     )
 
 
-def main(argv):
-    del argv
+def main(module) -> None:
+    """Run ``module.run(config, workdir)`` after recording the run's provenance."""
     config = _CONFIG.value
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
@@ -52,14 +53,54 @@ def main(argv):
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
     runlog.write_run_info(workdir, config.to_dict())
-    try:
-        module = importlib.import_module(f"experiments.{config.experiment}")
-    except ModuleNotFoundError:
-        sys.exit(f"error: config.experiment={config.experiment!r} names no module in experiments/")
     results = module.run(config, workdir)
     if hasattr(module, "table"):
         print(module.table(results, config.eval.report_steps))
 
 
+def _one_line(error: BaseException) -> str:
+    """The last meaningful line of an error message (config_flags nests whole tracebacks)."""
+    text = str(error.args[0]) if len(error.args) == 1 else str(error)
+    if isinstance(error, AttributeError):  # ConfigDict's message is a repr with escapes
+        text = text.replace("\\n", " ").replace("\\'", "'")
+        text = "unknown config key " + (text[1:-1] if text[:1] == text[-1:] == "'" else text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback" in text:
+        return lines[-1]
+    return " ".join(lines)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return None
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Parse flags (a bad key, type, value or file is one line on stderr, exit 2), then run."""
+    argv = list(sys.argv if argv is None else argv)
+    path = _config_path(argv)
+    try:
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        flags.FLAGS(argv)
+        config = _CONFIG.value
+        module = importlib.import_module(f"experiments.{config.experiment}")
+        if hasattr(module, "validate"):
+            module.validate(config)
+    except ModuleNotFoundError as error:
+        print(
+            f"error: config.experiment names no module in experiments/ ({error})", file=sys.stderr
+        )
+        sys.exit(2)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    main(module)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli()

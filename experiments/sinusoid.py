@@ -171,11 +171,24 @@ def adaptation_curve(
     return np.asarray(jax.vmap(curve)(tasks))
 
 
-def run(cfg, workdir: str) -> dict[str, Any]:
-    """Train every (method, seed), evaluate, write results.json and a curve plot into workdir."""
+def validate(cfg) -> None:
+    """Raise ValueError for config values that would fail later."""
     for method in cfg.methods:
         if method not in METHODS:
             raise ValueError(f"unknown sinusoid method {method!r}; known: {METHODS}")
+    if not cfg.seeds:
+        raise ValueError("config.seeds is empty")
+    chunk = cfg.train.steps_per_call
+    if chunk < 1 or cfg.train.num_steps % chunk or cfg.train.checkpoint_every % chunk:
+        raise ValueError(
+            f"train.num_steps and train.checkpoint_every must be multiples of "
+            f"train.steps_per_call={chunk}"
+        )
+
+
+def run(cfg, workdir: str) -> dict[str, Any]:
+    """Train every (method, seed), evaluate, write results.json and a curve plot into workdir."""
+    validate(cfg)
     results: dict[str, Any] = {}
     for method in cfg.methods:
         curves, seconds, tuned, tuned_lrs = [], [], [], []

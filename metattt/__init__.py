@@ -1,0 +1,35 @@
+"""metattt: test-time training, test-time adaptation and meta-learning as JAX function compositions.
+
+Models are pure functions ``apply(params, batch)`` over parameter pytrees; every adaptation
+scheme is built from ``jax.grad``, ``jax.vmap``, ``lax.scan``, ``jax.checkpoint`` and optax.
+
+Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the inner loop),
+:mod:`~metattt.meta` (MAML, FOMAML, E2E-TTT, Meta-SGD and the meta-step),
+:mod:`~metattt.online` (delayed-label streams), :mod:`~metattt.tta` (clip-wise TTA),
+:mod:`~metattt.objectives`, and the run plumbing :mod:`~metattt.loop`, :mod:`~metattt.ckpt`,
+:mod:`~metattt.runlog`, :mod:`~metattt.stats`.
+"""
+
+from metattt import inner, meta, objectives, online, params, tta
+from metattt.inner import InnerConfig, InnerResult, adapt
+from metattt.meta import Task
+from metattt.params import count, merge, select, split
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InnerConfig",
+    "InnerResult",
+    "Task",
+    "adapt",
+    "count",
+    "inner",
+    "merge",
+    "meta",
+    "objectives",
+    "online",
+    "params",
+    "select",
+    "split",
+    "tta",
+]

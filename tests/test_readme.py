@@ -1,0 +1,25 @@
+"""The README's usage example runs as written."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_starts_with_the_two_commands():
+    text = README.read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()]
+    assert commands == ["make demo", "make test"]
+
+
+def test_readme_usage_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    result = namespace["result"]
+    assert float(result.losses[4]) < float(result.losses[0])
+    assert int(result.num_skipped) == 0
+    out = capsys.readouterr().out
+    assert "ParamCount(trainable=" in out
