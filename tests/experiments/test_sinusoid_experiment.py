@@ -52,3 +52,22 @@ def test_missing_config_file_is_a_one_line_error(tmp_path):
     proc = _run_cli("--config", "configs/no_such.py", "--workdir", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: config file not found: configs/no_such.py"
+
+
+def test_distributed_initialisation_follows_the_config(monkeypatch):
+    import jax
+
+    from experiments import run
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    cfg = sinusoid_config.get_config("tiny")
+    run.init_distributed(cfg)
+    assert calls == []
+    cfg.distributed.enabled = True
+    cfg.distributed.coordinator_address = "10.0.0.1:1234"
+    cfg.distributed.num_processes = 4
+    cfg.distributed.process_id = 2
+    run.init_distributed(cfg)
+    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                      "process_id": 2}]
