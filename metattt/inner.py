@@ -186,6 +186,8 @@ def adapt(
             f"step_weights must have shape (max_steps,) = ({max_steps},), "
             f"got {jnp.shape(step_weights)}"
         )
+    if isinstance(num_steps, int) and not 0 <= num_steps <= max_steps:
+        raise ValueError(f"num_steps must be in [0, max_steps={max_steps}], got {num_steps}")
     if clip_norm is not None and clip_norm <= 0:
         raise ValueError(f"clip_norm must be positive, got {clip_norm}")
     if not jax.tree.leaves(fast):

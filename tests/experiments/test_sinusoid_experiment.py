@@ -69,5 +69,4 @@ def test_distributed_initialisation_follows_the_config(monkeypatch):
     cfg.distributed.num_processes = 4
     cfg.distributed.process_id = 2
     run.init_distributed(cfg)
-    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
-                      "process_id": 2}]
+    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}]

@@ -171,5 +171,7 @@ def test_bad_arguments_raise(problem):
         )
     with pytest.raises(ValueError, match="max_steps"):
         inner.adapt(loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=2.5)
+    with pytest.raises(ValueError, match="num_steps must be in"):
+        inner.adapt(loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=2, num_steps=3)
     with pytest.raises(ValueError, match="clip_norm"):
         inner.adapt(loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=2, clip_norm=0.0)

@@ -112,3 +112,29 @@ def test_mask_from_another_tree_is_an_error():
     tree = {"a": np.ones(2), "b": np.ones(3)}
     with pytest.raises(ValueError, match="mask has 1 leaves"):
         P.split(tree, {"a": True})
+
+
+def test_raw_nnx_state_splits_merges_and_adapts():
+    """Without functionalize: an nnx.State (Variables as leaves' parents) works as is."""
+    import optax
+
+    from metattt.inner import adapt
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 3, rngs=rngs)
+            self.norm = nnx.LayerNorm(3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(self.lin(x))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    mask = P.select(state, "layernorm")
+    assert P.selected_paths(state, mask) == ["norm/bias", "norm/scale"]
+    fast, slow = P.split(state, mask)
+    x = jax.random.normal(jax.random.key(1), (4, 2))
+    loss = lambda p, x: jnp.mean((nnx.merge(graphdef, p)(x) - 1.0) ** 2)
+    result = adapt(loss, fast, slow, x, opt=optax.sgd(0.1), max_steps=3)
+    assert float(result.losses[-1]) < float(result.losses[0])
+    merged = P.merge(result.params, slow)
+    np.testing.assert_array_equal(merged["lin"]["kernel"][...], state["lin"]["kernel"][...])
