@@ -6,7 +6,8 @@ scheme is built from ``jax.grad``, ``jax.vmap``, ``lax.scan``, ``jax.checkpoint`
 Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the inner loop),
 :mod:`~metattt.meta` (MAML, FOMAML, E2E-TTT, Meta-SGD and the meta-step),
 :mod:`~metattt.online` (delayed-label streams), :mod:`~metattt.tta` (clip-wise TTA),
-:mod:`~metattt.objectives`, and the run plumbing :mod:`~metattt.loop`, :mod:`~metattt.ckpt`,
+:mod:`~metattt.objectives`, :mod:`~metattt.adapters` (dynamic-rank LoRA),
+:mod:`~metattt.drift` (drift detectors), and the run plumbing :mod:`~metattt.loop`, :mod:`~metattt.ckpt`,
 :mod:`~metattt.runlog`, :mod:`~metattt.stats`.
 """
 
