@@ -1,0 +1,136 @@
+"""The public selective scan: input checks at the boundary, then one of the backends.
+
+Backends:
+
+* ``"reference"`` -- ``lax.scan`` over L. With ``lean_backward=True`` (default) its gradient is
+  the chunk-recomputing ``custom_vjp`` of :mod:`.lean` (saves O(B·L/T·D·N), not O(B·L·D·N),
+  and still supports second order); ``lean_backward=False`` is plain autodiff of the scan.
+* ``"associative"`` -- ``lax.associative_scan`` (parallel prefix, O(B·L·D·N) memory), plain
+  autodiff.
+* ``"auto"`` -- today always ``"reference"``: it is the fastest form on the CPU, and no kernel
+  exists yet. The Pallas kernel issue adds ``"pallas"`` and makes ``"auto"`` pick it on a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.selective_scan.lean import lean_scan_states
+from kernels_pallas.selective_scan.reference import (
+    associative_states,
+    compute_dtype,
+    finish,
+    prepare_delta,
+    scan_states,
+)
+
+BACKENDS = ("reference", "associative", "auto")
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _check_float(name: str, a) -> None:
+    if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+        raise ValueError(f"{name} must be a real floating array, got dtype {jnp.result_type(a)}")
+
+
+def _check_shape(name: str, a, expected: tuple[int, ...], meaning: str) -> None:
+    _check_float(name, a)
+    if tuple(jnp.shape(a)) != expected:
+        raise ValueError(f"{name} must have shape {meaning} = {expected}, got {jnp.shape(a)}")
+
+
+def _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size) -> None:
+    _check_float("x", x)
+    if jnp.ndim(x) != 3:
+        raise ValueError(f"x must have shape (B, L, D), got {jnp.shape(x)}")
+    batch, length, dim = jnp.shape(x)
+    if length < 1:
+        raise ValueError(f"x must have a positive length L, got shape {jnp.shape(x)}")
+    _check_float("A", A)
+    if jnp.ndim(A) != 2 or jnp.shape(A)[0] != dim:
+        raise ValueError(f"A must have shape (D, N) with D = {dim}, got {jnp.shape(A)}")
+    state = jnp.shape(A)[1]
+    _check_shape("delta", delta, (batch, length, dim), "(B, L, D)")
+    _check_shape("B", B, (batch, length, state), "(B, L, N)")
+    _check_shape("C", C, (batch, length, state), "(B, L, N)")
+    if D is not None:
+        _check_shape("D", D, (dim,), "(D,)")
+    if z is not None:
+        _check_shape("z", z, (batch, length, dim), "(B, L, D)")
+    if delta_bias is not None:
+        _check_shape("delta_bias", delta_bias, (dim,), "(D,)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive Python int, got {chunk_size!r}")
+
+
+def selective_scan(
+    x: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None = None,
+    z: jax.Array | None = None,
+    *,
+    delta_bias: jax.Array | None = None,
+    delta_softplus: bool = False,
+    backend: str = "reference",
+    lean_backward: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_last_state: bool = False,
+):
+    """Mamba's selective scan (S6), channels-last; ``selective_scan_ref`` semantics.
+
+    Δ_t = softplus(delta_t + delta_bias) (bias, softplus optional);
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t with h_{-1} = 0;
+    out_t = (C_t · h_t + D ⊙ x_t) ⊙ silu(z_t) (D, z optional). Per channel d and state n:
+    h_t[d, n] = exp(Δ_t[d] A[d, n]) h_{t-1}[d, n] + Δ_t[d] B_t[n] x_t[d].
+
+    Shapes: x, delta, z (B, L, D); A (D, N); B, C (B, L, N) -> out (B, L, D) in ``x``'s dtype
+    [, last_state (B, D, N)]. Arithmetic in float32, or float64 if any input is float64.
+
+    Args:
+        x: inputs u.
+        delta: raw step sizes.
+        A: state matrix, one diagonal per channel; A < 0 keeps exp(Δ A) in (0, 1).
+        B: input-dependent input matrix, shared by all channels.
+        C: input-dependent output matrix, shared by all channels.
+        D: skip connection per channel.
+        z: gate; the output is multiplied by silu(z).
+        delta_bias: added to ``delta`` before the softplus.
+        delta_softplus: apply softplus to ``delta (+ delta_bias)``.
+        backend: ``"reference"``, ``"associative"`` or ``"auto"`` (see the module docstring).
+        lean_backward: ``"reference"`` only: chunk-recomputing ``custom_vjp`` (True) or plain
+            autodiff of ``lax.scan`` (False). Both support reverse-over-reverse second order;
+            only False supports forward mode (``jax.jvp``, ``jax.hessian``).
+        chunk_size: T, steps per recomputed chunk of the lean backward (≈ √L is best).
+        return_last_state: also return h_{L-1}; gradients flow through it too.
+
+    Returns:
+        ``out``, or ``(out, last_state)`` with ``return_last_state``.
+
+    Raises:
+        ValueError: an argument has the wrong shape or a non-floating dtype (the message names
+            it), or an unknown ``backend`` or bad ``chunk_size``.
+
+    Example:
+        >>> out = selective_scan(x, delta, -jnp.exp(A_log), B, C, D, z,
+        ...                      delta_bias=dt_bias, delta_softplus=True)
+    """
+    _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size)
+    if backend == "auto":
+        backend = "reference"
+    dtype = compute_dtype(x, delta, A, B, C, D, z, delta_bias)
+    d_eff = prepare_delta(delta, delta_bias, delta_softplus, dtype)
+    args = (x.astype(dtype), d_eff, A.astype(dtype), B.astype(dtype), C.astype(dtype))
+    if backend == "associative":
+        y, h_last = associative_states(*args)
+    elif lean_backward:
+        y, h_last = lean_scan_states(*args, chunk_size=chunk_size)
+    else:
+        y, h_last = scan_states(*args)
+    out = finish(y, x, D, z, x.dtype)
+    return (out, h_last) if return_last_state else out

@@ -1,0 +1,159 @@
+"""A memory-lean ``custom_vjp`` for the ``lax.scan`` form: recompute states chunk by chunk.
+
+Plain autodiff of ``lax.scan`` keeps every step's (B, D, N) intermediates: O(B·L·D·N) memory,
+which dominates a Mamba layer's backward (N = 16 times its activations). Here the sequence is
+cut into L/T chunks of T steps and
+
+* the forward pass runs the same recurrence (a scan over chunks of a scan over steps) and
+  saves only its inputs plus the state entering each chunk: (L/T, B, D, N);
+* the backward pass walks the chunks in reverse; for each it recomputes the chunk's T states
+  from the saved entry state, then runs the adjoint recurrence backwards through the chunk.
+
+A call that is not differentiated runs one flat scan (no entry states). Peak memory of the
+gradient is O(B·L·D + (L/T + T)·B·D·N) instead of O(B·L·D·N); T ≈ √L minimises it. Compute
+is one extra forward pass. The backward rule is ordinary differentiable ``jnp``/``lax.scan``, so
+``jax.grad`` of a function of ``jax.grad`` (second order) works through it; that outer
+derivative is plain autodiff of both rules, so it is not memory-lean itself. Forward mode
+(``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is refused by any ``custom_vjp``: use the plain
+scan (``lean_backward=False``) for it.
+
+Adjoint recurrence. With a_t = exp(Δ_t A), b_t = Δ_t x_t B_t, h_t = a_t h_{t-1} + b_t and
+y_t = Σ_n C_t[n] h_t[·, n], write g_t for the total cotangent of h_t:
+
+    g_t  = C_t ⊗ ḡy_t + a_{t+1} ⊙ g_{t+1},     g_{L-1} = C ⊗ ḡy_{L-1} + ḡh_last
+    C̄_t[n]   = Σ_d ḡy_t[d] h_t[d, n]
+    Δ̄_t[d]   = Σ_n g_t a_t h_{t-1} A  +  x_t Σ_n g_t B_t
+    Ā[d, n]  = Σ_{b,t} g_t a_t h_{t-1} Δ_t
+    x̄_t[d]   = Δ_t Σ_n g_t B_t
+    B̄_t[n]   = Σ_d g_t Δ_t x_t
+
+A length that is not a multiple of T is padded with Δ = 0 (and x = B = C = 0): then a_t = 1 and
+b_t = 0, the padded steps are the identity on the state, the last state is unchanged, and their
+outputs are sliced away.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas.selective_scan.reference import step
+
+
+def _chunk_outputs(A, h0, chunk):
+    """Run one chunk from entry state h0. chunk: (x, Δ, B, C) each (T, B, ·).
+
+    Returns (h_exit (B, D, N), y (T, B, D)).
+    """
+    return lax.scan(lambda h, inputs: step(A, h, *inputs), h0, chunk)
+
+
+def _chunk_states(A, h0, chunk):
+    """All T states of one chunk, (T, B, D, N), recomputed from its entry state h0."""
+
+    def body(h, inputs):
+        h, _ = step(A, h, *inputs)
+        return h, h
+
+    return lax.scan(body, h0, chunk)[1]
+
+
+def _forward(xs, ds, A, Bs, Cs):
+    """The chunked forward: returns ((y, h_last), h_entry). Inputs (L/T, T, B, ·)."""
+    h0 = jnp.zeros((xs.shape[2], A.shape[0], A.shape[1]), xs.dtype)
+
+    def body(h, chunk):
+        h_exit, y = _chunk_outputs(A, h, chunk)
+        return h_exit, (y, h)
+
+    h_last, (ys, h_entry) = lax.scan(body, h0, (xs, ds, Bs, Cs))
+    return (ys, h_last), h_entry
+
+
+@jax.custom_vjp
+def _chunked_scan(xs, ds, A, Bs, Cs):
+    # Not differentiated: no entry states are needed, so run one flat scan over all steps
+    # (the same steps in the same order as _forward, without the nested loop's overhead).
+    flat = tuple(a.reshape((-1,) + a.shape[2:]) for a in (xs, ds, Bs, Cs))
+    h0 = jnp.zeros((xs.shape[2], A.shape[0], A.shape[1]), xs.dtype)
+    h_last, ys = lax.scan(lambda h, inputs: step(A, h, *inputs), h0, flat)
+    return ys.reshape(xs.shape[:2] + ys.shape[1:]), h_last
+
+
+def _fwd(xs, ds, A, Bs, Cs):
+    out, h_entry = _forward(xs, ds, A, Bs, Cs)
+    return out, (xs, ds, A, Bs, Cs, h_entry)
+
+
+def _bwd(residuals, cotangents):
+    xs, ds, A, Bs, Cs, h_entry = residuals
+    gys, g_last = cotangents  # (L/T, T, B, D), (B, D, N)
+
+    def chunk_body(carry, chunk):
+        g_next, gA = carry  # g_next: cotangent reaching h_t from later steps (a_{t+1} g_{t+1})
+        h0, x, d, Bm, Cm, gy = chunk
+        hs = _chunk_states(A, h0, (x, d, Bm, Cm))  # (T, B, D, N)
+        h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+
+        def step_body(carry, inputs):
+            g_next, gA = carry
+            h_prev_t, h_t, x_t, d_t, B_t, C_t, gy_t = inputs
+            a = jnp.exp(d_t[..., None] * A)  # (B, D, N)
+            g = g_next + gy_t[..., None] * C_t[:, None, :]  # total cotangent of h_t
+            gC = jnp.sum(gy_t[..., None] * h_t, axis=1)  # (B, N)
+            g_pre = g * a * h_prev_t  # cotangent of Δ_t A through a_t
+            gB_sum = jnp.sum(g * B_t[:, None, :], axis=-1)  # Σ_n g B_t, (B, D)
+            gd = jnp.sum(g_pre * A, axis=-1) + gB_sum * x_t
+            gx = gB_sum * d_t
+            gB = jnp.sum(g * (d_t * x_t)[..., None], axis=1)  # (B, N)
+            gA = gA + jnp.sum(g_pre * d_t[..., None], axis=0)
+            return (a * g, gA), (gx, gd, gB, gC)
+
+        carry, grads = lax.scan(
+            step_body, (g_next, gA), (h_prev, hs, x, d, Bm, Cm, gy), reverse=True
+        )
+        return carry, grads
+
+    (_, gA), (gxs, gds, gBs, gCs) = lax.scan(
+        chunk_body, (g_last, jnp.zeros_like(A)), (h_entry, xs, ds, Bs, Cs, gys), reverse=True
+    )
+    return gxs, gds, gA, gBs, gCs
+
+
+_chunked_scan.defvjp(_fwd, _bwd)
+
+
+def _to_chunks(a: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
+    """(B, L, ·) -> (L/T, T, B, ·), zero-padded at the end of L."""
+    a = jnp.swapaxes(a, 0, 1)
+    pad = num_chunks * chunk - a.shape[0]
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((num_chunks, chunk) + a.shape[1:])
+
+
+def lean_scan_states(
+    x: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`.reference.scan_states` with the chunk-recomputing backward described above.
+
+    Args:
+        x, delta: (B, L, D), delta already the effective Δ; A: (D, N); B, C: (B, L, N); all in
+            one floating dtype.
+        chunk_size: T, steps per chunk (clipped to L); saved states are (ceil(L/T), B, D, N).
+
+    Returns:
+        ``(y, h_last)``: y (B, L, D), h_last (B, D, N); gradients flow into both.
+    """
+    length = x.shape[1]
+    chunk = max(1, min(int(chunk_size), length))
+    num_chunks = -(-length // chunk)
+    xs, ds, Bs, Cs = (_to_chunks(a, num_chunks, chunk) for a in (x, delta, B, C))
+    ys, h_last = _chunked_scan(xs, ds, A, Bs, Cs)
+    ys = ys.reshape((num_chunks * chunk,) + ys.shape[2:])[:length]
+    return jnp.swapaxes(ys, 0, 1), h_last
