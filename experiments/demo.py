@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from configs import sinusoid as sinusoid_config
-from experiments import sinusoid
+from experiments import drift_adapters, sinusoid
 
 
 def sinusoid_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
@@ -50,7 +50,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="metattt_demo_") as workdir:
-        rows = sinusoid_rows(workdir)
+        rows = []
+        for system in (sinusoid_rows, drift_adapters.demo_rows):
+            rows += system(workdir)
     print()
     print(format_table(rows))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
