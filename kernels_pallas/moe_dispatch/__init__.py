@@ -1,0 +1,60 @@
+"""Mixture-of-experts expert dispatch: the public function, routing helpers, jnp forms.
+
+Modules: :mod:`.api` (the public :func:`moe_dispatch`, input checks, backend choice),
+:mod:`.routing` (softmax-then-top-k, capacity, drop priority, the sort-by-expert permutation),
+:mod:`.grouped` (grouped matmuls on ``ragged_dot`` that vmap and differentiate to any order)
+and :mod:`.reference` (the dense capacity einsum, the ``ragged_dot`` grouped form, and the
+plain loop over experts that tests compare against). The Pallas grouped-matmul kernel
+(backend ``"pallas"``) arrives with its own issue.
+"""
+
+from kernels_pallas.moe_dispatch.api import (
+    BACKENDS,
+    DispatchResult,
+    moe_dispatch,
+    ragged_dot_available,
+    resolve_backend,
+)
+from kernels_pallas.moe_dispatch.grouped import gmm, tgmm
+from kernels_pallas.moe_dispatch.reference import (
+    dispatch_dense,
+    dispatch_loop,
+    dispatch_ragged,
+    loop_keep,
+    swiglu,
+)
+from kernels_pallas.moe_dispatch.routing import (
+    DROP_PRIORITIES,
+    ExpertSort,
+    Routing,
+    Slots,
+    assign_slots,
+    capacity,
+    priority_order,
+    sort_by_expert,
+    top_k_routing,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DROP_PRIORITIES",
+    "DispatchResult",
+    "ExpertSort",
+    "Routing",
+    "Slots",
+    "assign_slots",
+    "capacity",
+    "dispatch_dense",
+    "dispatch_loop",
+    "dispatch_ragged",
+    "gmm",
+    "loop_keep",
+    "moe_dispatch",
+    "priority_order",
+    "ragged_dot_available",
+    "resolve_backend",
+    "sort_by_expert",
+    "swiglu",
+    "tgmm",
+    "top_k_routing",
+]

@@ -1,0 +1,413 @@
+"""A small mixture-of-experts transformer (Flax NNX) with routing losses and profiling hooks.
+
+Decoder-only, pre-norm: token + learned position embedding, then ``num_layers`` blocks of
+causal multi-head self-attention and a MoE feed-forward layer of E SwiGLU experts with top-k
+routing (dispatched by :func:`kernels_pallas.moe_dispatch.moe_dispatch`), a final norm, a
+language-model head and an optional mean-pooled classification head. Dimension names: B batch,
+L length, D model width, F expert hidden width, E experts, K experts per token, V vocabulary.
+
+Why these pieces. The energy-aware TTT of issue 5 adapts the router (and norms, or LoRA on the
+experts) so that routing gets cheaper under a power budget; it needs the router probabilities
+(for TENT-style entropy and the expected energy), the per-expert token counts (for the FLOPs
+and bytes each expert costs) and a way to prune experts (``expert_mask``). All of those come out
+of one forward pass in ``aux``.
+
+Parameter names follow :mod:`metattt.params`: ``embedding``/``pos_embedding`` (preset
+``emb``), ``blocks/i/attn/out`` (``attn_proj``), ``blocks/i/norm1``, ``norm2``, ``final_norm``
+(``layernorm``), ``blocks/i/ffn/router`` (``router``), ``blocks/i/ffn/experts/{gate,up,down}``
+(``down`` is ``mlp_out``) and, with ``lora_rank > 0``, ``blocks/i/ffn/experts/lora_*`` (``lora``).
+
+Routing losses (per layer, averaged over layers):
+
+* load balancing (Fedus et al. 2021, "Switch Transformers", eq. 4, for top-k):
+  L_bal = E · Σ_e f_e · P_e with f_e the share of the T·K routed assignments that chose e
+  (before capacity dropping) and P_e the mean router probability of e; 1 when uniform.
+* router z-loss (Zoph et al. 2022, "ST-MoE", eq. 5): L_z = mean_t (logsumexp_e logits_t,e)².
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas.moe_dispatch import BACKENDS, DROP_PRIORITIES, moe_dispatch, top_k_routing
+from metattt.models.functional import Functional, functionalize
+
+PyTree = Any
+
+
+class MoEConfig(NamedTuple):
+    """Static shape and routing choices of :class:`MoETransformer`.
+
+    Attributes:
+        vocab_size: V.
+        d_model: D.
+        num_heads: attention heads (must divide D).
+        num_layers: transformer blocks.
+        num_experts: E.
+        d_ff: F, hidden width of each SwiGLU expert.
+        top_k: K experts per token.
+        max_len: longest sequence (learned position embedding).
+        capacity_factor: expert capacity factor, None for dropless routing (causal).
+        drop_priority: ``"score"`` or ``"position"`` (see :mod:`kernels_pallas.moe_dispatch`).
+        renormalize: renormalise each token's K gates to sum to 1.
+        norm: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm).
+        lora_rank: R; > 0 adds LoRA adapters ``W + (alpha/R)·A·B`` on every expert matrix
+            (B starts at zero, so adding them leaves the function unchanged).
+        lora_alpha: LoRA scale numerator.
+        num_classes: > 0 adds a classification head on the mean-pooled final states.
+        backend: dispatch backend, ``"auto"`` (default), ``"reference"`` or ``"ragged"`` (ragged and
+            auto differentiate in reverse mode only; ``"reference"`` also supports ``jvp``).
+    """
+
+    vocab_size: int
+    d_model: int = 16
+    num_heads: int = 2
+    num_layers: int = 2
+    num_experts: int = 4
+    d_ff: int = 32
+    top_k: int = 2
+    max_len: int = 64
+    capacity_factor: float | None = None
+    drop_priority: str = "score"
+    renormalize: bool = True
+    norm: str = "rms"
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+    num_classes: int = 0
+    backend: str = "auto"
+
+
+class MoEOutput(NamedTuple):
+    """What :class:`MoETransformer` returns.
+
+    Attributes:
+        logits: (B, L, V) next-token logits.
+        class_logits: (B, num_classes) logits of the mean-pooled head, or None.
+        aux: dict with ``load_balance_loss`` and ``router_z_loss`` (scalars, mean over layers)
+            and, stacked over layers (first axis), ``expert_counts`` (layers, E) int32
+            assignments processed, ``router_probs`` (layers, B, L, E), ``router_logits``
+            (layers, B, L, E), ``expert_ids`` and ``gates`` (layers, B, L, K), ``dropped``
+            (layers, B, L, K) bool.
+    """
+
+    logits: jax.Array
+    class_logits: jax.Array | None
+    aux: dict[str, jax.Array]
+
+
+def _validate_config(config: MoEConfig) -> None:
+    def positive(name: str) -> None:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+
+    for name in ("vocab_size", "d_model", "num_heads", "num_layers", "num_experts", "d_ff"):
+        positive(name)
+    positive("max_len")
+    if config.d_model % config.num_heads:
+        raise ValueError(
+            f"config.num_heads={config.num_heads} must divide config.d_model={config.d_model}"
+        )
+    if not 1 <= config.top_k <= config.num_experts:
+        raise ValueError(f"config.top_k must be in [1, num_experts], got {config.top_k}")
+    if config.capacity_factor is not None and not config.capacity_factor > 0:
+        raise ValueError(
+            f"config.capacity_factor must be > 0 or None, got {config.capacity_factor}"
+        )
+    if config.drop_priority not in DROP_PRIORITIES:
+        raise ValueError(f"config.drop_priority must be one of {DROP_PRIORITIES}")
+    if config.norm not in ("rms", "layer"):
+        raise ValueError(f"config.norm must be 'rms' or 'layer', got {config.norm!r}")
+    if config.lora_rank < 0 or config.num_classes < 0:
+        raise ValueError("config.lora_rank and config.num_classes must be >= 0")
+    if config.backend not in BACKENDS:
+        raise ValueError(f"config.backend must be one of {BACKENDS}, got {config.backend!r}")
+
+
+def merge_lora(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W + scale·A·B per expert. w (E, I, O), a (E, I, R), b (E, R, O) -> (E, I, O)."""
+    return w + scale * jnp.einsum("eir,ero->eio", a, b)
+
+
+def _norm(config: MoEConfig, rngs: nnx.Rngs) -> nnx.Module:
+    if config.norm == "rms":
+        return nnx.RMSNorm(config.d_model, rngs=rngs)
+    return nnx.LayerNorm(config.d_model, rngs=rngs)
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head self-attention with a causal mask; projections ``qkv`` and ``out``."""
+
+    def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.qkv = nnx.Linear(d_model, 3 * d_model, use_bias=False, rngs=rngs)
+        self.out = nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, L, D) -> (B, L, D); position l attends to positions <= l."""
+        batch, length, dim = x.shape
+        head = dim // self.num_heads
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(head)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        attn = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhlm,bmhd->blhd", attn, v).reshape(batch, length, dim)
+        return self.out(out)
+
+
+class SwiGLUExperts(nnx.Module):
+    """E SwiGLU experts stacked: ``gate``, ``up`` (E, D, F), ``down`` (E, F, D), optional LoRA."""
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        e, d, f, r = config.num_experts, config.d_model, config.d_ff, config.lora_rank
+        normal = lambda shape, fan_in: jax.random.normal(rngs.params(), shape) / math.sqrt(fan_in)
+        self.gate = nnx.Param(normal((e, d, f), d))
+        self.up = nnx.Param(normal((e, d, f), d))
+        self.down = nnx.Param(normal((e, f, d), f))
+        self.lora_scale = config.lora_alpha / r if r else 0.0
+        if r:
+            self.lora_gate_a = nnx.Param(normal((e, d, r), d))
+            self.lora_gate_b = nnx.Param(jnp.zeros((e, r, f)))
+            self.lora_up_a = nnx.Param(normal((e, d, r), d))
+            self.lora_up_b = nnx.Param(jnp.zeros((e, r, f)))
+            self.lora_down_a = nnx.Param(normal((e, f, r), f))
+            self.lora_down_b = nnx.Param(jnp.zeros((e, r, d)))
+        self.has_lora = bool(r)
+
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The effective (w_gate, w_up, w_down), LoRA merged in."""
+        w = (self.gate[...], self.up[...], self.down[...])
+        if not self.has_lora:
+            return w
+        pairs = (
+            (self.lora_gate_a, self.lora_gate_b),
+            (self.lora_up_a, self.lora_up_b),
+            (self.lora_down_a, self.lora_down_b),
+        )
+        return tuple(
+            merge_lora(m, a[...], b[...], self.lora_scale)
+            for m, (a, b) in zip(w, pairs, strict=True)
+        )
+
+
+class MoEFeedForward(nnx.Module):
+    """Router (``router``, no bias) + top-k dispatch to :class:`SwiGLUExperts` (``experts``)."""
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.router = nnx.Linear(config.d_model, config.num_experts, use_bias=False, rngs=rngs)
+        self.experts = SwiGLUExperts(config, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, expert_mask: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x: (B, L, D), expert_mask (E,) bool or None -> ((B, L, D), per-layer aux)."""
+        cfg = self.config
+        batch, length, dim = x.shape
+        tokens = x.reshape(batch * length, dim)
+        logits = self.router(tokens).astype(jnp.float32)
+        if expert_mask is not None:
+            logits = jnp.where(expert_mask[None, :], logits, -jnp.inf)
+        routing = top_k_routing(logits, cfg.top_k, renormalize=cfg.renormalize)
+        res = moe_dispatch(
+            tokens,
+            *self.experts.weights(),
+            expert_ids=routing.expert_ids,
+            gates=routing.gates.astype(tokens.dtype),
+            capacity_factor=cfg.capacity_factor,
+            drop_priority=cfg.drop_priority,
+            backend=cfg.backend,
+        )
+        seq = lambda a: a.reshape(batch, length, *a.shape[1:])
+        aux = {
+            "load_balance_loss": load_balancing_loss(
+                routing.probs, routing.expert_ids, cfg.num_experts
+            ),
+            "router_z_loss": router_z_loss(logits),
+            "expert_counts": res.expert_counts,
+            "router_probs": seq(routing.probs),
+            "router_logits": seq(logits),
+            "expert_ids": seq(routing.expert_ids),
+            "gates": seq(routing.gates),
+            "dropped": seq(res.dropped),
+        }
+        return seq(res.out), aux
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + attn(norm1(x)), then + ffn(norm2(.))."""
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        self.norm1 = _norm(config, rngs)
+        self.attn = CausalSelfAttention(config.d_model, config.num_heads, rngs=rngs)
+        self.norm2 = _norm(config, rngs)
+        self.ffn = MoEFeedForward(config, rngs=rngs)
+
+    def __call__(self, x, expert_mask):
+        x = x + self.attn(self.norm1(x))
+        y, aux = self.ffn(self.norm2(x), expert_mask)
+        return x + y, aux
+
+
+class MoETransformer(nnx.Module):
+    """The MoE language model (and optional classifier); see the module docstring."""
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        _validate_config(config)
+        self.config = config
+        self.embedding = nnx.Embed(config.vocab_size, config.d_model, rngs=rngs)
+        self.pos_embedding = nnx.Embed(config.max_len, config.d_model, rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = _norm(config, rngs)
+        self.lm_head = nnx.Linear(config.d_model, config.vocab_size, rngs=rngs)
+        self.cls_head = (
+            nnx.Linear(config.d_model, config.num_classes, rngs=rngs)
+            if config.num_classes
+            else None
+        )
+
+    def __call__(self, tokens: jax.Array, *, expert_mask: jax.Array | None = None) -> MoEOutput:
+        """tokens: (B, L) int, L <= max_len; expert_mask: (E,) bool (False prunes) or None.
+
+        A pruned expert's router logit is -inf before top-k, so it receives no token; keep at
+        least one expert enabled.
+
+        Raises:
+            ValueError: ``tokens`` is not (B, L) integer with L <= max_len, or ``expert_mask``
+                is not (E,).
+        """
+        cfg = self.config
+        if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+            raise ValueError(
+                f"tokens must be (B, L) integers, got {jnp.shape(tokens)} {jnp.result_type(tokens)}"
+            )
+        length = tokens.shape[1]
+        if not 1 <= length <= cfg.max_len:
+            raise ValueError(f"tokens length L={length} must be in [1, max_len={cfg.max_len}]")
+        if expert_mask is not None:
+            if jnp.shape(expert_mask) != (cfg.num_experts,):
+                raise ValueError(
+                    f"expert_mask must have shape (E,) = ({cfg.num_experts},), "
+                    f"got {jnp.shape(expert_mask)}"
+                )
+            expert_mask = jnp.asarray(expert_mask).astype(bool)
+        x = self.embedding(tokens) + self.pos_embedding(jnp.arange(length))[None]
+        layer_aux = []
+        for block in self.blocks:
+            x, aux = block(x, expert_mask)
+            layer_aux.append(aux)
+        x = self.final_norm(x)
+        logits = self.lm_head(x)
+        class_logits = self.cls_head(jnp.mean(x, axis=1)) if self.cls_head is not None else None
+        stacked = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0]}
+        stacked["load_balance_loss"] = jnp.mean(stacked["load_balance_loss"])
+        stacked["router_z_loss"] = jnp.mean(stacked["router_z_loss"])
+        return MoEOutput(logits, class_logits, stacked)
+
+
+def init_moe(config: MoEConfig, seed: int = 0) -> Functional:
+    """A functionalised :class:`MoETransformer`: ``apply(params, tokens, *, expert_mask=None)``.
+
+    Example:
+        >>> apply, params = init_moe(MoEConfig(vocab_size=64), seed=0)
+        >>> out = apply(params, tokens)             # MoEOutput(logits, class_logits, aux)
+        >>> out = apply(params, tokens, expert_mask=jnp.array([True, True, False, True]))
+    """
+    return functionalize(MoETransformer(config, rngs=nnx.Rngs(seed)))
+
+
+# --- routing losses ---------------------------------------------------------------------------
+
+
+def load_balancing_loss(probs: jax.Array, expert_ids: jax.Array, num_experts: int) -> jax.Array:
+    """Switch load-balancing loss E · Σ_e f_e · P_e (1 for a perfectly uniform routing).
+
+    Shapes: probs (T, E) router softmax; expert_ids (T, K) chosen experts -> scalar.
+    f_e = (1 / (T·K)) · #{(t, k): expert_ids[t, k] = e} carries no gradient; P_e = mean_t
+    probs[t, e] carries it.
+    """
+    num_tokens, top_k = expert_ids.shape
+    counts = jnp.zeros((num_experts,), jnp.float32).at[expert_ids.reshape(-1)].add(1.0)
+    share = counts / (num_tokens * top_k)
+    mean_prob = jnp.mean(probs.astype(jnp.float32), axis=0)
+    return num_experts * jnp.sum(share * mean_prob)
+
+
+def router_z_loss(router_logits: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss mean_t (logsumexp_e logits_t,e)². Shapes: (T, E) -> scalar."""
+    lse = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
+    return jnp.mean(jnp.square(lse))
+
+
+# --- profiling hooks --------------------------------------------------------------------------
+
+
+class ExpertWork(NamedTuple):
+    """FLOPs and bytes moved per expert in one forward pass. Both (..., E) float32."""
+
+    flops: jax.Array
+    bytes: jax.Array
+
+
+def expert_flops_per_token(d_model: int, d_ff: int) -> int:
+    """FLOP proxy of one token through one SwiGLU expert.
+
+    6·D·F for the three matmuls, 5·F for silu(g)·u (neg, exp, add, divide, multiply; an exp
+    counts as one FLOP) and 2·D for the gate scaling and the combine add.
+    """
+    return 6 * d_model * d_ff + 5 * d_ff + 2 * d_model
+
+
+def expert_bytes_per_token(d_model: int, d_ff: int, itemsize: int = 4) -> int:
+    """Activation bytes of one token through one expert: token in and out (2·D), hidden
+    written and read once (2·F). Weight reads are a per-forward cost, see :func:`expert_work`."""
+    return (2 * d_model + 2 * d_ff) * itemsize
+
+
+def expert_work(expert_counts: jax.Array, config: MoEConfig, *, itemsize: int = 4) -> ExpertWork:
+    """FLOPs and bytes of each expert from the token counts of a forward pass (pure, jittable).
+
+    flops_e = n_e · flops_per_token + merge_e;  bytes_e = n_e · bytes_per_token
+    + [n_e > 0] · 3·D·F·itemsize (each used expert's weights read once) + lora_bytes_e, where
+    n_e are the processed assignments (``aux["expert_counts"]``), and with LoRA every expert
+    pays the merge W + A·B each forward: merge_e = 3 · 2·(I·R·O) FLOPs (plus one add per entry)
+    and lora_bytes_e = 3·(I·R + R·O)·itemsize.
+
+    Shapes: expert_counts (..., E) (e.g. (layers, E)) -> ExpertWork of (..., E).
+    """
+    d, f, r = config.d_model, config.d_ff, config.lora_rank
+    n = jnp.asarray(expert_counts, jnp.float32)
+    flops = n * expert_flops_per_token(d, f)
+    used = (n > 0).astype(jnp.float32)
+    nbytes = n * expert_bytes_per_token(d, f, itemsize) + used * 3 * d * f * itemsize
+    if r:
+        flops = flops + 3 * (2 * d * r * f + d * f)
+        nbytes = nbytes + 3 * (d * r + r * f) * itemsize
+    return ExpertWork(flops, nbytes)
+
+
+def expert_forward(
+    params: PyTree, config: MoEConfig, layer: int, expert: int, x: jax.Array
+) -> jax.Array:
+    """Run one expert of one layer on tokens, from the functional ``params`` (for timing).
+
+    Shapes: x (N, D) -> (N, D). LoRA, if configured, is merged in as in the model.
+    """
+    p = params["blocks"][str(layer)]["ffn"]["experts"]
+    names = ("gate", "up", "down")
+    w = [p[name][expert] for name in names]
+    if config.lora_rank:
+        scale = config.lora_alpha / config.lora_rank
+        w = [
+            m + scale * p[f"lora_{name}_a"][expert] @ p[f"lora_{name}_b"][expert]
+            for m, name in zip(w, names, strict=True)
+        ]
+    gate, up = x @ w[0], x @ w[1]
+    return (jax.nn.silu(gate) * up) @ w[2]
