@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from configs import sinusoid as sinusoid_config
-from experiments import drift_adapters, sinusoid
+from experiments import drift_adapters, sinusoid, tta_protocol
 
 
 def sinusoid_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
@@ -51,7 +51,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="metattt_demo_") as workdir:
         rows = []
-        for system in (sinusoid_rows, drift_adapters.demo_rows):
+        for system in (sinusoid_rows, drift_adapters.demo_rows, tta_protocol.demo_rows):
             rows += system(workdir)
     print()
     print(format_table(rows))

@@ -465,8 +465,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot_stream(results, cfg, os.path.join(workdir, "drift_adapters_stream.png"))
-    for objective, summary in results["summary"].items():
-        logger.info("objective %s:\n%s", objective, stream_table(summary))
+    for objective, per_method in results["summary"].items():
+        logger.info("objective %s:\n%s", objective, stream_table(per_method))
     if cfg.report:
         write_report(results, cfg)
     return results
@@ -518,6 +518,15 @@ def _cell(entry: dict[str, float], digits: int = 3, scale: float = 1.0) -> str:
     if not np.isfinite(ci):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def summary(results: dict[str, Any], cfg) -> str:
+    """The tables :mod:`experiments.run` prints at the end."""
+    streams = [
+        f"Objective `{name}`:\n\n{stream_table(table)}"
+        for name, table in results["summary"].items()
+    ]
+    return "\n\n".join([*streams, tent_tables(results["tent_summary"], cfg)])
 
 
 def stream_table(summary: dict[str, Any]) -> str:
@@ -720,15 +729,15 @@ def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
     results = run(cfg, os.path.join(workdir, "drift_adapters"))
     timing = results["timing"]
     per_method = (timing["backbone"] + timing["streams"]) / len(cfg.methods)
-    summary = results["summary"][cfg.objectives[0]]
-    before = summary["none"]["acc_post_drift"]["mean"]
+    by_method = results["summary"][cfg.objectives[0]]
+    before = by_method["none"]["acc_post_drift"]["mean"]
     rows = [
         (
             "digits-C drift (dynamic LoRA)",
             method,
             "post-drift accuracy",
             before,
-            summary[method]["acc_post_drift"]["mean"],
+            by_method[method]["acc_post_drift"]["mean"],
             per_method,
         )
         for method in cfg.methods

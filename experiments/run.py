@@ -6,7 +6,8 @@
 The config is locked, so a misspelt key or a wrong type fails before anything runs. The
 experiment module is ``experiments.<config.experiment>`` and must define
 ``run(config, workdir) -> results`` and may define ``validate(config)``, which raises
-``ValueError`` for bad values before anything runs. The resolved config, git commit, package
+``ValueError`` for bad values before anything runs, and ``summary(results, config) -> str``,
+printed at the end. The resolved config, git commit, package
 versions and devices are written to ``workdir/run_info.json``; a run that is started again on
 the same workdir resumes from its checkpoints.
 """
@@ -54,8 +55,8 @@ def main(module) -> None:
     os.makedirs(workdir, exist_ok=True)
     runlog.write_run_info(workdir, config.to_dict())
     results = module.run(config, workdir)
-    if hasattr(module, "table"):
-        print(module.table(results, config.eval.report_steps))
+    if hasattr(module, "summary"):
+        print(module.summary(results, config))
 
 
 def _one_line(error: BaseException) -> str:

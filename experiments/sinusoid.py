@@ -310,6 +310,11 @@ def plot_curves(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def summary(results: dict[str, Any], cfg) -> str:
+    """The table :mod:`experiments.run` prints at the end."""
+    return table(results, cfg.eval.report_steps)
+
+
 def table(results: dict[str, Any], report_steps) -> str:
     """Markdown table: method, MSE +- 95% CI after each reported number of steps."""
     head = "| method | " + " | ".join(f"MSE after {k} step{'s' * (k != 1)}" for k in report_steps)

@@ -7,20 +7,22 @@ Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the
 :mod:`~metattt.meta` (MAML, FOMAML, E2E-TTT, Meta-SGD and the meta-step),
 :mod:`~metattt.online` (delayed-label streams), :mod:`~metattt.tta` (clip-wise TTA),
 :mod:`~metattt.objectives`, :mod:`~metattt.adapters` (dynamic-rank LoRA),
-:mod:`~metattt.drift` (drift detectors), and the run plumbing :mod:`~metattt.loop`, :mod:`~metattt.ckpt`,
-:mod:`~metattt.runlog`, :mod:`~metattt.stats`.
+:mod:`~metattt.drift` (drift detectors), and the run plumbing :mod:`~metattt.loop`,
+:mod:`~metattt.ckpt`, :mod:`~metattt.runlog`, :mod:`~metattt.stats`.
 """
 
 from metattt import inner, meta, objectives, online, params, tta
 from metattt.inner import InnerConfig, InnerResult, adapt
 from metattt.meta import Task
 from metattt.params import count, merge, select, split
+from metattt.tta import TTAProtocol, run_protocol
 
 __version__ = "0.1.0"
 
 __all__ = [
     "InnerConfig",
     "InnerResult",
+    "TTAProtocol",
     "Task",
     "adapt",
     "count",
@@ -30,6 +32,7 @@ __all__ = [
     "objectives",
     "online",
     "params",
+    "run_protocol",
     "select",
     "split",
     "tta",

@@ -6,11 +6,29 @@ that clip, and evaluates again (post-adapt loss). With ``reset_per_clip`` every 
 the source parameters and a fresh optimizer state; otherwise the adapted parameters and the
 optimizer state carry forward (cumulative adaptation). Per clip it reports pre, post,
 improvement = pre - post, and rolling means of post and improvement over the last W clips.
+
+On top of the runner sits the configurable protocol practitioners tune: a frozen
+:class:`TTAProtocol` (enabled, loss mode, steps, learning rate, gradient clipping, reset or
+cumulative, which layers adapt, rolling window) that :func:`run_protocol` applies to a model's
+parameters and a stream of clips, returning the per-clip metrics with the trainable parameter
+count. :func:`write_protocol_metrics` logs every clip (no aggregation) through a
+:class:`metattt.runlog.MetricWriter`, outside ``jit``; :func:`summarize` reduces a run to the
+numbers of a summary table.
+
+Example:
+    >>> protocol = TTAProtocol(mode="rollout", num_adaptation_steps=5, lr=5e-4,
+    ...                        grad_clip=5.0, reset_per_clip=True, adapt_layers="layernorm")
+    >>> out = run_protocol(protocol, {"rollout": loss, "one_step": loss1}, params, clips,
+    ...                    eval_fn=score)  # doctest: +SKIP
+    >>> write_protocol_metrics(writer, out)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from metattt.inner import adapt
-from metattt.params import merge
+from metattt.params import PRESETS, ParamCount, count, merge, select, selected_paths, split
 
 PyTree = Any
 
@@ -121,3 +139,257 @@ def run_clips(
         rolling_mean(improvement, window),
         skipped,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# The configurable protocol
+# ------------------------------------------------------------------------------------------------
+
+MODES = ("rollout", "one_step")
+ADAPT_PRESETS = ("layernorm", "layernorm+attn_proj", "layernorm+bias", "layernorm+mlp_out")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TTAProtocol:
+    """What a practitioner tunes about clip-wise test-time adaptation; validated on creation.
+
+    Attributes:
+        enabled: adapt at all (False: the unadapted baseline, post = pre).
+        mode: the adaptation loss: ``"rollout"`` (the loss of the full multi-step rollout over
+            the horizon) or ``"one_step"`` (teacher-forced one-step prediction loss); the model
+            supplies one loss function per mode to :func:`run_protocol`.
+        num_adaptation_steps: N optimizer steps per clip (0 is the baseline).
+        lr: the optimizer's learning rate.
+        grad_clip: clip each step's gradient to this global norm (None: no clipping).
+        reset_per_clip: start every clip from the source parameters and a fresh optimizer
+            state, or carry both forward (cumulative).
+        adapt_layers: which parameters adapt: ``"none"`` (the baseline) or a ``+``-joined
+            combination of :data:`metattt.params.PRESETS`, e.g. one of :data:`ADAPT_PRESETS`
+            (``layernorm``, ``layernorm+attn_proj``, ``layernorm+bias``, ``layernorm+mlp_out``).
+        window: W, the number of clips of the rolling means.
+        optimizer: ``"sgd"`` or ``"adam"`` (optax defaults apart from the rate).
+
+    Raises:
+        ValueError: a field out of range, an unknown mode, optimizer or preset.
+    """
+
+    enabled: bool = True
+    mode: str = "rollout"
+    num_adaptation_steps: int = 1
+    lr: float = 1e-4
+    grad_clip: float | None = 1.0
+    reset_per_clip: bool = True
+    adapt_layers: str = "layernorm"
+    window: int = 50
+    optimizer: str = "sgd"
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {self.enabled!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown TTA mode {self.mode!r}; known modes: {MODES}")
+        if not _is_int(self.num_adaptation_steps) or self.num_adaptation_steps < 0:
+            raise ValueError(
+                "num_adaptation_steps must be a non-negative int, "
+                f"got {self.num_adaptation_steps!r}"
+            )
+        if not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.grad_clip is not None and not (
+            isinstance(self.grad_clip, (int, float))
+            and math.isfinite(self.grad_clip)
+            and self.grad_clip > 0
+        ):
+            raise ValueError(f"grad_clip must be None or a positive number, got {self.grad_clip!r}")
+        if not isinstance(self.reset_per_clip, bool):
+            raise ValueError(f"reset_per_clip must be a bool, got {self.reset_per_clip!r}")
+        if not isinstance(self.adapt_layers, str):
+            raise ValueError(f"adapt_layers must be a string, got {self.adapt_layers!r}")
+        if self.adapt_layers != "none":
+            terms = [t.strip() for t in self.adapt_layers.split("+")]
+            unknown = [t for t in terms if t not in PRESETS]
+            if unknown:
+                raise ValueError(
+                    f"unknown adapt_layers preset {unknown[0]!r} in {self.adapt_layers!r}; "
+                    f"use 'none' or a '+'-joined combination of {sorted(PRESETS)}"
+                )
+        if not _is_int(self.window) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {OPTIMIZERS}")
+
+    @property
+    def adapts(self) -> bool:
+        """Whether any parameter changes (enabled, some layers, at least one step)."""
+        return self.enabled and self.adapt_layers != "none" and self.num_adaptation_steps > 0
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        """The optax rule at ``lr`` (clipping is applied separately, per step)."""
+        return optax.adam(self.lr) if self.optimizer == "adam" else optax.sgd(self.lr)
+
+
+class ProtocolResult(NamedTuple):
+    """What :func:`run_protocol` returns.
+
+    Attributes:
+        metrics: the per-clip :class:`TTAResult` (arrays of shape (C,)).
+        count: trainable (adapted) and total parameter scalars; trainable is 0 for a baseline.
+        adapted_paths: the adapted leaves' paths (empty for a baseline).
+        protocol: the protocol that produced it.
+    """
+
+    metrics: TTAResult
+    count: ParamCount
+    adapted_paths: tuple[str, ...]
+    protocol: TTAProtocol
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_protocol(protocol: TTAProtocol, loss_fn: Callable, eval_fn: Callable | None):
+    """One jitted ``(params, clips) -> TTAResult`` per (protocol, losses): seeds reuse it."""
+    adapts = protocol.adapts
+    opt = protocol.make_optimizer()
+
+    def run(params, clips):
+        # Paths are static, so the selection is resolved at trace time.
+        if adapts:
+            mask = select(params, protocol.adapt_layers)
+        else:  # the baseline: everything "fast", zero steps
+            mask = jax.tree.map(lambda _: True, params)
+        fast, slow = split(params, mask)
+        return run_clips(
+            loss_fn,
+            fast,
+            slow,
+            clips,
+            opt=opt,
+            num_steps=protocol.num_adaptation_steps if adapts else 0,
+            clip_norm=protocol.grad_clip if adapts else None,
+            reset_per_clip=protocol.reset_per_clip,
+            window=protocol.window,
+            eval_fn=eval_fn,
+        )
+
+    return jax.jit(run)
+
+
+def run_protocol(
+    protocol: TTAProtocol,
+    loss_fns: Mapping[str, Callable[[PyTree, Any], jax.Array]],
+    params: PyTree,
+    clips: Any,
+    *,
+    eval_fn: Callable[[PyTree, Any], jax.Array] | None = None,
+) -> ProtocolResult:
+    """Apply ``protocol`` to a stream of clips: select the adapted layers, adapt, measure.
+
+    The adapted leaves are ``params.select(params, protocol.adapt_layers)``; the adaptation
+    loss is ``loss_fns[protocol.mode]``; the reported pre/post losses are ``eval_fn`` (default:
+    the adaptation loss). The whole stream runs as one jitted ``lax.scan``
+    (:func:`run_clips`); the compiled function is cached per (protocol, loss, eval) so that
+    further seeds or streams of the same shapes do not recompile.
+
+    Args:
+        protocol: a :class:`TTAProtocol`.
+        loss_fns: ``{mode: loss_fn(params, clip) -> scalar}``; needs ``protocol.mode``.
+        params: the source parameters (a pytree named per :mod:`metattt.params`).
+        clips: pytree with a leading clip axis C.
+        eval_fn: ``eval_fn(params, clip) -> scalar``, the reported loss.
+
+    Returns:
+        A :class:`ProtocolResult`.
+
+    Raises:
+        ValueError: ``loss_fns`` lacks the protocol's mode, or the preset selects nothing.
+    """
+    if not isinstance(protocol, TTAProtocol):
+        raise TypeError(f"protocol must be a TTAProtocol, got {type(protocol).__name__}")
+    if protocol.mode not in loss_fns:
+        raise ValueError(
+            f"loss_fns has no loss for mode {protocol.mode!r} (it has {sorted(loss_fns)})"
+        )
+    if protocol.adapts:
+        mask = select(params, protocol.adapt_layers)
+        n = count(params, mask)
+        paths = tuple(selected_paths(params, mask))
+        key = protocol
+    else:
+        n = ParamCount(0, count(params).total)
+        paths = ()
+        key = TTAProtocol(enabled=False, mode=protocol.mode, window=protocol.window)
+    metrics = _compiled_protocol(key, loss_fns[protocol.mode], eval_fn)(params, clips)
+    return ProtocolResult(metrics, n, paths, protocol)
+
+
+CLIP_METRICS = ("pre_loss", "post_loss", "improvement", "rolling_post", "rolling_improvement")
+
+
+def write_protocol_metrics(writer: Any, result: ProtocolResult, *, prefix: str = "") -> None:
+    """Log a run through a :class:`metattt.runlog.MetricWriter`, every clip, no aggregation.
+
+    Step 0 first gets ``trainable_params``, ``total_params`` and ``trainable_share``; then
+    clip c (0-based) is written at step c with ``pre_loss``, ``post_loss``, ``improvement``,
+    ``rolling_post``, ``rolling_improvement`` and ``num_skipped``. Runs outside ``jit``: the
+    per-clip arrays are copied to the host once.
+
+    Args:
+        writer: a metric writer (e.g. ``runlog.create_writer(workdir)``).
+        result: what :func:`run_protocol` returned.
+        prefix: prepended to every scalar's name (e.g. ``"layernorm/reset/"``).
+    """
+    n = result.count
+    writer.write_scalars(
+        0,
+        {
+            f"{prefix}trainable_params": n.trainable,
+            f"{prefix}total_params": n.total,
+            f"{prefix}trainable_share": n.share,
+        },
+    )
+    m = result.metrics
+    arrays = {name: jax.device_get(getattr(m, name)) for name in CLIP_METRICS}
+    arrays["num_skipped"] = jax.device_get(m.num_skipped)
+    for c in range(arrays["pre_loss"].shape[0]):
+        writer.write_scalars(c, {f"{prefix}{k}": v[c] for k, v in arrays.items()})
+    writer.flush()
+
+
+def summarize(result: ProtocolResult) -> dict[str, float]:
+    """The numbers of a summary-table row, as Python floats and ints.
+
+    ``mean_pre`` / ``mean_post`` / ``mean_improvement`` average over all clips;
+    ``final_rolling_post`` is the rolling mean of the post-adapt loss after the last clip.
+    """
+    m = jax.device_get(result.metrics)
+    return {
+        "num_clips": int(m.pre_loss.shape[0]),
+        "trainable_params": int(result.count.trainable),
+        "total_params": int(result.count.total),
+        "trainable_share": float(result.count.share),
+        "mean_pre": float(m.pre_loss.mean()),
+        "mean_post": float(m.post_loss.mean()),
+        "mean_improvement": float(m.improvement.mean()),
+        "final_rolling_post": float(m.rolling_post[-1]),
+        "final_rolling_improvement": float(m.rolling_improvement[-1]),
+        "num_skipped": int(m.num_skipped.sum()),
+    }
+
+
+def format_summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """A markdown table of :func:`summarize` outputs, one row per named run."""
+    head = (
+        "| run | trainable (share) | mean pre | mean post | mean improvement | final rolling post |"
+    )
+    lines = [head, "|---|---|---|---|---|---|"]
+    for name, s in rows.items():
+        lines.append(
+            f"| {name} | {s['trainable_params']} ({100 * s['trainable_share']:.2f}%) | "
+            f"{s['mean_pre']:.4g} | {s['mean_post']:.4g} | {s['mean_improvement']:.3g} | "
+            f"{s['final_rolling_post']:.4g} |"
+        )
+    return "\n".join(lines)
