@@ -1,12 +1,24 @@
-"""Selective scan (Mamba S6): the public function and its pure-``jnp`` forms.
+"""Selective scan (Mamba S6): the public function, its pure-``jnp`` forms and its Pallas kernel.
 
 Modules: :mod:`.api` (the public :func:`selective_scan`, input checks, backend choice),
-:mod:`.reference` (the ``lax.scan`` and ``lax.associative_scan`` forms, math in comments) and
-:mod:`.lean` (the chunk-recomputing ``custom_vjp`` of the ``lax.scan`` form). The Pallas kernel
-(backend ``"pallas"``) arrives with its own issue.
+:mod:`.reference` (the ``lax.scan`` and ``lax.associative_scan`` forms, math in comments),
+:mod:`.lean` (the chunk-recomputing ``custom_vjp`` of the ``lax.scan`` form) and :mod:`.pallas`
+(the fused Pallas kernel, backend ``"pallas"``, with its block-size config :class:`PallasConfig`
+and its ``custom_vjp`` whose backward is the lean ``jnp`` one).
 """
 
-from kernels_pallas.selective_scan.api import BACKENDS, DEFAULT_CHUNK_SIZE, selective_scan
+from kernels_pallas.selective_scan.api import (
+    BACKENDS,
+    DEFAULT_CHUNK_SIZE,
+    resolve_backend,
+    selective_scan,
+)
+from kernels_pallas.selective_scan.pallas import (
+    DEFAULT_CONFIG,
+    PallasConfig,
+    pallas_scan,
+    selective_scan_kernel,
+)
 from kernels_pallas.selective_scan.reference import (
     selective_scan_associative,
     selective_scan_scan,
@@ -15,7 +27,12 @@ from kernels_pallas.selective_scan.reference import (
 __all__ = [
     "BACKENDS",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CONFIG",
+    "PallasConfig",
+    "pallas_scan",
+    "resolve_backend",
     "selective_scan",
     "selective_scan_associative",
+    "selective_scan_kernel",
     "selective_scan_scan",
 ]

@@ -7,8 +7,13 @@ Backends:
   and still supports second order); ``lean_backward=False`` is plain autodiff of the scan.
 * ``"associative"`` -- ``lax.associative_scan`` (parallel prefix, O(B·L·D·N) memory), plain
   autodiff.
-* ``"auto"`` -- today always ``"reference"``: it is the fastest form on the CPU, and no kernel
-  exists yet. The Pallas kernel issue adds ``"pallas"`` and makes ``"auto"`` pick it on a GPU.
+* ``"pallas"`` -- the fused Pallas kernel of :mod:`.pallas` (compiled on a GPU, interpreted
+  elsewhere) inside a ``custom_vjp`` that saves only the inputs and whose backward is the
+  ``jnp`` lean backward (chunk size ``chunk_size``), so second order works; forward mode
+  (``jax.jvp``) is refused, as for any ``custom_vjp``. Block sizes: ``pallas_config``.
+* ``"auto"`` -- ``"pallas"`` when JAX's default backend is a GPU and ``lean_backward`` is True;
+  ``"reference"`` otherwise (the fastest form on the CPU, where Pallas only interprets; and
+  ``lean_backward=False`` asks for plain autodiff, which keeps forward mode working).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.selective_scan.lean import lean_scan_states
+from kernels_pallas.selective_scan.pallas import DEFAULT_CONFIG, PallasConfig, pallas_scan
 from kernels_pallas.selective_scan.reference import (
     associative_states,
     compute_dtype,
@@ -25,7 +31,7 @@ from kernels_pallas.selective_scan.reference import (
     scan_states,
 )
 
-BACKENDS = ("reference", "associative", "auto")
+BACKENDS = ("reference", "associative", "pallas", "auto")
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -40,7 +46,7 @@ def _check_shape(name: str, a, expected: tuple[int, ...], meaning: str) -> None:
         raise ValueError(f"{name} must have shape {meaning} = {expected}, got {jnp.shape(a)}")
 
 
-def _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size) -> None:
+def _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size, pallas_config) -> None:
     _check_float("x", x)
     if jnp.ndim(x) != 3:
         raise ValueError(f"x must have shape (B, L, D), got {jnp.shape(x)}")
@@ -64,6 +70,15 @@ def _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive Python int, got {chunk_size!r}")
+    if pallas_config is not None and not isinstance(pallas_config, PallasConfig):
+        raise ValueError(f"pallas_config must be a PallasConfig or None, got {pallas_config!r}")
+
+
+def resolve_backend(backend: str, lean_backward: bool = True) -> str:
+    """The backend ``"auto"`` stands for on this machine (other names are returned unchanged)."""
+    if backend != "auto":
+        return backend
+    return "pallas" if jax.default_backend() == "gpu" and lean_backward else "reference"
 
 
 def selective_scan(
@@ -81,6 +96,7 @@ def selective_scan(
     lean_backward: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_last_state: bool = False,
+    pallas_config: PallasConfig | None = None,
 ):
     """Mamba's selective scan (S6), channels-last; ``selective_scan_ref`` semantics.
 
@@ -102,27 +118,39 @@ def selective_scan(
         z: gate; the output is multiplied by silu(z).
         delta_bias: added to ``delta`` before the softplus.
         delta_softplus: apply softplus to ``delta (+ delta_bias)``.
-        backend: ``"reference"``, ``"associative"`` or ``"auto"`` (see the module docstring).
+        backend: ``"reference"``, ``"associative"``, ``"pallas"`` or ``"auto"`` (see the module
+            docstring).
         lean_backward: ``"reference"`` only: chunk-recomputing ``custom_vjp`` (True) or plain
             autodiff of ``lax.scan`` (False). Both support reverse-over-reverse second order;
-            only False supports forward mode (``jax.jvp``, ``jax.hessian``).
-        chunk_size: T, steps per recomputed chunk of the lean backward (≈ √L is best).
+            only False supports forward mode (``jax.jvp``, ``jax.hessian``), so with False
+            ``"auto"`` stays on the reference. ``"pallas"`` ignores it (its backward is lean).
+        chunk_size: T, steps per recomputed chunk of the lean backward (≈ √L is best); also
+            the T of the ``"pallas"`` backward unless ``pallas_config.lean_chunk`` is set.
         return_last_state: also return h_{L-1}; gradients flow through it too.
+        pallas_config: block sizes of the ``"pallas"`` kernel; ``None`` is
+            :data:`.pallas.DEFAULT_CONFIG`.
 
     Returns:
         ``out``, or ``(out, last_state)`` with ``return_last_state``.
 
     Raises:
         ValueError: an argument has the wrong shape or a non-floating dtype (the message names
-            it), or an unknown ``backend`` or bad ``chunk_size``.
+            it), or an unknown ``backend``, a bad ``chunk_size`` or ``pallas_config``.
 
     Example:
         >>> out = selective_scan(x, delta, -jnp.exp(A_log), B, C, D, z,
         ...                      delta_bias=dt_bias, delta_softplus=True)
     """
-    _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size)
-    if backend == "auto":
-        backend = "reference"
+    _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size, pallas_config)
+    backend = resolve_backend(backend, lean_backward)
+    if backend == "pallas":
+        out, h_last = pallas_scan(
+            x, delta, A, B, C, D, z, delta_bias,
+            delta_softplus=delta_softplus,
+            config=DEFAULT_CONFIG if pallas_config is None else pallas_config,
+            lean_chunk=chunk_size,
+        )  # fmt: skip
+        return (out, h_last) if return_last_state else out
     dtype = compute_dtype(x, delta, A, B, C, D, z, delta_bias)
     d_eff = prepare_delta(delta, delta_bias, delta_softplus, dtype)
     args = (x.astype(dtype), d_eff, A.astype(dtype), B.astype(dtype), C.astype(dtype))

@@ -186,7 +186,7 @@ def test_bad_arguments_raise_naming_them(model):
     with pytest.raises(ValueError, match="num_classes"):
         lm_only(tokens)
     with pytest.raises(ValueError, match="scan_backend"):
-        MambaConfig(vocab_size=4, d_model=8, n_layers=1, scan_backend="pallas")
+        MambaConfig(vocab_size=4, d_model=8, n_layers=1, scan_backend="triton")
     with pytest.raises(ValueError, match="d_state"):
         MambaConfig(vocab_size=4, d_model=8, n_layers=1, d_state=0)
     with pytest.raises(ValueError, match="dt_rank"):

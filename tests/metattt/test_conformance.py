@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from metattt import meta, online, tta
+from metattt import adapters, meta, online, tta
 from metattt import params as P
 from metattt.inner import InnerConfig, adapt
 
@@ -141,6 +141,30 @@ def make_clips(key):
     return jax.vmap(regression_batch, in_axes=(0, None))(jax.random.split(kc, 30), w)
 
 
+LORA_OPT = optax.adam(0.05)
+
+
+def init_lora(key, dtype):
+    """A rank-4 slot (of 6) allocated on a random frozen base map D -> 1."""
+    kb, ka = jax.random.split(key)
+    lora = adapters.lora_init(D, 1, 6, dtype=dtype)
+    lora, opt_state = adapters.alloc(lora, LORA_OPT.init(lora.factors), 4, ka)
+    return lora, opt_state
+
+
+def lora_run(state, task):
+    x, y = task
+    base = 0.1 * jax.random.normal(jax.random.key(0), (D, 1)).astype(x.dtype)
+    loss_fn = lambda lora, b: jnp.mean((adapters.lora_apply(b[0], base, lora) + 0.5 - b[1]) ** 2)
+    step = adapters.make_step(loss_fn, LORA_OPT)
+
+    def one(carry, _):
+        lora, opt_state, loss = step(*carry, (x, y))
+        return (lora, opt_state), loss
+
+    return jax.lax.scan(one, state, None, length=40)
+
+
 CASES = [
     inner_case("inner_sgd", optax.sgd(0.1)),
     inner_case("inner_adam", optax.adam(0.1)),
@@ -150,6 +174,7 @@ CASES = [
     meta_case("meta_sgd", meta.meta_sgd_loss, meta_sgd=True),
     Case("online", init_linear, online_run, make_stream),
     Case("tta_cumulative", init_linear, tta_run, make_clips),
+    Case("dynamic_rank_lora", init_lora, lora_run, make_regression_task),
 ]
 
 
