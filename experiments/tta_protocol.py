@@ -220,7 +220,6 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     text = summary_table(results)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(text + "\n")
-    print(text)
     plot_rolling(results, os.path.join(workdir, "tta_protocol_rolling.png"))
     if cfg.report:
         write_report(results, cfg)
