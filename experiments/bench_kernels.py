@@ -35,8 +35,9 @@ Reproduce (repository root; on a GPU machine, where the kernel is compiled)::
 On the CPU, ``--smoke`` runs tiny sizes with the kernel in Pallas interpret mode, to check that
 the script runs (its numbers mean nothing). ``--write`` replaces the section between
 ``<!-- kernels_selective_scan:start -->`` and ``<!-- kernels_selective_scan:end -->`` of
-``BENCHMARKS.md``. Imports only the standard library, jax, numpy and ``kernels_pallas`` (the GPU
-machines lack the project's other dependencies).
+``BENCHMARKS.md``. Imports only the standard library, jax, numpy, ``kernels_pallas`` and
+:mod:`experiments.report` (itself standard library only): the GPU machines lack the project's
+other dependencies.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import report
 from kernels_pallas.selective_scan import selective_scan
 
 SECTION = "kernels_selective_scan"
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+BENCHMARKS = report.BENCHMARKS
 BACKENDS = {"pallas": "pallas", "scan": "reference", "associative": "associative"}
 EXP_CHAIN = 64
 
@@ -259,23 +261,6 @@ def markdown(header: str, rows: list[dict], command: str, smoke: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_section(path: pathlib.Path, name: str, body: str) -> None:
-    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``.
-
-    A local copy of ``experiments.report.update_section``: that module's imports are not all
-    available on the GPU machines.
-    """
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -319,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     body = markdown(header, rows, command.strip(), args.smoke)
     print(body)
     if args.write:
-        update_section(args.benchmarks, SECTION, body)
+        report.update_section(SECTION, body, args.benchmarks)
         print(f"wrote section {SECTION} of {args.benchmarks}", file=sys.stderr)
 
 
