@@ -1,4 +1,35 @@
 """Adaptive Test-Time Dynamics (ATTD) on a Mamba SSM, built on the metattt core.
 
-The model, dynamics adapter, ponder controller and Long Range Arena data land with their issue.
+A low-rank adapter psi = (U, V) on the log state matrix (A = -exp(A_log0 + U V^T)) is trained
+at test time, per input, for a number of inner steps that a monotone threshold controller
+picks from a "ponder" signal (the internal self-supervised loss at psi_0).
+
+Modules: :mod:`~attd.mamba` (the pure Mamba model), :mod:`~attd.dynamics` (the adapter and its
+stability diagnostics), :mod:`~attd.controller` (threshold, gate and fixed-K controllers),
+:mod:`~attd.method` (ponder signal, adaptive inner loop, joint objective, baselines).
 """
+
+from attd.controller import (
+    Controller,
+    fixed_controller,
+    gate_controller,
+    threshold_controller,
+)
+from attd.dynamics import Psi, a_log_delta, init_psi, max_transition
+from attd.mamba import MambaConfig, init_mamba
+from attd.method import ATTD, make_attd
+
+__all__ = [
+    "ATTD",
+    "Controller",
+    "MambaConfig",
+    "Psi",
+    "a_log_delta",
+    "fixed_controller",
+    "gate_controller",
+    "init_mamba",
+    "init_psi",
+    "make_attd",
+    "max_transition",
+    "threshold_controller",
+]

@@ -221,6 +221,9 @@ class Mamba(nnx.Module):
             embedding_init=nnx.initializers.normal(0.02),
             rngs=rngs,
         )
+        # nnx.Embed freezes its compute dtype to the init dtype; None follows the parameters,
+        # so float64 parameters (finite-difference checks) stay float64 through the LM head.
+        self.embedding.dtype = None
         self.layers = nnx.List([MambaBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-5, rngs=rngs)
         self.classifier = (

@@ -17,6 +17,11 @@ def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _compute_dtype(x: jax.Array):
+    """At least float32 (bf16 logits are upcast), float64 kept (finite-difference checks)."""
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
 def _check_rank(name: str, x: jax.Array, min_ndim: int) -> None:
     if jnp.ndim(x) < min_ndim:
         raise ValueError(f"{name} needs at least {min_ndim} dims, got shape {jnp.shape(x)}")
@@ -25,7 +30,7 @@ def _check_rank(name: str, x: jax.Array, min_ndim: int) -> None:
 def entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean Shannon entropy H(softmax(logits)) in nats, over ``logits[..., V]`` (TENT's loss)."""
     _check_rank("logits", logits, 1)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(_compute_dtype(logits)), axis=-1)
     return _masked_mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1), mask)
 
 
@@ -35,7 +40,8 @@ def mse(prediction: jax.Array, target: jax.Array, mask: jax.Array | None = None)
         raise ValueError(
             f"prediction shape {jnp.shape(prediction)} != target shape {jnp.shape(target)}"
         )
-    err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+    dtype = jnp.promote_types(_compute_dtype(prediction), _compute_dtype(target))
+    err = jnp.square(prediction.astype(dtype) - target.astype(dtype))
     return _masked_mean(err, mask)
 
 
@@ -49,7 +55,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
         )
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got {jnp.result_type(labels)}")
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(_compute_dtype(logits)), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return _masked_mean(nll, mask)
 
