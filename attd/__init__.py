@@ -6,9 +6,12 @@ picks from a "ponder" signal (the internal self-supervised loss at psi_0).
 
 Modules: :mod:`~attd.mamba` (the pure Mamba model), :mod:`~attd.dynamics` (the adapter and its
 stability diagnostics), :mod:`~attd.controller` (threshold, gate and fixed-K controllers),
-:mod:`~attd.method` (ponder signal, adaptive inner loop, joint objective, baselines).
+:mod:`~attd.method` (ponder signal, adaptive inner loop, joint objective, baselines) and
+:mod:`~attd.lra` (Long Range Arena ListOps, Pathfinder and byte-level Text: generators and
+loaders for the official file layouts).
 """
 
+from attd import lra
 from attd.controller import (
     Controller,
     fixed_controller,
@@ -29,6 +32,7 @@ __all__ = [
     "gate_controller",
     "init_mamba",
     "init_psi",
+    "lra",
     "make_attd",
     "max_transition",
     "threshold_controller",
