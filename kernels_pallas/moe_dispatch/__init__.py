@@ -4,8 +4,9 @@ Modules: :mod:`.api` (the public :func:`moe_dispatch`, input checks, backend cho
 :mod:`.routing` (softmax-then-top-k, capacity, drop priority, the sort-by-expert permutation),
 :mod:`.grouped` (grouped matmuls on ``ragged_dot`` that vmap and differentiate to any order)
 and :mod:`.reference` (the dense capacity einsum, the ``ragged_dot`` grouped form, and the
-plain loop over experts that tests compare against). The Pallas grouped-matmul kernel
-(backend ``"pallas"``) arrives with its own issue.
+plain loop over experts that tests compare against) and :mod:`.pallas` (the grouped matmuls as
+Pallas kernels with their tile config :class:`GmmConfig` and ``custom_vjp``, backend
+``"pallas"``).
 """
 
 from kernels_pallas.moe_dispatch.api import (
@@ -16,6 +17,15 @@ from kernels_pallas.moe_dispatch.api import (
     resolve_backend,
 )
 from kernels_pallas.moe_dispatch.grouped import gmm, tgmm
+from kernels_pallas.moe_dispatch.pallas import (
+    DEFAULT_CONFIG,
+    GmmConfig,
+    dispatch_pallas,
+    gmm_kernel,
+    gmm_pallas,
+    tgmm_kernel,
+    tgmm_pallas,
+)
 from kernels_pallas.moe_dispatch.reference import (
     dispatch_dense,
     dispatch_loop,
@@ -37,8 +47,10 @@ from kernels_pallas.moe_dispatch.routing import (
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_CONFIG",
     "DROP_PRIORITIES",
     "DispatchResult",
+    "GmmConfig",
     "ExpertSort",
     "Routing",
     "Slots",
@@ -46,8 +58,11 @@ __all__ = [
     "capacity",
     "dispatch_dense",
     "dispatch_loop",
+    "dispatch_pallas",
     "dispatch_ragged",
     "gmm",
+    "gmm_kernel",
+    "gmm_pallas",
     "loop_keep",
     "moe_dispatch",
     "priority_order",
@@ -56,5 +71,7 @@ __all__ = [
     "sort_by_expert",
     "swiglu",
     "tgmm",
+    "tgmm_kernel",
+    "tgmm_pallas",
     "top_k_routing",
 ]

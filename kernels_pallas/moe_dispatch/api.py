@@ -7,8 +7,12 @@ Backends (same result up to float rounding, forward and gradients):
   (:func:`.reference.dispatch_ragged`, :mod:`.grouped`); no padding to capacity. Needs a JAX
   with ``jax.lax.ragged_dot`` and ``ragged_dot_general``. Reverse mode to any order and
   ``vmap`` work; forward mode (``jax.jvp``, ``jax.hessian``) does not -- use ``"reference"``.
-* ``"auto"`` -- ``"ragged"`` where ``jax.lax.ragged_dot`` exists, else ``"reference"``. The
-  Pallas kernel issue adds ``"pallas"`` and makes ``"auto"`` pick it on a GPU.
+* ``"pallas"`` -- the same sort-by-expert form with the grouped matmuls as Pallas kernels
+  (:func:`.pallas.dispatch_pallas`, :func:`.pallas.gmm_pallas`); compiled on a GPU, run in the
+  Pallas interpreter elsewhere (slow: for tests). Reverse mode to any order works; forward mode
+  does not -- use ``"reference"``.
+* ``"auto"`` -- ``"pallas"`` when JAX's default backend is a GPU; elsewhere ``"ragged"`` where
+  ``jax.lax.ragged_dot`` exists, else ``"reference"``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.moe_dispatch.pallas import dispatch_pallas
 from kernels_pallas.moe_dispatch.reference import dispatch_dense, dispatch_ragged
 from kernels_pallas.moe_dispatch.routing import (
     DROP_PRIORITIES,
@@ -26,7 +31,7 @@ from kernels_pallas.moe_dispatch.routing import (
     top_k_routing,
 )
 
-BACKENDS = ("reference", "ragged", "auto")
+BACKENDS = ("reference", "ragged", "pallas", "auto")
 
 
 class DispatchResult(NamedTuple):
@@ -65,6 +70,8 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if jax.default_backend() == "gpu":
+            return "pallas"
         return "ragged" if ragged_dot_available() else "reference"
     if backend == "ragged" and not ragged_dot_available():
         raise RuntimeError(
@@ -147,7 +154,8 @@ def moe_dispatch(
         renormalize: with ``router_logits``, renormalise each token's K gates to sum to 1.
         capacity_factor: c > 0, or None for dropless.
         drop_priority: ``"score"`` or ``"position"``.
-        backend: ``"reference"``, ``"ragged"`` or ``"auto"`` (see the module docstring).
+        backend: ``"reference"``, ``"ragged"``, ``"pallas"`` or ``"auto"`` (see the module
+            docstring).
         precision: passed to every matmul.
 
     Returns:
@@ -198,6 +206,8 @@ def moe_dispatch(
     slots = assign_slots(expert_ids, gates, num_experts, cap, drop_priority)
     if concrete == "ragged":
         out = dispatch_ragged(x, w_gate, w_up, w_down, expert_ids, gates, slots.keep, precision)
+    elif concrete == "pallas":
+        out = dispatch_pallas(x, w_gate, w_up, w_down, expert_ids, gates, slots.keep, precision)
     else:
         out = dispatch_dense(
             x, w_gate, w_up, w_down, expert_ids, gates, slots.keep, slots.position, cap, precision

@@ -301,7 +301,7 @@ def test_input_validation_names_the_argument():
         (dict(router_logits=None, expert_ids=ids), "both expert_ids and gates"),
         (dict(router_logits=None, expert_ids=ids, gates=gates[:, :1], top_k=None), "gates"),
         (dict(router_logits=None, expert_ids=ids.astype(jnp.float32), gates=gates), "integers"),
-        (dict(backend="pallas"), "backend"),
+        (dict(backend="triton"), "backend"),
         (dict(drop_priority="random"), "drop_priority"),
         (dict(capacity_factor=0.0), "capacity_factor"),
     ]

@@ -242,7 +242,7 @@ def test_model_from_aux_counts_feeds_the_profiler(model):
         (dict(top_k=5), "top_k"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(norm="batch"), "norm"),
-        (dict(backend="pallas"), "backend"),
+        (dict(backend="triton"), "backend"),
         (dict(d_ff=0), "d_ff"),
     ],
 )
