@@ -1,10 +1,37 @@
 """Energy measurement for energy-aware test-time training: monitors and per-expert costs.
 
 Modules: :mod:`~metattt.energy.monitor` (the :class:`AbstractMonitor` interface, the NVML and
-simulated monitors, :func:`create_monitor`) and :mod:`~metattt.energy.costs` (per-expert cost
-profiles, their JSON files, and the expected energy of routing decisions).
+simulated monitors, :func:`create_monitor`), :mod:`~metattt.energy.costs` (per-expert cost
+profiles, their JSON files, and the expected energy of routing decisions),
+:mod:`~metattt.energy.adapt` (energy-aware TENT) and :mod:`~metattt.energy.budget` (the λ
+controller, triggers, expert pruning and graceful degradation under a power budget).
 """
 
+from metattt.energy.adapt import (
+    EnergyAdaptResult,
+    EnergyBatch,
+    EnergyTTT,
+    RoutingStats,
+    energy_tent,
+)
+from metattt.energy.budget import (
+    BudgetDecision,
+    BudgetState,
+    ControllerState,
+    Degradation,
+    LambdaController,
+    PowerBudget,
+    PruneResult,
+    Trigger,
+    TriggerState,
+    degrade,
+    energy_per_token_budget,
+    lambda_controller,
+    power_budget,
+    predicted_energy_per_token,
+    prune_experts,
+    trigger,
+)
 from metattt.energy.costs import (
     CostProfile,
     ExpertCost,
@@ -27,18 +54,39 @@ from metattt.energy.monitor import (
 
 __all__ = [
     "AbstractMonitor",
+    "BudgetDecision",
+    "BudgetState",
+    "ControllerState",
     "CostProfile",
+    "Degradation",
+    "EnergyAdaptResult",
+    "EnergyBatch",
+    "EnergyTTT",
     "ExpertCost",
+    "LambdaController",
     "NvmlMonitor",
     "NvmlUnavailableError",
+    "PowerBudget",
     "PowerRecord",
+    "PruneResult",
+    "RoutingStats",
     "SimulatedDevice",
     "SimulatedMonitor",
+    "Trigger",
+    "TriggerState",
     "WindowRecord",
     "create_monitor",
+    "degrade",
+    "energy_per_token_budget",
+    "energy_tent",
     "expected_energy",
+    "lambda_controller",
     "load_costs",
     "measure_costs",
+    "power_budget",
+    "predicted_energy_per_token",
     "proxy_costs",
+    "prune_experts",
     "save_costs",
+    "trigger",
 ]

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kernels_pallas.moe_dispatch import BACKENDS, DROP_PRIORITIES, moe_dispatch, top_k_routing
@@ -49,7 +50,8 @@ class MoEConfig(NamedTuple):
         num_heads: attention heads (must divide D).
         num_layers: transformer blocks.
         num_experts: E.
-        d_ff: F, hidden width of each SwiGLU expert.
+        d_ff: F, hidden width of each SwiGLU expert (the buffer width when
+            ``expert_widths`` is set).
         top_k: K experts per token.
         max_len: longest sequence (learned position embedding).
         capacity_factor: expert capacity factor, None for dropless routing (causal).
@@ -62,6 +64,12 @@ class MoEConfig(NamedTuple):
         num_classes: > 0 adds a classification head on the mean-pooled final states.
         backend: dispatch backend, ``"auto"`` (default), ``"reference"`` or ``"ragged"`` (ragged and
             auto differentiate in reverse mode only; ``"reference"`` also supports ``jvp``).
+        expert_widths: heterogeneous experts: E active hidden widths F_e in [1, F], or None
+            (every expert has width F). Expert e uses only hidden units ``< F_e`` of its
+            (D, F) / (F, D) buffers: the ``up`` columns and ``down`` rows past F_e are masked to
+            zero, so it computes exactly a width-F_e SwiGLU while every shape (and the
+            dispatch) stays static. :func:`expert_work` and :func:`expert_token_costs` price
+            expert e at width F_e, so cheap and expensive experts exist for energy-aware routing.
     """
 
     vocab_size: int
@@ -80,6 +88,20 @@ class MoEConfig(NamedTuple):
     lora_alpha: float = 1.0
     num_classes: int = 0
     backend: str = "auto"
+    expert_widths: tuple[int, ...] | None = None
+
+
+def expert_widths(config: MoEConfig) -> tuple[int, ...]:
+    """The E active hidden widths F_e (all F when ``config.expert_widths`` is None)."""
+    if config.expert_widths is None:
+        return (config.d_ff,) * config.num_experts
+    return tuple(int(w) for w in config.expert_widths)
+
+
+def width_mask(config: MoEConfig) -> jax.Array:
+    """(E, F) float32: 1 where hidden unit j < F_e of expert e is active."""
+    widths = jnp.asarray(expert_widths(config), jnp.int32)
+    return (jnp.arange(config.d_ff)[None, :] < widths[:, None]).astype(jnp.float32)
 
 
 class MoEOutput(NamedTuple):
@@ -127,6 +149,16 @@ def _validate_config(config: MoEConfig) -> None:
         raise ValueError("config.lora_rank and config.num_classes must be >= 0")
     if config.backend not in BACKENDS:
         raise ValueError(f"config.backend must be one of {BACKENDS}, got {config.backend!r}")
+    if config.expert_widths is not None:
+        widths = tuple(config.expert_widths)
+        ok = len(widths) == config.num_experts and all(
+            isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= config.d_ff for w in widths
+        )
+        if not ok:
+            raise ValueError(
+                f"config.expert_widths must be E={config.num_experts} ints in "
+                f"[1, d_ff={config.d_ff}], got {config.expert_widths!r}"
+            )
 
 
 def merge_lora(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -163,7 +195,10 @@ class CausalSelfAttention(nnx.Module):
 
 
 class SwiGLUExperts(nnx.Module):
-    """E SwiGLU experts stacked: ``gate``, ``up`` (E, D, F), ``down`` (E, F, D), optional LoRA."""
+    """E SwiGLU experts stacked: ``gate``, ``up`` (E, D, F), ``down`` (E, F, D), optional LoRA.
+
+    With ``config.expert_widths`` the effective weights are masked to each expert's width.
+    """
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
         e, d, f, r = config.num_experts, config.d_model, config.d_ff, config.lora_rank
@@ -180,9 +215,19 @@ class SwiGLUExperts(nnx.Module):
             self.lora_down_a = nnx.Param(normal((e, f, r), f))
             self.lora_down_b = nnx.Param(jnp.zeros((e, r, d)))
         self.has_lora = bool(r)
+        self.config = config
 
     def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The effective (w_gate, w_up, w_down), LoRA merged in."""
+        """The effective (w_gate, w_up, w_down), LoRA merged in, masked to the widths."""
+        w = self._merged()
+        if self.config.expert_widths is None:
+            return w
+        # silu(g)·u is 0 on a unit whose ``up`` column is 0, and ``down`` rows past F_e are 0:
+        # the masked units contribute nothing and get no gradient through the output.
+        m = width_mask(self.config).astype(w[0].dtype)
+        return w[0], w[1] * m[:, None, :], w[2] * m[:, :, None]
+
+    def _merged(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         w = (self.gate[...], self.up[...], self.down[...])
         if not self.has_lora:
             return w
@@ -380,17 +425,36 @@ def expert_work(expert_counts: jax.Array, config: MoEConfig, *, itemsize: int = 
     pays the merge W + A·B each forward: merge_e = 3 · 2·(I·R·O) FLOPs (plus one add per entry)
     and lora_bytes_e = 3·(I·R + R·O)·itemsize.
 
+    With heterogeneous experts (``config.expert_widths``) expert e is priced at its width F_e
+    (flops/bytes per token and weight reads); the LoRA merge runs over the whole F buffer.
+
     Shapes: expert_counts (..., E) (e.g. (layers, E)) -> ExpertWork of (..., E).
     """
     d, f, r = config.d_model, config.d_ff, config.lora_rank
     n = jnp.asarray(expert_counts, jnp.float32)
-    flops = n * expert_flops_per_token(d, f)
+    per_flops, per_bytes = expert_token_costs(config, itemsize=itemsize)
+    weight_bytes = np.asarray([3 * d * w * itemsize for w in expert_widths(config)], np.float32)
+    flops = n * jnp.asarray(per_flops, jnp.float32)
     used = (n > 0).astype(jnp.float32)
-    nbytes = n * expert_bytes_per_token(d, f, itemsize) + used * 3 * d * f * itemsize
+    nbytes = n * jnp.asarray(per_bytes, jnp.float32) + used * weight_bytes
     if r:
         flops = flops + 3 * (2 * d * r * f + d * f)
         nbytes = nbytes + 3 * (d * r + r * f) * itemsize
     return ExpertWork(flops, nbytes)
+
+
+def expert_token_costs(config: MoEConfig, *, itemsize: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token (flops, bytes) of each expert at its width: two (E,) float64 arrays.
+
+    The input of :func:`metattt.energy.costs.proxy_costs`:
+    ``proxy_costs(E, *expert_token_costs(config))``.
+    """
+    widths = expert_widths(config)
+    flops = np.array([expert_flops_per_token(config.d_model, w) for w in widths], np.float64)
+    nbytes = np.array(
+        [expert_bytes_per_token(config.d_model, w, itemsize) for w in widths], np.float64
+    )
+    return flops, nbytes
 
 
 def expert_forward(
@@ -398,7 +462,8 @@ def expert_forward(
 ) -> jax.Array:
     """Run one expert of one layer on tokens, from the functional ``params`` (for timing).
 
-    Shapes: x (N, D) -> (N, D). LoRA, if configured, is merged in as in the model.
+    Shapes: x (N, D) -> (N, D). LoRA, if configured, is merged in as in the model, and the
+    expert runs at its width F_e (a genuinely smaller matmul, so timing reflects the width).
     """
     p = params["blocks"][str(layer)]["ffn"]["experts"]
     names = ("gate", "up", "down")
@@ -409,5 +474,6 @@ def expert_forward(
             m + scale * p[f"lora_{name}_a"][expert] @ p[f"lora_{name}_b"][expert]
             for m, name in zip(w, names, strict=True)
         ]
-    gate, up = x @ w[0], x @ w[1]
-    return (jax.nn.silu(gate) * up) @ w[2]
+    width = expert_widths(config)[expert]
+    gate, up = x @ w[0][:, :width], x @ w[1][:, :width]
+    return (jax.nn.silu(gate) * up) @ w[2][:width]

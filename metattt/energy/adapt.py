@@ -1,0 +1,236 @@
+"""Energy-aware TENT: test-time entropy minimisation of a MoE that also makes its routing cheaper.
+
+The adapted loss on an unlabelled test batch is
+
+    L(ψ) = L_task(ψ) + λ_ent · H(ψ) + λ_energy · Ē(ψ)
+
+* L_task: ``"entropy"`` -- the mean prediction entropy H (TENT, Wang et al. 2021, "Tent: Fully
+  Test-time Adaptation by Entropy Minimization"); ``"next_token"`` -- the self-supervised
+  next-token cross-entropy on the test tokens themselves (a language model sees its labels one
+  token late); ``"none"``.
+* H: mean Shannon entropy of the predictions (LM logits, or the class logits with
+  ``head="class"``), weighted by λ_ent (useful on top of ``"next_token"``).
+* Ē: the expected energy of the routing decisions per token, summed over layers, under a
+  per-expert cost profile c (:func:`metattt.energy.costs.expected_energy`), with the costs
+  normalised by their mean so that λ_energy is unitless: Ē ∈ [K·min c / mean c, K·max c / mean c].
+  Its value is the hard top-k cost and its gradient the straight-through surrogate through the
+  router probabilities, so the router learns to send tokens to cheaper experts.
+
+ψ is the subset of the parameters chosen by a :mod:`metattt.params` selector (``"router"``,
+``"layernorm"``, ``"lora"`` or a combination). The steps are :func:`metattt.inner.adapt` (a
+``lax.scan`` of an optax rule), so one compiled :func:`EnergyTTT.adapt` serves every λ_energy
+and step count (both traced), is jittable and vmaps over streams.
+
+The model is any ``apply(params, tokens, *, expert_mask=None) -> out`` with ``out.logits``
+(B, L, V), ``out.class_logits`` (B, C) and ``out.aux["router_probs"]`` (layers, B, L, E) and
+``out.aux["expert_counts"]`` (layers, E), e.g. :func:`metattt.models.moe.init_moe`; this module
+imports no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metattt import inner, objectives
+from metattt.energy.costs import CostProfile, expected_energy
+from metattt.params import Selector, merge, select, split
+
+PyTree = Any
+TASKS = ("entropy", "next_token", "none")
+HEADS = ("lm", "class")
+
+
+class EnergyBatch(NamedTuple):
+    """What the energy-aware loss sees; every field may be traced.
+
+    Attributes:
+        tokens: (B, L) int test tokens.
+        lambda_energy: () float32 weight of the energy term.
+        expert_mask: (E,) bool experts allowed (False prunes), or None.
+    """
+
+    tokens: jax.Array
+    lambda_energy: jax.Array
+    expert_mask: jax.Array | None = None
+
+
+class RoutingStats(NamedTuple):
+    """Prediction and routing statistics of one forward pass (all float32 unless noted).
+
+    Attributes:
+        loss: the full adapted loss L at this point (with the batch's λ_energy).
+        task_loss: L_task.
+        entropy: mean prediction entropy H (nats).
+        energy: normalised expected energy per token Ē (the term λ_energy multiplies).
+        joules_per_token: expected energy per token in the profile's units (J), all layers.
+        expert_counts: (layers, E) int32 assignments each expert processed.
+    """
+
+    loss: jax.Array
+    task_loss: jax.Array
+    entropy: jax.Array
+    energy: jax.Array
+    joules_per_token: jax.Array
+    expert_counts: jax.Array
+
+
+class EnergyAdaptResult(NamedTuple):
+    """What :func:`EnergyTTT.adapt` returns.
+
+    Attributes:
+        params: the full adapted parameter tree (fast merged into slow).
+        inner: the :class:`metattt.inner.InnerResult` (per-step ``losses``; ``aux`` is the
+            per-step :class:`RoutingStats`, stacked: routing convergence curves).
+        before: :class:`RoutingStats` before adaptation.
+        after: :class:`RoutingStats` after adaptation.
+    """
+
+    params: PyTree
+    inner: inner.InnerResult
+    before: RoutingStats
+    after: RoutingStats
+
+
+class EnergyTTT(NamedTuple):
+    """The pure functions of energy-aware TENT (see :func:`energy_tent`).
+
+    Attributes:
+        loss_fn: ``loss_fn(params, batch: EnergyBatch) -> (loss, RoutingStats)``.
+        stats: ``stats(params, tokens, lambda_energy=0.0, expert_mask=None) -> RoutingStats``.
+        adapt: ``adapt(params, tokens, lambda_energy, expert_mask=None, num_steps=None)
+            -> EnergyAdaptResult``.
+    """
+
+    loss_fn: Callable[..., tuple[jax.Array, RoutingStats]]
+    stats: Callable[..., RoutingStats]
+    adapt: Callable[..., EnergyAdaptResult]
+
+
+def cost_vector(costs: CostProfile | Any) -> np.ndarray:
+    """(E,) float64 joules per token from a :class:`CostProfile` or an array-like."""
+    values = costs.values("joules_per_token") if isinstance(costs, CostProfile) else costs
+    values = np.asarray(values, np.float64)
+    if values.ndim != 1 or values.size < 1:
+        raise ValueError(f"costs must be a CostProfile or an (E,) array, got shape {values.shape}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or not values.mean() > 0:
+        raise ValueError(f"costs must be finite, >= 0 and not all zero, got {values}")
+    return values
+
+
+def energy_tent(
+    apply: Callable[..., Any],
+    costs: CostProfile | Any,
+    *,
+    top_k: int,
+    params: Selector = "router",
+    task: str = "entropy",
+    head: str = "lm",
+    lambda_ent: float = 0.0,
+    opt: optax.GradientTransformation | None = None,
+    max_steps: int = 5,
+    clip_norm: float | None = 1.0,
+    remat: bool = False,
+) -> EnergyTTT:
+    """Build energy-aware TENT for a MoE ``apply`` (see the module docstring for the loss).
+
+    Args:
+        apply: ``apply(params, tokens, *, expert_mask=None)`` of the MoE.
+        costs: per-expert joules per token: a :class:`CostProfile` (e.g.
+            ``proxy_costs(E, *expert_token_costs(config))``) or an (E,) array.
+        top_k: K of the model's routing.
+        params: which parameters adapt -- a :mod:`metattt.params` selector (``"router"``,
+            ``"layernorm"``, ``"lora"``, ``"router+layernorm"``, ...).
+        task: ``"entropy"``, ``"next_token"`` or ``"none"`` (L_task).
+        head: ``"lm"`` (entropy of the next-token logits) or ``"class"`` (class logits).
+        lambda_ent: λ_ent, weight of the extra prediction-entropy term.
+        opt: optax rule (default ``optax.adam(1e-2)``).
+        max_steps: K_max, static; ``adapt(num_steps=k)`` runs k <= K_max of them.
+        clip_norm: per-step gradient clipping (None: none).
+        remat: checkpoint each inner step.
+
+    Returns:
+        An :class:`EnergyTTT` of pure functions.
+
+    Raises:
+        ValueError: unknown ``task``/``head`` or bad ``costs``.
+
+    Example:
+        >>> apply, p = init_moe(cfg)
+        >>> ttt = energy_tent(apply, proxy_costs(4, *expert_token_costs(cfg)), top_k=cfg.top_k)
+        >>> res = jax.jit(ttt.adapt)(p, tokens, 0.5)      # one compilation for every λ
+        >>> res.after.entropy, res.after.joules_per_token
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    joules = cost_vector(costs)
+    normalised = joules / joules.mean()
+    opt = optax.adam(1e-2) if opt is None else opt
+
+    def loss_fn(p: PyTree, batch: EnergyBatch) -> tuple[jax.Array, RoutingStats]:
+        tokens = batch.tokens
+        if jnp.ndim(tokens) != 2:
+            raise ValueError(f"tokens must have shape (B, L), got {jnp.shape(tokens)}")
+        out = apply(p, tokens, expert_mask=batch.expert_mask)
+        pred = out.logits if head == "lm" else out.class_logits
+        if pred is None:
+            raise ValueError("head='class' needs a model with a classification head")
+        ent = objectives.entropy(pred)
+        if task == "entropy":
+            task_loss = ent
+        elif task == "next_token":
+            task_loss = objectives.next_token_cross_entropy(out.logits, tokens)
+        else:
+            task_loss = jnp.zeros((), jnp.float32)
+        probs = out.aux["router_probs"]
+        num_tokens = tokens.shape[0] * tokens.shape[1]
+        energy = expected_energy(probs, normalised, top_k) / num_tokens
+        lam = jnp.asarray(batch.lambda_energy, jnp.float32)
+        loss = task_loss + lambda_ent * ent + lam * energy
+        jpt = jax.lax.stop_gradient(expected_energy(probs, joules, top_k)) / num_tokens
+        stats = RoutingStats(loss, task_loss, ent, energy, jpt, out.aux["expert_counts"])
+        return loss, stats
+
+    def stats(
+        p: PyTree,
+        tokens: jax.Array,
+        lambda_energy: float | jax.Array = 0.0,
+        expert_mask: jax.Array | None = None,
+    ) -> RoutingStats:
+        batch = EnergyBatch(tokens, jnp.asarray(lambda_energy, jnp.float32), expert_mask)
+        return loss_fn(p, batch)[1]
+
+    def adapt(
+        p: PyTree,
+        tokens: jax.Array,
+        lambda_energy: float | jax.Array,
+        expert_mask: jax.Array | None = None,
+        num_steps: int | jax.Array | None = None,
+    ) -> EnergyAdaptResult:
+        fast, slow = split(p, select(p, params))
+        batch = EnergyBatch(tokens, jnp.asarray(lambda_energy, jnp.float32), expert_mask)
+        before = loss_fn(p, batch)[1]
+        res = inner.adapt(
+            loss_fn,
+            fast,
+            slow,
+            batch,
+            opt=opt,
+            max_steps=max_steps,
+            num_steps=num_steps,
+            clip_norm=clip_norm,
+            remat=remat,
+            has_aux=True,
+        )
+        adapted = merge(res.params, slow)
+        after = loss_fn(adapted, batch)[1]
+        return EnergyAdaptResult(adapted, res, before, after)
+
+    return EnergyTTT(loss_fn, stats, adapt)
