@@ -32,6 +32,7 @@ The results go to stdout as Markdown and, unless ``--no-write``, replace the sec
 
 from __future__ import annotations
 
+import abc
 import argparse
 import functools
 import gc
@@ -168,7 +169,7 @@ class JaxImpl:
         return jax_to_list(self.params)
 
 
-class TorchImpl:
+class TorchImpl(abc.ABC):
     """Shared outer loop of the PyTorch forms: ``meta_grad`` fills ``.grad``, Adam steps."""
 
     def __init__(self, jax_params: Any, order: str, steps: int):
@@ -176,8 +177,9 @@ class TorchImpl:
         self.order, self.steps = order, steps
         self.opt = torch.optim.Adam(self.model.parameters(), lr=OUTER_LR)
 
+    @abc.abstractmethod
     def _fill_grad(self, data: TorchData) -> torch.Tensor:
-        raise NotImplementedError
+        """Compute the meta-loss and leave its meta-gradient in the parameters' ``.grad``."""
 
     def meta_grad(self, data: TorchData) -> tuple[float, list[np.ndarray]]:
         loss = self._fill_grad(data)
