@@ -52,7 +52,7 @@ factors (Adam's mu and nu, momentum traces, MultiSteps accumulators, ...) is aga
 ``chain``, ``inject_hyperparams``, ``masked`` or ``MultiSteps``. The surgery walks the state,
 and in each :class:`LoRAFactors` node zeroes the inactive columns of the leaf shaped like A
 and the inactive rows of the leaf shaped like B; non-array leaves (``optax.MaskedNode``) and
-leaves of size <= 1 (placeholders) are left alone. Everything outside such nodes is left
+leaves of size <= 1 (optax scalar stand-ins) are left alone. Everything outside such nodes is left
 alone too, except that ``free(..., reset_count=True)`` zeroes integer scalar leaves (step
 counters). A leaf inside a :class:`LoRAFactors` node of any other shape -- a factored second
 moment, e.g. adafactor on factors with both dimensions >= 128 -- has no per-component
@@ -205,7 +205,7 @@ def _is_factors(node: Any) -> bool:
 
 def _edit_leaf(leaf: Any, shape: tuple[int, int], keep: jax.Array, where: str) -> Any:
     if not hasattr(leaf, "shape") or int(np.prod(leaf.shape)) <= 1:
-        return leaf  # MaskedNode, None, scalar placeholders
+        return leaf  # MaskedNode, None, optax scalar stand-ins
     if tuple(leaf.shape) != shape:
         raise ValueError(
             f"opt_state has a LoRAFactors node whose {where} leaf has shape {tuple(leaf.shape)}, "
