@@ -13,8 +13,8 @@ for three backends: ``pallas`` (the fused kernel; backward = the ``jnp`` lean ba
 
 The floor. Two ceilings of the device are measured in the same run: the copy bandwidth (a jitted
 ``a + 1`` over a large array: bytes read + written / time) and the special-function rate (a
-fused chain of ``EXP_CHAIN`` ``jnp.exp`` per element: exponentials / time). The floor of a pass
-is max(bytes / bandwidth, exponentials / rate) with
+fused chain of ``timing.EXP_CHAIN`` ``jnp.exp`` per element: exponentials / time). The
+floor of a pass is max(bytes / bandwidth, exponentials / rate) with
 
 * forward: each input read once (x, Δ, z: B·L·D; B, C: B·L·N; A: D·N; D, bias: D) and each
   output written once (out: B·L·D; last state: B·D·N in float32); B·L·D·N exponentials;
@@ -46,52 +46,19 @@ import argparse
 import datetime
 import pathlib
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
+from experiments.timing import copy_bandwidth, exp_rate, rel_err, time_or_reason
 from kernels_pallas.selective_scan import selective_scan
 
 SECTION = "kernels_selective_scan"
 BENCHMARKS = report.BENCHMARKS
 BACKENDS = {"pallas": "pallas", "scan": "reference", "associative": "associative"}
-EXP_CHAIN = 64
-
-
-def _median_seconds(fn, *args, repeats: int) -> float:
-    """Compile and warm up, then the median of ``repeats`` timed calls (outputs blocked on)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(num_bytes: int, repeats: int) -> float:
-    """Bytes per second of a jitted ``a + 1`` over a float32 array of ``num_bytes`` bytes."""
-    a = jnp.zeros((num_bytes // 4,), jnp.float32)
-    seconds = _median_seconds(jax.jit(lambda v: v + 1.0), a, repeats=repeats)
-    return 2 * a.size * 4 / seconds
-
-
-def exp_rate(num_elements: int, repeats: int) -> float:
-    """Exponentials per second: a fused chain of EXP_CHAIN ``jnp.exp`` per float32 element
-    (values stay in (0, 1]; memory traffic is 1/EXP_CHAIN of the work)."""
-
-    def chain(v):
-        for _ in range(EXP_CHAIN):
-            v = jnp.exp(-v)
-        return v
-
-    a = jnp.linspace(0.0, 1.0, num_elements, dtype=jnp.float32)
-    return EXP_CHAIN * num_elements / _median_seconds(jax.jit(chain), a, repeats=repeats)
 
 
 def make_inputs(batch, length, dim, state, dtype, seed=0):
@@ -153,20 +120,6 @@ def floor_work(batch, length, dim, state, itemsize):
     return {"fwd": (forward, exps), "fwd+bwd": (forward + backward, 2 * exps)}
 
 
-def _rel_err(actual, expected) -> float:
-    actual, expected = (np.asarray(a, np.float64) for a in (actual, expected))
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
-def _time_pass(fn, fn_args, repeats):
-    """(median seconds, first result, None) or (None, None, why it did not run)."""
-    try:
-        result = fn(*fn_args)
-        return _median_seconds(fn, *fn_args, repeats=repeats), result, None
-    except Exception as error:  # a kernel that does not lower, or memory: report, go on
-        return None, None, f"failed: {type(error).__name__}"
-
-
 def run(args) -> tuple[str, list[dict]]:
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
@@ -192,14 +145,14 @@ def run(args) -> tuple[str, list[dict]]:
                     if too_big:
                         seconds, result, status = None, None, "skipped (memory)"
                     else:
-                        seconds, result, status = _time_pass(fn, fn_args, args.repeats)
+                        seconds, result, status = time_or_reason(fn, fn_args, args.repeats)
                     error = None
                     if name == "fwd" and result is not None:
                         out = np.asarray(result[0].astype(jnp.float32))
                         if backend == "scan":
                             expected = out
                         elif expected is not None:
-                            error = _rel_err(out, expected)
+                            error = rel_err(out, expected)
                     rows.append(
                         {
                             "size": size,
