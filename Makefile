@@ -36,6 +36,7 @@ bench-deps: $(STAMP)
 
 bench: bench-deps
 	$(PY) -m experiments.bench_maml_torch
+	$(PY) -m experiments.bench_scan_mambapy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

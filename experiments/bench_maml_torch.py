@@ -38,7 +38,6 @@ import functools
 import gc
 import importlib.metadata
 import os
-import pathlib
 import platform
 import statistics
 import sys
@@ -52,6 +51,7 @@ import numpy as np
 import optax
 
 from experiments import report as report_lib
+from experiments.timing import cpu_seconds
 from metattt import meta
 from metattt import params as P
 from metattt.data import sinusoid
@@ -324,17 +324,6 @@ def assert_parity(rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from ``/proc/stat`` (0 if absent)."""
-    try:
-        fields = pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    except OSError:
-        return 0.0, 0.0
-    ticks = [int(f) for f in fields]  # user nice system idle iowait irq softirq steal
-    hz = os.sysconf("SC_CLK_TCK")
-    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
 
 
 def time_impls(impls: dict, rounds: int, per_round: int, warmup: int) -> tuple[dict, float]:

@@ -8,6 +8,8 @@ special-function rate for the scan).
 
 from __future__ import annotations
 
+import os
+import pathlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -89,3 +91,18 @@ def matmul_rate(m: int, k: int, n: int, dtype, repeats: int) -> float:
     b = jax.random.normal(keys[1], (k, n), jnp.float32).astype(dtype)
     matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype))
     return 2.0 * m * k * n / median_seconds(matmul, a, b, repeats=repeats)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from ``/proc/stat`` (0 if absent).
+
+    With ``time.process_time()`` before and after a timing loop it gives the share of the cores
+    that other processes used meanwhile (a noisy-machine warning for CPU benchmarks).
+    """
+    try:
+        fields = pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return 0.0, 0.0
+    ticks = [int(f) for f in fields]  # user nice system idle iowait irq softirq steal
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
