@@ -1,0 +1,114 @@
+"""Energy-aware test-time training of a MoE character-level language model (issue 5).
+
+Command (full run, 3 seeds; about 26 min on the shared 2-core CPU under load from other jobs,
+training about 6 min per seed; a rerun on the same workdir reuses checkpoints and cells):
+    python -m experiments.run --config configs/energy_moe.py --workdir runs/energy_moe
+Tiny smoke run (seconds; what the tests run):
+    python -m experiments.run --config configs/energy_moe.py:tiny --workdir runs/energy_moe_tiny
+
+A top-2 MoE transformer with experts of different widths (so some experts cost more energy per
+token than others) is trained on the English documentation that ships with Python
+(``pydoc_data``) and then serves a stream of Python standard-library source. On that shifted
+stream it runs: no TTT; TTT of the router without the energy term (λ_energy = 0);
+energy-aware TTT over a sweep of λ_energy; the power-budget controller at several budgets
+(λ adjusted online from the simulated monitor's readings, escalating to pruning and a smaller
+top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing.
+Energy is the SIMULATED monitor's (a modelled accelerator driven by the FLOPs and bytes of the
+experts actually used); the adaptation's own forward and backward passes are charged to it.
+
+Expected result: see the energy_moe section of BENCHMARKS.md (the run writes it).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.experiment = "energy_moe"
+    c.seeds = (0, 1, 2)
+    c.report = True  # write tables and plots into BENCHMARKS.md and docs/figures/
+
+    c.monitor = ml_collections.ConfigDict()
+    c.monitor.kind = "simulated"  # "simulated" | "auto" (NVML when a GPU is present) | "nvml"
+    c.monitor.allow_simulated = True  # "auto" may fall back to the simulation
+    # The serving rate r (tokens/s) is set so that the unadapted model keeps the simulated
+    # device busy this share of the time; a power budget B becomes E_token <= (B - P_idle) / r.
+    c.monitor.utilization = 0.5
+
+    c.model = ml_collections.ConfigDict()
+    c.model.d_model = 64
+    c.model.num_heads = 4
+    c.model.num_layers = 2
+    c.model.num_experts = 8
+    c.model.d_ff = 256
+    c.model.expert_widths = (16, 32, 48, 64, 96, 128, 192, 256)  # per-expert hidden widths
+    c.model.top_k = 2
+    c.model.backend = "auto"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.length = 64  # L bytes per window (the model's max_len)
+    c.data.batch = 16  # B windows per stream batch
+    c.data.stream_batches = 128  # batches of the shifted (code) stream per seed
+    c.data.heldout_windows = 256  # in-domain (doc) windows to measure the shift's size
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.batch = 16
+    c.train.lr = 3e-3
+    c.train.steps_per_call = 100
+    c.train.load_balance = 0.01  # Switch load-balancing loss weight
+    c.train.z_loss = 1e-3  # router z-loss weight
+
+    c.ttt = ml_collections.ConfigDict()
+    c.ttt.params = "router"  # a metattt.params selector
+    c.ttt.lr = 2e-2  # Adam
+    c.ttt.steps = 2  # adaptation steps per adapted batch
+    c.ttt.every = 16  # adapt on one batch in this many (prequential: after scoring it)
+    c.ttt.windows = 2  # windows of that batch the adaptation uses
+    c.ttt.lambdas = (0.01, 0.03, 0.1, 0.3, 1.0)  # λ_energy sweep (λ = 0 is the "ttt" method)
+
+    c.budget = ml_collections.ConfigDict()
+    # Budgets as shares of the unadapted model's dynamic power above the fixed (idle + dense)
+    # power; the smallest cannot be met and shows the graceful degradation.
+    c.budget.fractions = (0.9, 0.75, 0.6, 0.2)
+    c.budget.lam_init = 0.1
+    c.budget.lam_min = 1e-3
+    c.budget.lam_max = 3.0
+    c.budget.gain = 2.0
+    c.budget.patience = 40  # readings (batches): > 2 adaptation rounds at λ_max before pruning
+
+    c.baselines = ml_collections.ConfigDict()
+    c.baselines.prune = (1, 2, 4)  # static pruning: mask this many of the costliest experts
+    c.baselines.top_k = (1,)  # smaller top-k, same parameters
+
+    if arg in ("tiny", "demo"):  # seconds
+        c.report = False
+        c.seeds = (0,)
+        c.model.d_model = 16
+        c.model.num_heads = 2
+        c.model.num_layers = 1
+        c.model.num_experts = 4
+        c.model.d_ff = 32
+        c.model.expert_widths = (4, 8, 16, 32)
+        c.data.length = 16
+        c.data.batch = 4
+        c.data.stream_batches = 12
+        c.data.heldout_windows = 16
+        c.train.num_steps = 40
+        c.train.batch = 8
+        c.train.lr = 1e-2
+        c.train.steps_per_call = 20
+        c.ttt.every = 2
+        c.ttt.windows = 2
+        c.ttt.lambdas = (0.3, 3.0)
+        c.budget.fractions = (0.7, 0.05)
+        c.budget.patience = 1
+        c.baselines.prune = (1,)
+    if arg == "demo":  # one energy-aware λ, adapted more strongly
+        c.data.stream_batches = 24
+        c.ttt.every = 4
+        c.ttt.lr = 5e-2
+        c.ttt.lambdas = (3.0,)
+    elif arg is not None and arg != "tiny":
+        raise ValueError(f"unknown variant {arg!r} of configs/energy_moe.py (known: tiny, demo)")
+    return c
