@@ -165,6 +165,55 @@ def lora_run(state, task):
     return jax.lax.scan(one, state, None, length=40)
 
 
+# ATTD (attd/): the outer loop of adaptive test-time dynamics on a tiny Mamba. The state is
+# (θ, ψ₀, thresholds) with its Adam state; each outer step adapts ψ per input for the
+# controller's K steps (first order) and classifies; the losses are L_total (λ = 0).
+ATTD_OPT = optax.adam(0.05)
+
+
+@functools.cache
+def attd_method():
+    from attd.controller import threshold_controller
+    from attd.mamba import MambaConfig, init_mamba
+    from attd.method import make_attd
+
+    cfg = MambaConfig(
+        vocab_size=5, d_model=8, n_layers=1, d_state=4, expand=1, d_conv=2, num_classes=2,
+        scan_chunk_size=4, lean_backward=False,
+    )  # fmt: skip
+    apply, theta = init_mamba(cfg, seed=0)
+    method = make_attd(apply, cfg, threshold_controller(2), inner_lr=50.0, lam=0.0)
+    return cfg, theta, method
+
+
+def init_attd(key, dtype):
+    from attd.dynamics import init_psi
+
+    cfg, theta, method = attd_method()
+    params = method.init(theta, init_psi(cfg, 2, key, 0.5))
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    return params, ATTD_OPT.init(params)
+
+
+def attd_run(state, task):
+    _, _, method = attd_method()
+
+    def one(carry, _):
+        params, opt_state = carry
+        grads, metrics = jax.grad(method.loss, has_aux=True)(params, task)
+        updates, opt_state = ATTD_OPT.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), metrics.loss
+
+    return jax.lax.scan(one, state, None, length=30)
+
+
+def make_token_task(key):
+    """8 random sequences over 4 tokens; the label is whether token 1 outnumbers token 2."""
+    tokens = jax.random.randint(key, (8, 8), 1, 5)
+    labels = (jnp.sum(tokens == 1, -1) > jnp.sum(tokens == 2, -1)).astype(jnp.int32)
+    return tokens, jnp.ones_like(tokens), labels
+
+
 CASES = [
     inner_case("inner_sgd", optax.sgd(0.1)),
     inner_case("inner_adam", optax.adam(0.1)),
@@ -175,6 +224,7 @@ CASES = [
     Case("online", init_linear, online_run, make_stream),
     Case("tta_cumulative", init_linear, tta_run, make_clips),
     Case("dynamic_rank_lora", init_lora, lora_run, make_regression_task),
+    Case("attd", init_attd, attd_run, make_token_task),
 ]
 
 

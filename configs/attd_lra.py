@@ -1,0 +1,173 @@
+"""ATTD vs fixed Mamba, full TTT and ponder-or-not on ListOps, Pathfinder and Text (LRA).
+
+Command (3 tasks x 3 seeds x 4 methods, ~20 min on the shared 2-core CPU):
+    python -m experiments.run --config configs/attd_lra.py --workdir runs/attd_lra
+LRA's full sizes (ListOps 2K tokens, Pathfinder 32x32, Text 1K/4K bytes; for a GPU):
+    python -m experiments.run --config configs/attd_lra.py:lra_full --workdir runs/attd_lra_full
+Tiny smoke run (seconds; what the tests run):
+    python -m experiments.run --config configs/attd_lra.py:tiny --workdir runs/attd_lra_tiny
+
+Per task and seed a base Mamba is pretrained once (task loss + next-token loss, so that the
+ponder signal L_int means something) and cached; each method (fixed K=0, full TTT K=K_max,
+ponder-or-not gate, ATTD thresholds, and ATTD with λ = 0 as an ablation) then trains its
+outer parameters (θ, ψ₀, thresholds) briefly from it and is scored on an in-distribution and
+a shifted test split.
+
+Expected result: see the attd_lra section of BENCHMARKS.md (the run writes it).
+"""
+
+import ml_collections
+
+TASKS = ("listops", "pathfinder", "text")
+
+
+def _listops(num, seed_offset, min_depth, max_depth, max_length, seq_len):
+    return ml_collections.ConfigDict(
+        {
+            "num": num,
+            "seed_offset": seed_offset,
+            "min_depth": min_depth,
+            "max_depth": max_depth,
+            "min_length": 10,
+            "max_length": max_length,
+            "seq_len": seq_len,
+        }
+    )
+
+
+def _pathfinder(num, seed_offset, size, path_length, num_distractors):
+    return ml_collections.ConfigDict(
+        {
+            "num": num,
+            "seed_offset": seed_offset,
+            "size": size,
+            "path_length": path_length,
+            "num_distractors": num_distractors,
+            "distractor_length": 4,
+        }
+    )
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.experiment = "attd_lra"
+    c.seeds = (0, 1, 2)
+    c.tasks = TASKS
+    # The four methods of the comparison, plus ATTD without the step cost (λ = 0) as an ablation.
+    c.methods = ("fixed", "ttt", "gate", "attd", "attd_nocost")
+    c.report = True  # write the table and plots into BENCHMARKS.md and docs/figures/
+
+    c.model = ml_collections.ConfigDict()
+    c.model.d_model = 32
+    c.model.n_layers = 1
+    c.model.d_state = 8
+    c.model.expand = 2
+    c.model.scan_chunk_size = 32
+    c.model.lean_backward = True  # chunk-recomputing scan backward (False: smaller programs)
+    c.model.psi_rank = 2  # r of ψ = (U, V)
+    c.model.psi_scale = 0.1  # std of V in ψ₀ (U₀ = 0: ψ₀ is the base model exactly)
+
+    # Each task: a train split, an in-distribution test split (same recipe, other seed or
+    # held-out files) and a shifted test split.
+    c.data = ml_collections.ConfigDict()
+    c.data.listops = ml_collections.ConfigDict()
+    c.data.listops.train = _listops(1024, 0, 1, 3, 128, 128)
+    c.data.listops.test_id = _listops(96, 1000, 1, 3, 128, 128)
+    c.data.listops.test_shift = _listops(96, 2000, 4, 5, 256, 256)  # deeper and longer
+    c.data.pathfinder = ml_collections.ConfigDict()
+    c.data.pathfinder.train = _pathfinder(1024, 0, (16, 16), (8, 10), (0, 1))
+    c.data.pathfinder.test_id = _pathfinder(96, 1000, (16, 16), (8, 10), (0, 1))
+    c.data.pathfinder.test_shift = _pathfinder(96, 2000, (16, 16), (11, 13), (1, 2))
+    c.data.text = ml_collections.ConfigDict()
+    c.data.text.corpus = "doc_vs_code"
+    c.data.text.seq_len = 128  # train and in-distribution test (held-out files)
+    c.data.text.test_length = 256  # shifted test: held-out files, longer passages
+    c.data.text.max_per_class = 512
+    c.data.text.num_test = 96  # examples kept per test split
+
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.steps = 120
+    c.pretrain.batch = 32
+    c.pretrain.lr = 3e-3
+    c.pretrain.lm_weight = 1.0  # weight of the next-token loss beside the task loss
+
+    c.attd = ml_collections.ConfigDict()
+    c.attd.k_max = 4
+    c.attd.objective = "next_token"
+    c.attd.inner_opt = "adam"  # "adam" | "sgd" on ψ
+    c.attd.inner_lr = 0.5
+    c.attd.clip_norm = 0.0  # 0: no clipping
+    c.attd.lam = 0.01  # λ of E[Cost(K)]
+    c.attd.cost = "linear"
+    c.attd.beta = 0.0  # β of E[Σ ‖Δψ_k‖²]
+    c.attd.temperature = 0.05  # τ of the relaxed controller, in units of s
+    c.attd.first_order = True
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.steps = 24
+    c.finetune.batch = 32
+    c.finetune.lr_theta = 1e-3
+    c.finetune.lr_psi = 1e-2
+    c.finetune.lr_thresholds = 2e-2
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch = 48
+    c.eval.timing_repeats = 3
+    c.eval.bootstrap = 1000
+
+    if arg == "lra_full":  # LRA's sizes; a GPU run, hours on the CPU
+        c.model.d_model = 64
+        c.model.n_layers = 4
+        c.model.d_state = 16
+        c.model.scan_chunk_size = 64
+        c.data.listops.train = _listops(96000, 0, 1, 9, 2000, 2000)
+        c.data.listops.test_id = _listops(2000, 1000, 1, 9, 2000, 2000)
+        c.data.listops.test_shift = _listops(2000, 2000, 8, 9, 2000, 2000)
+        c.data.pathfinder.train = _pathfinder(20000, 0, (32, 32), (14, 20), (2, 4))
+        c.data.pathfinder.test_id = _pathfinder(2000, 1000, (32, 32), (14, 20), (2, 4))
+        c.data.pathfinder.test_shift = _pathfinder(2000, 2000, (32, 32), (24, 30), (4, 6))
+        c.data.text.seq_len = 1000
+        c.data.text.test_length = 4000
+        c.data.text.max_per_class = 12500
+        c.data.text.num_test = 2000
+        c.pretrain.steps = 20000
+        c.pretrain.batch = 32
+        c.pretrain.lr = 1e-3
+        c.finetune.steps = 2000
+        c.eval.batch = 128
+    elif arg in ("tiny", "demo"):  # seconds
+        c.report = False
+        c.seeds = (0,)
+        c.tasks = ("listops",)  # compiling is what costs here; load_task covers all tasks
+        c.methods = ("fixed", "attd")
+        c.model.d_model = 8
+        c.model.d_state = 4
+        c.model.expand = 1
+        c.model.scan_chunk_size = 8
+        c.model.lean_backward = False  # faster compiles
+        c.data.listops.train = _listops(64, 0, 1, 2, 24, 24)
+        c.data.listops.test_id = _listops(16, 1000, 1, 2, 24, 24)
+        c.data.listops.test_shift = _listops(16, 2000, 3, 3, 24, 24)
+        c.data.pathfinder.train = _pathfinder(32, 0, (12, 12), (6, 6), (0, 0))
+        c.data.pathfinder.test_id = _pathfinder(16, 1000, (12, 12), (6, 6), (0, 0))
+        c.data.pathfinder.test_shift = _pathfinder(16, 2000, (12, 12), (6, 7), (0, 0))
+        c.data.text.seq_len = 24
+        c.data.text.test_length = 48
+        c.data.text.max_per_class = 32
+        c.data.text.num_test = 16
+        c.attd.k_max = 2
+        c.pretrain.steps = 20
+        c.pretrain.batch = 8
+        c.finetune.steps = 4
+        c.finetune.batch = 8
+        c.eval.batch = 8
+        c.eval.timing_repeats = 1
+        c.eval.bootstrap = 100
+        if arg == "demo":  # a little more training
+            c.pretrain.steps = 60
+            c.finetune.steps = 10
+    elif arg is not None:
+        raise ValueError(
+            f"unknown variant {arg!r} of configs/attd_lra.py (known: tiny, demo, lra_full)"
+        )
+    return c
