@@ -10,7 +10,9 @@ meta-gradient. Each method is a short composition of :func:`metattt.inner.adapt`
   parameter entry; the meta-parameters are ``MetaSGDParams(params, learning_rates)``.
 
 :func:`make_meta_step` vmaps a meta-loss over a batch of tasks, averages, and applies any optax
-outer optimizer; with a ``mesh`` the task batch is sharded over its devices.
+outer optimizer; with a ``mesh`` the task batch is sharded over its devices, and with
+``micro_batches`` > 1 the meta-gradient is accumulated over task micro-batches in a ``lax.scan``
+(the same mean gradient with the activation memory of one micro-batch).
 """
 
 from __future__ import annotations
@@ -182,6 +184,7 @@ def make_meta_step(
     clip_norm: float | None = None,
     mesh: Mesh | None = None,
     axis_name: str | None = None,
+    micro_batches: int = 1,
     jit: bool = True,
 ) -> MetaStep:
     """Build the meta-training step for ``meta_loss(meta_params, task) -> (loss, MetaAux)``.
@@ -197,19 +200,45 @@ def make_meta_step(
         mesh: shard the task batch's leading axis over this mesh (meta-parameters replicated).
             The result equals the single-device one; the batch size must divide evenly.
         axis_name: the mesh axis to shard over (default: the mesh's first axis).
+        micro_batches: M; the task batch (size a multiple of M) is cut into M equal
+            micro-batches whose gradients are computed one after another and averaged (gradient
+            accumulation: the result equals the full batch's, peak memory is one micro-batch's).
         jit: compile the step (turn off only to debug).
 
     Returns:
         A :class:`MetaStep` ``(init, step)``; ``step(meta_params, opt_state, tasks)`` returns
         ``(meta_params, opt_state, MetaMetrics)``.
     """
+    if not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
     if clip_norm is not None:
         outer_opt = optax.chain(optax.clip_by_global_norm(clip_norm), outer_opt)
+    value_and_grad = jax.value_and_grad(functools.partial(batch_meta_loss, meta_loss), has_aux=True)
+
+    def accumulated(meta_params, tasks):
+        sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(tasks)}
+        if len(sizes) != 1 or next(iter(sizes)) % micro_batches:
+            raise ValueError(
+                f"the task batch's leading axis ({sorted(sizes)}) must be one size divisible "
+                f"by micro_batches = {micro_batches}"
+            )
+        chunks = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), tasks)
+
+        def body(total, chunk):
+            (loss, aux), grads = value_and_grad(meta_params, chunk)
+            return jax.tree.map(jnp.add, total, grads), (loss, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, meta_params)
+        total, (losses, aux) = jax.lax.scan(body, zeros, chunks)
+        aux = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), aux)
+        grads = jax.tree.map(lambda g: g / micro_batches, total)
+        return (jnp.mean(losses), aux), grads
 
     def step(meta_params, opt_state, tasks):
-        (loss, aux), grads = jax.value_and_grad(
-            functools.partial(batch_meta_loss, meta_loss), has_aux=True
-        )(meta_params, tasks)
+        if micro_batches == 1:
+            (loss, aux), grads = value_and_grad(meta_params, tasks)
+        else:
+            (loss, aux), grads = accumulated(meta_params, tasks)
         updates, opt_state = outer_opt.update(grads, opt_state, meta_params)
         meta_params = optax.apply_updates(meta_params, updates)
         metrics = MetaMetrics(

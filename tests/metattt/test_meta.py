@@ -153,3 +153,31 @@ def test_meta_step_sharded_over_eight_devices_equals_one_device():
     np.testing.assert_allclose(m1.grad_norm, m8.grad_norm, rtol=1e-5)
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
         sharded.step(params, sharded.init(params), jax.tree.map(lambda a: a[:6], tasks))
+
+
+def test_gradient_accumulation_over_micro_batches_equals_the_full_batch():
+    params = tiny_params(jax.random.key(21))
+    tasks = sinusoid.sample_tasks(jax.random.key(22), 6, 5, 5)
+    mask = P.select(params, "re:l1")
+    loss = functools.partial(
+        meta.e2e_ttt_loss, loss_fn, mask=mask, inner=InnerConfig(optax.sgd(0.05), max_steps=2)
+    )
+    full = meta.make_meta_step(loss, optax.sgd(0.1), clip_norm=1.0)
+    accumulated = meta.make_meta_step(loss, optax.sgd(0.1), clip_norm=1.0, micro_batches=3)
+    p1, _, m1 = full.step(params, full.init(params), tasks)
+    p3, _, m3 = accumulated.step(params, accumulated.init(params), tasks)
+    chex.assert_trees_all_close(p1, p3, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m1.meta_loss, m3.meta_loss, rtol=1e-6)
+    np.testing.assert_allclose(m1.query_loss, m3.query_loss, rtol=1e-6)
+    np.testing.assert_allclose(m1.grad_norm, m3.grad_norm, rtol=1e-5)
+    # An explicit Python loop over the micro-batches gives the same mean gradient.
+    grad = jax.grad(lambda p, t: meta.batch_meta_loss(loss, p, t)[0])
+    chunks = [jax.tree.map(lambda a, i=i: a[2 * i : 2 * i + 2], tasks) for i in range(3)]
+    mean = jax.tree.map(lambda *g: sum(g) / 3, *(grad(params, c) for c in chunks))
+    chex.assert_trees_all_close(mean, grad(params, tasks), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="divisible by micro_batches = 4"):
+        meta.make_meta_step(loss, optax.sgd(0.1), micro_batches=4).step(
+            params, optax.sgd(0.1).init(params), tasks
+        )
+    with pytest.raises(ValueError, match="micro_batches must be a positive int"):
+        meta.make_meta_step(loss, optax.sgd(0.1), micro_batches=0)
