@@ -4,6 +4,9 @@ Command (3 tasks x 3 seeds x 4 methods, ~20 min on the shared 2-core CPU):
     python -m experiments.run --config configs/attd_lra.py --workdir runs/attd_lra
 LRA's full sizes (ListOps 2K tokens, Pathfinder 32x32, Text 1K/4K bytes; for a GPU):
     python -m experiments.run --config configs/attd_lra.py:lra_full --workdir runs/attd_lra_full
+Second- vs first-order meta-training on Text and ListOps (short inputs; 3 seeds, ~35 min on the
+shared 2-core CPU):
+    python -m experiments.run --config configs/attd_lra.py:second_order --workdir runs/attd_lra_so
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/attd_lra.py:tiny --workdir runs/attd_lra_tiny
 
@@ -13,7 +16,11 @@ ponder-or-not gate, ATTD thresholds, and ATTD with λ = 0 as an ablation) then t
 outer parameters (θ, ψ₀, thresholds) briefly from it and is scored on an in-distribution and
 a shifted test split.
 
-Expected result: see the attd_lra section of BENCHMARKS.md (the run writes it).
+A method name is a controller with optional variants (``attd+so``: second order through the
+inner loop; ``ttt+sgd``: SGD inner rule at ``attd.sgd_lr``; ``ttt+r8``: ψ of rank 8).
+
+Expected result: see the attd_lra (and attd_lra_second_order) sections of BENCHMARKS.md (the
+runs write them).
 """
 
 import ml_collections
@@ -55,7 +62,12 @@ def get_config(arg=None):
     c.tasks = TASKS
     # The four methods of the comparison, plus ATTD without the step cost (λ = 0) as an ablation.
     c.methods = ("fixed", "ttt", "gate", "attd", "attd_nocost")
+    c.ablation_methods = ()  # extra methods run on ablation_seeds only
+    c.ablation_seeds = (0,)
     c.report = True  # write the table and plots into BENCHMARKS.md and docs/figures/
+    c.section = "attd_lra"  # BENCHMARKS.md section
+    c.figure_prefix = "attd"  # docs/figures/<prefix>_*.png
+    c.command = "python -m experiments.run --config configs/attd_lra.py --workdir runs/attd_lra"
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 32
@@ -96,12 +108,15 @@ def get_config(arg=None):
     c.attd.objective = "next_token"
     c.attd.inner_opt = "adam"  # "adam" | "sgd" on ψ
     c.attd.inner_lr = 0.5
+    c.attd.adam_eps_root = 0.0  # > 0 keeps Adam's sqrt differentiable at 0 (second order)
+    c.attd.sgd_lr = 50.0  # lr of the SGD inner rule of ``+sgd`` methods
     c.attd.clip_norm = 0.0  # 0: no clipping
     c.attd.lam = 0.01  # λ of E[Cost(K)]
     c.attd.cost = "linear"
     c.attd.beta = 0.0  # β of E[Σ ‖Δψ_k‖²]
     c.attd.temperature = 0.05  # τ of the relaxed controller, in units of s
     c.attd.first_order = True
+    c.attd.remat = False  # checkpoint each inner step (memory of second order)
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.steps = 24
@@ -135,6 +150,34 @@ def get_config(arg=None):
         c.pretrain.lr = 1e-3
         c.finetune.steps = 2000
         c.eval.batch = 128
+    elif arg == "second_order":  # Text, first vs second order, everything else equal
+        c.section = "attd_lra_second_order"
+        c.figure_prefix = "attd_so"
+        c.command = (
+            "python -m experiments.run --config configs/attd_lra.py:second_order "
+            "--workdir runs/attd_lra_so"
+        )
+        c.tasks = ("text", "listops")
+        # fixed has no inner loop, so its first and second order are the same computation.
+        c.methods = ("fixed", "ttt", "gate", "attd", "attd_nocost")
+        c.methods += tuple(f"{m}+so" for m in c.methods[1:])
+        c.ablation_methods = ("ttt+sgd", "ttt+so+sgd", "ttt+r8", "ttt+so+r8")
+        c.ablation_seeds = (0,)
+        # Second order costs ~30x first order per outer step at these sizes: short passages
+        # (the issue tests second order on L <= 32), batch 8, more outer steps (150 vs 24).
+        c.data.text.seq_len = 32
+        c.data.text.test_length = 64
+        c.data.text.max_per_class = 1024
+        c.data.text.num_test = 128
+        c.data.listops.train = _listops(1024, 0, 1, 2, 32, 32)
+        c.data.listops.test_id = _listops(128, 1000, 1, 2, 32, 32)
+        c.data.listops.test_shift = _listops(128, 2000, 3, 3, 64, 64)  # deeper, longer
+        c.attd.adam_eps_root = 1e-16  # ∂√v at v = 0 (V's first gradient is exactly 0) is inf
+        c.model.lean_backward = False  # L = 32: one chunk; the plain scan is the smaller program
+        c.finetune.steps = 150
+        c.finetune.batch = 8
+        c.eval.batch = 64
+        c.eval.timing_repeats = 1
     elif arg in ("tiny", "demo"):  # seconds
         c.report = False
         c.seeds = (0,)
@@ -168,6 +211,7 @@ def get_config(arg=None):
             c.finetune.steps = 10
     elif arg is not None:
         raise ValueError(
-            f"unknown variant {arg!r} of configs/attd_lra.py (known: tiny, demo, lra_full)"
+            f"unknown variant {arg!r} of configs/attd_lra.py "
+            "(known: tiny, demo, lra_full, second_order)"
         )
     return c

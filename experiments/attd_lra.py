@@ -16,6 +16,12 @@ For each task (ListOps, Pathfinder, Text) and seed:
    before and after adaptation, max ρ(Ā) of the adapted dynamics, and the wall time per
    example of the masked (K_max) and grouped (compute follows K) evaluation paths.
 
+A method name is a controller, optionally with variants joined by ``+`` (see
+:func:`parse_method`): ``attd+so`` is ATTD trained second order through the inner loop,
+``ttt+sgd`` full TTT with an SGD inner rule, ``ttt+r8`` full TTT with ψ of rank 8. So the
+first- vs second-order comparison (``configs/attd_lra.py:second_order``) is the same code path
+with one switch, and ``config.ablation_methods`` run on ``config.ablation_seeds`` only.
+
 Every (task, seed, method) cell is cached as JSON under ``workdir/<task>/seed_<s>/``, so a
 rerun skips finished cells. ``results.json``, ``summary.md`` and the plots go into
 ``workdir`` (and into BENCHMARKS.md and docs/figures/ with ``config.report``).
@@ -55,9 +61,73 @@ METHOD_LABELS = {
     "attd_nocost": "ATTD, λ=0 (ablation)",
 }
 CONTROLLED = ("gate", "attd", "attd_nocost")  # methods whose K depends on the input
+INNER_RULES = ("adam", "sgd")
 #: Per task: the difficulty the K-vs-difficulty plot and correlation use, and its label.
 DIFFICULTY = {"listops": "nesting depth", "pathfinder": "path length", "text": "length (bytes)"}
 SEED_STRIDE = 10_007  # data seed = seed * SEED_STRIDE + the split's offset
+
+
+class MethodSpec(NamedTuple):
+    """A parsed method name: the controller and what differs from the config's defaults.
+
+    Attributes:
+        base: one of :data:`METHODS` (the controller).
+        second_order: ``+so``; ``None`` keeps ``attd.first_order`` of the config.
+        inner_opt: ``+sgd`` / ``+adam``; ``None`` keeps ``attd.inner_opt``.
+        psi_rank: ``+r<N>``; ``None`` keeps ``model.psi_rank``.
+    """
+
+    base: str
+    second_order: bool | None = None
+    inner_opt: str | None = None
+    psi_rank: int | None = None
+
+
+def parse_method(name: str) -> MethodSpec:
+    """``"attd+so"`` -> ``MethodSpec("attd", second_order=True)``; ``"ttt+sgd+r8"`` -> SGD inner
+    rule and ψ rank 8.
+
+    Raises:
+        ValueError: unknown controller, unknown or repeated variant.
+    """
+    base, *variants = str(name).split("+")
+    if base not in METHODS:
+        raise ValueError(f"method {name!r}: the controller must be one of {METHODS}")
+    fields: dict[str, Any] = {}
+    for v in variants:
+        if v == "so":
+            key, value = "second_order", True
+        elif v in INNER_RULES:
+            key, value = "inner_opt", v
+        elif v[:1] == "r" and v[1:].isdigit() and int(v[1:]) >= 1:
+            key, value = "psi_rank", int(v[1:])
+        else:
+            raise ValueError(
+                f"method {name!r}: unknown variant {v!r} (known: so, sgd, adam, r<rank>)"
+            )
+        if key in fields:
+            raise ValueError(f"method {name!r}: {key} given twice")
+        fields[key] = value
+    return MethodSpec(base, **fields)
+
+
+def method_label(name: str) -> str:
+    """The table label of a method name, e.g. ``"ATTD, 2nd order"``."""
+    spec = parse_method(name)
+    extra = []
+    if spec.second_order:
+        extra.append("2nd order")
+    if spec.inner_opt:
+        extra.append(f"{spec.inner_opt.upper() if spec.inner_opt == 'sgd' else 'Adam'} inner")
+    if spec.psi_rank:
+        extra.append(f"ψ rank {spec.psi_rank}")
+    return ", ".join([METHOD_LABELS[spec.base], *extra])
+
+
+def seed_methods(cfg, seed: int) -> tuple[str, ...]:
+    """The methods run for ``seed``: all of ``methods``, and the ablation on its seeds."""
+    extra = tuple(cfg.ablation_methods) if seed in tuple(cfg.ablation_seeds) else ()
+    return tuple(cfg.methods) + extra
 
 
 class Split(NamedTuple):
@@ -88,24 +158,50 @@ def validate(cfg) -> None:
         raise ValueError("config.seeds is empty")
     if not cfg.tasks or any(t not in TASKS for t in cfg.tasks):
         raise ValueError(f"config.tasks must be a non-empty subset of {TASKS}, got {cfg.tasks}")
-    if not cfg.methods or any(m not in METHODS for m in cfg.methods):
+    if not cfg.methods:
+        raise ValueError(f"config.methods must name methods built on {METHODS}, got none")
+    names = tuple(cfg.methods) + tuple(cfg.ablation_methods)
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.methods and config.ablation_methods repeat a name: {names}")
+    for name in names:
+        try:
+            parse_method(name)
+        except ValueError as e:
+            raise ValueError(f"config.methods must be built on {METHODS}: {e}") from None
+    if cfg.ablation_methods and not set(cfg.ablation_seeds) <= set(cfg.seeds):
         raise ValueError(
-            f"config.methods must be a non-empty subset of {METHODS}, got {cfg.methods}"
+            f"config.ablation_seeds {tuple(cfg.ablation_seeds)} must be among config.seeds"
+        )
+    if not (isinstance(cfg.section, str) and cfg.section.replace("_", "").isalnum()):
+        raise ValueError(f"config.section must be a name like 'attd_lra', got {cfg.section!r}")
+    if not (isinstance(cfg.figure_prefix, str) and cfg.figure_prefix.replace("_", "").isalnum()):
+        raise ValueError(
+            f"config.figure_prefix must be a name like 'attd', got {cfg.figure_prefix!r}"
         )
     a = cfg.attd
     if not isinstance(a.k_max, int) or not 1 <= a.k_max <= 16:
         raise ValueError(f"attd.k_max must be an int in [1, 16], got {a.k_max!r}")
     if a.objective not in OBJECTIVES:
         raise ValueError(f"attd.objective must be one of {OBJECTIVES}, got {a.objective!r}")
-    if a.inner_opt not in ("adam", "sgd"):
+    if a.inner_opt not in INNER_RULES:
         raise ValueError(f"attd.inner_opt must be 'adam' or 'sgd', got {a.inner_opt!r}")
-    for name in ("inner_lr", "temperature"):
+    for name in ("inner_lr", "sgd_lr", "temperature"):
         if not a[name] > 0:
             raise ValueError(f"attd.{name} must be positive, got {a[name]}")
     for name in ("pretrain.steps", "pretrain.batch", "finetune.steps", "finetune.batch"):
         section, key = name.split(".")
         if not cfg[section][key] >= 1:
             raise ValueError(f"{name} must be >= 1, got {cfg[section][key]}")
+    if not a.adam_eps_root >= 0:
+        raise ValueError(f"attd.adam_eps_root must be >= 0, got {a.adam_eps_root}")
+    for name in tuple(cfg.methods) + tuple(cfg.ablation_methods):
+        spec = parse_method(name)
+        second = spec.second_order or not a.first_order
+        if second and (spec.inner_opt or a.inner_opt) == "adam" and a.adam_eps_root == 0:
+            raise ValueError(
+                f"method {name!r} is second order through Adam: set attd.adam_eps_root > 0 "
+                "(∂√v is infinite at v = 0, and V's first inner gradient is exactly 0 when U₀ = 0)"
+            )
     if cfg.eval.batch < 1 or cfg.eval.timing_repeats < 1 or cfg.eval.bootstrap < 10:
         raise ValueError("eval.batch and eval.timing_repeats must be >= 1, eval.bootstrap >= 10")
     model_config(cfg, 16, 2)  # model sizes
@@ -256,26 +352,33 @@ def _load_tree(path: pathlib.Path, like: Any) -> Any:
 
 def make_method(name: str, apply, mcfg: MambaConfig, cfg) -> ATTD:
     """One of the methods: the same ATTD code path, another controller (``attd_nocost``:
-    ATTD without the step cost, λ = 0, to see what the task loss alone does to K)."""
+    ATTD without the step cost, λ = 0, to see what the task loss alone does to K), and the
+    variants of its name (order, inner rule: ``+sgd`` uses ``attd.sgd_lr``)."""
     a = cfg.attd
+    spec = parse_method(name)
+    rule_name = spec.inner_opt or a.inner_opt
+    if rule_name == "adam":
+        rule = optax.adam(a.inner_lr, eps_root=a.adam_eps_root)
+    else:  # SGD needs a far larger step than Adam (∂L_int/∂U is small); see the report
+        rule = optax.sgd(a.sgd_lr if spec.inner_opt == "sgd" else a.inner_lr)
     controller = {
         "fixed": lambda: fixed_controller(0),
         "ttt": lambda: fixed_controller(a.k_max),
         "gate": lambda: gate_controller(a.k_max, temperature=a.temperature),
         "attd": lambda: threshold_controller(a.k_max, temperature=a.temperature),
         "attd_nocost": lambda: threshold_controller(a.k_max, temperature=a.temperature),
-    }[name]()
-    rule = optax.adam if a.inner_opt == "adam" else optax.sgd
+    }[spec.base]()
     return make_attd(
         apply,
         mcfg,
         controller,
         objective=a.objective,
-        inner_opt=rule(a.inner_lr),
+        inner_opt=rule,
         clip_norm=a.clip_norm or None,
-        first_order=a.first_order,
+        first_order=False if spec.second_order else a.first_order,
+        remat=a.remat,
         cost=a.cost,
-        lam=0.0 if name == "attd_nocost" else a.lam,
+        lam=0.0 if spec.base == "attd_nocost" else a.lam,
         beta=a.beta,
     )
 
@@ -285,9 +388,10 @@ def initial_thresholds(name: str, signal: np.ndarray, k_max: int) -> np.ndarray 
 
     ATTD: the K_max quantiles k / (K_max + 1) (strictly increasing); the gate: the median.
     """
-    if name == "gate":
+    base = parse_method(name).base
+    if base == "gate":
         return np.array([np.median(signal)], np.float32)
-    if name not in ("attd", "attd_nocost"):
+    if base not in ("attd", "attd_nocost"):
         return None
     t = np.quantile(signal, np.arange(1, k_max + 1) / (k_max + 1))
     for i in range(1, k_max):  # keep a gap above the controller's min_gap
@@ -458,7 +562,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     cells: dict[str, dict[int, dict[str, Any]]] = {}
     base_info: dict[str, dict[int, Any]] = {}
-    todo = len(cfg.tasks) * len(cfg.seeds) * len(cfg.methods)
+    todo = len(cfg.tasks) * sum(len(seed_methods(cfg, s)) for s in cfg.seeds)
     bar = runlog.progress(total=todo, desc="attd_lra cells")
     for task_name in cfg.tasks:
         cells[task_name], base_info[task_name] = {}, {}
@@ -467,7 +571,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         for seed in cfg.seeds:
             cell_dir = root / task_name / f"seed_{seed}"
             cell_dir.mkdir(parents=True, exist_ok=True)
-            paths = {m: cell_dir / f"{m}.json" for m in cfg.methods}
+            paths = {m: cell_dir / f"{m}.json" for m in seed_methods(cfg, seed)}
             cells[task_name][seed] = {
                 m: json.loads(p.read_text()) for m, p in paths.items() if p.exists()
             }
@@ -492,13 +596,14 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                 _dump(base_path, info)
                 base_info[task_name][seed] = info
                 logger.info("%s seed %d: base pretrained %s", task_name, seed, info)
-            psi0 = init_psi(mcfg, cfg.model.psi_rank, jax.random.key(seed), cfg.model.psi_scale)
-            for name in cfg.methods:
+            for name in paths:
                 if name in cells[task_name][seed]:
                     bar.update(1)
                     continue
                 if name not in compiled:
                     compiled[name] = compile_method(name, apply, mcfg, cfg)
+                rank = parse_method(name).psi_rank or cfg.model.psi_rank
+                psi0 = init_psi(mcfg, rank, jax.random.key(seed), cfg.model.psi_scale)
                 cell = run_cell(cfg, compiled[name], name, theta, task, seed, psi0)
                 _dump(paths[name], cell)
                 cells[task_name][seed][name] = cell
@@ -512,8 +617,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     results = aggregate(cfg, cells, base_info)
     _dump(root / "results.json", results)
     (root / "summary.md").write_text(summary_table(results) + "\n")
-    plot_accuracy_vs_k(results, str(root / "attd_accuracy_vs_k.png"))
-    plot_k_vs_difficulty(results, str(root / "attd_k_vs_difficulty.png"))
+    plot_accuracy_vs_k(results, str(root / f"{cfg.figure_prefix}_accuracy_vs_k.png"))
+    plot_k_vs_difficulty(results, str(root / f"{cfg.figure_prefix}_k_vs_difficulty.png"))
     if cfg.report:
         write_report(results, cfg)
     return results
@@ -553,9 +658,11 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
     }
     for task_name, by_seed in cells.items():
         table: dict[str, Any] = {}
-        for name in cfg.methods:
-            rows = [by_seed[s][name] for s in cfg.seeds]
+        for name in dict.fromkeys(tuple(cfg.methods) + tuple(cfg.ablation_methods)):
+            rows = [by_seed[s][name] for s in cfg.seeds if name in by_seed[s]]
             entry = {k: _ci([r[k] for r in rows]) for k in SCALARS}
+            entry["acc_shift_seeds"] = [r["acc_shift"] for r in rows]
+            entry["seeds"] = [s for s in cfg.seeds if name in by_seed[s]]
             entry["k_hist_shift"] = np.sum([r["k_hist_shift"] for r in rows], axis=0).tolist()
             entry["k_hist_id"] = np.sum([r["k_hist_id"] for r in rows], axis=0).tolist()
             entry["max_rho"] = max(max(r["max_rho_id"], r["max_rho_shift"]) for r in rows)
@@ -573,11 +680,18 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
             )
             ci = (
                 spearman_ci(ex["k"], ex["difficulty"], num_resamples=cfg.eval.bootstrap)
-                if name in CONTROLLED
+                if parse_method(name).base in CONTROLLED
                 else None
             )
             entry["spearman_k_difficulty"] = None if ci is None else ci._asdict()
             entry["thresholds"] = [r["thresholds"] for r in rows]
+            # Does a larger L_int drop go with a right answer? (methods that adapt every input)
+            drop_ci = (
+                spearman_ci(ex["lint_drop"], ex["correct"], num_resamples=cfg.eval.bootstrap)
+                if adapted.all() and ex["k"].size >= 3 and np.isfinite(ex["lint_drop"]).all()
+                else None
+            )
+            entry["spearman_drop_correct"] = None if drop_ci is None else drop_ci._asdict()
             table[name] = entry
         out["tasks"][task_name] = table
     return out
@@ -631,7 +745,7 @@ def summary_table(results: dict[str, Any]) -> str:
         for name, e in table.items():
             lowered = e["lint_lowered_share"]
             parts.append(
-                f"| {METHOD_LABELS[name]} | {_fmt(e['acc_id'])} | {_fmt(e['acc_shift'])} | "
+                f"| {method_label(name)} | {_fmt(e['acc_id'])} | {_fmt(e['acc_shift'])} | "
                 f"{_fmt(e['mean_k_shift'], 2)} | {_hist(e['k_hist_shift'])} | "
                 f"{e['inner_steps_shift']['mean']:.0f} | "
                 f"{e['lint_before_shift']['mean']:.4f} → {e['lint_after_shift']['mean']:.4f} | "
@@ -669,7 +783,7 @@ def plot_accuracy_vs_k(results: dict[str, Any], path: str) -> None:
                 yerr=e["acc_shift"]["ci"],
                 fmt="o",
                 capsize=3,
-                label=METHOD_LABELS[name],
+                label=method_label(name),
             )
         ax.set_xlabel("mean K (inner steps per input)")
         ax.set_ylabel("accuracy, shifted test split")
@@ -681,13 +795,16 @@ def plot_accuracy_vs_k(results: dict[str, Any], path: str) -> None:
 
 
 def plot_k_vs_difficulty(results: dict[str, Any], path: str) -> None:
-    """ATTD's mean K per difficulty level (both test splits, all seeds) with the Spearman ρ."""
+    """ATTD's mean K per difficulty level (both test splits, all seeds) with the Spearman ρ;
+    one panel per task and ATTD method (first order, and second order where it ran)."""
     plt = _pyplot()
-    tasks = [t for t, table in results["tasks"].items() if "attd" in table]
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4.5 * max(len(tasks), 1), 3.6),
+    panels = [
+        (t, n) for t, table in results["tasks"].items() for n in ("attd", "attd+so") if n in table
+    ]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6),
                              squeeze=False)  # fmt: skip
-    for ax, task_name in zip(axes[0], tasks, strict=False):
-        e = results["tasks"][task_name]["attd"]
+    for ax, (task_name, name) in zip(axes[0], panels, strict=False):
+        e = results["tasks"][task_name][name]
         k = np.asarray(e["examples"]["k"], float)
         d = np.asarray(e["examples"]["difficulty"], float)
         jitter = np.random.default_rng(0).uniform(-0.15, 0.15, k.shape)
@@ -702,7 +819,7 @@ def plot_k_vs_difficulty(results: dict[str, Any], path: str) -> None:
             centres, means = levels, [k[d == v].mean() for v in levels]
         ax.plot(centres, means, "o-", color="C3", label="mean K")
         ax.set_xlabel(DIFFICULTY[task_name])
-        ax.set_ylabel("ATTD's K")
+        ax.set_ylabel(f"K of {method_label(name)}")
         ax.set_title(f"{task_name}: Spearman {_rho(e['spearman_k_difficulty'])}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -748,24 +865,47 @@ def _shift_text(cfg) -> list[str]:
 
 
 def write_report(results: dict[str, Any], cfg) -> None:
-    """Put the tables, plots and provenance into BENCHMARKS.md's attd_lra section."""
+    """Put the tables, plots and provenance into BENCHMARKS.md's ``config.section``."""
     root = report.BENCHMARKS.parent
     figures = root / "docs" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    plot_accuracy_vs_k(results, str(figures / "attd_accuracy_vs_k.png"))
-    plot_k_vs_difficulty(results, str(figures / "attd_k_vs_difficulty.png"))
+    acc_png, k_png = (f"{cfg.figure_prefix}_{n}.png" for n in ("accuracy_vs_k", "k_vs_difficulty"))
+    plot_accuracy_vs_k(results, str(figures / acc_png))
+    plot_k_vs_difficulty(results, str(figures / k_png))
     m, a, f, p = cfg.model, cfg.attd, cfg.finetune, cfg.pretrain
     pre = "; ".join(
         f"{t} " + ", ".join(f"{b['seconds']:.0f}" for b in results["base"][t].values())
         for t in results["base"]
     )
+    names = tuple(cfg.methods) + tuple(cfg.ablation_methods)
+    second = any(parse_method(n).second_order for n in names)
+    title = (
+        "## ATTD on Mamba: second- vs first-order meta-training (does TTT of the dynamics "
+        "help when the outer loop differentiates through it?)"
+        if second
+        else "## ATTD (adaptive test-time dynamics) on Mamba, Long Range Arena tasks"
+    )
+    order = (
+        "first order (inner gradients stopped) for plain names and second order through the "
+        "inner loop (`+so`), everything else equal"
+        if second
+        else f"first-order={a.first_order}"
+    )
+    ablation = (
+        [
+            f"- Ablation (seed(s) {list(cfg.ablation_seeds)} only): "
+            + ", ".join(f"`{n}` = {method_label(n)}" for n in cfg.ablation_methods)
+            + f"; `+sgd` is SGD at lr {a.sgd_lr} on ψ, `+r<N>` a ψ of rank N."
+        ]
+        if cfg.ablation_methods
+        else []
+    )
     body = "\n".join(
         [
-            "## ATTD (adaptive test-time dynamics) on Mamba, Long Range Arena tasks",
+            title,
             "",
             f"- Date: {report.today()}; machine: {report.machine()} (shared with other jobs).",
-            "- Command: `python -m experiments.run --config configs/attd_lra.py "
-            "--workdir runs/attd_lra` (LRA's full sizes: `configs/attd_lra.py:lra_full`).",
+            f"- Command: `{cfg.command}` (other variants: see `configs/attd_lra.py`).",
             f"- Model: Mamba, {m.n_layers} layer(s), width {m.d_model} (D = {m.expand * m.d_model}"
             f" SSM channels), state N = {m.d_state}; ψ = (U, V) of rank {m.psi_rank} on A_log "
             f"(U₀ = 0, V₀ ~ {m.psi_scale}·N(0,1)).",
@@ -775,34 +915,42 @@ def write_report(results: dict[str, Any], cfg) -> None:
             f"(seconds: {pre}). Each method then trains its outer parameters (θ, ψ₀, "
             f"thresholds) from that base for {f.steps} steps (batch {f.batch}, the same batches "
             f"for every method; Adam lr θ {f.lr_theta}, ψ₀ {f.lr_psi}, thresholds "
-            f"{f.lr_thresholds}), first-order={a.first_order}, λ = {a.lam} ({a.cost} cost), "
-            f"β = {a.beta}, τ = {a.temperature}. Thresholds start at quantiles of s on training "
-            "inputs (ATTD: k/(K_max+1); gate: the median). `ATTD, λ=0` is an ablation: ATTD "
-            "without the step cost, so only the task loss moves its thresholds.",
-            f"- Inner loop: L_int = {a.objective}, {a.inner_opt}(lr {a.inner_lr}) on ψ, "
+            f"{f.lr_thresholds}), {order}, λ = {a.lam} ({a.cost} cost), "
+            f"β = {a.beta}, τ = {a.temperature}, remat = {a.remat}. Thresholds start at "
+            "quantiles of s on training inputs (ATTD: k/(K_max+1); gate: the median). "
+            "`ATTD, λ=0` is an ablation: ATTD without the step cost, so only the task loss "
+            "moves its thresholds.",
+            f"- Inner loop: L_int = {a.objective}, {a.inner_opt}(lr {a.inner_lr}"
+            + (f", eps_root {a.adam_eps_root}" if a.adam_eps_root else "")
+            + f") on ψ, "
             f"K_max = {a.k_max}. SGD barely moves L_int (∂L_int/∂U is ~1e-4 at ψ₀: SGD at lr "
             "50 lowers it by ~0.3% in 4 steps, and lr 1000 diverges to NaN), hence Adam, whose "
             "step size does not depend on the gradient scale.",
+            *ablation,
             "- Columns: accuracy on the in-distribution and shifted test splits; K and inner "
             "steps on the shifted split (inner steps = Σ K over its inputs, the compute of the "
             "grouped path); L_int at ψ₀ and after the input's K steps; 'L_int lowered' = share "
             "of adapted inputs (K > 0, both splits) whose L_int fell; max ρ(Ā) over all "
             "adapted inputs; wall time per example of the masked path (K_max steps for every "
             "input) and the grouped path (compute follows K), after compilation, on one batch "
-            "of the shifted split.",
+            "of the shifted split. Rows without ± ran on one seed.",
             "",
             summary_table(results),
             "",
-            "![accuracy vs mean K](docs/figures/attd_accuracy_vs_k.png)",
+            f"![accuracy vs mean K](docs/figures/{acc_png})",
             "",
-            "![K vs difficulty](docs/figures/attd_k_vs_difficulty.png)",
+            f"![K vs difficulty](docs/figures/{k_png})",
             "",
             "### Reading",
             "",
             *reading(results),
         ]
     )
-    report.update_section("attd_lra", body)
+    report.update_section(cfg.section, body)
+
+
+def _drop_rho(e: dict[str, Any]) -> str:
+    return _rho(e["spearman_drop_correct"]) if e["spearman_drop_correct"] else "-"
 
 
 def reading(results: dict[str, Any]) -> list[str]:
@@ -813,44 +961,143 @@ def reading(results: dict[str, Any]) -> list[str]:
             continue
         base = t["fixed"]["acc_shift"]["mean"]
         parts = []
-        for name in ("ttt", *CONTROLLED):
-            if name not in t:
+        for name, e in t.items():
+            if name == "fixed":
                 continue
-            e = t[name]
-            diff = e["acc_shift"]["mean"] - base
+            diff = e["acc_shift"]["mean"] - _fixed_on(t, e["seeds"])
             lowered = e["lint_lowered_share"]
             drop = e["lint_before_shift"]["mean"] - e["lint_after_shift"]["mean"]
             fell = (
-                f"L_int fell on {100 * lowered:.0f}% of adapted inputs, mean drop {drop:.4f}"
+                "diverged: L_int is NaN after outer training"
+                if not np.isfinite(e["lint_after_shift"]["mean"])
+                else f"L_int fell on {100 * lowered:.0f}% of adapted inputs, mean drop {drop:.4f}"
                 if np.isfinite(lowered)
                 else "no input adapted"
             )
             parts.append(
-                f"{METHOD_LABELS[name]} {diff:+.3f} accuracy vs fixed at mean K "
+                f"{method_label(name)} {diff:+.3f} accuracy vs fixed at mean K "
                 f"{e['mean_k_shift']['mean']:.2f} ({fell})"
             )
         lines.append(f"- {task_name} (shifted split, fixed Mamba {base:.3f}): " + "; ".join(parts))
-        if "ttt" in t:
-            ex = t["ttt"]["examples"]
-            corr = spearman(np.asarray(ex["lint_drop"]), np.asarray(ex["correct"]))
-            lines.append(
-                f"  - full TTT: Spearman of the per-input L_int drop with correctness "
-                f"{corr:+.2f} (does lowering L_int go with a right answer?)."
-            )
-        for name in CONTROLLED:
-            if name not in t:
+        for name, e in t.items():
+            if e["spearman_drop_correct"]:
+                lines.append(
+                    f"  - {method_label(name)}: Spearman of the per-input L_int drop with "
+                    f"correctness {_drop_rho(e)} (both test splits; does lowering L_int go "
+                    "with a right answer?)."
+                )
+        for name, e in t.items():
+            if parse_method(name).base not in CONTROLLED:
                 continue
-            e = t[name]
             first = np.mean([th[0] for th in e["thresholds"]])
             lines.append(
-                f"  - {METHOD_LABELS[name]}: K histogram over both test splits "
+                f"  - {method_label(name)}: K histogram over both test splits "
                 f"{_hist(np.add(e['k_hist_id'], e['k_hist_shift']).tolist())} % for K = "
                 f"0..{results['k_max']}; first threshold after training {first:.3f} (mean over "
                 f"seeds) vs mean signal s = {e['lint_before_shift']['mean']:.3f} on the shifted "
                 f"split; Spearman of K with {DIFFICULTY[task_name]}: "
                 f"{_rho(e['spearman_k_difficulty'])}."
             )
-    return lines + _conclusions(results)
+    return lines + _conclusions(results) + _order_conclusions(results)
+
+
+def _fixed_on(table: dict[str, Any], seeds: list[int]) -> float:
+    """The fixed model's mean shifted accuracy over ``seeds`` (an ablation may run on fewer)."""
+    fixed = table["fixed"]
+    by_seed = dict(zip(fixed["seeds"], fixed["acc_shift_seeds"], strict=True))
+    return float(np.mean([by_seed[s] for s in seeds]))
+
+
+def paired_difference(table: dict[str, Any], name: str, other: str) -> stats.MeanCI:
+    """Mean over shared seeds of (shifted accuracy of ``name`` − that of ``other``), t-interval."""
+    a = dict(zip(table[name]["seeds"], table[name]["acc_shift_seeds"], strict=True))
+    b = dict(zip(table[other]["seeds"], table[other]["acc_shift_seeds"], strict=True))
+    return stats.mean_ci([a[s] - b[s] for s in a if s in b])
+
+
+def _diff(ci: stats.MeanCI) -> str:
+    if np.isfinite(ci.half_width):
+        return f"{ci.mean:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
+    return f"{ci.mean:+.3f} (one seed)"
+
+
+def _order_conclusions(results: dict[str, Any]) -> list[str]:
+    """Second vs first order, per controller: paired accuracy differences over seeds, the L_int
+    drop ↔ correctness correlation, and whether K follows difficulty."""
+    lines = []
+    for task_name, t in results["tasks"].items():
+        pairs = [n for n in METHODS if n in t and f"{n}+so" in t]
+        if not pairs:
+            continue
+        if not lines:
+            lines = ["", "Second vs first order (paired over seeds, 95% t-interval):"]
+        for n in pairs:
+            so = f"{n}+so"
+            vs_fo = paired_difference(t, so, n)
+            vs_fixed = paired_difference(t, so, "fixed") if "fixed" in t else None
+            verdict = (
+                "second order helps"
+                if vs_fo.low > 0
+                else "second order hurts"
+                if vs_fo.high < 0
+                else "no difference the seeds can resolve"
+            )
+            lines.append(
+                f"- {task_name}, {METHOD_LABELS[n]}: shifted accuracy, 2nd − 1st order "
+                f"{_diff(vs_fo)} ({verdict})"
+                + (f"; 2nd order − fixed {_diff(vs_fixed)}" if vs_fixed else "")
+                + f"; mean K {t[n]['mean_k_shift']['mean']:.2f} → "
+                f"{t[so]['mean_k_shift']['mean']:.2f}"
+                + (
+                    f"; L_int drop ~ correctness {_drop_rho(t[n])} → {_drop_rho(t[so])}"
+                    if t[n]["spearman_drop_correct"] or t[so]["spearman_drop_correct"]
+                    else ""
+                )
+                + (
+                    f"; K ~ {DIFFICULTY[task_name]} {_rho(t[n]['spearman_k_difficulty'])} → "
+                    f"{_rho(t[so]['spearman_k_difficulty'])}"
+                    if n in CONTROLLED
+                    else ""
+                )
+                + "."
+            )
+        lines += _order_verdict(task_name, t)
+    return lines
+
+
+def _excludes_zero(ci: dict[str, float] | None) -> bool:
+    return bool(ci) and np.isfinite(ci["low"]) and (ci["low"] > 0 or ci["high"] < 0)
+
+
+def _order_verdict(task_name: str, t: dict[str, Any]) -> list[str]:
+    """The two questions of the comparison, answered from the numbers of one task."""
+    lines = []
+    s_at = {n: t[n]["lint_before_shift"]["mean"] for n in ("ttt", "ttt+so") if n in t}
+    drop_of = {n: s_at[n] - t[n]["lint_after_shift"]["mean"] for n in s_at}
+    if {"fixed", "ttt", "ttt+so"} <= set(t):
+        gain = paired_difference(t, "ttt+so", "fixed")
+        helps = gain.low > 0 if np.isfinite(gain.half_width) else False
+        drop = t["ttt+so"]["spearman_drop_correct"]
+        lines.append(
+            f"- {task_name}: does second-order meta-training make TTT of the dynamics help? "
+            + ("Yes" if helps else "No")
+            + f": full TTT trained second order − fixed Mamba = {_diff(gain)} shifted accuracy; "
+            f"the per-input L_int drop ↔ correctness is {_drop_rho(t['ttt+so'])} "
+            + ("(it carries task information)" if _excludes_zero(drop) else "(no association)")
+            + f". How the order changed θ: s = L_int at ψ₀ on the shifted split "
+            f"{s_at['ttt']:.3f} (1st) vs {s_at['ttt+so']:.3f} (2nd), and TTT lowers it by "
+            f"{drop_of['ttt']:.3f} vs {drop_of['ttt+so']:.3f}."
+        )
+    if "attd+so" in t:
+        ci = t["attd+so"]["spearman_k_difficulty"]
+        more = _excludes_zero(ci) and ci["low"] > 0
+        lines.append(
+            f"- {task_name}: does ATTD trained second order spend more on harder inputs? "
+            + ("Yes" if more else "No")
+            + f": Spearman of K with {DIFFICULTY[task_name]} {_rho(ci)}, mean K "
+            f"{t['attd+so']['mean_k_shift']['mean']:.2f} on the shifted split."
+        )
+    return lines
 
 
 def _conclusions(results: dict[str, Any]) -> list[str]:

@@ -1,15 +1,19 @@
 """The ATTD-on-LRA experiment: tiny end to end (results, summary, cached rerun), config checks,
 the Spearman/bootstrap helper against a brute-force rank correlation, shifted test splits,
-and the starting thresholds."""
+the starting thresholds, and the second-order comparison's pieces (method variants, the
+meta-gradient of ``+so`` against finite differences, ablation seeds, section and figures)."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from attd.controller import threshold_controller
 from configs import attd_lra as attd_config
-from experiments import attd_lra
+from experiments import attd_lra, report
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +188,168 @@ def test_initial_thresholds_spread_k_evenly():
     np.testing.assert_allclose(np.bincount(k, minlength=5) / 1000, 0.2, atol=0.01)
     assert attd_lra.initial_thresholds("gate", signal, 4) == pytest.approx(np.median(signal))
     assert attd_lra.initial_thresholds("ttt", signal, 4) is None
+
+
+# ------------------------------------------------------- method variants, second-order config
+
+
+def test_parse_method_reads_variants_and_rejects_unknown_ones():
+    spec = attd_lra.parse_method
+    assert spec("attd") == attd_lra.MethodSpec("attd")
+    assert spec("attd_nocost+so") == attd_lra.MethodSpec("attd_nocost", second_order=True)
+    assert spec("ttt+so+sgd+r8") == attd_lra.MethodSpec("ttt", True, "sgd", 8)
+    assert attd_lra.method_label("ttt+so+r8") == "full TTT (K=K_max), 2nd order, ψ rank 8"
+    for bad, message in [
+        ("oracle+so", "controller must be one of"),
+        ("ttt+fast", "unknown variant 'fast'"),
+        ("ttt+r0", "unknown variant 'r0'"),
+        ("ttt+so+so", "second_order given twice"),
+        ("ttt+sgd+adam", "inner_opt given twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            spec(bad)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("methods", ("attd", "attd+xx"), "unknown variant 'xx'"),
+        ("ablation_methods", ("attd",), "repeat a name"),
+        ("ablation_seeds", (7,), "ablation_seeds"),
+        ("section", "attd lra!", "config.section"),
+        ("figure_prefix", "../x", "config.figure_prefix"),
+        ("attd.adam_eps_root", -1.0, "adam_eps_root must be >= 0"),
+        ("attd.adam_eps_root", 0.0, "second order through Adam"),
+        ("attd.sgd_lr", 0.0, "attd.sgd_lr"),
+    ],
+)
+def test_bad_second_order_config_raises_value_error(key, value, message):
+    cfg = attd_config.get_config("second_order")
+    section, _, leaf = key.rpartition(".")
+    (cfg[section] if section else cfg)[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        attd_lra.validate(cfg)
+
+
+def test_second_order_config_pairs_every_adapting_method_with_its_first_order_twin():
+    cfg = attd_config.get_config("second_order")
+    attd_lra.validate(cfg)
+    assert (cfg.section, cfg.figure_prefix) == ("attd_lra_second_order", "attd_so")
+    assert "configs/attd_lra.py:second_order" in cfg.command and cfg.attd.first_order
+    specs = [attd_lra.parse_method(n) for n in cfg.methods]
+    first = {s.base for s in specs if not s.second_order}
+    second = {s.base for s in specs if s.second_order}
+    assert first == set(attd_lra.METHODS) and second == first - {"fixed"}
+    assert all(s.inner_opt is None and s.psi_rank is None for s in specs)  # only the order
+    assert cfg.data.text.seq_len <= 32 and cfg.data.listops.train.seq_len <= 32
+    assert attd_config.get_config().section == "attd_lra"  # the default run keeps its section
+
+
+def _tiny_method(name, cfg):
+    from attd.dynamics import init_psi
+    from attd.mamba import init_mamba
+
+    mcfg = attd_lra.model_config(cfg, 11, 3)
+    apply, theta = init_mamba(mcfg, seed=0)
+    psi = init_psi(mcfg, cfg.model.psi_rank, jax.random.key(1), 0.5)
+    return attd_lra.make_method(name, apply, mcfg, cfg), theta, psi
+
+
+@pytest.mark.slow
+def test_so_variant_gives_the_exact_meta_gradient_and_plain_name_the_first_order_one(x64):
+    """``ttt+so`` differentiates through the inner Adam steps: its gradient matches central
+    finite differences of the outer loss in float64; first-order ``ttt`` does not."""
+    cfg = attd_config.get_config("tiny")
+    cfg.attd.adam_eps_root = 1e-16
+    cfg.attd.inner_lr = 0.3
+    cfg.attd.k_max = 1  # one inner step has the second-order term and compiles fastest
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 11, (2, 6)))
+    batch = (tokens, jnp.ones((2, 6), bool), jnp.asarray([0, 2]))
+    derivative = {}
+    for name in ("ttt", "ttt+so"):  # the same θ, ψ₀ and direction for both
+        method, theta, psi = _tiny_method(name, cfg)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), method.init(theta, psi))
+        # move V only: with U₀ = 0 the first inner gradient of V stays exactly 0, away from
+        # the kink of Adam's g / (√(g² + eps_root) + eps) at g = 0
+        v = jnp.asarray(np.random.default_rng(1).normal(size=params.psi.V.shape))
+        direction = params.psi._replace(U=jnp.zeros_like(params.psi.U), V=v)
+
+        def along(eps, p=params, d=direction, m=method):
+            """The outer loss with ψ₀ moved by eps along d (the same value in both orders)."""
+            moved = p._replace(psi=jax.tree.map(lambda a, b: a + eps * b, p.psi, d))
+            return m.loss(moved, batch)[0]
+
+        derivative[name] = float(jax.jit(jax.grad(along))(0.0))
+    loss = jax.jit(along)
+    finite_difference = float((loss(1e-5) - loss(-1e-5)) / 2e-5)
+    assert derivative["ttt+so"] == pytest.approx(finite_difference, rel=1e-5)
+    gap = abs(derivative["ttt"] - finite_difference)
+    assert gap > 1e-3 * abs(finite_difference)  # first order drops a real term
+
+
+def _fake_cell(rng, name, k_max, n=12):
+    adapted = name != "fixed"
+    ex = lambda: {
+        "k": (np.full(n, k_max) if adapted else np.zeros(n, int)).tolist(),
+        "difficulty": rng.integers(1, 5, n).astype(float).tolist(),
+        "correct": rng.integers(0, 2, n).tolist(),
+        "lint_drop": (rng.normal(0.01, 0.01, n) * adapted).tolist(),
+    }
+    cell = {k: float(rng.uniform()) for k in attd_lra.SCALARS}
+    hist = [0] * k_max + [n] if adapted else [n]
+    cell.update(k_hist_id=hist, k_hist_shift=hist, max_rho_id=0.9, max_rho_shift=0.95)
+    cell.update(timing_max_abs_diff=0.0, thresholds=[], examples_id=ex(), examples_shift=ex())
+    return cell
+
+
+def test_aggregate_keeps_ablation_seeds_and_paired_differences_match_a_loop():
+    cfg = attd_config.get_config("second_order")
+    cfg.eval.bootstrap = 50
+    rng = np.random.default_rng(4)
+    cells = {
+        "text": {
+            s: {m: _fake_cell(rng, m, cfg.attd.k_max) for m in attd_lra.seed_methods(cfg, s)}
+            for s in cfg.seeds
+        }
+    }
+    cells["text"][0]["ttt+so+sgd"]["examples_shift"]["lint_drop"][0] = float("nan")  # diverged
+    out = attd_lra.aggregate(cfg, cells, {"text": {}})["tasks"]["text"]
+    assert out["ttt+so+sgd"]["spearman_drop_correct"] is None  # no correlation of NaNs
+    assert out["ttt+so+r8"]["seeds"] == [0] and out["ttt"]["seeds"] == [0, 1, 2]
+    assert out["ttt+so+r8"]["acc_shift"]["mean"] == cells["text"][0]["ttt+so+r8"]["acc_shift"]
+    # pooled per-input L_int drop vs correctness, brute-force ranks
+    rows = [cells["text"][s]["ttt+so"][f"examples_{t}"] for s in cfg.seeds for t in ("id", "shift")]
+    drop = [v for r in rows for v in r["lint_drop"]]
+    correct = [v for r in rows for v in r["correct"]]
+    rho = out["ttt+so"]["spearman_drop_correct"]["estimate"]
+    assert rho == pytest.approx(brute_force_spearman(drop, correct), abs=1e-12)
+    assert out["fixed"]["spearman_drop_correct"] is None  # nothing adapted
+    diffs = [
+        cells["text"][s]["attd+so"]["acc_shift"] - cells["text"][s]["attd"]["acc_shift"]
+        for s in cfg.seeds
+    ]
+    ci = attd_lra.paired_difference(out, "attd+so", "attd")
+    half = scipy.stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+    assert ci.mean == pytest.approx(np.mean(diffs)) and ci.half_width == pytest.approx(half)
+    one = attd_lra.paired_difference(out, "ttt+so+r8", "fixed")  # only seed 0 is shared
+    fixed0 = cells["text"][0]["fixed"]["acc_shift"]
+    assert one.mean == pytest.approx(cells["text"][0]["ttt+so+r8"]["acc_shift"] - fixed0)
+    assert not np.isfinite(one.half_width)
+
+
+@pytest.mark.slow
+def test_write_report_uses_the_configured_section_and_figure_prefix(
+    tiny_run, tmp_path, monkeypatch
+):
+    cfg, _, results = tiny_run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.section, cfg.figure_prefix = "attd_lra_probe", "attd_so_probe"
+    written = {}
+    monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(report, "update_section", lambda n, b: written.update({n: b}))
+    attd_lra.write_report(results, cfg)
+    assert list(written) == ["attd_lra_probe"]
+    body = written["attd_lra_probe"]
+    assert "docs/figures/attd_so_probe_accuracy_vs_k.png" in body and cfg.command in body
+    for plot in ("accuracy_vs_k", "k_vs_difficulty"):
+        assert (tmp_path / "docs" / "figures" / f"attd_so_probe_{plot}.png").stat().st_size > 1000
