@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from configs import sinusoid as sinusoid_config
-from experiments import drift_adapters, sinusoid, tta_protocol
+from experiments import attd_lra, drift_adapters, energy_moe, forecasting, sinusoid, tta_protocol
 
 
 def sinusoid_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
@@ -51,7 +51,15 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="metattt_demo_") as workdir:
         rows = []
-        for system in (sinusoid_rows, drift_adapters.demo_rows, tta_protocol.demo_rows):
+        systems = (
+            sinusoid_rows,
+            drift_adapters.demo_rows,
+            tta_protocol.demo_rows,
+            attd_lra.demo_rows,
+            forecasting.demo_rows,
+            energy_moe.demo_rows,
+        )
+        for system in systems:
             rows += system(workdir)
     print()
     print(format_table(rows))

@@ -66,6 +66,29 @@ ENERGY_AWARE = ("energy_ttt", "budget")
 BASELINES = ("prune", "top_k")
 
 
+class Metric(NamedTuple):
+    """The stream's quality metric (lower is better).
+
+    Attributes:
+        key: its name in cells and results (``"bpc"``; ``"<key>_late"``, ``"<key>_change"``).
+        label: how tables and plots name it.
+        scale: factor from the mean per-batch score the inference returns to the metric.
+        relative: changes vs ``no_ttt`` are relative (r / b - 1) or absolute (r - b).
+        loss_label: what the adaptation's task loss is, for the convergence plot.
+    """
+
+    key: str
+    label: str
+    scale: float
+    relative: bool
+    loss_label: str
+
+
+BPC = Metric(
+    "bpc", "bits/char", 1 / math.log(2), True, "next-byte loss of the adapted windows (bits)"
+)
+
+
 class Method(NamedTuple):
     """One way of serving the shifted stream.
 
@@ -103,11 +126,15 @@ def methods(cfg) -> dict[str, Method]:
     return out
 
 
-def model_config(cfg, top_k: int | None = None) -> moe.MoEConfig:
-    """The model section of the config as a :class:`~metattt.models.moe.MoEConfig`."""
+def model_config(
+    cfg, top_k: int | None = None, *, vocab_size: int = tc.VOCAB_SIZE, num_classes: int = 0
+) -> moe.MoEConfig:
+    """The model section of the config as a :class:`~metattt.models.moe.MoEConfig` (a byte LM
+    by default; ``num_classes`` > 0 adds the classification head)."""
     m = cfg.model
     return moe.MoEConfig(
-        vocab_size=tc.VOCAB_SIZE,
+        vocab_size=vocab_size,
+        num_classes=num_classes,
         d_model=m.d_model,
         num_heads=m.num_heads,
         num_layers=m.num_layers,
@@ -123,19 +150,23 @@ def model_config(cfg, top_k: int | None = None) -> moe.MoEConfig:
 
 def validate(cfg) -> None:
     """Raise ValueError for config values that would fail later."""
-    if not cfg.seeds:
-        raise ValueError("config.seeds is empty")
-    if cfg.monitor.kind not in MONITOR_KINDS:
-        raise ValueError(f"monitor.kind must be one of {MONITOR_KINDS}, got {cfg.monitor.kind!r}")
-    if not 0 < cfg.monitor.utilization <= 1:
-        raise ValueError(f"monitor.utilization must be in (0, 1], got {cfg.monitor.utilization}")
     if cfg.data.length < 2 or cfg.data.batch < 1 or cfg.data.stream_batches < 1:
         raise ValueError("data.length must be >= 2, data.batch and data.stream_batches >= 1")
     if cfg.data.heldout_windows < 1 or cfg.data.heldout_windows % cfg.data.batch:
         raise ValueError(
             f"data.heldout_windows must be a positive multiple of data.batch={cfg.data.batch}"
         )
-    mcfg = model_config(cfg)
+    validate_methods(cfg, model_config(cfg))
+
+
+def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
+    """Checks shared by every stream: seeds, monitor, training, TTT, budgets and baselines."""
+    if not cfg.seeds:
+        raise ValueError("config.seeds is empty")
+    if cfg.monitor.kind not in MONITOR_KINDS:
+        raise ValueError(f"monitor.kind must be one of {MONITOR_KINDS}, got {cfg.monitor.kind!r}")
+    if not 0 < cfg.monitor.utilization <= 1:
+        raise ValueError(f"monitor.utilization must be in (0, 1], got {cfg.monitor.utilization}")
     params = moe.init_moe(mcfg).params  # validates the model config
     select(params, cfg.ttt.params)  # an unknown preset or an empty selection raises
     if cfg.train.num_steps < 1 or cfg.train.num_steps % cfg.train.steps_per_call:
@@ -277,7 +308,8 @@ class Runtime(NamedTuple):
         init: ``init(seed) -> params``.
         train_chunk: jitted ``(params, opt_state, inputs, targets) -> (params, opt_state, loss)``
             over (steps, B, L) batches.
-        infer: ``{k: jitted (params, inputs, targets, mask) -> (mean nats, counts)}``.
+        infer: ``{k: jitted (params, inputs, targets, mask) -> (score, counts)}``, the score
+            being the batch's mean nats (LM) or error rate (classifier).
         adapt: jitted ``(params, tokens, λ, mask) -> (params, per-step RoutingStats)``.
         joules: (E,) dynamic joules per token of each expert (the proxy profile).
         device: the simulated device constants.
@@ -292,15 +324,31 @@ class Runtime(NamedTuple):
     device: SimulatedDevice
 
 
-def build_runtime(cfg) -> Runtime:
-    """Compile-once functions for every k the methods use (parameters do not depend on K)."""
-    mcfg = model_config(cfg)
+HEADS = ("lm", "class")
+
+
+def build_runtime(cfg, mcfg: moe.MoEConfig | None = None, head: str = "lm") -> Runtime:
+    """Compile-once functions for every k the methods use (parameters do not depend on K).
+
+    ``head="lm"``: next-byte cross-entropy for training, mean nats per batch as the score, the
+    next-byte loss for TTT. ``head="class"``: cross-entropy of the class head for training, the
+    error rate per batch as the score, and label-free TENT (prediction entropy) for TTT.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    mcfg = model_config(cfg) if mcfg is None else mcfg
     apply = moe.init_moe(mcfg).apply
     opt = optax.adam(cfg.train.lr)
 
+    def score(out, targets):
+        if head == "lm":
+            return objectives.cross_entropy(out.logits, targets)
+        return jnp.mean(jnp.argmax(out.class_logits, axis=-1) != targets)
+
     def train_loss(p, inputs, targets):
         out = apply(p, inputs)
-        ce = objectives.cross_entropy(out.logits, targets)
+        logits = out.logits if head == "lm" else out.class_logits
+        ce = objectives.cross_entropy(logits, targets)
         aux = out.aux
         lb, z = aux["load_balance_loss"], aux["router_z_loss"]
         return ce + cfg.train.load_balance * lb + cfg.train.z_loss * z
@@ -322,7 +370,7 @@ def build_runtime(cfg) -> Runtime:
         @jax.jit
         def infer(p, inputs, targets, mask):
             out = apply_k(p, inputs, expert_mask=mask)
-            return objectives.cross_entropy(out.logits, targets), out.aux["expert_counts"]
+            return score(out, targets), out.aux["expert_counts"]
 
         return infer
 
@@ -336,7 +384,8 @@ def build_runtime(cfg) -> Runtime:
         costs,
         top_k=mcfg.top_k,
         params=cfg.ttt.params,
-        task="next_token",
+        task="next_token" if head == "lm" else "entropy",
+        head=head,
         opt=optax.adam(cfg.ttt.lr),
         max_steps=cfg.ttt.steps,
     )
@@ -393,19 +442,31 @@ def _info_path(workdir: str, seed: int) -> str:
     return os.path.join(workdir, "params", f"seed_{seed}.json")
 
 
-def trained_params(cfg, rt: Runtime, seed: int, streams: Streams, workdir: str):
-    """Train once per seed; a rerun restores the checkpoint. Returns ``(params, info)``."""
+def cached_params(rt: Runtime, seed: int, workdir: str, fit) -> tuple[Any, dict[str, Any]]:
+    """``fit() -> (params, info)`` once per seed; a rerun restores the checkpoint and info."""
     path = os.path.join(workdir, "params", f"seed_{seed}")
     info_path = _info_path(workdir, seed)
-    template = rt.init(seed)
     if os.path.isfile(info_path):
         with Checkpointer(path) as ck:
-            params = ck.restore(template)
+            params = ck.restore(rt.init(seed))
         with open(info_path) as f:
             return params, json.load(f)
-    params, loss, seconds = train(cfg, rt, seed, streams)
+    params, info = fit()
     with Checkpointer(path) as ck:
         ck.save(0, params, force=True)
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    return params, info
+
+
+def trained_params(cfg, rt: Runtime, seed: int, streams: Streams, workdir: str):
+    """Train once per seed; a rerun restores the checkpoint. Returns ``(params, info)``."""
+    return cached_params(rt, seed, workdir, lambda: _fit(cfg, rt, seed, streams))
+
+
+def _fit(cfg, rt: Runtime, seed: int, streams: Streams) -> tuple[Any, dict[str, Any]]:
+    """Train, then measure the held-out docs' bits/char (the size of the shift's baseline)."""
+    params, loss, seconds = train(cfg, rt, seed, streams)
     info = {"train_loss_nats": loss, "train_seconds": seconds}
     held = tc.lm_windows(streams.heldout, cfg.data.length, cfg.data.heldout_windows, seed=seed)
     mask = jnp.ones((rt.mcfg.num_experts,), bool)
@@ -415,8 +476,6 @@ def trained_params(cfg, rt: Runtime, seed: int, streams: Streams, workdir: str):
         for x, y in zip(held.inputs.reshape(shape), held.targets.reshape(shape), strict=True)
     ]
     info["heldout_doc_bpc"] = float(np.mean(nats)) / math.log(2)
-    with open(info_path, "w") as f:
-        json.dump(info, f)
     return params, info
 
 
@@ -460,13 +519,14 @@ def static_mask(rt: Runtime, prune: int) -> np.ndarray:
     return mask
 
 
-def warm_up(cfg, rt: Runtime, params: Any) -> None:
+def warm_up(cfg, rt: Runtime, params: Any, stream: Any) -> None:
     """Compile every inference and the adaptation step for the stream's shapes, so the
     wall-clock times of :func:`serve` (and the TTT overhead) exclude compilation."""
-    x = jnp.ones((cfg.data.batch, cfg.data.length), jnp.int32)
+    b = cfg.data.batch
+    x, y = jnp.asarray(stream.inputs[:b]), jnp.asarray(stream.targets[:b])
     mask = jnp.ones((rt.mcfg.num_experts,), bool)
     for infer in rt.infer.values():
-        jax.block_until_ready(infer(params, x, x, mask))
+        jax.block_until_ready(infer(params, x, y, mask))
     jax.block_until_ready(rt.adapt(params, x[: cfg.ttt.windows], jnp.float32(0.0), mask))
 
 
@@ -474,14 +534,18 @@ def serve(
     cfg,
     rt: Runtime,
     params: Any,
-    stream: tc.LMWindows,
+    stream: Any,
     method: Method,
     *,
     rate: float,
     seed: int,
     budget_w: float | None = None,
+    metric: Metric = BPC,
 ) -> dict[str, Any]:
-    """Serve the stream prequentially with ``method``; every batch is a monitor window."""
+    """Serve the stream prequentially with ``method``; every batch is a monitor window.
+
+    ``stream`` has ``inputs`` (S·B, L) tokens and ``targets`` (S·B, ...) for the score.
+    """
     mcfg = rt.mcfg
     b, length = cfg.data.batch, cfg.data.length
     tokens = b * length
@@ -515,7 +579,7 @@ def serve(
         state = policy.init()
         lam = cfg.budget.lam_init
     inputs = stream.inputs.reshape(-1, b, length)
-    targets = stream.targets.reshape(-1, b, length)
+    targets = stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:])
     nats, power, lams, levels, ks = [], [], [], [], []
     counts_total = np.zeros((mcfg.num_layers, mcfg.num_experts), np.int64)
     counts_late = np.zeros_like(counts_total)
@@ -576,8 +640,8 @@ def serve(
     monitor.close()
     half = steps // 2
     out = {
-        "bpc": float(np.mean(nats)) / math.log(2),
-        "bpc_late": float(np.mean(nats[half:])) / math.log(2),
+        metric.key: float(np.mean(nats)) * metric.scale,
+        f"{metric.key}_late": float(np.mean(nats[half:])) * metric.scale,
         "tokens": steps * tokens,
         "energy_j": energy,
         "dynamic_j": dynamic,
@@ -628,6 +692,28 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     """Train per seed, serve the shifted stream with every method (cached per cell), report."""
     validate(cfg)
     rt = build_runtime(cfg)
+
+    def prepare(seed):
+        streams = load_streams(seed)
+        params, info = trained_params(cfg, rt, seed, streams, workdir)
+        return params, shifted_stream(cfg, streams, seed), info
+
+    results, cells = run_methods(cfg, workdir, rt, prepare, summary_fn=summary)
+    if cfg.report:
+        write_report(results, cells, cfg)
+    return results
+
+
+def run_methods(
+    cfg, workdir: str, rt: Runtime, prepare, *, summary_fn, metric: Metric = BPC,
+    prefix: str = "energy_moe",
+) -> tuple[dict[str, Any], dict[str, list]]:  # fmt: skip
+    """Serve every seed's stream with every method, cached per (seed, method) cell.
+
+    ``prepare(seed) -> (params, stream, info)`` trains (or restores) and builds the stream; it
+    runs only for a seed with a missing cell. Writes ``results.json``, ``summary.md``
+    (``summary_fn(results, cfg)``) and the plots into ``workdir``; returns ``(results, cells)``.
+    """
     rate = serving_rate(cfg, rt)
     p_fixed = fixed_power(cfg, rt, rate)
     table = methods(cfg)
@@ -636,10 +722,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     for seed in cfg.seeds:
         pending = [n for n in table if not os.path.isfile(_cell_path(workdir, seed, n))]
         if pending:  # only then load the data, the parameters and compile
-            streams = load_streams(seed)
-            params, info = trained_params(cfg, rt, seed, streams, workdir)
-            stream = shifted_stream(cfg, streams, seed)
-            warm_up(cfg, rt, params)
+            params, stream, info = prepare(seed)
+            warm_up(cfg, rt, params, stream)
         else:
             with open(_info_path(workdir, seed)) as f:
                 info = json.load(f)
@@ -654,12 +738,15 @@ def run(cfg, workdir: str) -> dict[str, Any]:
             if method.kind == "budget":
                 p0 = cells["no_ttt"][-1]["mean_power_w"]
                 budget_w = p_fixed + method.fraction * (p0 - p_fixed)
-            result = serve(cfg, rt, params, stream, method, rate=rate, seed=seed, budget_w=budget_w)
+            result = serve(
+                cfg, rt, params, stream, method, rate=rate, seed=seed, budget_w=budget_w,
+                metric=metric,
+            )  # fmt: skip
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 json.dump(result, f)
             cells[name].append(result)
-    results = aggregate(cells, table)
+    results = aggregate(cells, table, metric)
     results.update(
         seeds=list(cfg.seeds),
         seed_info=seeds_info,
@@ -675,11 +762,9 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(summary(results, cfg) + "\n")
-    plot_all(results, cells, workdir)
-    if cfg.report:
-        write_report(results, cells, cfg)
-    return results
+        f.write(summary_fn(results, cfg) + "\n")
+    plot_all(results, cells, workdir, metric=metric, prefix=prefix)
+    return results, cells
 
 
 def _mean_ci(values: list[float]) -> dict[str, Any]:
@@ -702,18 +787,31 @@ SCALARS = (
 )
 
 
-def aggregate(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[str, Any]:
-    """Means ± 95% CIs over seeds, changes relative to ``no_ttt`` per seed, targets, front."""
+def scalars(metric: Metric = BPC) -> tuple[str, ...]:
+    """The per-cell scalars :func:`aggregate` averages, with ``bpc`` renamed to the metric."""
+    return tuple(key.replace("bpc", metric.key) for key in SCALARS)
+
+
+def aggregate(
+    cells: dict[str, list[dict]], table: dict[str, Method], metric: Metric = BPC
+) -> dict[str, Any]:
+    """Means ± 95% CIs over seeds, changes relative to ``no_ttt`` per seed, targets, front.
+
+    The accuracy target is ``<metric>_change < 0.05``: a relative change for bits/char, an
+    absolute one (accuracy points) for an error rate.
+    """
     base = cells["no_ttt"]
+    key_m = metric.key
     rows: dict[str, dict[str, Any]] = {}
     for name, runs in cells.items():
-        row = {key: _mean_ci([r[key] for r in runs]) for key in SCALARS}
+        row = {key: _mean_ci([r[key] for r in runs]) for key in scalars(metric)}
         row["energy_reduction"] = _mean_ci(
             [1 - r["uj_per_token"] / b["uj_per_token"] for r, b in zip(runs, base, strict=True)]
         )
-        row["bpc_change"] = _mean_ci(
-            [r["bpc"] / b["bpc"] - 1 for r, b in zip(runs, base, strict=True)]
-        )
+        row[f"{key_m}_change"] = _mean_ci(
+            [r[key_m] / b[key_m] - 1 if metric.relative else r[key_m] - b[key_m]
+             for r, b in zip(runs, base, strict=True)]
+        )  # fmt: skip
         row["adapt_share_of_energy"] = _mean_ci(
             [r["adapt_dynamic_j"] / r["dynamic_j"] for r in runs]
         )
@@ -725,20 +823,22 @@ def aggregate(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[st
             row["final_pruned"] = [r["final_pruned"] for r in runs]
             row["budget_kept"] = [r["budget_kept"] for r in runs]
             row["plan_budget_met"] = [r["plan_budget_met"] for r in runs]
-        red, chg = row["energy_reduction"]["mean"], row["bpc_change"]["mean"]
+        red, chg = row["energy_reduction"]["mean"], row[f"{key_m}_change"]["mean"]
         row["meets_energy_target"] = bool(red >= 0.20 and chg < 0.05)
         row["meets_overhead_target"] = (
             bool(row["overhead"]["mean"] < 0.10) if table[name].adapts else None
         )
         rows[name] = row
     names = list(rows)
-    points = [(rows[n]["uj_per_token"]["mean"], rows[n]["bpc"]["mean"]) for n in names]
+    points = [(rows[n]["uj_per_token"]["mean"], rows[n][key_m]["mean"]) for n in names]
     front = [names[i] for i in pareto_front(points)]
-    return {"methods": rows, "pareto_front": front, "matched": matched(rows, table)}
+    return {"methods": rows, "pareto_front": front, "matched": matched(rows, table, key_m)}
 
 
-def matched(rows: dict[str, dict], table: dict[str, Method]) -> dict[str, dict[str, Any]]:
-    """For each static baseline: the cheapest energy-aware TTT point at no worse bits/char.
+def matched(
+    rows: dict[str, dict], table: dict[str, Method], key: str = "bpc"
+) -> dict[str, dict[str, Any]]:
+    """For each static baseline: the cheapest energy-aware TTT point at no worse ``key``.
 
     ``beats`` when that point uses less dynamic energy per token than the baseline (means over
     seeds); ``None`` when no energy-aware point is as accurate as the baseline.
@@ -748,14 +848,14 @@ def matched(rows: dict[str, dict], table: dict[str, Method]) -> dict[str, dict[s
     for name, method in table.items():
         if method.kind not in BASELINES:
             continue
-        bpc, energy = rows[name]["bpc"]["mean"], rows[name]["uj_per_token"]["mean"]
-        ok = [n for n in aware if rows[n]["bpc"]["mean"] <= bpc]
+        bpc, energy = rows[name][key]["mean"], rows[name]["uj_per_token"]["mean"]
+        ok = [n for n in aware if rows[n][key]["mean"] <= bpc]
         best = min(ok, key=lambda n: rows[n]["uj_per_token"]["mean"]) if ok else None
         out[name] = {
             "baseline_bpc": bpc,
             "baseline_uj": energy,
             "best_aware": best,
-            "aware_bpc": rows[best]["bpc"]["mean"] if best else None,
+            "aware_bpc": rows[best][key]["mean"] if best else None,
             "aware_uj": rows[best]["uj_per_token"]["mean"] if best else None,
             "beats": (rows[best]["uj_per_token"]["mean"] < energy) if best else None,
         }
@@ -775,10 +875,21 @@ def _fmt(entry: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
 def summary(results: dict[str, Any], cfg) -> str:
     """Markdown tables: every method, the matched-accuracy comparison, the budgets."""
     del cfg
+    return summary_tables(results, BPC)
+
+
+def _change(entry: dict[str, Any], metric: Metric) -> str:
+    """A change vs no_ttt: percent when relative, accuracy points (pp) when absolute."""
+    return _fmt(entry, 1, 100) + ("%" if metric.relative else " pp")
+
+
+def summary_tables(results: dict[str, Any], metric: Metric) -> str:
+    """:func:`summary`'s tables for any metric."""
     rows = results["methods"]
     front = set(results["pareto_front"])
+    m_key, label = metric.key, metric.label
     lines = [
-        "| method | bits/char | Δ bits/char vs no TTT | routed expert energy/token, last "
+        f"| method | {label} | Δ {label} vs no TTT | routed expert energy/token, last "
         "quarter (µJ) | dyn. energy/token (µJ) | energy reduction | total energy/token (µJ) "
         "| EDP (µJ·ns) | TTT overhead (wall) | adapt share of energy | Pareto | ≥20% & <5% |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -788,7 +899,7 @@ def summary(results: dict[str, Any], cfg) -> str:
             _fmt(r["overhead"], 1, 100) + "%" if r["meets_overhead_target"] is not None else "-"
         )
         lines.append(
-            f"| {name} | {_fmt(r['bpc'])} | {_fmt(r['bpc_change'], 1, 100)}% | "
+            f"| {name} | {_fmt(r[m_key])} | {_change(r[f'{m_key}_change'], metric)} | "
             f"{_fmt(r['routed_uj_per_token_late'], 4)} | {_fmt(r['uj_per_token'], 4)} | "
             f"{_fmt(r['energy_reduction'], 1, 100)}% | "
             f"{_fmt(r['total_uj_per_token'], 4)} | {_fmt(r['edp'], 3, 1e15)} | {overhead} | "
@@ -798,9 +909,9 @@ def summary(results: dict[str, Any], cfg) -> str:
     lines += [
         "",
         "**Matched accuracy**: the cheapest energy-aware TTT point (energy_ttt or budget) with "
-        "bits/char no worse than each static baseline.",
+        f"{label} no worse than each static baseline.",
         "",
-        "| baseline | bits/char | µJ/token | best energy-aware at ≤ bits/char | its bits/char "
+        f"| baseline | {label} | µJ/token | best energy-aware at ≤ {label} | its {label} "
         "| its µJ/token | energy-aware wins |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -823,7 +934,7 @@ def summary(results: dict[str, Any], cfg) -> str:
             "kept = mean power over the second half of the stream within the budget).",
             "",
             "| budget | budget (W) | mean power, 2nd half (W) | final level | final top-k | "
-            "experts pruned | kept | plan predicts budget met | bits/char |",
+            f"experts pruned | kept | plan predicts budget met | {label} |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name in budgets:
@@ -831,7 +942,7 @@ def summary(results: dict[str, Any], cfg) -> str:
             lines.append(
                 f"| {name} | {_fmt(r['budget_w'], 2)} | {_fmt(r['late_power_w'], 2)} | "
                 f"{r['final_level']} | {r['final_top_k']} | {r['final_pruned']} | "
-                f"{r['budget_kept']} | {r['plan_budget_met']} | {_fmt(r['bpc'])} |"
+                f"{r['budget_kept']} | {r['plan_budget_met']} | {_fmt(r[m_key])} |"
             )
     return "\n".join(lines)
 
@@ -848,15 +959,15 @@ def _pyplot():
     return plt
 
 
-def plot_pareto(results: dict[str, Any], path: str) -> None:
-    """Dynamic energy per token vs bits/char for every method (means ± CI), front joined."""
+def plot_pareto(results: dict[str, Any], path: str, metric: Metric = BPC) -> None:
+    """Dynamic energy per token vs the metric for every method (means ± CI), front joined."""
     plt = _pyplot()
     rows, kinds = results["methods"], results["kinds"]
     colors = {"no_ttt": "k", "ttt": "tab:blue", "energy_ttt": "tab:green", "budget": "tab:purple",
               "prune": "tab:red", "top_k": "tab:orange"}  # fmt: skip
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     for name, r in rows.items():
-        x, y = r["uj_per_token"], r["bpc"]
+        x, y = r["uj_per_token"], r[metric.key]
         ax.errorbar(x["mean"], y["mean"], xerr=np.nan_to_num(x["ci"]),
                     yerr=np.nan_to_num(y["ci"]), fmt="o", color=colors[kinds[name]],
                     label=kinds[name], ms=5, capsize=2)  # fmt: skip
@@ -864,31 +975,35 @@ def plot_pareto(results: dict[str, Any], path: str) -> None:
                     textcoords="offset points")  # fmt: skip
     front = sorted(results["pareto_front"], key=lambda n: rows[n]["uj_per_token"]["mean"])
     xs = [rows[n]["uj_per_token"]["mean"] for n in front]
-    ax.plot(xs, [rows[n]["bpc"]["mean"] for n in front], "k--", lw=0.8, label="Pareto front")
+    ys = [rows[n][metric.key]["mean"] for n in front]
+    ax.plot(xs, ys, "k--", lw=0.8, label="Pareto front")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=7)
     ax.set_xlabel("dynamic energy per token (µJ, simulated monitor, adaptation included)")
-    ax.set_ylabel("bits per character on the shifted stream (prequential)")
-    ax.set_title("energy vs accuracy, docs -> code")
+    ax.set_ylabel(f"{metric.label} on the shifted stream (prequential)")
+    ax.set_title("energy vs accuracy on the shifted stream")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def heatmap_methods(results: dict[str, Any]) -> list[str]:
+def heatmap_methods(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
     """no_ttt, ttt and the energy-aware TTT point with the largest saving at < 5% loss."""
     rows, kinds = results["methods"], results["kinds"]
-    aware = [n for n in rows if kinds[n] == "energy_ttt" and rows[n]["bpc_change"]["mean"] < 0.05]
+    change = f"{metric.key}_change"
+    aware = [n for n in rows if kinds[n] == "energy_ttt" and rows[n][change]["mean"] < 0.05]
     aware = aware or [n for n in rows if kinds[n] == "energy_ttt"]
     pick = max(aware, key=lambda n: rows[n]["energy_reduction"]["mean"])
     return ["no_ttt", "ttt", pick]
 
 
-def plot_heatmaps(results: dict[str, Any], cells: dict[str, list], path: str) -> None:
+def plot_heatmaps(
+    results: dict[str, Any], cells: dict[str, list], path: str, metric: Metric = BPC
+) -> None:
     """Share of each layer's assignments per expert over the last quarter of the stream."""
     plt = _pyplot()
-    shown = heatmap_methods(results)
+    shown = heatmap_methods(results, metric)
     widths = results["expert_widths"]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.2), squeeze=False)
     for ax, name in zip(axes[0], shown, strict=True):
@@ -908,8 +1023,10 @@ def plot_heatmaps(results: dict[str, Any], cells: dict[str, list], path: str) ->
     plt.close(fig)
 
 
-def plot_convergence(results: dict[str, Any], cells: dict[str, list], path: str) -> None:
-    """Expected routing energy and next-byte loss of the adapted batch vs adaptation step."""
+def plot_convergence(
+    results: dict[str, Any], cells: dict[str, list], path: str, metric: Metric = BPC
+) -> None:
+    """Expected routing energy and the task loss of the adapted batch vs adaptation step."""
     plt = _pyplot()
     kinds = results["kinds"]
     fig, (ax_e, ax_l) = plt.subplots(1, 2, figsize=(10.0, 3.8))
@@ -917,22 +1034,23 @@ def plot_convergence(results: dict[str, Any], cells: dict[str, list], path: str)
         if kinds[name] not in ("ttt", "energy_ttt") or not runs[0]["curve_energy_uj"]:
             continue
         energy = np.mean([r["curve_energy_uj"] for r in runs], axis=0)
-        loss = np.mean([r["curve_loss"] for r in runs], axis=0) / math.log(2)
+        loss = np.mean([r["curve_loss"] for r in runs], axis=0) * metric.scale
         steps = np.arange(1, len(energy) + 1)
         ax_e.plot(steps, energy, label=name, lw=1)
         ax_l.plot(steps, loss, label=name, lw=1)
     ax_e.set_xlabel("adaptation step (cumulative over the stream)")
     ax_e.set_ylabel("expected expert energy (µJ/token)")
     ax_l.set_xlabel("adaptation step (cumulative over the stream)")
-    ax_l.set_ylabel("next-byte loss of the adapted windows (bits)")
+    ax_l.set_ylabel(metric.loss_label)
     ax_e.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_budget(results: dict[str, Any], cells: dict[str, list], path: str) -> None:
+def plot_budget(results: dict[str, Any], cells: dict[str, list], path: str, metric=BPC) -> None:
     """Power per batch (seed 0) against each budget, and λ_energy from the controller."""
+    del metric  # the same for every metric
     plt = _pyplot()
     names = [n for n in cells if results["kinds"][n] == "budget"]
     fig, (ax_p, ax_l) = plt.subplots(1, 2, figsize=(10.0, 3.8))
@@ -956,22 +1074,25 @@ def plot_budget(results: dict[str, Any], cells: dict[str, list], path: str) -> N
 
 
 PLOTS = {
-    "pareto": lambda results, cells, path: plot_pareto(results, path),
+    "pareto": lambda results, cells, path, metric: plot_pareto(results, path, metric),
     "heatmap": plot_heatmaps,
     "convergence": plot_convergence,
     "budget": plot_budget,
 }
 
 
-def plot_all(results: dict[str, Any], cells: dict[str, list], folder: str) -> list[str]:
-    """Write ``energy_moe_<plot>.png`` for every plot into ``folder``; returns the paths."""
+def plot_all(
+    results: dict[str, Any], cells: dict[str, list], folder: str, *, metric: Metric = BPC,
+    prefix: str = "energy_moe",
+) -> list[str]:  # fmt: skip
+    """Write ``<prefix>_<plot>.png`` for every plot into ``folder``; returns the paths."""
     os.makedirs(folder, exist_ok=True)
     paths = []
     for name, fn in PLOTS.items():
         if name == "budget" and "budget" not in results["kinds"].values():
             continue
-        path = os.path.join(folder, f"energy_moe_{name}.png")
-        fn(results, cells, path)
+        path = os.path.join(folder, f"{prefix}_{name}.png")
+        fn(results, cells, path, metric)
         paths.append(path)
     return paths
 
@@ -979,9 +1100,10 @@ def plot_all(results: dict[str, Any], cells: dict[str, list], folder: str) -> li
 # --- report and demo --------------------------------------------------------------------------
 
 
-def _reading(results: dict[str, Any]) -> list[str]:
-    """Plain-language reading of the targets, computed from the results."""
+def reading(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
+    """Plain-language reading of the targets for any metric, computed from the results."""
     rows, kinds = results["methods"], results["kinds"]
+    m_key, label = metric.key, metric.label
     aware = [n for n in rows if kinds[n] in ENERGY_AWARE]
     hits = [n for n in aware if rows[n]["meets_energy_target"]]
     both = [n for n in hits if rows[n]["meets_overhead_target"]]
@@ -994,8 +1116,8 @@ def _reading(results: dict[str, Any]) -> list[str]:
         f"- Without TTT the experts are {100 * share:.0f}% of the dynamic energy (the rest is "
         "attention, projections, router and LM head, which routing cannot change): a 20% "
         f"total saving needs the experts' energy cut by {min(100 * 0.2 / share, 999):.0f}%.",
-        f"- TTT without the energy term changes bits/char by "
-        f"{100 * ttt['bpc_change']['mean']:+.1f}% and energy by "
+        f"- TTT without the energy term changes {label} by "
+        f"{_change(ttt[f'{m_key}_change'], metric)} and energy by "
         f"{-100 * ttt['energy_reduction']['mean']:+.1f}%; the adaptation's own forward and "
         f"backward passes are {100 * adapt_share:.1f}% of the energy-aware TTT runs' dynamic "
         "energy.",
@@ -1007,7 +1129,8 @@ def _reading(results: dict[str, Any]) -> list[str]:
             if n != "no_ttt" and kinds[n] != "budget"
         )
         + ".",
-        f"- Energy-aware points meeting ≥ 20% energy reduction with < 5% bits/char increase: "
+        f"- Energy-aware points meeting ≥ 20% energy reduction with < 5"
+        f"{'%' if metric.relative else ' pp'} {label} increase: "
         f"{', '.join(hits) or 'none'}; of those also with TTT overhead < 10%: "
         f"{', '.join(both) or 'none'}.",
     ]
@@ -1017,8 +1140,8 @@ def _reading(results: dict[str, Any]) -> list[str]:
         else:
             verdict = "uses less" if m["beats"] else "does NOT use less"
             lines.append(
-                f"- vs {name} ({m['baseline_bpc']:.3f} bits/char, {m['baseline_uj']:.4f} µJ/tok): "
-                f"{m['best_aware']} ({m['aware_bpc']:.3f} bits/char) {verdict} energy "
+                f"- vs {name} ({m['baseline_bpc']:.3f} {label}, {m['baseline_uj']:.4f} µJ/tok): "
+                f"{m['best_aware']} ({m['aware_bpc']:.3f} {label}) {verdict} energy "
                 f"({m['aware_uj']:.4f} µJ/tok)."
             )
     return lines
@@ -1081,7 +1204,7 @@ def write_report(results: dict[str, Any], cells: dict[str, list], cfg) -> None:
             "",
             "**Reading (computed from the numbers above):**",
             "",
-            *_reading(results),
+            *reading(results),
             "",
             "![Pareto](docs/figures/energy_moe_pareto.png)",
             "![expert activation](docs/figures/energy_moe_heatmap.png)",
