@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import report
-from experiments.timing import matmul_rate, rel_err, time_or_reason
+from experiments.timing import kernel_bench_main, matmul_rate, rel_err, time_or_reason
 from kernels_pallas.moe_dispatch import gmm, gmm_pallas, moe_dispatch, sort_by_expert, top_k_routing
 
 SECTION = "kernels_moe_dispatch"
@@ -312,17 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "python -m experiments.bench_dispatch " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    if jax.default_backend() != "gpu" and not args.smoke:
-        print("warning: no GPU; the kernels run in interpret mode", file=sys.stderr)
-    header, rows = run(args)
-    body = markdown(header, rows, command.strip(), args.smoke)
-    print(body)
-    if args.write:
-        report.update_section(SECTION, body, args.benchmarks)
-        print(f"wrote section {SECTION} of {args.benchmarks}", file=sys.stderr)
+    args.argv = sys.argv[1:] if argv is None else argv
+    kernel_bench_main("experiments.bench_dispatch", SECTION, args, run, markdown)
 
 
 if __name__ == "__main__":

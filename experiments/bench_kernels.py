@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
-from experiments.timing import copy_bandwidth, exp_rate, rel_err, time_or_reason
+from experiments.timing import copy_bandwidth, exp_rate, kernel_bench_main, rel_err, time_or_reason
 from kernels_pallas.selective_scan import selective_scan
 
 SECTION = "kernels_selective_scan"
@@ -248,17 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "python -m experiments.bench_kernels " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    if jax.default_backend() != "gpu" and not args.smoke:
-        print("warning: no GPU; the kernel runs in interpret mode", file=sys.stderr)
-    header, rows = run(args)
-    body = markdown(header, rows, command.strip(), args.smoke)
-    print(body)
-    if args.write:
-        report.update_section(SECTION, body, args.benchmarks)
-        print(f"wrote section {SECTION} of {args.benchmarks}", file=sys.stderr)
+    args.argv = sys.argv[1:] if argv is None else argv
+    kernel_bench_main("experiments.bench_kernels", SECTION, args, run, markdown)
 
 
 if __name__ == "__main__":

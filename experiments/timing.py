@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -106,3 +107,23 @@ def cpu_seconds() -> tuple[float, float]:
     ticks = [int(f) for f in fields]  # user nice system idle iowait irq softirq steal
     hz = os.sysconf("SC_CLK_TCK")
     return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
+
+
+def kernel_bench_main(module: str, section: str, args, run, markdown) -> None:
+    """The shared ``main`` of the GPU kernel benchmarks: run the sweep, print the Markdown
+    table, and with ``--write`` replace ``section`` of ``args.benchmarks``.
+
+    ``run(args) -> (header, rows)`` and ``markdown(header, rows, command, smoke) -> str`` are
+    the benchmark's own; ``module`` names it in the reproducing command.
+    """
+    from experiments import report  # standard library only
+
+    command = f"python -m {module} " + " ".join(args.argv)
+    if jax.default_backend() != "gpu" and not args.smoke:
+        print("warning: no GPU; the kernels run in Pallas interpret mode", file=sys.stderr)
+    header, rows = run(args)
+    body = markdown(header, rows, command.strip(), args.smoke)
+    print(body)
+    if args.write:
+        report.update_section(section, body, args.benchmarks)
+        print(f"wrote section {section} of {args.benchmarks}", file=sys.stderr)
