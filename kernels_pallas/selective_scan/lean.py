@@ -5,17 +5,21 @@ which dominates a Mamba layer's backward (N = 16 times its activations). Here th
 cut into L/T chunks of T steps and
 
 * the forward pass runs the same recurrence (a scan over chunks of a scan over steps) and
-  saves only its inputs plus the state entering each chunk: (L/T, B, D, N);
-* the backward pass walks the chunks in reverse; for each it recomputes the chunk's T states
-  from the saved entry state, then runs the adjoint recurrence backwards through the chunk.
+  saves only its inputs plus the state entering each chunk: (L/T, B, N, D);
+* the backward pass walks the chunks in reverse. For each chunk it computes the T transitions
+  Ā_t and inputs B̄x_t at once, recomputes the T states from the saved entry state (a scan of
+  multiply-adds), runs the adjoint recurrence g backwards through the chunk (another), and
+  then forms every input gradient from the stacked (T, B, N, D) states and adjoints in a few
+  chunk-wide ops, so the sequential loops carry only the two recurrences.
 
 A call that is not differentiated runs one flat scan (no entry states). Peak memory of the
-gradient is O(B·L·D + (L/T + T)·B·D·N) instead of O(B·L·D·N); T ≈ √L minimises it. Compute
-is one extra forward pass. The backward rule is ordinary differentiable ``jnp``/``lax.scan``, so
-``jax.grad`` of a function of ``jax.grad`` (second order) works through it; that outer
-derivative is plain autodiff of both rules, so it is not memory-lean itself. Forward mode
-(``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is refused by any ``custom_vjp``: use the plain
-scan (``lean_backward=False``) for it.
+gradient is O(B·L·D + (L/T + T)·B·D·N) instead of O(B·L·D·N); T ≈ √L minimises it. Compute is
+one extra forward pass. States are kept state-major, (B, N, D), as in :mod:`.reference`. The
+backward rule is ordinary differentiable ``jnp``/``lax.scan``, so ``jax.grad`` of a function of
+``jax.grad`` (second order) works through it; that outer derivative is plain autodiff of both
+rules, so it is not memory-lean itself. Forward mode (``jax.jvp``, ``jax.jacfwd``,
+``jax.hessian``) is refused by any ``custom_vjp``: use the plain scan (``lean_backward=False``)
+for it.
 
 Adjoint recurrence. With a_t = exp(Δ_t A), b_t = Δ_t x_t B_t, h_t = a_t h_{t-1} + b_t and
 y_t = Σ_n C_t[n] h_t[·, n], write g_t for the total cotangent of h_t:
@@ -38,33 +42,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.selective_scan.reference import step
+from kernels_pallas.selective_scan.reference import inject, readout, step, transition
+
+_EXACT = lax.Precision.HIGHEST
 
 
-def _chunk_outputs(A, h0, chunk):
-    """Run one chunk from entry state h0. chunk: (x, Δ, B, C) each (T, B, ·).
-
-    Returns (h_exit (B, D, N), y (T, B, D)).
-    """
-    return lax.scan(lambda h, inputs: step(A, h, *inputs), h0, chunk)
-
-
-def _chunk_states(A, h0, chunk):
-    """All T states of one chunk, (T, B, D, N), recomputed from its entry state h0."""
-
-    def body(h, inputs):
-        h, _ = step(A, h, *inputs)
-        return h, h
-
-    return lax.scan(body, h0, chunk)[1]
-
-
-def _forward(xs, ds, A, Bs, Cs):
+def _forward(xs, ds, AT, Bs, Cs):
     """The chunked forward: returns ((y, h_last), h_entry). Inputs (L/T, T, B, ·)."""
-    h0 = jnp.zeros((xs.shape[2], A.shape[0], A.shape[1]), xs.dtype)
+    h0 = jnp.zeros((xs.shape[2],) + AT.shape, xs.dtype)
 
     def body(h, chunk):
-        h_exit, y = _chunk_outputs(A, h, chunk)
+        h_exit, y = lax.scan(lambda h, inputs: step(AT, h, *inputs), h, chunk)
         return h_exit, (y, h)
 
     h_last, (ys, h_entry) = lax.scan(body, h0, (xs, ds, Bs, Cs))
@@ -72,53 +60,69 @@ def _forward(xs, ds, A, Bs, Cs):
 
 
 @jax.custom_vjp
-def _chunked_scan(xs, ds, A, Bs, Cs):
+def _chunked_scan(xs, ds, AT, Bs, Cs):
     # Not differentiated: no entry states are needed, so run one flat scan over all steps
     # (the same steps in the same order as _forward, without the nested loop's overhead).
     flat = tuple(a.reshape((-1,) + a.shape[2:]) for a in (xs, ds, Bs, Cs))
-    h0 = jnp.zeros((xs.shape[2], A.shape[0], A.shape[1]), xs.dtype)
-    h_last, ys = lax.scan(lambda h, inputs: step(A, h, *inputs), h0, flat)
+    h0 = jnp.zeros((xs.shape[2],) + AT.shape, xs.dtype)
+    h_last, ys = lax.scan(lambda h, inputs: step(AT, h, *inputs), h0, flat)
     return ys.reshape(xs.shape[:2] + ys.shape[1:]), h_last
 
 
-def _fwd(xs, ds, A, Bs, Cs):
-    out, h_entry = _forward(xs, ds, A, Bs, Cs)
-    return out, (xs, ds, A, Bs, Cs, h_entry)
+def _fwd(xs, ds, AT, Bs, Cs):
+    out, h_entry = _forward(xs, ds, AT, Bs, Cs)
+    return out, (xs, ds, AT, Bs, Cs, h_entry)
+
+
+def _chunk_states(h0, a, b):
+    """The chunk's T states h_t = a_t h_{t-1} + b_t from its entry state h0, (T, B, N, D)."""
+
+    def body(h, ab):
+        h = ab[0] * h + ab[1]
+        return h, h
+
+    return lax.scan(body, h0, (a, b))[1]
+
+
+def _chunk_adjoints(g_next, a, Cm, gy):
+    """Total cotangents g_t = C_t ⊗ ḡy_t + a_{t+1} g_{t+1} of the chunk's states, (T, B, N, D).
+
+    ``g_next`` is a_{t+1} g_{t+1} arriving from the chunk after this one; returns it for the
+    chunk before (a_0 g_0) as well.
+    """
+
+    def body(g_next, inputs):
+        a_t, C_t, gy_t = inputs
+        g = g_next + C_t[:, :, None] * gy_t[:, None, :]
+        return a_t * g, g
+
+    return lax.scan(body, g_next, (a, Cm, gy), reverse=True)
 
 
 def _bwd(residuals, cotangents):
-    xs, ds, A, Bs, Cs, h_entry = residuals
-    gys, g_last = cotangents  # (L/T, T, B, D), (B, D, N)
+    xs, ds, AT, Bs, Cs, h_entry = residuals
+    gys, g_last = cotangents  # (L/T, T, B, D), (B, N, D)
 
     def chunk_body(carry, chunk):
-        g_next, gA = carry  # g_next: cotangent reaching h_t from later steps (a_{t+1} g_{t+1})
+        g_next, gAT = carry
         h0, x, d, Bm, Cm, gy = chunk
-        hs = _chunk_states(A, h0, (x, d, Bm, Cm))  # (T, B, D, N)
+        a = transition(AT, d)  # (T, B, N, D)
+        hs = _chunk_states(h0, a, inject(x, d, Bm))
+        g_first, gs = _chunk_adjoints(g_next, a, Cm, gy)
         h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+        g_pre = gs * a * h_prev  # cotangent of Δ_t A through a_t
+        gB_sum = readout(gs, Bm)  # Σ_n g B_t, (T, B, D)
+        gd = jnp.einsum("tbnd,nd->tbd", g_pre, AT, precision=_EXACT) + gB_sum * x
+        gx = gB_sum * d
+        gB = jnp.einsum("tbnd,tbd->tbn", gs, d * x, precision=_EXACT)
+        gC = jnp.einsum("tbnd,tbd->tbn", hs, gy, precision=_EXACT)
+        gAT = gAT + jnp.einsum("tbnd,tbd->nd", g_pre, d, precision=_EXACT)
+        return (g_first, gAT), (gx, gd, gB, gC)
 
-        def step_body(carry, inputs):
-            g_next, gA = carry
-            h_prev_t, h_t, x_t, d_t, B_t, C_t, gy_t = inputs
-            a = jnp.exp(d_t[..., None] * A)  # (B, D, N)
-            g = g_next + gy_t[..., None] * C_t[:, None, :]  # total cotangent of h_t
-            gC = jnp.sum(gy_t[..., None] * h_t, axis=1)  # (B, N)
-            g_pre = g * a * h_prev_t  # cotangent of Δ_t A through a_t
-            gB_sum = jnp.sum(g * B_t[:, None, :], axis=-1)  # Σ_n g B_t, (B, D)
-            gd = jnp.sum(g_pre * A, axis=-1) + gB_sum * x_t
-            gx = gB_sum * d_t
-            gB = jnp.sum(g * (d_t * x_t)[..., None], axis=1)  # (B, N)
-            gA = gA + jnp.sum(g_pre * d_t[..., None], axis=0)
-            return (a * g, gA), (gx, gd, gB, gC)
-
-        carry, grads = lax.scan(
-            step_body, (g_next, gA), (h_prev, hs, x, d, Bm, Cm, gy), reverse=True
-        )
-        return carry, grads
-
-    (_, gA), (gxs, gds, gBs, gCs) = lax.scan(
-        chunk_body, (g_last, jnp.zeros_like(A)), (h_entry, xs, ds, Bs, Cs, gys), reverse=True
+    (_, gAT), (gxs, gds, gBs, gCs) = lax.scan(
+        chunk_body, (g_last, jnp.zeros_like(AT)), (h_entry, xs, ds, Bs, Cs, gys), reverse=True
     )
-    return gxs, gds, gA, gBs, gCs
+    return gxs, gds, gAT, gBs, gCs
 
 
 _chunked_scan.defvjp(_fwd, _bwd)
@@ -154,6 +158,6 @@ def lean_scan_states(
     chunk = max(1, min(int(chunk_size), length))
     num_chunks = -(-length // chunk)
     xs, ds, Bs, Cs = (_to_chunks(a, num_chunks, chunk) for a in (x, delta, B, C))
-    ys, h_last = _chunked_scan(xs, ds, A, Bs, Cs)
+    ys, h_last = _chunked_scan(xs, ds, A.T, Bs, Cs)
     ys = ys.reshape((num_chunks * chunk,) + ys.shape[2:])[:length]
-    return jnp.swapaxes(ys, 0, 1), h_last
+    return jnp.swapaxes(ys, 0, 1), jnp.swapaxes(h_last, 1, 2)

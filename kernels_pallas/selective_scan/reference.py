@@ -66,8 +66,31 @@ def finish(
     return y.astype(out_dtype)
 
 
+# The scan forms keep the state state-major, (B, N, D): channels are the contiguous axis, so
+# every per-step op is a vector op over D and the read-out over N is a small dot. The
+# channels-last (B, D, N) layout with a reduction over N costs about 10x more per step on
+# XLA:CPU at B = 1 (that reduction is dispatched to a library call whose fixed cost dominates
+# a step); see BENCHMARKS.md, "bench_scan_mambapy".
+_EXACT = lax.Precision.HIGHEST  # full float32 dots on accelerators too (no TF32/bf16 passes)
+
+
+def transition(AT: jax.Array, d: jax.Array) -> jax.Array:
+    """Ā = exp(Δ A), state-major: d (..., B, D), AT = Aᵀ (N, D) -> (..., B, N, D)."""
+    return jnp.exp(d[..., None, :] * AT)
+
+
+def inject(x: jax.Array, d: jax.Array, B: jax.Array) -> jax.Array:
+    """B̄x = Δ x B, state-major: x, d (..., B, D), B (..., B, N) -> (..., B, N, D)."""
+    return (d * x)[..., None, :] * B[..., :, None]
+
+
+def readout(h: jax.Array, C: jax.Array) -> jax.Array:
+    """y[d] = Σ_n C[n] h[n, d]: h (..., B, N, D), C (..., B, N) -> (..., B, D)."""
+    return jnp.einsum("...nd,...n->...d", h, C, precision=_EXACT)
+
+
 def step(
-    A: jax.Array,
+    AT: jax.Array,
     h: jax.Array,
     x_t: jax.Array,
     d_t: jax.Array,
@@ -76,13 +99,11 @@ def step(
 ) -> tuple[jax.Array, jax.Array]:
     """One step of the recurrence: h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t; y_t = C_t · h_t.
 
-    Shapes: A (D, N); h (B, D, N); x_t, d_t (B, D); B_t, C_t (B, N) -> (h_t (B, D, N), y_t (B, D)).
-    Written with elementwise products and sums (no dot), so no matmul precision setting can
-    change it on an accelerator.
+    State-major shapes: AT = Aᵀ (N, D); h (B, N, D); x_t, d_t (B, D); B_t, C_t (B, N)
+    -> (h_t (B, N, D), y_t (B, D)).
     """
-    a = jnp.exp(d_t[..., None] * A)  # Ā_t, (B, D, N)
-    h = a * h + (d_t * x_t)[..., None] * B_t[:, None, :]
-    return h, jnp.sum(h * C_t[:, None, :], axis=-1)
+    h = transition(AT, d_t) * h + inject(x_t, d_t, B_t)
+    return h, readout(h, C_t)
 
 
 def _time_major(a: jax.Array) -> jax.Array:
@@ -107,13 +128,14 @@ def scan_states(
     Returns:
         ``(y, h_last)``: y (B, L, D) = C_t · h_t without the D skip or gate; h_last (B, D, N).
     """
-    h0 = jnp.zeros((x.shape[0], A.shape[0], A.shape[1]), x.dtype)
+    AT = A.T
+    h0 = jnp.zeros((x.shape[0],) + AT.shape, x.dtype)
 
     def body(h, inputs):
-        return step(A, h, *inputs)
+        return step(AT, h, *inputs)
 
     h_last, ys = lax.scan(body, h0, tuple(_time_major(a) for a in (x, delta, B, C)))
-    return _time_major(ys), h_last
+    return _time_major(ys), jnp.swapaxes(h_last, 1, 2)
 
 
 def associative_states(
