@@ -14,12 +14,13 @@ reconstruction from the left context). The batch is ``vmap`` over inputs of that
 
 Training minimises (Graves 2016-style ponder cost, plus an update penalty)::
 
-    L_total = E[L_task] + λ · E[Cost(K)] + β · E[Σ_k ‖Δψ_k‖²]
+    L_total = E[L_task] + λ · E[Cost(K)] + β · E[Σ_k ‖Δψ_k‖²] + μ · E[s]
 
 with K = Σ_k w_k the soft count of the relaxed weights, Cost(K) = K (``"linear"``) or K²
-(``"quadratic"``), and ‖Δψ_k‖ the core's ``update_norms``. The outer step learns θ, ψ₀ and the
-thresholds jointly (optax), first order (inner gradients stopped; ∂/∂w_k still flows) or
-second order through the inner loop (``first_order=False``).
+(``"quadratic"``), ‖Δψ_k‖ the core's ``update_norms`` and μ (``int_weight``, default 0) the
+weight of the self-supervised loss itself (joint training, as in Sun et al. 2020). The outer
+step learns θ, ψ₀ and the thresholds jointly (optax), first order (inner gradients stopped;
+∂/∂w_k still flows) or second order through the inner loop (``first_order=False``).
 
 Baselines are controllers in the same code path (:mod:`attd.controller`): the fixed Mamba
 (``fixed_controller(0)``), full TTT (``fixed_controller(K)``), ponder-or-not
@@ -181,6 +182,7 @@ def make_attd(
     cost: str | Callable[[jax.Array], jax.Array] = "linear",
     lam: float = 0.01,
     beta: float = 0.0,
+    int_weight: float = 0.0,
     straight_through: bool = False,
     signal_grad: bool = False,
     mask_token: int = 0,
@@ -203,6 +205,10 @@ def make_attd(
         cost: ``"linear"`` (K), ``"quadratic"`` (K²) or a callable on the (B,) soft counts.
         lam: λ, weight of E[Cost(K)].
         beta: β, weight of E[Σ_k ‖Δψ_k‖²].
+        int_weight: μ, weight of E[L_int(x; θ, ψ₀)] = E[s] added to the outer objective: joint
+            training of the task and the self-supervised loss (as in Sun et al. 2020's TTT),
+            so outer training cannot make θ a worse model of its inputs and leave L_int (the
+            ponder signal and the inner loop's only information) uninformative. 0: off.
         straight_through: train with the straight-through weights instead of the relaxed ones.
         signal_grad: let the outer gradient reach θ and ψ₀ through s (default: s is a signal,
             detached, so the model cannot lower its cost by distorting its own ponder signal).
@@ -214,7 +220,8 @@ def make_attd(
         An :class:`ATTD`.
 
     Raises:
-        ValueError: unknown objective or cost, no classification head, bad mask settings.
+        ValueError: unknown objective or cost, no classification head, bad mask settings,
+            negative weights.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -226,6 +233,9 @@ def make_attd(
         cost_fn = COSTS[cost]
     else:
         cost_fn = cost
+    for name, weight in (("lam", lam), ("beta", beta), ("int_weight", int_weight)):
+        if not weight >= 0.0:
+            raise ValueError(f"{name} must be >= 0, got {weight}")
     if objective == "masked":
         if not 0 <= mask_token < config.vocab_size:
             raise ValueError(f"mask_token must be a token id < {config.vocab_size}")
@@ -307,7 +317,7 @@ def make_attd(
         task = objectives.cross_entropy(out.logits, labels)
         step_cost = jnp.mean(cost_fn(out.steps))
         penalty = jnp.mean(out.update_sq)
-        total = task + lam * step_cost + beta * penalty
+        total = task + lam * step_cost + beta * penalty + int_weight * jnp.mean(out.signal)
         accuracy = jnp.mean(jnp.argmax(out.logits, axis=-1) == labels)
         return Metrics(
             total,

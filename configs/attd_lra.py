@@ -7,6 +7,9 @@ LRA's full sizes (ListOps 2K tokens, Pathfinder 32x32, Text 1K/4K bytes; for a G
 Second- vs first-order meta-training on Text and ListOps (short inputs; 3 seeds, ~35 min on the
 shared 2-core CPU):
     python -m experiments.run --config configs/attd_lra.py:second_order --workdir runs/attd_lra_so
+Joint training: the outer loss also keeps the self-supervised loss (``+j`` methods), first and
+second order, Text and ListOps at second_order's sizes (3 seeds):
+    python -m experiments.run --config configs/attd_lra.py:joint --workdir runs/attd_lra_joint
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/attd_lra.py:tiny --workdir runs/attd_lra_tiny
 
@@ -114,6 +117,7 @@ def get_config(arg=None):
     c.attd.lam = 0.01  # λ of E[Cost(K)]
     c.attd.cost = "linear"
     c.attd.beta = 0.0  # β of E[Σ ‖Δψ_k‖²]
+    c.attd.joint_weight = 1.0  # μ of E[L_int(ψ₀)] in the outer loss of ``+j`` methods
     c.attd.temperature = 0.05  # τ of the relaxed controller, in units of s
     c.attd.first_order = True
     c.attd.remat = False  # checkpoint each inner step (memory of second order)
@@ -178,6 +182,17 @@ def get_config(arg=None):
         c.finetune.batch = 8
         c.eval.batch = 64
         c.eval.timing_repeats = 1
+    elif arg == "joint":  # second_order's sizes; does TTT help once L_int stays in the loss?
+        c = get_config("second_order")
+        c.section = "attd_lra_joint"
+        c.figure_prefix = "attd_joint"
+        c.command = (
+            "python -m experiments.run --config configs/attd_lra.py:joint "
+            "--workdir runs/attd_lra_joint"
+        )
+        # fixed+j is the control: the same joint outer loss without any inner step.
+        c.methods = ("fixed", "fixed+j", "ttt", "ttt+j", "ttt+so", "ttt+so+j", "attd+so+j")
+        c.ablation_methods = ()
     elif arg in ("tiny", "demo"):  # seconds
         c.report = False
         c.seeds = (0,)
@@ -212,6 +227,6 @@ def get_config(arg=None):
     elif arg is not None:
         raise ValueError(
             f"unknown variant {arg!r} of configs/attd_lra.py "
-            "(known: tiny, demo, lra_full, second_order)"
+            "(known: tiny, demo, lra_full, second_order, joint)"
         )
     return c

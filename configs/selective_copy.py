@@ -1,6 +1,6 @@
 """Selective copying (Mamba paper, Gu & Dao 2023, section 4.1.1) at small scale: S6 vs an LTI SSM.
 
-Command (~10 min on the 2-core CPU):
+Command (~5 min on the 2-core CPU, both models):
     python -m experiments.run --config configs/selective_copy.py --workdir runs/selective_copy
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/selective_copy.py:tiny --workdir runs/sc_tiny

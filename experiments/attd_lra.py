@@ -18,7 +18,8 @@ For each task (ListOps, Pathfinder, Text) and seed:
 
 A method name is a controller, optionally with variants joined by ``+`` (see
 :func:`parse_method`): ``attd+so`` is ATTD trained second order through the inner loop,
-``ttt+sgd`` full TTT with an SGD inner rule, ``ttt+r8`` full TTT with ψ of rank 8. So the
+``ttt+sgd`` full TTT with an SGD inner rule, ``ttt+r8`` full TTT with ψ of rank 8,
+``ttt+so+j`` second-order full TTT whose outer loss also keeps the self-supervised loss. So the
 first- vs second-order comparison (``configs/attd_lra.py:second_order``) is the same code path
 with one switch, and ``config.ablation_methods`` run on ``config.ablation_seeds`` only.
 
@@ -75,12 +76,16 @@ class MethodSpec(NamedTuple):
         second_order: ``+so``; ``None`` keeps ``attd.first_order`` of the config.
         inner_opt: ``+sgd`` / ``+adam``; ``None`` keeps ``attd.inner_opt``.
         psi_rank: ``+r<N>``; ``None`` keeps ``model.psi_rank``.
+        joint: ``+j``: the outer objective adds ``attd.joint_weight`` · E[L_int(ψ₀)] (joint
+            training of task and self-supervised loss, :func:`attd.method.make_attd`'s
+            ``int_weight``); ``None``: no such term.
     """
 
     base: str
     second_order: bool | None = None
     inner_opt: str | None = None
     psi_rank: int | None = None
+    joint: bool | None = None
 
 
 def parse_method(name: str) -> MethodSpec:
@@ -97,13 +102,15 @@ def parse_method(name: str) -> MethodSpec:
     for v in variants:
         if v == "so":
             key, value = "second_order", True
+        elif v == "j":
+            key, value = "joint", True
         elif v in INNER_RULES:
             key, value = "inner_opt", v
         elif v[:1] == "r" and v[1:].isdigit() and int(v[1:]) >= 1:
             key, value = "psi_rank", int(v[1:])
         else:
             raise ValueError(
-                f"method {name!r}: unknown variant {v!r} (known: so, sgd, adam, r<rank>)"
+                f"method {name!r}: unknown variant {v!r} (known: so, sgd, adam, r<rank>, j)"
             )
         if key in fields:
             raise ValueError(f"method {name!r}: {key} given twice")
@@ -121,6 +128,8 @@ def method_label(name: str) -> str:
         extra.append(f"{spec.inner_opt.upper() if spec.inner_opt == 'sgd' else 'Adam'} inner")
     if spec.psi_rank:
         extra.append(f"ψ rank {spec.psi_rank}")
+    if spec.joint:
+        extra.append("joint L_int")
     return ", ".join([METHOD_LABELS[spec.base], *extra])
 
 
@@ -194,6 +203,8 @@ def validate(cfg) -> None:
             raise ValueError(f"{name} must be >= 1, got {cfg[section][key]}")
     if not a.adam_eps_root >= 0:
         raise ValueError(f"attd.adam_eps_root must be >= 0, got {a.adam_eps_root}")
+    if not a.joint_weight >= 0:
+        raise ValueError(f"attd.joint_weight must be >= 0, got {a.joint_weight}")
     for name in tuple(cfg.methods) + tuple(cfg.ablation_methods):
         spec = parse_method(name)
         second = spec.second_order or not a.first_order
@@ -380,6 +391,7 @@ def make_method(name: str, apply, mcfg: MambaConfig, cfg) -> ATTD:
         cost=a.cost,
         lam=0.0 if spec.base == "attd_nocost" else a.lam,
         beta=a.beta,
+        int_weight=a.joint_weight if spec.joint else 0.0,
     )
 
 
@@ -879,8 +891,12 @@ def write_report(results: dict[str, Any], cfg) -> None:
     )
     names = tuple(cfg.methods) + tuple(cfg.ablation_methods)
     second = any(parse_method(n).second_order for n in names)
+    joint = any(parse_method(n).joint for n in names)
     title = (
-        "## ATTD on Mamba: second- vs first-order meta-training (does TTT of the dynamics "
+        "## ATTD on Mamba: joint training with the self-supervised loss (does TTT of the "
+        "dynamics help once outer training keeps L_int informative?)"
+        if joint
+        else "## ATTD on Mamba: second- vs first-order meta-training (does TTT of the dynamics "
         "help when the outer loop differentiates through it?)"
         if second
         else "## ATTD (adaptive test-time dynamics) on Mamba, Long Range Arena tasks"
@@ -891,6 +907,12 @@ def write_report(results: dict[str, Any], cfg) -> None:
         if second
         else f"first-order={a.first_order}"
     )
+    if joint:
+        order += (
+            f"; `+j` adds μ·E[L_int(x; θ, ψ₀)] with μ = {a.joint_weight} to the outer loss "
+            "(joint training, as in Sun et al. 2020), so outer training keeps θ a model of its "
+            "inputs"
+        )
     ablation = (
         [
             f"- Ablation (seed(s) {list(cfg.ablation_seeds)} only): "
@@ -998,7 +1020,7 @@ def reading(results: dict[str, Any]) -> list[str]:
                 f"split; Spearman of K with {DIFFICULTY[task_name]}: "
                 f"{_rho(e['spearman_k_difficulty'])}."
             )
-    return lines + _conclusions(results) + _order_conclusions(results)
+    return lines + _conclusions(results) + _order_conclusions(results) + _joint_conclusions(results)
 
 
 def _fixed_on(table: dict[str, Any], seeds: list[int]) -> float:
@@ -1097,6 +1119,35 @@ def _order_verdict(task_name: str, t: dict[str, Any]) -> list[str]:
             + f": Spearman of K with {DIFFICULTY[task_name]} {_rho(ci)}, mean K "
             f"{t['attd+so']['mean_k_shift']['mean']:.2f} on the shifted split."
         )
+    return lines
+
+
+def _joint_conclusions(results: dict[str, Any]) -> list[str]:
+    """``+j`` against the same method without it, and TTT against the fixed model when both are
+    trained jointly: paired shifted-accuracy differences over seeds, and L_int at ψ₀."""
+    lines = []
+    for task_name, t in results["tasks"].items():
+        pairs = [n for n in t if not parse_method(n).joint and f"{n}+j" in t]
+        if not pairs:
+            continue
+        if not lines:
+            lines = ["", "Joint training of L_int (`+j`, paired over seeds, 95% t-interval):"]
+        for n in pairs:
+            j = f"{n}+j"
+            lines.append(
+                f"- {task_name}, {method_label(n)}: shifted accuracy, with − without `+j` "
+                f"{_diff(paired_difference(t, j, n))}; L_int at ψ₀ on the shifted split "
+                f"{t[n]['lint_before_shift']['mean']:.3f} → {t[j]['lint_before_shift']['mean']:.3f}"
+            )
+        if "fixed+j" in t:
+            for n in t:
+                spec = parse_method(n)
+                if spec.joint and spec.base != "fixed":
+                    lines.append(
+                        f"- {task_name}, {method_label(n)} − {method_label('fixed+j')} (does TTT "
+                        f"help once both keep L_int?): {_diff(paired_difference(t, n, 'fixed+j'))}"
+                        f"; L_int drop ~ correctness {_drop_rho(t[n])}"
+                    )
     return lines
 
 

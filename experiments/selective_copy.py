@@ -145,5 +145,23 @@ def _report(results, cfg) -> str:
             f"accuracy on {cfg.eval.num_examples} fresh sequences.",
             "",
             summary(results, cfg),
+            "",
+            *_reading(results),
         ]
     )
+
+
+def _reading(results) -> list[str]:
+    """The issue's three checks, computed: S6 ≥ 90%, LTI ≥ 30 points lower, < 10 min a model."""
+    if set(results) != set(VARIANTS):
+        return []
+    s6, lti = (results[v]["accuracy"] for v in VARIANTS)
+    slowest = max(r["train_seconds"] for r in results.values()) / 60
+    return [
+        f"Selective {100 * s6:.1f}% (≥ 90% asked: {'met' if s6 >= 0.9 else 'not met'}); "
+        f"time-invariant {100 * lti:.1f}%, {100 * (s6 - lti):.1f} points lower (≥ 30 asked: "
+        f"{'met' if s6 - lti >= 0.3 else 'not met'}); the slower model trained in "
+        f"{slowest:.1f} min (< 10 asked: {'met' if slowest < 10 else 'not met'}). The "
+        "time-invariant SSM applies one fixed filter to every sequence, so it cannot choose "
+        "which tokens among the noise to keep."
+    ]

@@ -9,10 +9,10 @@ and its ``custom_vjp`` whose backward is the lean ``jnp`` one).
 
 from kernels_pallas.selective_scan.api import (
     BACKENDS,
-    DEFAULT_CHUNK_SIZE,
     resolve_backend,
     selective_scan,
 )
+from kernels_pallas.selective_scan.lean import auto_chunk_size
 from kernels_pallas.selective_scan.pallas import (
     DEFAULT_CONFIG,
     PallasConfig,
@@ -26,8 +26,8 @@ from kernels_pallas.selective_scan.reference import (
 
 __all__ = [
     "BACKENDS",
-    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_CONFIG",
+    "auto_chunk_size",
     "PallasConfig",
     "pallas_scan",
     "resolve_backend",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.selective_scan.lean import lean_scan_states
+from kernels_pallas.selective_scan.lean import auto_chunk_size, lean_scan_states
 from kernels_pallas.selective_scan.pallas import DEFAULT_CONFIG, PallasConfig, pallas_scan
 from kernels_pallas.selective_scan.reference import (
     associative_states,
@@ -32,7 +32,6 @@ from kernels_pallas.selective_scan.reference import (
 )
 
 BACKENDS = ("reference", "associative", "pallas", "auto")
-DEFAULT_CHUNK_SIZE = 64
 
 
 def _check_float(name: str, a) -> None:
@@ -68,8 +67,10 @@ def _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size, pallas_c
         _check_shape("delta_bias", delta_bias, (dim,), "(D,)")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive Python int, got {chunk_size!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or a positive Python int, got {chunk_size!r}")
     if pallas_config is not None and not isinstance(pallas_config, PallasConfig):
         raise ValueError(f"pallas_config must be a PallasConfig or None, got {pallas_config!r}")
 
@@ -94,7 +95,7 @@ def selective_scan(
     delta_softplus: bool = False,
     backend: str = "reference",
     lean_backward: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     return_last_state: bool = False,
     pallas_config: PallasConfig | None = None,
 ):
@@ -124,8 +125,10 @@ def selective_scan(
             autodiff of ``lax.scan`` (False). Both support reverse-over-reverse second order;
             only False supports forward mode (``jax.jvp``, ``jax.hessian``), so with False
             ``"auto"`` stays on the reference. ``"pallas"`` ignores it (its backward is lean).
-        chunk_size: T, steps per recomputed chunk of the lean backward (≈ √L is best); also
-            the T of the ``"pallas"`` backward unless ``pallas_config.lean_chunk`` is set.
+        chunk_size: T, steps per recomputed chunk of the lean backward; also the T of the
+            ``"pallas"`` backward unless ``pallas_config.lean_chunk`` is set. ``None`` (default)
+            picks it from the sizes (:func:`.lean.auto_chunk_size`: the largest power of two
+            in [8, 64] whose (T, B, N, D) block fits in 2 MiB).
         return_last_state: also return h_{L-1}; gradients flow through it too.
         pallas_config: block sizes of the ``"pallas"`` kernel; ``None`` is
             :data:`.pallas.DEFAULT_CONFIG`.
@@ -143,6 +146,10 @@ def selective_scan(
     """
     _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size, pallas_config)
     backend = resolve_backend(backend, lean_backward)
+    if chunk_size is None:
+        batch, length, dim = jnp.shape(x)
+        itemsize = compute_dtype(x, delta, A, B, C, D, z, delta_bias).itemsize
+        chunk_size = auto_chunk_size(batch, length, dim, jnp.shape(A)[1], itemsize)
     if backend == "pallas":
         out, h_last = pallas_scan(
             x, delta, A, B, C, D, z, delta_bias,

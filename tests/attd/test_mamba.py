@@ -14,7 +14,14 @@ import optax
 import pytest
 from flax import nnx
 
-from attd.mamba import Mamba, MambaConfig, MambaMixer, init_mamba, zero_a_log_delta
+from attd.mamba import (
+    Mamba,
+    MambaConfig,
+    MambaMixer,
+    causal_depthwise_conv,
+    init_mamba,
+    zero_a_log_delta,
+)
 from metattt import objectives
 from metattt import params as P
 from metattt.models.functional import functionalize
@@ -142,6 +149,30 @@ def test_parameter_names_work_with_the_presets(model):
     for i in range(CFG.n_layers):  # S4D-real initialisation: A = -(n + 1) in every channel
         a_log = np.asarray(params["layers"][str(i)]["mixer"]["A_log"])
         np.testing.assert_allclose(a_log, np.log(np.tile(np.arange(1, 5), (CFG.d_inner, 1))))
+
+
+def test_causal_depthwise_conv_matches_flax_conv_and_a_loop():
+    """The shifted-sum conv the mixer runs equals the ``nnx.Conv`` whose parameters it holds,
+    and a NumPy loop over taps and times (float64), on random inputs and weights."""
+    taps, dim = 4, 6
+    conv = nnx.Conv(
+        dim, dim, kernel_size=(taps,), padding=((taps - 1, 0),), feature_group_count=dim,
+        rngs=nnx.Rngs(3),
+    )  # fmt: skip
+    conv.bias[...] = jax.random.normal(jax.random.key(4), (dim,))
+    x = jax.random.normal(jax.random.key(5), (2, 9, dim))
+    kernel, bias = conv.kernel[...], conv.bias[...]
+    ours = causal_depthwise_conv(x, kernel, bias)
+    np.testing.assert_allclose(ours, conv(x), rtol=1e-5, atol=1e-6)
+    xn, kn, bn = (np.asarray(a, np.float64) for a in (x, kernel, bias))
+    loop = np.zeros_like(xn)
+    for t in range(xn.shape[1]):
+        loop[:, t] = bn
+        for k in range(taps):
+            src = t - (taps - 1) + k
+            if src >= 0:
+                loop[:, t] += kn[k, 0] * xn[:, src]
+    np.testing.assert_allclose(ours, loop, rtol=1e-5, atol=1e-6)
 
 
 def test_time_invariant_mixer_is_a_convolution_with_the_ssm_kernel():

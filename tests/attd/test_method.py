@@ -187,3 +187,29 @@ def test_bad_arguments_raise(attd):
         make_attd(apply, CFG, fixed_controller(1), objective="masked", mask_token=9)
     with pytest.raises(ValueError, match="tokens"):
         method.signal(params, TOKENS[0], MASK[0])
+
+
+def test_int_weight_adds_the_mean_signal_to_the_loss_and_its_gradient(attd):
+    """μ · E[s] joins the outer objective: loss and θ-gradient move by exactly μ times those of
+    the mean ponder signal (computed on its own, through ``signal``)."""
+    apply, _, params, _ = attd
+    labels = jnp.array([0, 1, 1, 0])
+    mu = 0.7
+    plain, joint = (
+        make_attd(apply, CFG, threshold_controller(K_MAX), inner_lr=LR, int_weight=w)
+        for w in (0.0, mu)
+    )
+    batch = (TOKENS, MASK, labels)
+    (l0, m0), g0 = jax.value_and_grad(plain.loss, has_aux=True)(params, batch)
+    (l1, m1), g1 = jax.value_and_grad(joint.loss, has_aux=True)(params, batch)
+    mean_s = lambda p: jnp.mean(plain.signal(p, TOKENS, MASK))
+    s, gs = jax.value_and_grad(mean_s)(params)
+    np.testing.assert_allclose(l1 - l0, mu * s, rtol=1e-5)
+    np.testing.assert_allclose(m1.task_loss, m0.task_loss, rtol=1e-6)
+    for a, b, c in zip(
+        jax.tree.leaves(g1.theta), jax.tree.leaves(g0.theta), jax.tree.leaves(gs.theta), strict=True
+    ):
+        np.testing.assert_allclose(a - b, mu * c, rtol=1e-3, atol=1e-6)
+    assert float(optax.tree.norm(gs.theta)) > 1e-3  # the check has teeth
+    with pytest.raises(ValueError, match="int_weight"):
+        make_attd(apply, CFG, fixed_controller(1), int_weight=-1.0)

@@ -199,12 +199,15 @@ def test_parse_method_reads_variants_and_rejects_unknown_ones():
     assert spec("attd_nocost+so") == attd_lra.MethodSpec("attd_nocost", second_order=True)
     assert spec("ttt+so+sgd+r8") == attd_lra.MethodSpec("ttt", True, "sgd", 8)
     assert attd_lra.method_label("ttt+so+r8") == "full TTT (K=K_max), 2nd order, ψ rank 8"
+    assert spec("ttt+so+j") == attd_lra.MethodSpec("ttt", second_order=True, joint=True)
+    assert attd_lra.method_label("fixed+j") == "fixed Mamba (K=0), joint L_int"
     for bad, message in [
         ("oracle+so", "controller must be one of"),
         ("ttt+fast", "unknown variant 'fast'"),
         ("ttt+r0", "unknown variant 'r0'"),
         ("ttt+so+so", "second_order given twice"),
         ("ttt+sgd+adam", "inner_opt given twice"),
+        ("ttt+j+j", "joint given twice"),
     ]:
         with pytest.raises(ValueError, match=message):
             spec(bad)
@@ -221,6 +224,7 @@ def test_parse_method_reads_variants_and_rejects_unknown_ones():
         ("attd.adam_eps_root", -1.0, "adam_eps_root must be >= 0"),
         ("attd.adam_eps_root", 0.0, "second order through Adam"),
         ("attd.sgd_lr", 0.0, "attd.sgd_lr"),
+        ("attd.joint_weight", -0.5, "joint_weight must be >= 0"),
     ],
 )
 def test_bad_second_order_config_raises_value_error(key, value, message):
@@ -353,3 +357,27 @@ def test_write_report_uses_the_configured_section_and_figure_prefix(
     assert "docs/figures/attd_so_probe_accuracy_vs_k.png" in body and cfg.command in body
     for plot in ("accuracy_vs_k", "k_vs_difficulty"):
         assert (tmp_path / "docs" / "figures" / f"attd_so_probe_{plot}.png").stat().st_size > 1000
+
+
+def test_joint_config_has_its_control_and_its_conclusions_match_a_loop():
+    """``:joint`` pairs each adapting ``+j`` method with the jointly trained fixed model; the
+    reading's paired differences are those of a loop over seeds."""
+    cfg = attd_config.get_config("joint")
+    attd_lra.validate(cfg)
+    assert (cfg.section, cfg.figure_prefix) == ("attd_lra_joint", "attd_joint")
+    assert "fixed+j" in cfg.methods and cfg.attd.joint_weight > 0
+    assert {attd_lra.parse_method(n).joint for n in cfg.methods} == {None, True}
+    cfg.eval.bootstrap = 50
+    rng = np.random.default_rng(5)
+    cells = {
+        "text": {s: {m: _fake_cell(rng, m, cfg.attd.k_max) for m in cfg.methods} for s in (0, 1, 2)}
+    }
+    out = attd_lra.aggregate(cfg, cells, {"text": {}})
+    lines = attd_lra._joint_conclusions(out)
+    acc = lambda m, s: cells["text"][s][m]["acc_shift"]
+    want = np.mean([acc("ttt+so+j", s) - acc("fixed+j", s) for s in (0, 1, 2)])
+    line = next(x for x in lines if x.startswith("- text, full TTT (K=K_max), 2nd order, joint"))
+    assert f"{want:+.3f}" in line
+    want = np.mean([acc("ttt+j", s) - acc("ttt", s) for s in (0, 1, 2)])
+    line = next(x for x in lines if x.startswith("- text, full TTT (K=K_max): shifted"))
+    assert f"{want:+.3f}" in line

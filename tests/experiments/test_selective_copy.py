@@ -27,3 +27,16 @@ def test_tiny_run_learns_above_chance(tmp_path):
     chance = 1.0 / (cfg.task.vocab - 1)
     assert results["selective"]["accuracy"] > 1.5 * chance
     assert 0.0 <= results["time_invariant"]["accuracy"] <= 1.0
+
+
+def test_reading_states_each_check_from_the_numbers():
+    met = {"selective": {"accuracy": 0.95, "train_seconds": 300.0}}
+    met["time_invariant"] = {"accuracy": 0.6, "train_seconds": 420.0}
+    (line,) = selective_copy._reading(met)
+    assert "Selective 95.0% (≥ 90% asked: met)" in line
+    assert "35.0 points lower (≥ 30 asked: met)" in line and "7.0 min (< 10 asked: met)" in line
+    met["time_invariant"] = {"accuracy": 0.7, "train_seconds": 660.0}
+    (line,) = selective_copy._reading(met)
+    assert "25.0 points lower (≥ 30 asked: not met)" in line
+    assert "11.0 min (< 10 asked: not met)" in line
+    assert selective_copy._reading({"selective": met["selective"]}) == []

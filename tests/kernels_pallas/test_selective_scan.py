@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.selective_scan import (
+    auto_chunk_size,
     selective_scan,
     selective_scan_associative,
     selective_scan_scan,
@@ -207,7 +208,7 @@ def all_args(seed, length=LENGTH, dtype=np.float32):
     return args + (kwargs["delta_bias"],)
 
 
-@pytest.mark.parametrize("chunk_size", [CHUNK, 64], ids=lambda c: f"T{c}")
+@pytest.mark.parametrize("chunk_size", [CHUNK, 64, None], ids=lambda c: f"T{c}")
 def test_lean_gradients_equal_autodiff_of_the_scan(chunk_size):
     """Also checks the primal value computed by the custom_vjp's forward rule (the chunked
     scan that saves the entry states), which undifferentiated calls never run."""
@@ -217,6 +218,23 @@ def test_lean_gradients_equal_autodiff_of_the_scan(chunk_size):
     np.testing.assert_allclose(value, plain_value, rtol=1e-6)
     for name, g_lean, g_plain in zip(ARG_NAMES, lean, plain, strict=True):
         np.testing.assert_allclose(g_lean, g_plain, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_auto_chunk_size_is_the_largest_power_of_two_block_within_2_mib():
+    """(T, B, N, D) float32 blocks: T·B·N·D·4 ≤ 2 MiB, T a power of two in [8, 64], T ≤ L."""
+    for batch, length, dim, state, itemsize in [
+        (1, 2048, 512, 16, 4),  # 32 KiB per step -> 64
+        (8, 512, 128, 16, 4),  # 64 KiB -> 32
+        (32, 128, 64, 16, 4),  # 128 KiB -> 16
+        (32, 128, 64, 16, 8),  # float64: 256 KiB -> 8
+        (64, 4096, 1024, 16, 4),  # 4 MiB per step: never below 8
+        (2, 5, 3, 4, 4),  # a short sequence: T = L
+    ]:
+        want = next(
+            t for t in (64, 32, 16, 8) if t == 8 or t * batch * dim * state * itemsize <= 2 << 20
+        )
+        got = auto_chunk_size(batch, length, dim, state, itemsize)
+        assert got == min(want, length), (batch, length, dim, state, itemsize)
 
 
 def test_associative_gradients_equal_autodiff_of_the_scan():
