@@ -10,6 +10,9 @@ shared 2-core CPU):
 Joint training: the outer loss also keeps the self-supervised loss (``+j`` methods), first and
 second order, Text and ListOps at second_order's sizes (3 seeds):
     python -m experiments.run --config configs/attd_lra.py:joint --workdir runs/attd_lra_joint
+The same with L_int = masked-token reconstruction instead of next-token prediction:
+    python -m experiments.run --config configs/attd_lra.py:joint_masked \
+        --workdir runs/attd_lra_joint_masked
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/attd_lra.py:tiny --workdir runs/attd_lra_tiny
 
@@ -182,14 +185,16 @@ def get_config(arg=None):
         c.finetune.batch = 8
         c.eval.batch = 64
         c.eval.timing_repeats = 1
-    elif arg == "joint":  # second_order's sizes; does TTT help once L_int stays in the loss?
-        c = get_config("second_order")
-        c.section = "attd_lra_joint"
-        c.figure_prefix = "attd_joint"
+    elif arg in ("joint", "joint_masked"):  # does TTT help once L_int stays in the outer loss?
+        c = get_config("second_order")  # its sizes
+        c.section = f"attd_lra_{arg}"
+        c.figure_prefix = f"attd_{arg}"
         c.command = (
-            "python -m experiments.run --config configs/attd_lra.py:joint "
-            "--workdir runs/attd_lra_joint"
+            f"python -m experiments.run --config configs/attd_lra.py:{arg} "
+            f"--workdir runs/attd_lra_{arg}"
         )
+        if arg == "joint_masked":  # the other L_int: masked-token reconstruction
+            c.attd.objective = "masked"
         # fixed+j is the control: the same joint outer loss without any inner step.
         c.methods = ("fixed", "fixed+j", "ttt", "ttt+j", "ttt+so", "ttt+so+j", "attd+so+j")
         c.ablation_methods = ()
@@ -227,6 +232,6 @@ def get_config(arg=None):
     elif arg is not None:
         raise ValueError(
             f"unknown variant {arg!r} of configs/attd_lra.py "
-            "(known: tiny, demo, lra_full, second_order, joint)"
+            "(known: tiny, demo, lra_full, second_order, joint, joint_masked)"
         )
     return c

@@ -366,6 +366,10 @@ def test_joint_config_has_its_control_and_its_conclusions_match_a_loop():
     attd_lra.validate(cfg)
     assert (cfg.section, cfg.figure_prefix) == ("attd_lra_joint", "attd_joint")
     assert "fixed+j" in cfg.methods and cfg.attd.joint_weight > 0
+    masked = attd_config.get_config("joint_masked")
+    attd_lra.validate(masked)
+    assert masked.attd.objective == "masked" and cfg.attd.objective == "next_token"
+    assert masked.section == "attd_lra_joint_masked" and masked.methods == cfg.methods
     assert {attd_lra.parse_method(n).joint for n in cfg.methods} == {None, True}
     cfg.eval.bootstrap = 50
     rng = np.random.default_rng(5)
