@@ -120,7 +120,7 @@ class MambaConfig:
 
 def _dt_bias_init(rngs: nnx.Rngs, cfg: MambaConfig) -> jax.Array:
     """Bias whose softplus is log-uniform in [dt_min, dt_max] (Mamba's Δ initialisation)."""
-    u = jax.random.uniform(rngs.params(), (cfg.d_inner,))
+    u = jax.random.uniform(rngs.params(), (cfg.d_inner,), jnp.float32)  # float32 under x64 too
     dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
     dt = jnp.maximum(dt, 1e-4)
     return dt + jnp.log(-jnp.expm1(-dt))  # inverse of softplus
