@@ -1043,16 +1043,24 @@ def _diff(ci: stats.MeanCI) -> str:
     return f"{ci.mean:+.3f} (one seed)"
 
 
+def _paired_tasks(results: dict[str, Any], has_twin, header: str, lines: list[str]):
+    """Yield (task, table, methods with a twin) for each task that has any, appending a blank
+    line and ``header`` to ``lines`` before the first. ``has_twin(name, table) -> bool``."""
+    for task_name, t in results["tasks"].items():
+        pairs = [n for n in t if has_twin(n, t)]
+        if pairs:
+            if not lines:
+                lines += ["", header]
+            yield task_name, t, pairs
+
+
 def _order_conclusions(results: dict[str, Any]) -> list[str]:
     """Second vs first order, per controller: paired accuracy differences over seeds, the L_int
     drop ↔ correctness correlation, and whether K follows difficulty."""
     lines = []
-    for task_name, t in results["tasks"].items():
-        pairs = [n for n in METHODS if n in t and f"{n}+so" in t]
-        if not pairs:
-            continue
-        if not lines:
-            lines = ["", "Second vs first order (paired over seeds, 95% t-interval):"]
+    header = "Second vs first order (paired over seeds, 95% t-interval):"
+    has_twin = lambda n, t: n in METHODS and f"{n}+so" in t
+    for task_name, t, pairs in _paired_tasks(results, has_twin, header, lines):
         for n in pairs:
             so = f"{n}+so"
             vs_fo = paired_difference(t, so, n)
@@ -1126,12 +1134,9 @@ def _joint_conclusions(results: dict[str, Any]) -> list[str]:
     """``+j`` against the same method without it, and TTT against the fixed model when both are
     trained jointly: paired shifted-accuracy differences over seeds, and L_int at ψ₀."""
     lines = []
-    for task_name, t in results["tasks"].items():
-        pairs = [n for n in t if not parse_method(n).joint and f"{n}+j" in t]
-        if not pairs:
-            continue
-        if not lines:
-            lines = ["", "Joint training of L_int (`+j`, paired over seeds, 95% t-interval):"]
+    header = "Joint training of L_int (`+j`, paired over seeds, 95% t-interval):"
+    has_twin = lambda n, t: not parse_method(n).joint and f"{n}+j" in t
+    for task_name, t, pairs in _paired_tasks(results, has_twin, header, lines):
         for n in pairs:
             j = f"{n}+j"
             lines.append(
