@@ -1,6 +1,6 @@
 """A memory-lean ``custom_vjp`` for the ``lax.scan`` form: recompute states chunk by chunk.
 
-Plain autodiff of ``lax.scan`` keeps every step's (B, D, N) intermediates: O(B·L·D·N) memory,
+Plain autodiff of ``lax.scan`` keeps every step's (B, N, D) intermediates: O(B·L·D·N) memory,
 which dominates a Mamba layer's backward (N = 16 times its activations). Here the sequence is
 cut into L/T chunks of T steps and
 
@@ -42,9 +42,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.selective_scan.reference import inject, readout, step, transition
-
-_EXACT = lax.Precision.HIGHEST
+from kernels_pallas.selective_scan.reference import (
+    DOT_PRECISION,
+    inject,
+    readout,
+    step,
+    transition,
+)
 
 
 def _forward(xs, ds, AT, Bs, Cs):
@@ -112,11 +116,11 @@ def _bwd(residuals, cotangents):
         h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
         g_pre = gs * a * h_prev  # cotangent of Δ_t A through a_t
         gB_sum = readout(gs, Bm)  # Σ_n g B_t, (T, B, D)
-        gd = jnp.einsum("tbnd,nd->tbd", g_pre, AT, precision=_EXACT) + gB_sum * x
+        gd = jnp.einsum("tbnd,nd->tbd", g_pre, AT, precision=DOT_PRECISION) + gB_sum * x
         gx = gB_sum * d
-        gB = jnp.einsum("tbnd,tbd->tbn", gs, d * x, precision=_EXACT)
-        gC = jnp.einsum("tbnd,tbd->tbn", hs, gy, precision=_EXACT)
-        gAT = gAT + jnp.einsum("tbnd,tbd->nd", g_pre, d, precision=_EXACT)
+        gB = jnp.einsum("tbnd,tbd->tbn", gs, d * x, precision=DOT_PRECISION)
+        gC = jnp.einsum("tbnd,tbd->tbn", hs, gy, precision=DOT_PRECISION)
+        gAT = gAT + jnp.einsum("tbnd,tbd->nd", g_pre, d, precision=DOT_PRECISION)
         return (g_first, gAT), (gx, gd, gB, gC)
 
     (_, gAT), (gxs, gds, gBs, gCs) = lax.scan(
@@ -169,7 +173,7 @@ def lean_scan_states(
     Args:
         x, delta: (B, L, D), delta already the effective Δ; A: (D, N); B, C: (B, L, N); all in
             one floating dtype.
-        chunk_size: T, steps per chunk (clipped to L); saved states are (ceil(L/T), B, D, N).
+        chunk_size: T, steps per chunk (clipped to L); saved states are (ceil(L/T), B, N, D).
             ``None``: :func:`auto_chunk_size`.
 
     Returns:

@@ -71,7 +71,7 @@ def finish(
 # channels-last (B, D, N) layout with a reduction over N costs about 10x more per step on
 # XLA:CPU at B = 1 (that reduction is dispatched to a library call whose fixed cost dominates
 # a step); see BENCHMARKS.md, "bench_scan_mambapy".
-_EXACT = lax.Precision.HIGHEST  # full float32 dots on accelerators too (no TF32/bf16 passes)
+DOT_PRECISION = lax.Precision.HIGHEST  # full float32 dots on accelerators too (no TF32/bf16)
 
 
 def transition(AT: jax.Array, d: jax.Array) -> jax.Array:
@@ -86,7 +86,7 @@ def inject(x: jax.Array, d: jax.Array, B: jax.Array) -> jax.Array:
 
 def readout(h: jax.Array, C: jax.Array) -> jax.Array:
     """y[d] = Σ_n C[n] h[n, d]: h (..., B, N, D), C (..., B, N) -> (..., B, D)."""
-    return jnp.einsum("...nd,...n->...d", h, C, precision=_EXACT)
+    return jnp.einsum("...nd,...n->...d", h, C, precision=DOT_PRECISION)
 
 
 def step(
@@ -115,7 +115,7 @@ def scan_states(
 ) -> tuple[jax.Array, jax.Array]:
     """The recurrence as a ``lax.scan`` over L: O(B·D·N) live state, L sequential steps.
 
-    Plain autodiff of this form stores each step's (B, D, N) intermediates, i.e. O(B·L·D·N)
+    Plain autodiff of this form stores each step's (B, N, D) intermediates, i.e. O(B·L·D·N)
     memory in the backward pass; :mod:`.lean` gives the same function a lean backward.
 
     Args:
