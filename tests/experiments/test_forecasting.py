@@ -114,7 +114,10 @@ def test_online_never_sees_a_target_early():
     start = 40
     preds, windows = F.stream_predictions(programs, params, rec, cfg.adapt, delay=p, start=start)
     frozen = F.frozen_predictions(programs, params, windows)
-    np.testing.assert_array_equal(preds[:p], frozen[:p])  # no target has arrived yet
+    # No target has arrived yet, so the stream predicts with the initial parameters. The stream
+    # and the frozen forward are two compiled programs whose fusions (and so roundings) differ
+    # by CPU, so they agree to float32 tolerance, not bit for bit (seen: 3.6e-7 on an AMD EPYC).
+    np.testing.assert_allclose(preds[:p], frozen[:p], rtol=1e-5, atol=1e-5)
     assert not np.allclose(preds[p + 2 :], frozen[p + 2 :])  # then it adapts
     tau = start + c - 1 + 12  # the last context step of window 12
     data = rec.data.copy()
