@@ -154,19 +154,18 @@ class JaxImpl:
         self._grad = jax.jit(
             jax.value_and_grad(lambda p, t: meta.batch_meta_loss(meta_loss, p, t)[0])
         )
-        self.params = model.params
-        self.opt_state = self._step.init(self.params)
+        self.state = self._step.init(model.params)
 
     def meta_grad(self, tasks: meta.Task) -> tuple[float, list[np.ndarray]]:
-        loss, grads = self._grad(self.params, tasks)
+        loss, grads = self._grad(self.state.params, tasks)
         return float(loss), jax_to_list(grads)
 
     def step(self, tasks: meta.Task) -> None:
-        self.params, self.opt_state, metrics = self._step.step(self.params, self.opt_state, tasks)
-        jax.block_until_ready((self.params, self.opt_state, metrics))
+        self.state, metrics = self._step.update(self.state, tasks)
+        jax.block_until_ready((self.state, metrics))
 
     def param_list(self) -> list[np.ndarray]:
-        return jax_to_list(self.params)
+        return jax_to_list(self.state.params)
 
 
 class TorchImpl(abc.ABC):

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from experiments import report
-from metattt import meta, online, runlog, stats
+from metattt import meta, online, runlog, stats, train
 from metattt import params as P
 from metattt.data import sessions as S
 from metattt.inner import InnerConfig, adapt
@@ -370,7 +370,7 @@ class Programs:
             dtype=_dtype(self.cfg.meta.dtype),
         )
 
-    def meta_step(self, method: str, adapt_set: str, params) -> meta.MetaStep:
+    def meta_step(self, method: str, adapt_set: str, params) -> train.Step:
         """The method's jitted meta-step (clipping, gradient accumulation, outer Adam)."""
         cfg = self.cfg
 
@@ -382,7 +382,7 @@ class Programs:
                 micro_batches=cfg.meta.micro_batches,
                 jit=False,
             )
-            return meta.MetaStep(step.init, self.jit(step.step))
+            return train.Step(step.init, self.jit(step.update))
 
         return self._cached(("meta", method, adapt_set), build)
 
@@ -577,9 +577,10 @@ def meta_train(programs: Programs, method: str, adapt_set: str, params, train, s
             cfg.meta.support_windows,
             cfg.meta.query_windows,
         )
-        params, state, m = step.step(params, state, batch)
+        state, m = step.update(state, batch)
         curve.append(float(m.query_loss))
     seconds = time.perf_counter() - start
+    params = state.params
     after = float(evaluate(params, full))
     logger.info("seed %d %s/%s: query loss %.4f -> %.4f", seed, method, adapt_set, before, after)
     info = {"query_before": before, "query_after": after, "seconds": seconds, "curve": curve}

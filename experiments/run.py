@@ -46,7 +46,8 @@ def init_distributed(config) -> None:
 def main(module) -> None:
     """Run ``module.run(config, workdir)`` after recording the run's provenance."""
     config = _CONFIG.value
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # force: importing orbax installs a root handler, which would make basicConfig a no-op.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
     init_distributed(config)
     from metattt import runlog
@@ -100,7 +101,13 @@ def cli(argv: list[str] | None = None) -> None:
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
-    main(module)
+    from metattt import train
+
+    try:
+        main(module)
+    except (train.Interrupted, train.WorkdirInUse) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(130 if isinstance(error, train.Interrupted) else 2)
 
 
 if __name__ == "__main__":

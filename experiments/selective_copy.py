@@ -20,8 +20,7 @@ import optax
 
 from attd.mamba import MambaConfig, init_mamba
 from experiments import report
-from metattt import objectives, runlog
-from metattt.loop import fit
+from metattt import objectives, runlog, train
 
 VARIANTS = ("selective", "time_invariant")
 
@@ -52,12 +51,8 @@ def validate(cfg) -> None:
             raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
     if not 0 < cfg.task.num_tokens < cfg.task.length // 2:
         raise ValueError("task.num_tokens must be positive and below half the length")
-    chunk = cfg.train.steps_per_call
-    if cfg.train.steps % chunk or cfg.train.checkpoint_every % chunk:
-        raise ValueError(
-            f"train.steps and train.checkpoint_every must be multiples of "
-            f"train.steps_per_call={chunk}"
-        )
+    t = cfg.train
+    train.check_counts(t.steps, t.steps_per_call, t.checkpoint_every, t.log_every, prefix="train.")
 
 
 def train_and_eval(variant: str, cfg, workdir: str) -> dict[str, float]:
@@ -73,39 +68,28 @@ def train_and_eval(variant: str, cfg, workdir: str) -> dict[str, float]:
     draw = functools.partial(
         sample, length=cfg.task.length, num_tokens=cfg.task.num_tokens, vocab=cfg.task.vocab
     )
-    opt = optax.adamw(cfg.train.lr, weight_decay=0.01)
     key = jax.random.key(cfg.seed)
-    chunk = cfg.train.steps_per_call
 
     def loss_fn(p, batch):
         inputs, targets, weight = batch
         logits = apply(p, inputs, head="lm")
         return objectives.cross_entropy(logits, targets, weight)
 
-    @jax.jit
-    def step_fn(state, call):
-        def one(carry, s):
-            p, o = carry
-            batch = draw(jax.random.fold_in(key, s), cfg.train.batch)
-            loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-            updates, o = opt.update(grads, o, p)
-            return (optax.apply_updates(p, updates), o), loss
-
-        state, losses = jax.lax.scan(one, state, call * chunk + jnp.arange(chunk))
-        return state, {"loss": jnp.mean(losses)}
-
+    step = train.supervised(loss_fn, optax.adamw(cfg.train.lr, weight_decay=0.01), jit=False)
     start = time.perf_counter()
     with runlog.create_writer(workdir) as writer:
-        params, _ = fit(
-            step_fn,
-            (params, opt.init(params)),
-            lambda call: call,
-            num_steps=cfg.train.steps // chunk,
+        state = train.fit(
+            step,
+            step.init(params),
+            lambda s: draw(jax.random.fold_in(key, s), cfg.train.batch),
+            num_steps=cfg.train.steps,
+            steps_per_call=cfg.train.steps_per_call,
             workdir=workdir,
-            checkpoint_every=cfg.train.checkpoint_every // chunk,
-            log_every=max(1, cfg.train.log_every // chunk),
+            checkpoint_every=cfg.train.checkpoint_every,
+            log_every=cfg.train.log_every,
             writer=writer,
         )
+    params = state.params
     seconds = time.perf_counter() - start
     inputs, targets, weight = draw(jax.random.key(10_000 + cfg.seed), cfg.eval.num_examples)
     logits = jax.jit(lambda p, x: apply(p, x, head="lm"))(params, inputs)

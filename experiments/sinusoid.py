@@ -1,7 +1,7 @@
 """Sinusoid regression (MAML, Finn et al. 2017): train each method, then adapt on new tasks.
 
 Methods share one code path: a meta-loss from :mod:`metattt.meta` and the resumable
-:func:`metattt.loop.fit`. ``pretrained`` is the same meta-loss with zero inner steps (plain
+:func:`metattt.train.fit`. ``pretrained`` is the same meta-loss with zero inner steps (plain
 multi-task regression); at test time every method takes SGD steps at the inner rate
 (Meta-SGD with its learned per-parameter rates) on K support points, and the query MSE is
 recorded after 0..max_steps steps on held-out tasks.
@@ -26,8 +26,8 @@ from metattt import meta, runlog, stats
 from metattt import params as P
 from metattt.data import sinusoid
 from metattt.inner import InnerConfig, adapt, per_param_sgd
-from metattt.loop import fit
 from metattt.models.mlp import mlp
+from metattt.train import check_counts, fit
 
 logger = logging.getLogger(__name__)
 METHODS = ("maml", "fomaml", "meta_sgd", "pretrained")
@@ -61,8 +61,8 @@ def _meta_loss(method: str, loss_fn, mask, cfg):
 def train(method: str, seed: int, cfg, workdir: str, writer=None):
     """Meta-train one method with one seed; resumes from ``workdir`` if it holds a checkpoint.
 
-    Logged and checkpointed step numbers count compiled calls of ``train.steps_per_call``
-    meta-steps each.
+    Logged and checkpointed step numbers count meta-steps; ``train.steps_per_call`` of them
+    run per compiled call.
     """
     model = mlp([1, *cfg.model.hidden, 1], seed=seed)
     loss_fn = _mse_loss(model.apply)
@@ -87,37 +87,18 @@ def train(method: str, seed: int, cfg, workdir: str, writer=None):
         num_query=cfg.task.num_query,
     )
     key = jax.random.key(seed)
-    chunk = cfg.train.steps_per_call
-    if cfg.train.num_steps % chunk or cfg.train.checkpoint_every % chunk:
-        raise ValueError(
-            f"train.num_steps and train.checkpoint_every must be multiples of "
-            f"train.steps_per_call={chunk}"
-        )
-
-    @jax.jit
-    def step_fn(state, call):
-        """``chunk`` meta-steps in one compiled call; step s draws its tasks from (seed, s)."""
-
-        def one(carry, s):
-            params, opt_state = carry
-            tasks = sample(jax.random.fold_in(key, s))
-            params, opt_state, metrics = learner.step(params, opt_state, tasks)
-            return (params, opt_state), metrics
-
-        state, metrics = jax.lax.scan(one, state, call * chunk + jnp.arange(chunk))
-        return state, jax.tree.map(jnp.mean, metrics._asdict())
-
     state = fit(
-        step_fn,
-        (init, learner.init(init)),
-        lambda call: call,
-        num_steps=cfg.train.num_steps // chunk,
+        learner,
+        learner.init(init),
+        lambda s: sample(jax.random.fold_in(key, s)),  # step s draws its tasks from (seed, s)
+        num_steps=cfg.train.num_steps,
+        steps_per_call=cfg.train.steps_per_call,
         workdir=workdir,
-        checkpoint_every=cfg.train.checkpoint_every // chunk,
-        log_every=max(1, cfg.train.log_every // chunk),
+        checkpoint_every=cfg.train.checkpoint_every,
+        log_every=cfg.train.log_every,
         writer=writer,
     )
-    return model, state[0]
+    return model, state.params
 
 
 def adaptation_curve(
@@ -179,12 +160,8 @@ def validate(cfg) -> None:
             raise ValueError(f"unknown sinusoid method {method!r}; known: {METHODS}")
     if not cfg.seeds:
         raise ValueError("config.seeds is empty")
-    chunk = cfg.train.steps_per_call
-    if chunk < 1 or cfg.train.num_steps % chunk or cfg.train.checkpoint_every % chunk:
-        raise ValueError(
-            f"train.num_steps and train.checkpoint_every must be multiples of "
-            f"train.steps_per_call={chunk}"
-        )
+    t = cfg.train
+    check_counts(t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every, prefix="train.")
 
 
 def run(cfg, workdir: str) -> dict[str, Any]:

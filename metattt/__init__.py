@@ -7,8 +7,9 @@ Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the
 :mod:`~metattt.meta` (MAML, FOMAML, E2E-TTT, Meta-SGD and the meta-step),
 :mod:`~metattt.online` (delayed-label streams), :mod:`~metattt.tta` (clip-wise TTA),
 :mod:`~metattt.objectives`, :mod:`~metattt.adapters` (dynamic-rank LoRA),
-:mod:`~metattt.drift` (drift detectors), and the run plumbing :mod:`~metattt.loop`,
-:mod:`~metattt.ckpt`, :mod:`~metattt.runlog`, :mod:`~metattt.stats`.
+:mod:`~metattt.drift` (drift detectors), the training contract :mod:`~metattt.train`
+(``Step``, ``supervised``, ``fit``), and the run plumbing :mod:`~metattt.ckpt`,
+:mod:`~metattt.runlog`, :mod:`~metattt.stats`.
 """
 
 from metattt import inner, meta, objectives, online, params, tta

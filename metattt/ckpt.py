@@ -9,9 +9,18 @@ caller would otherwise have to remember:
 * typed PRNG keys (``jax.random.key``), which orbax cannot store, are saved as their raw
   ``key_data`` and wrapped back with the template's key implementation on restore.
 
+Each checkpoint also stores a SHA-256 digest of its arrays, checked on every restore.
+
 Saves are asynchronous (orbax copies the arrays to the host, then writes in the background);
 ``wait()`` blocks until the last one is on disk and ``close()`` waits and releases the manager.
 A checkpoint directory that does not exist is created on the first save only, never on a read.
+
+:meth:`Checkpointer.restore_verified` is how a run resumes: it tries the checkpoints newest
+first and takes the first that loads, whose floating-point arrays are all finite and that passes
+the caller's own check; each one refused is moved aside into ``<directory>_rejected/`` (nothing
+is deleted) with a one-line warning saying what was wrong, so that a corrupted newest checkpoint
+(zero-byte, truncated or garbled files, missing metadata, an empty step folder) costs the steps
+since the one before it, never the run.
 
 Example:
     >>> ckpt = Checkpointer("/tmp/run/ckpt", max_to_keep=2)  # doctest: +SKIP
@@ -21,15 +30,47 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
+import json
+import logging
 import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "CorruptCheckpoint"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+_DIGEST_BYTES = 32
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose arrays do not match the digest saved with them."""
+
+
+def _digest(encoded: Any) -> np.ndarray:
+    """SHA-256 over every leaf's dtype, shape and bytes, in tree order, as (32,) uint8.
+
+    Saved beside each checkpoint so that a restore detects changed bytes that still decode
+    (a garbled file can yield finite, wrong numbers that no finiteness check would catch).
+    """
+    sha = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(encoded)):
+        array = np.ascontiguousarray(leaf)
+        sha.update(f"{array.dtype.str}{array.shape}".encode())
+        sha.update(array.tobytes())
+    return np.frombuffer(sha.digest(), np.uint8).copy()
 
 
 def _is_key(x: Any) -> bool:
@@ -121,9 +162,10 @@ class Checkpointer:
         Returns:
           Whether a save was started.
         """
-        return self._get_manager().save(
-            int(step), args=ocp.args.StandardSave(_encode(state)), force=force
-        )
+        encoded = _encode(state)
+        payload = {"state": encoded, "digest": _digest(encoded)}
+        self.wait()  # the previous save is complete (usually long since): seal it first
+        return self._get_manager().save(int(step), args=ocp.args.StandardSave(payload), force=force)
 
     def all_steps(self) -> list[int]:
         """The steps with a finished checkpoint, ascending; empty when the directory is missing."""
@@ -150,6 +192,7 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: the directory does not exist, holds no checkpoint, or lacks ``step``.
+          CorruptCheckpoint: the restored arrays differ from the digest saved with them.
         """
         if self._manager is None and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
@@ -164,19 +207,87 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self.directory} "
                 f"(steps: {sorted(manager.all_steps())})"
             )
-        abstract = jax.tree.map(_abstract, template)
+        abstract = {
+            "state": jax.tree.map(_abstract, template),
+            "digest": jax.ShapeDtypeStruct((_DIGEST_BYTES,), np.uint8),
+        }
         restored = manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
-        return _decode(template, restored)
+        if not np.array_equal(np.asarray(restored["digest"]), _digest(restored["state"])):
+            raise CorruptCheckpoint(
+                f"checkpoint {self.directory}/{step}: its arrays do not match the SHA-256 "
+                "digest saved with them"
+            )
+        return _decode(template, restored["state"])
+
+    def restore_verified(
+        self, template: T, check: Callable[[int, T], str | None] | None = None
+    ) -> tuple[int, T] | None:
+        """The newest checkpoint that loads and passes the checks, older ones tried in turn.
+
+        A checkpoint is refused when its files differ from the manifest sealed after its save
+        (checked before orbax reads anything: missing, zero-byte, truncated or garbled files),
+        when orbax cannot restore it into ``template`` (an empty or unsealed damaged folder),
+        when its arrays differ from their saved digest, when one of its floating-point arrays
+        holds a NaN or an infinity, or when ``check(step, state)``
+        returns a reason. A refused step folder is moved into ``<directory>_rejected/`` and a
+        warning names it and the reason; the next one down is tried.
+
+        Args:
+          template: as for :meth:`restore`.
+          check: optional ``(step, state) -> reason or None``, e.g. that a step counter stored
+            in the state matches the folder's step.
+
+        Returns:
+          ``(step, state)`` of the newest good checkpoint, or None when there is none left.
+        """
+        for step in reversed(self.all_steps()):
+            reason = _unsealed_damage(os.path.join(self.directory, str(step)))
+            with _quiet_orbax_failures():
+                try:
+                    if reason is not None:
+                        raise CorruptCheckpoint(reason)
+                    state = self.restore(template, step=step)
+                    reason = _nonfinite(state) or (check(step, state) if check else None)
+                except Exception as error:  # noqa: BLE001 - any failure to load refuses it
+                    reason = _first_line(error)
+            if reason is None:
+                return step, state
+            moved = self._reject(step)
+            logger.warning(
+                "Checkpoint %s/%d is unusable (%s); moved to %s, trying an older one.",
+                self.directory,
+                step,
+                reason,
+                moved,
+            )
+        return None
+
+    def _reject(self, step: int) -> str:
+        """Moves step folder ``step`` into ``<directory>_rejected/`` and returns where it went."""
+        self.close()  # the manager caches its step list; it is rebuilt on next use
+        rejected = self.directory + "_rejected"
+        os.makedirs(rejected, exist_ok=True)
+        target, n = os.path.join(rejected, str(step)), 1
+        while os.path.exists(target):
+            target, n = os.path.join(rejected, f"{step}.{n}"), n + 1
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        return target
 
     def wait(self) -> None:
-        """Blocks until every started save is complete on disk."""
+        """Blocks until every started save is complete on disk, then seals it (see below).
+
+        Sealing writes ``<step>/manifest.sha256.json`` (every file's size and SHA-256), which
+        lets :meth:`restore_verified` refuse a damaged checkpoint before orbax reads it.
+        """
         if self._manager is not None:
             self._manager.wait_until_finished()
+            for step in self._manager.all_steps():
+                _seal(os.path.join(self.directory, str(step)))
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager (it is recreated on next use)."""
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            self.wait()
             self._manager.close()
             self._manager = None
 
@@ -185,3 +296,100 @@ class Checkpointer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_MANIFEST = "manifest.sha256.json"
+
+
+def _file_sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _listing(folder: str) -> dict[str, str]:
+    """``relative path -> "size:sha256"`` of every file under ``folder`` but the manifest."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel not in (_MANIFEST, _MANIFEST + ".tmp"):
+                out[rel] = f"{os.path.getsize(path)}:{_file_sha256(path)}"
+    return out
+
+
+def _seal(folder: str) -> None:
+    """Writes ``folder``'s manifest (atomically) unless it has one."""
+    target = os.path.join(folder, _MANIFEST)
+    if os.path.exists(target) or not os.path.isdir(folder):
+        return
+    listing, tmp = _listing(folder), target + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(listing, f)
+    os.replace(tmp, target)
+
+
+def _unsealed_damage(folder: str) -> str | None:
+    """What differs from ``folder``'s manifest (a missing, resized or changed file), else None.
+
+    A folder without a manifest (a run killed between a save and its seal) is left to orbax and
+    the array digest.
+    """
+    try:
+        with open(os.path.join(folder, _MANIFEST), encoding="utf-8") as f:
+            want = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"its {_MANIFEST} is unreadable"
+    have = _listing(folder)
+    for rel, entry in sorted(want.items()):
+        if rel not in have:
+            return f"file {rel} is missing"
+        if have[rel] != entry:
+            size, got = entry.split(":")[0], have[rel].split(":")[0]
+            what = f"has {got} bytes, not {size}" if size != got else "has changed bytes"
+            return f"file {rel} {what}"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_orbax_failures() -> Iterator[None]:
+    """Keeps a failed restore's debris off the console: our one-line warning says it all.
+
+    When orbax fails to read a corrupted checkpoint, its sibling asyncio tasks fail too and,
+    when garbage-collected, print "Task exception was never retrieved" with the whole
+    tensorstore spec, or raise "Event loop is closed" as unraisable exceptions. They are
+    collected here, inside the block, with the asyncio logger and the unraisable hook muted.
+    """
+    asyncio_logger = logging.getLogger("asyncio")
+    level, hook = asyncio_logger.level, sys.unraisablehook
+    asyncio_logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+        gc.collect()
+    finally:
+        asyncio_logger.setLevel(level)
+        sys.unraisablehook = hook
+
+
+def _nonfinite(state: Any) -> str | None:
+    """A reason naming the first floating-point leaf with a NaN or infinity, else None."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if _is_key(leaf):
+            continue
+        array = np.asarray(leaf)
+        if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+            return f"non-finite values in {jax.tree_util.keystr(path)}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line of the message``, cut to 200 characters (orbax's run to pages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 200 else text[:197] + "..."

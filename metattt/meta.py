@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from metattt.inner import InnerConfig, InnerResult, adapt, per_param_sgd, safe_global_norm
+from metattt.inner import InnerConfig, InnerResult, adapt, per_param_sgd
 from metattt.params import merge, split
+from metattt.train import Step, TrainState, check_clip_norm
 
 PyTree = Any
 
@@ -156,19 +157,18 @@ def meta_sgd_loss(
 
 
 class MetaMetrics(NamedTuple):
-    """What one meta-step reports (means over the task batch)."""
+    """What one meta-step reports (means over the task batch).
+
+    ``grad_norm`` is the global norm of the meta-gradient (NaN when it is not finite);
+    ``num_skipped`` counts the inner steps skipped over the batch; ``outer_skipped`` is 1 when
+    the outer update was not applied because the meta-loss or the meta-gradient was not finite.
+    """
 
     meta_loss: jax.Array
     query_loss: jax.Array
     grad_norm: jax.Array
     num_skipped: jax.Array
-
-
-class MetaStep(NamedTuple):
-    """A meta-learner: ``init(meta_params) -> opt_state`` and the jitted ``step``."""
-
-    init: Callable[[PyTree], PyTree]
-    step: Callable[[PyTree, PyTree, Any], tuple[PyTree, PyTree, MetaMetrics]]
+    outer_skipped: jax.Array
 
 
 def batch_meta_loss(meta_loss: Callable, meta_params: PyTree, tasks: Any):
@@ -186,7 +186,7 @@ def make_meta_step(
     axis_name: str | None = None,
     micro_batches: int = 1,
     jit: bool = True,
-) -> MetaStep:
+) -> Step:
     """Build the meta-training step for ``meta_loss(meta_params, task) -> (loss, MetaAux)``.
 
     Bind the method's arguments first, e.g.
@@ -206,9 +206,12 @@ def make_meta_step(
         jit: compile the step (turn off only to debug).
 
     Returns:
-        A :class:`MetaStep` ``(init, step)``; ``step(meta_params, opt_state, tasks)`` returns
-        ``(meta_params, opt_state, MetaMetrics)``.
+        A :class:`metattt.train.Step`: ``init(meta_params) -> TrainState`` and
+        ``update(state, tasks) -> (state, MetaMetrics)``. An outer update whose meta-loss or
+        meta-gradient is not finite is not applied (parameters and optimizer state are kept)
+        and is counted in ``MetaMetrics.outer_skipped``.
     """
+    check_clip_norm(clip_norm)
     if not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
     if clip_norm is not None:
@@ -234,22 +237,37 @@ def make_meta_step(
         grads = jax.tree.map(lambda g: g / micro_batches, total)
         return (jnp.mean(losses), aux), grads
 
-    def step(meta_params, opt_state, tasks):
+    def init(meta_params):
+        return TrainState(meta_params, outer_opt.init(meta_params))
+
+    def update(state, tasks):
+        meta_params, opt_state = state
         if micro_batches == 1:
             (loss, aux), grads = value_and_grad(meta_params, tasks)
         else:
             (loss, aux), grads = accumulated(meta_params, tasks)
-        updates, opt_state = outer_opt.update(grads, opt_state, meta_params)
-        meta_params = optax.apply_updates(meta_params, updates)
-        metrics = MetaMetrics(
-            loss, jnp.mean(aux.query_loss), safe_global_norm(grads), jnp.sum(aux.num_skipped)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = outer_opt.update(grads, opt_state, meta_params)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_params = optax.apply_updates(meta_params, updates)
+        state = TrainState(
+            jax.tree.map(keep, new_params, meta_params),
+            jax.tree.map(keep, new_opt_state, opt_state),
         )
-        return meta_params, opt_state, metrics
+        metrics = MetaMetrics(
+            loss,
+            jnp.mean(aux.query_loss),
+            grad_norm,
+            jnp.sum(aux.num_skipped),
+            1 - finite.astype(jnp.int32),
+        )
+        return state, metrics
 
     if not jit:
-        return MetaStep(outer_opt.init, step)
+        return Step(init, update)
     if mesh is None:
-        return MetaStep(outer_opt.init, jax.jit(step))
+        return Step(init, jax.jit(update))
 
     axis = axis_name or mesh.axis_names[0]
     # Automatic axes: XLA's partitioner shards the vmapped task batch; explicit axes would put
@@ -257,10 +275,10 @@ def make_meta_step(
     mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(axis))
-    compiled = jax.jit(step, out_shardings=replicated)
+    compiled = jax.jit(update, out_shardings=replicated)
     num_shards = mesh.shape[axis]
 
-    def sharded_step(meta_params, opt_state, tasks):
+    def sharded_update(state, tasks):
         sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(tasks)}
         if len(sizes) != 1 or next(iter(sizes)) % num_shards:
             raise ValueError(
@@ -268,7 +286,6 @@ def make_meta_step(
                 f"by the {num_shards} devices of mesh axis {axis!r}"
             )
         tasks = jax.device_put(tasks, sharded)
-        meta_params, opt_state = jax.device_put((meta_params, opt_state), replicated)
-        return compiled(meta_params, opt_state, tasks)
+        return compiled(jax.device_put(state, replicated), tasks)
 
-    return MetaStep(outer_opt.init, sharded_step)
+    return Step(init, sharded_update)

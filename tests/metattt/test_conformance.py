@@ -89,7 +89,7 @@ def meta_case(name, meta_loss_factory, *, meta_sgd=False):
         params = init_linear(key, dtype)
         mask = P.select(params, "re:.")
         meta_params = meta.meta_sgd_init(params, mask, 0.05) if meta_sgd else params
-        return meta_params, outer.init(meta_params)
+        return meta.TrainState(meta_params, outer.init(meta_params))
 
     def run(state, tasks):
         mask = P.select(init_linear(jax.random.key(0), jnp.float32), "re:.")
@@ -99,10 +99,9 @@ def meta_case(name, meta_loss_factory, *, meta_sgd=False):
             jit=False,
         )
 
-        def one(carry, _):
-            params, opt_state = carry
-            params, opt_state, metrics = learner.step(params, opt_state, tasks)
-            return (params, opt_state), metrics.meta_loss
+        def one(state, _):
+            state, metrics = learner.update(state, tasks)
+            return state, metrics.meta_loss
 
         return jax.lax.scan(one, state, None, length=60)
 

@@ -146,13 +146,13 @@ def test_meta_step_sharded_over_eight_devices_equals_one_device():
     single = meta.make_meta_step(loss, optax.adam(1e-2), clip_norm=10.0)
     mesh = jax.make_mesh((8,), ("tasks",))
     sharded = meta.make_meta_step(loss, optax.adam(1e-2), clip_norm=10.0, mesh=mesh)
-    p1, s1, m1 = single.step(params, single.init(params), tasks)
-    p8, s8, m8 = sharded.step(params, sharded.init(params), tasks)
+    (p1, _), m1 = single.update(single.init(params), tasks)
+    (p8, _), m8 = sharded.update(sharded.init(params), tasks)
     chex.assert_trees_all_close(p1, p8, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(m1.meta_loss, m8.meta_loss, rtol=1e-6)
     np.testing.assert_allclose(m1.grad_norm, m8.grad_norm, rtol=1e-5)
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
-        sharded.step(params, sharded.init(params), jax.tree.map(lambda a: a[:6], tasks))
+        sharded.update(sharded.init(params), jax.tree.map(lambda a: a[:6], tasks))
 
 
 def test_gradient_accumulation_over_micro_batches_equals_the_full_batch():
@@ -164,8 +164,8 @@ def test_gradient_accumulation_over_micro_batches_equals_the_full_batch():
     )
     full = meta.make_meta_step(loss, optax.sgd(0.1), clip_norm=1.0)
     accumulated = meta.make_meta_step(loss, optax.sgd(0.1), clip_norm=1.0, micro_batches=3)
-    p1, _, m1 = full.step(params, full.init(params), tasks)
-    p3, _, m3 = accumulated.step(params, accumulated.init(params), tasks)
+    (p1, _), m1 = full.update(full.init(params), tasks)
+    (p3, _), m3 = accumulated.update(accumulated.init(params), tasks)
     chex.assert_trees_all_close(p1, p3, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(m1.meta_loss, m3.meta_loss, rtol=1e-6)
     np.testing.assert_allclose(m1.query_loss, m3.query_loss, rtol=1e-6)
@@ -176,8 +176,32 @@ def test_gradient_accumulation_over_micro_batches_equals_the_full_batch():
     mean = jax.tree.map(lambda *g: sum(g) / 3, *(grad(params, c) for c in chunks))
     chex.assert_trees_all_close(mean, grad(params, tasks), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="divisible by micro_batches = 4"):
-        meta.make_meta_step(loss, optax.sgd(0.1), micro_batches=4).step(
-            params, optax.sgd(0.1).init(params), tasks
-        )
+        step = meta.make_meta_step(loss, optax.sgd(0.1), micro_batches=4)
+        step.update(step.init(params), tasks)
     with pytest.raises(ValueError, match="micro_batches must be a positive int"):
         meta.make_meta_step(loss, optax.sgd(0.1), micro_batches=0)
+
+
+def test_a_non_finite_query_loss_skips_the_outer_update_and_is_counted():
+    params = tiny_params(jax.random.key(31))
+    tasks = sinusoid.sample_tasks(jax.random.key(32), 4, 5, 5)
+    mask = P.select(params, "re:.")
+    loss = functools.partial(
+        meta.maml_loss, loss_fn, mask=mask, inner=InnerConfig(optax.sgd(0.05), max_steps=2)
+    )
+    step = meta.make_meta_step(loss, optax.adam(1e-2))
+    state = step.init(params)
+    state, metrics = step.update(state, tasks)  # a good step first: adam's moments are not zero
+    assert int(metrics.outer_skipped) == 0 and np.isfinite(float(metrics.grad_norm))
+    # One task's query targets hold a NaN (the support set is clean, so the inner loop is too).
+    query_x, query_y = tasks.query
+    poisoned = tasks._replace(query=(query_x, query_y.at[2, 0].set(jnp.nan)))
+    after, metrics = step.update(state, poisoned)
+    assert int(metrics.outer_skipped) == 1
+    assert np.isnan(float(metrics.grad_norm))  # reported as NaN, not hidden as 0
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # nothing applied
+    # The next clean batch trains on as before.
+    again, metrics = step.update(after, tasks)
+    assert int(metrics.outer_skipped) == 0
+    assert not np.array_equal(again.params["l0"]["kernel"], state.params["l0"]["kernel"])

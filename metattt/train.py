@@ -1,0 +1,478 @@
+"""The training contract: a step is ``Step(init, update)``; :func:`fit` runs one, resumably.
+
+Every loop that trains something in metattt has one shape, that of an optax transformation::
+
+    step = train.supervised(loss_fn, optax.adamw(1e-3), clip_norm=1.0)   # Step(init, update)
+    state = step.init(params)                                            # a pytree
+    state, metrics = step.update(state, batch)                           # pure, jittable
+    state = train.fit(step, state, batch_fn, num_steps=N, steps_per_call=100, workdir=wd)
+
+:func:`supervised` builds the ordinary step; :func:`metattt.meta.make_meta_step`, ATTD's outer
+step and the adapter step return the same :class:`Step`. ``metrics`` is a flat mapping (or a
+NamedTuple) of scalars.
+
+:func:`fit` is the edge of a run, where the side effects live: it chunks ``steps_per_call``
+steps into one compiled ``lax.scan``, logs interval means, checkpoints, resumes and shows
+progress. The data is ``batch_fn(step)``, a pure function of the step number (the seed bound in
+by the caller, e.g. ``jax.random.fold_in(key, step)``); nothing else carries over from one step
+to the next, so a run that is killed and restarted on its workdir ends bit-identical to one
+that never stopped.
+
+Step numbering counts optimizer steps, whatever ``steps_per_call`` is: steps
+``0 .. num_steps - 1`` run; after step ``i`` the run has *done* ``i + 1``, and that count numbers
+the checkpoint (``workdir/ckpt/<done>/``), the logged metrics and the progress bar.
+
+Faults a run survives: a kill at any point (the restart resumes from the newest checkpoint,
+metrics up to it are on disk because writers are flushed before every save); a corrupted newest
+checkpoint (it is refused and moved aside, the one before it is used; see
+:meth:`metattt.ckpt.Checkpointer.restore_verified`); SIGINT or SIGTERM (a checkpoint is saved,
+then :class:`Interrupted` is raised, whose message is one line); a second run on the same
+workdir (refused while the first is alive; the lock of a dead process is taken over).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metattt import ckpt as ckpt_lib
+from metattt import runlog
+
+__all__ = [
+    "Interrupted",
+    "Step",
+    "TrainState",
+    "WorkdirInUse",
+    "check_clip_norm",
+    "check_counts",
+    "fit",
+    "supervised",
+    "workdir_lock",
+]
+
+logger = logging.getLogger(__name__)
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+    """The state of an ordinary optimizer step: the parameters and the optax state."""
+
+    params: PyTree
+    opt_state: PyTree
+
+
+class Step(NamedTuple):
+    """A training algorithm as two pure functions (the shape of ``optax.GradientTransformation``).
+
+    Attributes:
+      init: ``params -> state``.
+      update: ``(state, batch) -> (state, metrics)``; metrics a flat mapping or NamedTuple of
+        scalars.
+    """
+
+    init: Callable[[PyTree], Any]
+    update: Callable[[Any, Any], tuple[Any, Any]]
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM after saving its checkpoint; the message is one line."""
+
+
+class WorkdirInUse(RuntimeError):
+    """Another live process is running :func:`fit` on this workdir."""
+
+
+def check_clip_norm(clip_norm: float | None) -> None:
+    """Raises ValueError unless ``clip_norm`` is None or a finite positive number."""
+    if clip_norm is not None and not (
+        isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0
+    ):
+        raise ValueError(
+            f"clip_norm must be a finite positive number or None (no clipping), got {clip_norm!r}"
+        )
+
+
+def supervised(
+    loss_fn: Callable[..., Any],
+    opt: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    clip_norm: float | None = None,
+    jit: bool = True,
+) -> Step:
+    """The ordinary step: the gradient of ``loss_fn`` fed to an optax rule.
+
+    ``state`` is :class:`TrainState`; ``metrics`` holds ``loss``, ``grad_norm`` (the global norm
+    of the gradient before clipping; NaN when the gradient is not finite) and, with
+    ``has_aux``, the entries of the loss's auxiliary mapping.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> loss`` or, with ``has_aux``, ``-> (loss, aux)`` where
+        ``aux`` is a mapping of scalars (logged beside the loss).
+      opt: the optax rule.
+      has_aux: see ``loss_fn``.
+      clip_norm: clip the gradient to this global norm first (None: no clipping).
+      jit: compile ``update`` (turn off only to debug).
+
+    Returns:
+      A :class:`Step`.
+
+    Raises:
+      ValueError: ``clip_norm`` is not None and not a finite positive number.
+    """
+    check_clip_norm(clip_norm)
+    if clip_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def init(params: PyTree) -> TrainState:
+        return TrainState(params, opt.init(params))
+
+    def update(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        out, grads = value_and_grad(state.params, batch)
+        loss, aux = out if has_aux else (out, {})
+        if not isinstance(aux, Mapping):
+            raise TypeError(
+                f"with has_aux=True, loss_fn must return (loss, mapping of scalars), got an aux "
+                f"of type {type(aux).__name__}"
+            )
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        return TrainState(params, opt_state), metrics
+
+    return Step(init, jax.jit(update) if jit else update)
+
+
+def _as_dict(metrics: Any) -> Mapping[str, Any]:
+    return metrics._asdict() if hasattr(metrics, "_asdict") else metrics
+
+
+def _mean_metrics(buffer: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Means of each metric over a logging interval, with one device-to-host transfer.
+
+    Each entry holds one step's scalars or a compiled call's per-step vectors.
+    """
+    host = jax.device_get(buffer)
+    return {
+        k: float(np.mean(np.concatenate([np.ravel(np.asarray(m[k], np.float64)) for m in host])))
+        for k in host[0]
+    }
+
+
+def check_counts(
+    num_steps: int,
+    steps_per_call: int = 1,
+    checkpoint_every: int = 1,
+    log_every: int = 1,
+    *,
+    prefix: str = "",
+) -> None:
+    """Raises a one-line ValueError for :func:`fit` counts that are bad, before any work.
+
+    Each must be a positive int (``num_steps`` may be 0), and ``num_steps``,
+    ``checkpoint_every`` and ``log_every`` multiples of ``steps_per_call``. ``prefix`` is put
+    before each name in the message (e.g. ``"train."`` to name a config's keys).
+    """
+    for name, value in (
+        ("steps_per_call", steps_per_call),
+        ("checkpoint_every", checkpoint_every),
+        ("log_every", log_every),
+    ):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{prefix}{name} must be a positive int, got {value!r}")
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+        raise ValueError(f"{prefix}num_steps must be an int >= 0, got {num_steps!r}")
+    for name, value in (
+        ("num_steps", num_steps),
+        ("checkpoint_every", checkpoint_every),
+        ("log_every", log_every),
+    ):
+        if value % steps_per_call:
+            raise ValueError(
+                f"{prefix}{name}={value} must be a multiple of {prefix}steps_per_call="
+                f"{steps_per_call} (steps run {steps_per_call} per compiled call)"
+            )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds ``workdir/fit.lock`` for the block; refuses while another live process holds it.
+
+    The lock file records ``host pid``; a lock left by a dead process on this host (a run
+    killed with SIGKILL) is taken over with a warning.
+
+    Raises:
+      WorkdirInUse: a live process holds the lock.
+    """
+    path = os.path.join(workdir, "fit.lock")
+    me = f"{socket.gethostname()} {os.getpid()}"
+    os.makedirs(workdir, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    host, _, pid = f.read().strip().partition(" ")
+            except FileNotFoundError:
+                continue  # released in between: try again
+            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                logger.warning("Taking over the lock %s of dead process %s.", path, pid)
+                os.remove(path)
+                continue
+            raise WorkdirInUse(
+                f"workdir {workdir} is in use by process {pid or '?'} on {host or '?'} (lock "
+                f"file {path}); wait for that run to end, or delete the lock if it is gone"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def _signals_to_flag() -> Iterator[dict[str, str | None]]:
+    """While active, SIGINT and SIGTERM set ``flag["signal"]`` instead of stopping the process.
+
+    Only in the main thread (Python allows handlers nowhere else); elsewhere the flag never
+    sets and signals keep their usual effect.
+    """
+    flag: dict[str, str | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        del frame
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _chunked(update: Callable, batch_fn: Callable, steps_per_call: int) -> Callable:
+    """``steps_per_call`` steps as one compiled ``lax.scan``; metrics come back per step."""
+
+    @jax.jit
+    def call(state, first):
+        def body(s, i):
+            s, metrics = update(s, batch_fn(i))
+            return s, _as_dict(metrics)
+
+        return jax.lax.scan(body, state, first + jnp.arange(steps_per_call))
+
+    return call
+
+
+def fit(
+    step: Step | Callable[[Any, Any], tuple[Any, Any]],
+    state: Any,
+    batch_fn: Callable[[Any], Any],
+    *,
+    num_steps: int,
+    steps_per_call: int = 1,
+    workdir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1000,
+    log_every: int = 100,
+    writer: runlog.MetricWriter | None = None,
+    show_progress: bool = True,
+    max_to_keep: int = 2,
+) -> Any:
+    """Runs ``num_steps`` steps of ``step``, resuming from ``workdir``'s newest good checkpoint.
+
+    Each step is ``state, metrics = step.update(state, batch_fn(i))``. With ``steps_per_call``
+    = C > 1, C steps run as one compiled ``lax.scan`` and ``batch_fn`` is traced (it receives a
+    traced int32 step and must be a jax function of it); with C = 1 it is called on the host
+    with a Python int and may do anything pure. Every ``log_every`` done steps the metrics'
+    means over the interval go to ``writer`` (flushed) and the progress bar. With a
+    ``workdir``, the state is checkpointed every ``checkpoint_every`` done steps, after the last
+    step and on SIGINT/SIGTERM; a later call on the same ``workdir`` restores the newest good
+    checkpoint (``state`` is the template) and continues after it.
+
+    Args:
+      step: a :class:`Step` (its ``update`` is used) or an ``update`` function.
+      state: the initial state, e.g. ``step.init(params)``; on resume only the template the
+        checkpoint is restored into.
+      batch_fn: ``step -> batch``; a pure function of the step for resumption to be exact.
+      num_steps: the total number of steps of the run, counting those done before a resume.
+      steps_per_call: C, the steps per compiled call; ``num_steps``, ``checkpoint_every`` and
+        ``log_every`` must be multiples of it.
+      workdir: where checkpoints (``workdir/ckpt``) and the lock go; None: no checkpoints.
+      checkpoint_every: save after every this many done steps.
+      log_every: log the metrics' means after every this many done steps.
+      writer: where metrics go; None logs nothing. It is flushed, not closed.
+      show_progress: show a progress bar (``METATTT_NO_PROGRESS=1`` hides it anyway).
+      max_to_keep: how many checkpoints to keep.
+
+    Returns:
+      The state after ``num_steps`` steps.
+
+    Raises:
+      ValueError: a count that is not positive or not a multiple of ``steps_per_call``, or a
+        checkpoint in ``workdir`` already past ``num_steps``.
+      WorkdirInUse: another live process is fitting in ``workdir``.
+      Interrupted: SIGINT or SIGTERM arrived; the checkpoint of the last done step is saved.
+    """
+    check_counts(num_steps, steps_per_call, checkpoint_every, log_every)
+    update = step.update if isinstance(step, Step) else step
+    if workdir is None:
+        return _fit(
+            update,
+            state,
+            batch_fn,
+            num_steps,
+            steps_per_call,
+            None,
+            checkpoint_every,
+            log_every,
+            writer,
+            show_progress,
+        )
+    workdir = os.path.abspath(os.fspath(workdir))
+    with workdir_lock(workdir):
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), max_to_keep=max_to_keep)
+        try:
+            return _fit(
+                update,
+                state,
+                batch_fn,
+                num_steps,
+                steps_per_call,
+                checkpointer,
+                checkpoint_every,
+                log_every,
+                writer,
+                show_progress,
+            )
+        finally:
+            checkpointer.close()  # waits: the last started save is complete even on an error
+
+
+def _fit(
+    update,
+    state,
+    batch_fn,
+    num_steps,
+    steps_per_call,
+    checkpointer,
+    checkpoint_every,
+    log_every,
+    writer,
+    show_progress,
+):
+    start = 0
+    last_saved = None  # the step of the newest checkpoint, never saved twice
+    if checkpointer is not None:
+        template = {"state": state, "step": np.asarray(0, np.int64)}
+
+        def step_matches(folder_step, restored):
+            if int(restored["step"]) != folder_step:
+                return f"it records step {int(restored['step'])}"
+            return None
+
+        found = checkpointer.restore_verified(template, check=step_matches)
+        if found is not None:
+            last_saved, restored = found
+            state, start = restored["state"], last_saved
+            if start > num_steps:
+                raise ValueError(
+                    f"{checkpointer.directory} holds a checkpoint at step {start}, past "
+                    f"num_steps={num_steps}; use a new workdir or a larger num_steps"
+                )
+            if start % steps_per_call:
+                raise ValueError(
+                    f"{checkpointer.directory} holds a checkpoint at step {start}, not a multiple "
+                    f"of steps_per_call={steps_per_call}; resume with the steps_per_call it was "
+                    "saved with"
+                )
+            logger.info(
+                "Resumed from %s at step %d of %d.", checkpointer.directory, start, num_steps
+            )
+
+    call = _chunked(update, batch_fn, steps_per_call) if steps_per_call > 1 else None
+    buffer: list[Mapping[str, Any]] = []
+    bar = runlog.progress(total=num_steps, initial=start, desc="fit", disable=not show_progress)
+
+    def log(done: int) -> None:
+        means = _mean_metrics(buffer)
+        buffer.clear()
+        if writer is not None:
+            writer.write_scalars(done, means)
+            writer.flush()
+        bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+
+    def save(done: int) -> None:
+        nonlocal last_saved
+        if writer is not None:
+            writer.flush()  # metrics up to the checkpoint survive a kill right after it
+        payload = {"state": state, "step": np.asarray(done, np.int64)}
+        checkpointer.save(done, payload, force=True)
+        last_saved = done
+
+    try:
+        with _signals_to_flag() as flag:
+            for first in range(start, num_steps, steps_per_call):
+                if call is None:
+                    state, metrics = update(state, batch_fn(first))
+                else:
+                    state, metrics = call(state, np.int32(first))
+                done = first + steps_per_call
+                buffer.append(_as_dict(metrics))
+                if done % log_every == 0:
+                    log(done)
+                if checkpointer is not None and done % checkpoint_every == 0:
+                    save(done)
+                bar.update(steps_per_call)
+                if flag["signal"] is not None:
+                    if buffer:
+                        log(done)
+                    where = "no workdir, nothing saved"
+                    if checkpointer is not None:
+                        if last_saved != done:
+                            save(done)
+                        checkpointer.wait()
+                        where = f"checkpoint saved in {checkpointer.directory}; rerun to resume"
+                    raise Interrupted(
+                        f"{flag['signal']}: stopped after step {done} of {num_steps} ({where})"
+                    )
+        if buffer:
+            log(num_steps)
+        if checkpointer is not None and last_saved != num_steps:
+            save(num_steps)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.flush()
+    return state
