@@ -56,6 +56,7 @@ def get_config(arg=None):
     c.train.batch = 32
     c.train.lr = 3e-3
     c.train.steps_per_call = 100
+    c.train.checkpoint_every = 300  # a multiple of steps_per_call
     c.train.load_balance = 0.01
     c.train.z_loss = 1e-3
 
@@ -99,6 +100,7 @@ def get_config(arg=None):
         c.train.batch = 16
         c.train.lr = 1e-2
         c.train.steps_per_call = 20
+        c.train.checkpoint_every = 20
         c.ttt.every = 2
         c.ttt.windows = 8
         c.ttt.lambdas = (0.3, 3.0)

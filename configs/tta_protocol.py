@@ -49,6 +49,7 @@ def get_config(arg=None):
     c.train.batch = 32
     c.train.lr = 3e-3
     c.train.steps_per_call = 100
+    c.train.checkpoint_every = 1000  # a multiple of steps_per_call
 
     # The protocol's fixed fields; the ablation below overrides the others.
     c.protocol = ml_collections.ConfigDict()
@@ -80,6 +81,7 @@ def get_config(arg=None):
         c.data.shifts = ("representational",)
         c.data.num_clips = 40
         c.train.num_steps = 300
+        c.train.checkpoint_every = 100
         c.train.batch = 16
         c.train.lr = 1e-2
         c.ablation.adapt_layers = ("layernorm+mlp_out",)

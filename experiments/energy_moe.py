@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from experiments import report
-from metattt import inner, objectives, runlog, stats
+from metattt import inner, objectives, runlog, stats, train
 from metattt.ckpt import Checkpointer
 from metattt.data import text_corpora as tc
 from metattt.energy import (
@@ -169,11 +169,10 @@ def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
         raise ValueError(f"monitor.utilization must be in (0, 1], got {cfg.monitor.utilization}")
     params = moe.init_moe(mcfg).params  # validates the model config
     select(params, cfg.ttt.params)  # an unknown preset or an empty selection raises
-    if cfg.train.num_steps < 1 or cfg.train.num_steps % cfg.train.steps_per_call:
-        raise ValueError(
-            f"train.num_steps must be a positive multiple of train.steps_per_call="
-            f"{cfg.train.steps_per_call}"
-        )
+    t = cfg.train
+    train.check_counts(
+        t.num_steps, t.steps_per_call, t.checkpoint_every, t.steps_per_call, prefix="train."
+    )
     if cfg.ttt.steps < 1 or cfg.ttt.every < 1 or not 1 <= cfg.ttt.windows <= cfg.data.batch:
         raise ValueError("need ttt.steps >= 1, ttt.every >= 1 and 1 <= ttt.windows <= data.batch")
     if any(not lam > 0 for lam in cfg.ttt.lambdas):
@@ -306,8 +305,8 @@ class Runtime(NamedTuple):
     Attributes:
         mcfg: the model config (the trained top-k).
         init: ``init(seed) -> params``.
-        train_chunk: jitted ``(params, opt_state, inputs, targets) -> (params, opt_state, loss)``
-            over (steps, B, L) batches.
+        train_step: the pretraining :class:`metattt.train.Step` (Adam on cross-entropy plus
+            the load-balancing and z losses) over ``(inputs, targets)`` batches.
         infer: ``{k: jitted (params, inputs, targets, mask) -> (score, counts)}``, the score
             being the batch's mean nats (LM) or error rate (classifier).
         adapt: jitted ``(params, tokens, λ, mask) -> (params, per-step RoutingStats)``.
@@ -317,7 +316,7 @@ class Runtime(NamedTuple):
 
     mcfg: moe.MoEConfig
     init: Any
-    train_chunk: Any
+    train_step: train.Step
     infer: dict[int, Any]
     adapt: Any
     joules: np.ndarray
@@ -338,14 +337,14 @@ def build_runtime(cfg, mcfg: moe.MoEConfig | None = None, head: str = "lm") -> R
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     mcfg = model_config(cfg) if mcfg is None else mcfg
     apply = moe.init_moe(mcfg).apply
-    opt = optax.adam(cfg.train.lr)
 
     def score(out, targets):
         if head == "lm":
             return objectives.cross_entropy(out.logits, targets)
         return jnp.mean(jnp.argmax(out.class_logits, axis=-1) != targets)
 
-    def train_loss(p, inputs, targets):
+    def train_loss(p, batch):
+        inputs, targets = batch
         out = apply(p, inputs)
         logits = out.logits if head == "lm" else out.class_logits
         ce = objectives.cross_entropy(logits, targets)
@@ -353,16 +352,7 @@ def build_runtime(cfg, mcfg: moe.MoEConfig | None = None, head: str = "lm") -> R
         lb, z = aux["load_balance_loss"], aux["router_z_loss"]
         return ce + cfg.train.load_balance * lb + cfg.train.z_loss * z
 
-    @jax.jit
-    def train_chunk(p, opt_state, inputs, targets):
-        def one(carry, batch):
-            p, s = carry
-            loss, grads = jax.value_and_grad(train_loss)(p, *batch)
-            updates, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), loss
-
-        (p, opt_state), losses = jax.lax.scan(one, (p, opt_state), (inputs, targets))
-        return p, opt_state, losses.mean()
+    train_step = train.supervised(train_loss, optax.adam(cfg.train.lr), jit=False)
 
     def make_infer(k):
         apply_k = moe.init_moe(mcfg._replace(top_k=k)).apply
@@ -412,7 +402,7 @@ def build_runtime(cfg, mcfg: moe.MoEConfig | None = None, head: str = "lm") -> R
     return Runtime(
         mcfg,
         lambda seed: moe.init_moe(mcfg, seed=seed).params,
-        train_chunk,
+        train_step,
         {k: make_infer(k) for k in sorted(ks)},
         adapt,
         costs.values("joules_per_token"),
@@ -420,22 +410,48 @@ def build_runtime(cfg, mcfg: moe.MoEConfig | None = None, head: str = "lm") -> R
     )
 
 
-def train(cfg, rt: Runtime, seed: int, streams: Streams) -> tuple[Any, float, float]:
-    """Train on the docs; returns ``(params, final train loss, seconds)``."""
-    params = rt.init(seed)
-    opt_state = optax.adam(cfg.train.lr).init(params)
-    chunk, batch, length = cfg.train.steps_per_call, cfg.train.batch, cfg.data.length
+def pretrain(cfg, rt: Runtime, seed: int, batches, workdir: str) -> tuple[Any, float, float]:
+    """Train ``rt.train_step`` with :func:`metattt.train.fit` (resumable in ``workdir``).
+
+    ``batches(first)`` makes, on the host, the stacked ``(inputs, targets)`` of steps
+    ``first .. first + train.steps_per_call - 1``. Returns ``(params, the last logged mean
+    training loss, seconds)``.
+    """
+    t = cfg.train
+    memory = runlog.MemoryWriter()
     start = time.perf_counter()
-    loss = math.nan
-    calls = cfg.train.num_steps // chunk
-    for call in runlog.progress(range(calls), desc=f"train seed {seed}"):
-        w = tc.lm_windows(streams.train, length, chunk * batch, seed=seed * 100_003 + call)
-        shape = (chunk, batch, length)
-        params, opt_state, loss = rt.train_chunk(
-            params, opt_state, w.inputs.reshape(shape), w.targets.reshape(shape)
+    with runlog.create_writer(workdir) as files:
+        state = train.fit(
+            rt.train_step,
+            rt.train_step.init(rt.init(seed)),
+            batches,
+            stacked=True,
+            num_steps=t.num_steps,
+            steps_per_call=t.steps_per_call,
+            checkpoint_every=t.checkpoint_every,
+            log_every=t.steps_per_call,
+            workdir=workdir,
+            writer=runlog.MultiWriter([files, memory]),
         )
-        loss = float(loss)  # wait for the chunk, so the progress bar shows real progress
-    return params, loss, time.perf_counter() - start
+    loss = memory.last("loss") if memory.history else math.nan  # nan: resumed at the end
+    return state.params, loss, time.perf_counter() - start
+
+
+def doc_batches(cfg, seed: int, streams: Streams):
+    """``first -> stacked (inputs, targets)`` windows of the training docs for one call."""
+    chunk, batch, length = cfg.train.steps_per_call, cfg.train.batch, cfg.data.length
+    shape = (chunk, batch, length)
+
+    def batches(first: int):
+        call = first // chunk
+        w = tc.lm_windows(streams.train, length, chunk * batch, seed=seed * 100_003 + call)
+        return w.inputs.reshape(shape), w.targets.reshape(shape)
+
+    return batches
+
+
+def train_dir(workdir: str, seed: int) -> str:
+    return os.path.join(workdir, "train", f"seed_{seed}")
 
 
 def _info_path(workdir: str, seed: int) -> str:
@@ -461,12 +477,13 @@ def cached_params(rt: Runtime, seed: int, workdir: str, fit) -> tuple[Any, dict[
 
 def trained_params(cfg, rt: Runtime, seed: int, streams: Streams, workdir: str):
     """Train once per seed; a rerun restores the checkpoint. Returns ``(params, info)``."""
-    return cached_params(rt, seed, workdir, lambda: _fit(cfg, rt, seed, streams))
+    return cached_params(rt, seed, workdir, lambda: _fit(cfg, rt, seed, streams, workdir))
 
 
-def _fit(cfg, rt: Runtime, seed: int, streams: Streams) -> tuple[Any, dict[str, Any]]:
+def _fit(cfg, rt: Runtime, seed: int, streams: Streams, workdir: str):
     """Train, then measure the held-out docs' bits/char (the size of the shift's baseline)."""
-    params, loss, seconds = train(cfg, rt, seed, streams)
+    batches = doc_batches(cfg, seed, streams)
+    params, loss, seconds = pretrain(cfg, rt, seed, batches, train_dir(workdir, seed))
     info = {"train_loss_nats": loss, "train_seconds": seconds}
     held = tc.lm_windows(streams.heldout, cfg.data.length, cfg.data.heldout_windows, seed=seed)
     mask = jnp.ones((rt.mcfg.num_experts,), bool)

@@ -26,11 +26,9 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import optax
 
 from experiments import energy_moe as em
 from experiments import report
-from metattt import runlog
 from metattt.data import digits_c
 from metattt.models import moe
 
@@ -64,11 +62,6 @@ def validate(cfg) -> None:
         raise ValueError(
             f"data.stream_batches must be a positive multiple of the {segments} "
             f"(corruption, severity) segments, got {d.stream_batches}"
-        )
-    if cfg.train.num_steps < 1 or cfg.train.num_steps % cfg.train.steps_per_call:
-        raise ValueError(
-            f"train.num_steps must be a positive multiple of train.steps_per_call="
-            f"{cfg.train.steps_per_call}"
         )
     em.validate_methods(cfg, model_config(cfg))
 
@@ -109,20 +102,21 @@ def shifted_stream(cfg, x_test: np.ndarray, y_test: np.ndarray, seed: int) -> Ex
     return Examples(tokens(s.x.reshape(-1, *s.x.shape[2:])), s.y.reshape(-1))
 
 
-def train(cfg, rt: em.Runtime, seed: int, x: np.ndarray, y: np.ndarray):
-    """Train on clean digits (batches drawn with replacement); ``(params, loss, seconds)``."""
-    params = rt.init(seed)
-    opt_state = optax.adam(cfg.train.lr).init(params)
+def digit_batches(cfg, seed: int, x: np.ndarray, y: np.ndarray):
+    """``first -> stacked (tokens, labels)`` of clean digits for one call (with replacement).
+
+    The draw of call ``c`` uses its own generator, seeded ``(seed, c)``, so a resumed run
+    draws what an uninterrupted one would.
+    """
     chunk, batch = cfg.train.steps_per_call, cfg.train.batch
     data = tokens(x)
-    rng = np.random.default_rng(seed)
-    start = time.perf_counter()
-    loss = float("nan")
-    for _ in runlog.progress(range(cfg.train.num_steps // chunk), desc=f"train seed {seed}"):
+
+    def batches(first: int):
+        rng = np.random.default_rng((seed, first // chunk))
         idx = rng.integers(0, len(data), size=(chunk, batch))
-        params, opt_state, loss = rt.train_chunk(params, opt_state, data[idx], y[idx])
-        loss = float(loss)  # wait for the chunk, so the progress bar shows real progress
-    return params, loss, time.perf_counter() - start
+        return data[idx], y[idx]
+
+    return batches
 
 
 def clean_error(cfg, rt: em.Runtime, params: Any, x: np.ndarray, y: np.ndarray) -> float:
@@ -147,7 +141,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         x_tr, y_tr, x_te, y_te = digits_c.load_digits_split(seed, cfg.data.test_fraction)
 
         def fit():
-            params, loss, seconds = train(cfg, rt, seed, x_tr, y_tr)
+            batches = digit_batches(cfg, seed, x_tr, y_tr)
+            params, loss, seconds = em.pretrain(cfg, rt, seed, batches, em.train_dir(workdir, seed))
             info = {
                 "train_loss_nats": loss,
                 "train_seconds": seconds,

@@ -1,9 +1,10 @@
 """The configurable TTA protocol: an ablation of adapted layers, reset and step settings.
 
 A small action-conditioned transformer predictor (:mod:`metattt.models.dynamics`) is trained
-on the source regime of a synthetic controlled system (H-step rollout loss, Adam). It is then
-adapted clip by clip with :func:`metattt.tta.run_protocol` on shifted regimes whose clips
-alternate between two opposite sub-populations. Every cell of the matrix
+on the source regime of a synthetic controlled system (H-step rollout loss, Adam, with
+:func:`metattt.train.fit`: checkpointed under ``workdir/source/seed_<s>``, resumed on a
+rerun). It is then adapted clip by clip with :func:`metattt.tta.run_protocol` on shifted
+regimes whose clips alternate between two opposite sub-populations. Every cell of the matrix
 (adapted layers x reset/cumulative x setting, plus the unadapted baseline) logs every clip to
 tensorboardX and JSON lines under ``workdir/<shift>/<cell>/seed_<s>``; ``results.json``, a
 summary table and a rolling-loss plot go into ``workdir`` (and into BENCHMARKS.md and
@@ -16,15 +17,15 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from experiments import report
-from metattt import runlog, stats, tta
+from metattt import runlog, stats, train, tta
 from metattt.data import controlled
 from metattt.models import dynamics as dyn
 
@@ -99,51 +100,64 @@ def validate(cfg) -> None:
     if not cfg.ablation.settings:
         raise ValueError("config.ablation.settings is empty")
     cells(cfg)  # validates every protocol (mode, presets, steps, lr, clip)
-    if cfg.train.num_steps % cfg.train.steps_per_call:
-        raise ValueError(
-            f"train.num_steps must be a multiple of train.steps_per_call={cfg.train.steps_per_call}"
-        )
+    t = cfg.train
+    train.check_counts(
+        t.num_steps, t.steps_per_call, t.checkpoint_every, t.steps_per_call, prefix="train."
+    )
 
 
-def train_source(cfg, seed: int, apply=None):
-    """Train the predictor on the source regime; returns ``(apply, params, seconds)``.
+class SourceProgram(NamedTuple):
+    """What trains the predictor on the source regime, built once and shared by the seeds."""
 
-    ``apply`` from an earlier seed may be passed: it is the same function of any parameters of
-    this structure, so compiled code is reused across seeds.
-    """
+    apply: Callable
+    step: train.Step
+    batch_fn: Callable  # ((key, system, regime), step) -> windows
+
+
+def source_program(cfg, apply: Callable) -> SourceProgram:
+    """The rollout-loss Adam step and its batches (each seed's key and system are data)."""
     pcfg = predictor_config(cfg)
-    model = dyn.init_predictor(pcfg, seed=seed)
-    apply = apply or model.apply
-    system = controlled.make_system(seed, pcfg.state_dim, pcfg.action_dim)
-    source = controlled.source_regime(pcfg.state_dim)
-    opt = optax.adam(cfg.train.lr)
     length = pcfg.window + pcfg.horizon
-    key = jax.random.key(seed)
-    chunk = cfg.train.steps_per_call
 
     def loss_fn(p, windows):
         return dyn.rollout_loss(apply, p, windows, pcfg.window)
 
-    @jax.jit
-    def train_chunk(state, call):
-        def one(carry, step):
-            params, opt_state = carry
-            windows = controlled.sample_windows(
-                jax.random.fold_in(key, step), system, source, cfg.train.batch, length
-            )
-            loss, grads = jax.value_and_grad(loss_fn)(params, windows)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+    def batch_fn(data, step):
+        key, system, regime = data
+        key = jax.random.fold_in(key, step)
+        return controlled.sample_windows(key, system, regime, cfg.train.batch, length)
 
-        state, losses = jax.lax.scan(one, state, call * chunk + jnp.arange(chunk))
-        return state, losses.mean()
+    step = train.supervised(loss_fn, optax.adam(cfg.train.lr), jit=False)
+    return SourceProgram(apply, step, batch_fn)
 
+
+def train_source(cfg, seed: int, workdir: str, program: SourceProgram | None = None):
+    """Train the predictor on the source regime; returns ``(program, params, seconds)``.
+
+    Resumes from ``workdir``'s checkpoint. ``program`` from an earlier seed may be passed: it is
+    the same function of any parameters of this structure, so compiled code is reused.
+    """
+    pcfg = predictor_config(cfg)
+    model = dyn.init_predictor(pcfg, seed=seed)
+    program = program or source_program(cfg, model.apply)
+    system = controlled.make_system(seed, pcfg.state_dim, pcfg.action_dim)
+    data = (jax.random.key(seed), system, controlled.source_regime(pcfg.state_dim))
     start = time.perf_counter()
-    state = (model.params, opt.init(model.params))
-    for call in range(cfg.train.num_steps // chunk):
-        state, loss = train_chunk(state, call)
-    logger.info("seed %d: source rollout loss after training %.4f", seed, float(loss))
-    return apply, state[0], time.perf_counter() - start
+    t = cfg.train
+    with runlog.create_writer(workdir) as writer:
+        state = train.fit(
+            program.step,
+            program.step.init(model.params),
+            program.batch_fn,
+            data=data,
+            num_steps=t.num_steps,
+            steps_per_call=t.steps_per_call,
+            checkpoint_every=t.checkpoint_every,
+            log_every=t.steps_per_call,
+            workdir=workdir,
+            writer=writer,
+        )
+    return program, state.params, time.perf_counter() - start
 
 
 def stream_clips(cfg, seed: int, shift: str | None):
@@ -178,12 +192,13 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         s: {name: [] for name in protocols} for s in cfg.data.shifts
     }
     source_loss, train_seconds, tta_seconds = [], [], []
-    apply = losses = eval_fn = None
+    program = losses = eval_fn = None
     for seed in cfg.seeds:
-        apply, params, seconds = train_source(cfg, seed, apply)
+        source_dir = os.path.join(workdir, "source", f"seed_{seed}")
+        program, params, seconds = train_source(cfg, seed, source_dir, program)
         train_seconds.append(seconds)
         if losses is None:
-            losses, eval_fn = dyn.clip_losses(apply, pcfg.window)
+            losses, eval_fn = dyn.clip_losses(program.apply, pcfg.window)
         start = time.perf_counter()
         base = tta.run_protocol(
             protocols[BASELINE], losses, params, stream_clips(cfg, seed, None), eval_fn=eval_fn

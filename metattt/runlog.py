@@ -32,6 +32,7 @@ import tqdm
 
 __all__ = [
     "JsonlWriter",
+    "MemoryWriter",
     "MetricWriter",
     "MultiWriter",
     "TensorboardWriter",
@@ -179,6 +180,41 @@ class TensorboardWriter(MetricWriter):
     def close(self) -> None:
         """Flushes and closes the event file."""
         self._writer.close()
+
+
+@final
+class MemoryWriter(MetricWriter):
+    """Keeps every record in memory: ``history`` is a list of ``(step, {name: float})``.
+
+    For notebooks and for callers that want a run's last metrics (e.g. the final training loss
+    after :func:`metattt.train.fit`) without reading a file back.
+    """
+
+    def __init__(self):
+        """Starts with an empty history."""
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Appends ``(step, scalars as floats)``."""
+        self.history.append((int(step), {str(k): _to_float(k, v) for k, v in scalars.items()}))
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """Does nothing: only scalars are kept (the image is still validated)."""
+        del step
+        _image_to_uint8(name, image)
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to release; the history stays readable."""
+
+    def last(self, name: str) -> float:
+        """The newest value of ``name``; KeyError when it was never written."""
+        for _, scalars in reversed(self.history):
+            if name in scalars:
+                return scalars[name]
+        raise KeyError(f"no scalar named {name!r} was written")
 
 
 @final

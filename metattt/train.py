@@ -33,6 +33,7 @@ workdir (refused while the first is alive; the lock of a dead process is taken o
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -282,16 +283,27 @@ def _signals_to_flag() -> Iterator[dict[str, str | None]]:
             signal.signal(s, h)
 
 
-def _chunked(update: Callable, batch_fn: Callable, steps_per_call: int) -> Callable:
-    """``steps_per_call`` steps as one compiled ``lax.scan``; metrics come back per step."""
+@functools.lru_cache(maxsize=64)
+def _chunked(update: Callable, batch_fn: Callable | None, steps_per_call: int, with_data: bool):
+    """``steps_per_call`` steps as one compiled ``lax.scan``; metrics come back per step.
+
+    ``batch_fn`` None: the call scans over host-made stacked batches (``stacked=True``).
+    Cached on its arguments, so a later :func:`fit` with the same ``update`` and ``batch_fn``
+    (e.g. another seed, whose key travels in ``data``) reuses the compiled program.
+    """
 
     @jax.jit
-    def call(state, first):
-        def body(s, i):
-            s, metrics = update(s, batch_fn(i))
+    def call(state, data, first, stacked):
+        def body(s, x):
+            if batch_fn is None:
+                batch = x
+            else:
+                batch = batch_fn(data, x) if with_data else batch_fn(x)
+            s, metrics = update(s, batch)
             return s, _as_dict(metrics)
 
-        return jax.lax.scan(body, state, first + jnp.arange(steps_per_call))
+        xs = stacked if batch_fn is None else first + jnp.arange(steps_per_call)
+        return jax.lax.scan(body, state, xs)
 
     return call
 
@@ -309,6 +321,8 @@ def fit(
     writer: runlog.MetricWriter | None = None,
     show_progress: bool = True,
     max_to_keep: int = 2,
+    data: Any = None,
+    stacked: bool = False,
 ) -> Any:
     """Runs ``num_steps`` steps of ``step``, resuming from ``workdir``'s newest good checkpoint.
 
@@ -335,6 +349,13 @@ def fit(
       writer: where metrics go; None logs nothing. It is flushed, not closed.
       show_progress: show a progress bar (``METATTT_NO_PROGRESS=1`` hides it anyway).
       max_to_keep: how many checkpoints to keep.
+      data: optional arrays ``batch_fn`` draws from (a PRNG key, a dataset, a system's
+        matrices); when given, batches are ``batch_fn(data, step)`` and ``data`` is an
+        argument of the compiled call, not a constant in it, so runs that differ only in
+        ``data`` (seeds) share one compilation.
+      stacked: ``batch_fn(first)`` is called on the host once per compiled call and returns
+        the batches of steps ``first .. first + C - 1`` stacked on a leading axis of size C
+        (for data made by host code, e.g. NumPy; ``data`` is then not used).
 
     Returns:
       The state after ``num_steps`` steps.
@@ -346,36 +367,30 @@ def fit(
       Interrupted: SIGINT or SIGTERM arrived; the checkpoint of the last done step is saved.
     """
     check_counts(num_steps, steps_per_call, checkpoint_every, log_every)
+    if stacked and data is not None:
+        raise ValueError("stacked batches are made on the host: pass data=None with stacked=True")
     update = step.update if isinstance(step, Step) else step
+    run = functools.partial(
+        _fit,
+        update,
+        state,
+        batch_fn,
+        data,
+        num_steps,
+        steps_per_call,
+        stacked=stacked,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        writer=writer,
+        show_progress=show_progress,
+    )
     if workdir is None:
-        return _fit(
-            update,
-            state,
-            batch_fn,
-            num_steps,
-            steps_per_call,
-            None,
-            checkpoint_every,
-            log_every,
-            writer,
-            show_progress,
-        )
+        return run(None)
     workdir = os.path.abspath(os.fspath(workdir))
     with workdir_lock(workdir):
         checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), max_to_keep=max_to_keep)
         try:
-            return _fit(
-                update,
-                state,
-                batch_fn,
-                num_steps,
-                steps_per_call,
-                checkpointer,
-                checkpoint_every,
-                log_every,
-                writer,
-                show_progress,
-            )
+            return run(checkpointer)
         finally:
             checkpointer.close()  # waits: the last started save is complete even on an error
 
@@ -384,14 +399,18 @@ def _fit(
     update,
     state,
     batch_fn,
+    data,
     num_steps,
     steps_per_call,
     checkpointer,
+    *,
+    stacked,
     checkpoint_every,
     log_every,
     writer,
     show_progress,
 ):
+    """The loop of :func:`fit`, with its checks done and its lock held."""
     start = 0
     last_saved = None  # the step of the newest checkpoint, never saved twice
     if checkpointer is not None:
@@ -421,7 +440,12 @@ def _fit(
                 "Resumed from %s at step %d of %d.", checkpointer.directory, start, num_steps
             )
 
-    call = _chunked(update, batch_fn, steps_per_call) if steps_per_call > 1 else None
+    with_data = data is not None
+    call = None
+    if stacked:
+        call = _chunked(update, None, steps_per_call, False)
+    elif steps_per_call > 1:
+        call = _chunked(update, batch_fn, steps_per_call, with_data)
     buffer: list[Mapping[str, Any]] = []
     bar = runlog.progress(total=num_steps, initial=start, desc="fit", disable=not show_progress)
 
@@ -444,10 +468,13 @@ def _fit(
     try:
         with _signals_to_flag() as flag:
             for first in range(start, num_steps, steps_per_call):
-                if call is None:
-                    state, metrics = update(state, batch_fn(first))
+                if stacked:
+                    state, metrics = call(state, None, np.int32(first), batch_fn(first))
+                elif call is not None:
+                    state, metrics = call(state, data, np.int32(first), None)
                 else:
-                    state, metrics = call(state, np.int32(first))
+                    batch = batch_fn(data, first) if with_data else batch_fn(first)
+                    state, metrics = update(state, batch)
                 done = first + steps_per_call
                 buffer.append(_as_dict(metrics))
                 if done % log_every == 0:

@@ -87,7 +87,7 @@ def test_rerun_reuses_the_cached_cells_and_parameters(tiny_run, monkeypatch):
         raise AssertionError("a cached cell or checkpoint was recomputed")
 
     monkeypatch.setattr(energy_moe, "serve", fail)
-    monkeypatch.setattr(energy_moe, "train", fail)
+    monkeypatch.setattr(energy_moe, "pretrain", fail)
     again = energy_moe.run(cfg, str(workdir))
     for name, row in results["methods"].items():
         assert again["methods"][name]["bpc"]["mean"] == row["bpc"]["mean"]

@@ -79,7 +79,7 @@ def test_rerun_reuses_the_cached_cells_and_parameters(tiny_run, monkeypatch):
         raise AssertionError("a cached cell or checkpoint was recomputed")
 
     monkeypatch.setattr(em, "serve", fail)
-    monkeypatch.setattr(emd, "train", fail)
+    monkeypatch.setattr(emd.em, "pretrain", fail)
     again = emd.run(cfg, str(workdir))
     for name, row in results["methods"].items():
         assert again["methods"][name]["error"]["mean"] == row["error"]["mean"]
