@@ -390,8 +390,14 @@ def test_runs_that_differ_only_in_data_share_one_compilation():
 
     finals = [
         train.fit(
-            _step, _init_state(), batch_fn, num_steps=10, steps_per_call=5, log_every=5,
-            show_progress=False, data=jax.random.key(seed),
+            _step,
+            _init_state(),
+            batch_fn,
+            num_steps=10,
+            steps_per_call=5,
+            log_every=5,
+            show_progress=False,
+            data=jax.random.key(seed),
         )  # fmt: skip
         for seed in (1, 2)
     ]
