@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.stats
 
 from attd import lra
 from attd.controller import fixed_controller, gate_controller, threshold_controller
@@ -481,28 +480,6 @@ def evaluate_split(c: Compiled, params: ATTDParams, split: Split, batch: int) ->
     return out
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation (NaN when either side is constant)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(scipy.stats.spearmanr(x, y).statistic)
-
-
-def spearman_ci(
-    x: np.ndarray, y: np.ndarray, *, num_resamples: int = 1000, seed: int = 0
-) -> stats.BootstrapCI:
-    """Spearman's ρ of paired samples with a percentile-bootstrap 95% interval (pairs kept).
-
-    Raises:
-        ValueError: the samples differ in length or hold fewer than 3 pairs.
-    """
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.shape != y.shape or x.ndim != 1 or x.size < 3:
-        raise ValueError(f"x and y must be 1-D of the same length >= 3, got {x.shape}, {y.shape}")
-    return stats.bootstrap_ci((x, y), spearman, num_resamples=num_resamples, seed=seed)
-
-
 def run_cell(cfg, c: Compiled, name: str, theta, task: Task, seed: int, psi0) -> dict[str, Any]:
     """Train one method's outer parameters from the base and score it: a JSON-able dict."""
     k_max = c.method.controller.max_steps
@@ -691,7 +668,7 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
                 float(np.mean(ex["lint_drop"][adapted] > 0)) if adapted.any() else float("nan")
             )
             ci = (
-                spearman_ci(ex["k"], ex["difficulty"], num_resamples=cfg.eval.bootstrap)
+                stats.spearman_ci(ex["k"], ex["difficulty"], num_resamples=cfg.eval.bootstrap)
                 if parse_method(name).base in CONTROLLED
                 else None
             )
@@ -699,7 +676,7 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
             entry["thresholds"] = [r["thresholds"] for r in rows]
             # Does a larger L_int drop go with a right answer? (methods that adapt every input)
             drop_ci = (
-                spearman_ci(ex["lint_drop"], ex["correct"], num_resamples=cfg.eval.bootstrap)
+                stats.spearman_ci(ex["lint_drop"], ex["correct"], num_resamples=cfg.eval.bootstrap)
                 if adapted.all() and ex["k"].size >= 3 and np.isfinite(ex["lint_drop"]).all()
                 else None
             )

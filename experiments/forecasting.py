@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import report
+from experiments import harness, report
 from metattt import meta, online, runlog, stats, train
 from metattt import params as P
 from metattt.data import sessions as S
@@ -136,6 +136,12 @@ def validate(cfg) -> None:
     if cfg.online.method not in cfg.meta.methods:
         raise ValueError(f"online.method {cfg.online.method!r} is not in meta.methods")
     m = cfg.meta
+    train.check_counts(m.steps, 1, m.checkpoint_every, prefix="meta.")
+    if cfg.pretrain.steps < 1 or (cfg.pretrain.steps > 50 and cfg.pretrain.steps % 50):
+        raise ValueError(
+            f"pretrain.steps must be 1..50 or a multiple of 50 (steps run 50 per compiled "
+            f"call), got {cfg.pretrain.steps}"
+        )
     if m.tasks_per_step > d.num_train_sessions:
         raise ValueError(
             f"meta.tasks_per_step = {m.tasks_per_step} exceeds the {d.num_train_sessions} "
@@ -324,32 +330,27 @@ class Programs:
             self._cache[key] = build()
         return self._cache[key]
 
-    def pretrain_chunk(self, chunk: int):
-        """``(params, opt_state, windows, key) -> (params, opt_state, mean loss)``, ``chunk``
-        Adam steps on random batches of the training windows."""
+    def pretrain_program(self, chunk: int) -> tuple[train.Step, Callable]:
+        """The pretraining step (Adam on every parameter) and its batches.
+
+        Batches are ``batch_fn((windows, key), step)``: random training windows drawn with key
+        ``split(fold_in(key, step // chunk), chunk)[step % chunk]`` (the draw of the original
+        chunked loop, kept so that results reproduce). Built once per ``chunk``, so every seed
+        shares one compilation.
+        """
         cfg = self.cfg
 
         def build():
-            opt = optax.adam(cfg.pretrain.lr)
-
-            @self.jit
-            def run(params, opt_state, windows, key):
-                def one(carry, k):
-                    params, opt_state = carry
-                    idx = jax.random.choice(
-                        k, windows.context.shape[0], (cfg.pretrain.batch,), replace=False
-                    )
-                    batch = jax.tree.map(lambda x: x[idx], windows)
-                    loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
-                    updates, opt_state = opt.update(grads, opt_state, params)
-                    return (optax.apply_updates(params, updates), opt_state), loss
-
-                (params, opt_state), losses = jax.lax.scan(
-                    one, (params, opt_state), jax.random.split(key, chunk)
+            def batch_fn(data, step):
+                windows, key = data
+                k = jax.random.split(jax.random.fold_in(key, step // chunk), chunk)[step % chunk]
+                idx = jax.random.choice(
+                    k, windows.context.shape[0], (cfg.pretrain.batch,), replace=False
                 )
-                return params, opt_state, losses.mean()
+                return jax.tree.map(lambda x: x[idx], windows)
 
-            return opt, run
+            step = train.supervised(self.loss_fn, optax.adam(cfg.pretrain.lr), jit=False)
+            return step, batch_fn
 
         return self._cached(("pretrain", chunk), build)
 
@@ -514,11 +515,14 @@ def sample_tasks(key: jax.Array, tasks: meta.Task, num: int, support: int, query
 # Training
 
 
-def pretrain(programs: Programs, train: list[Recording], seed: int):
-    """Multi-session pretraining of every parameter; returns ``(params, info)``."""
+def pretrain(programs: Programs, sessions: list[Recording], seed: int, run_dir: str):
+    """Multi-session pretraining of every parameter; returns ``(params, info)``.
+
+    Resumable: :func:`metattt.train.fit` checkpoints in ``run_dir``.
+    """
     cfg = programs.cfg
     chunk = min(50, cfg.pretrain.steps)
-    opt, run = programs.pretrain_chunk(chunk)
+    step, batch_fn = programs.pretrain_program(chunk)
     windows = _concat(
         [
             S.session_windows(
@@ -530,61 +534,83 @@ def pretrain(programs: Programs, train: list[Recording], seed: int):
                 unit_ids=r.unit_ids,
                 session_id=r.session_id,
             )
-            for r in train
+            for r in sessions
         ]
     )
     windows = jax.tree.map(jnp.asarray, windows)
-    params = programs.init_params(seed)
-    state = opt.init(params)
-    key = jax.random.key(seed)
-    losses = []
     start = time.perf_counter()
-    calls = -(-cfg.pretrain.steps // chunk)
-    for call in runlog.progress(range(calls), desc=f"pretrain seed {seed}"):
-        params, state, loss = run(params, state, windows, jax.random.fold_in(key, call))
-        losses.append(float(loss))
-    info = {"loss_first": losses[0], "loss_last": losses[-1], "steps": calls * chunk}
+    with runlog.create_writer(run_dir) as writer:
+        state = train.fit(
+            step,
+            step.init(programs.init_params(seed)),
+            batch_fn,
+            data=(windows, jax.random.key(seed)),
+            num_steps=cfg.pretrain.steps,
+            steps_per_call=chunk,
+            checkpoint_every=chunk,
+            log_every=chunk,
+            workdir=run_dir,
+            writer=writer,
+            jit=programs.jit,
+        )
+    losses = [r["loss"] for r in runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+    info = {"loss_first": losses[0], "loss_last": losses[-1], "steps": cfg.pretrain.steps}
     info["seconds"] = time.perf_counter() - start
     logger.info("seed %d: pretraining loss %.4f -> %.4f", seed, losses[0], losses[-1])
-    return params, info
+    return state.params, info
 
 
-def meta_train(programs: Programs, method: str, adapt_set: str, params, train, seed: int):
+def meta_train(
+    programs: Programs,
+    method: str,
+    adapt_set: str,
+    params,
+    sessions: list[Recording],
+    seed: int,
+    run_dir: str,
+):
     """Meta-train ``method`` from ``params`` on the training sessions; ``(params, info)``.
 
     ``info`` holds the post-adaptation query loss over every training session (fixed reset
-    keys and all windows) before and after meta-training, and the per-step curve.
+    keys and all windows) before and after meta-training, and the per-step curve. Resumable:
+    :func:`metattt.train.fit` checkpoints in ``run_dir`` every ``meta.checkpoint_every`` steps.
     """
     cfg = programs.cfg
     step = programs.meta_step(method, adapt_set, params)
     evaluate = programs.meta_evaluate(adapt_set, params)
-    tasks = _stack([r.task for r in train])
+    tasks = _stack([r.task for r in sessions])
     full = ResetTask(
         tasks.support,
         tasks.query,
-        jax.random.key_data(jax.random.split(jax.random.key(10_000 + seed), len(train))),
+        jax.random.key_data(jax.random.split(jax.random.key(10_000 + seed), len(sessions))),
     )
     before = float(evaluate(params, full))
-    state = step.init(params)
     key = jax.random.key(seed + 1)
-    curve = []
-    start = time.perf_counter()
-    for i in runlog.progress(range(cfg.meta.steps), desc=f"{method} seed {seed}"):
-        batch = sample_tasks(
-            jax.random.fold_in(key, i),
-            tasks,
-            cfg.meta.tasks_per_step,
-            cfg.meta.support_windows,
-            cfg.meta.query_windows,
+
+    def batch_fn(i):
+        m = cfg.meta
+        return sample_tasks(
+            jax.random.fold_in(key, i), tasks, m.tasks_per_step, m.support_windows, m.query_windows
         )
-        state, m = step.update(state, batch)
-        curve.append(float(m.query_loss))
+
+    start = time.perf_counter()
+    with runlog.create_writer(run_dir) as writer:
+        state = train.fit(
+            step,
+            step.init(params),
+            batch_fn,
+            num_steps=cfg.meta.steps,
+            checkpoint_every=cfg.meta.checkpoint_every,
+            log_every=1,
+            workdir=run_dir,
+            writer=writer,
+        )
     seconds = time.perf_counter() - start
-    params = state.params
-    after = float(evaluate(params, full))
+    curve = [r["query_loss"] for r in runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+    after = float(evaluate(state.params, full))
     logger.info("seed %d %s/%s: query loss %.4f -> %.4f", seed, method, adapt_set, before, after)
     info = {"query_before": before, "query_after": after, "seconds": seconds, "curve": curve}
-    return params, info
+    return state.params, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,13 +747,13 @@ def _adapt_k(programs: Programs, params, support, cfg):
 # Memory of second-order meta-training
 
 
-def memory_rows(programs: Programs, params, train: list[Recording], cfg) -> list[dict[str, Any]]:
+def memory_rows(programs: Programs, params, sessions: list[Recording], cfg) -> list[dict[str, Any]]:
     """Compiled memory of one E2E-TTT meta-gradient (second order) on one task micro-batch,
     per inner step count, remat off / on and compute dtype."""
     per = cfg.meta.tasks_per_step // cfg.meta.micro_batches
     tasks = sample_tasks(
         jax.random.key(0),
-        _stack([r.task for r in train]),
+        _stack([r.task for r in sessions]),
         per,
         cfg.meta.support_windows,
         cfg.meta.query_windows,
@@ -763,67 +789,6 @@ def memory_rows(programs: Programs, params, train: list[Recording], cfg) -> list
 # Cells, caching and the run
 
 
-def _save_tree(path: str, tree) -> None:
-    flat = {
-        P.path_str(k).replace("/", "."): np.asarray(v)
-        for k, v in jax.tree_util.tree_leaves_with_path(tree)
-    }
-    np.savez(path, **flat)
-
-
-def _load_tree(path: str, template):
-    with np.load(path) as f:
-        leaves = [
-            jnp.asarray(f[P.path_str(k).replace("/", ".")])
-            for k, _ in jax.tree_util.tree_leaves_with_path(template)
-        ]
-    return jax.tree.unflatten(jax.tree.structure(template), leaves)
-
-
-def _timed(path: str, compute: Callable[[], Any]) -> Any:
-    """``compute()``, its wall time (compilation included) written to ``path.seconds``."""
-    start = time.perf_counter()
-    value = compute()
-    with open(path + ".seconds", "w") as f:
-        f.write(f"{time.perf_counter() - start:.3f}\n")
-    return value
-
-
-def cell_seconds(workdir: str) -> float:
-    """Total wall time of every cell computed in ``workdir`` (over all invocations)."""
-    total = 0.0
-    for root, _, files in os.walk(workdir):
-        for name in files:
-            if name.endswith(".seconds"):
-                with open(os.path.join(root, name)) as f:
-                    total += float(f.read())
-    return total
-
-
-def _json_cell(path: str, compute: Callable[[], Any]) -> Any:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    value = _timed(path, compute)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-    return value
-
-
-def _params_cell(path: str, template, compute: Callable[[], tuple[Any, dict]]):
-    """Cached ``(params, info)``: parameters in ``path.npz``, info in ``path.json``."""
-    if os.path.exists(path + ".npz") and os.path.exists(path + ".json"):
-        with open(path + ".json") as f:
-            return _load_tree(path + ".npz", template), json.load(f)
-    params, info = _timed(path, compute)
-    _save_tree(path + ".npz", params)
-    with open(path + ".json", "w") as f:
-        json.dump(info, f)
-    return params, info
-
-
 def method_names(cfg) -> list[tuple[str, str]]:
     """Every (method, adapt set) tested: the main set for all methods, then the ablation."""
     main = [(FINETUNE, cfg.adapt)] + [(m, cfg.adapt) for m in cfg.meta.methods]
@@ -839,11 +804,13 @@ def run_seed(programs: Programs, cfg, seed: int, workdir: str) -> dict[str, Any]
     """Every cell of one seed (cached under ``workdir/seed_<seed>``)."""
     folder = os.path.join(workdir, f"seed_{seed}")
     os.makedirs(folder, exist_ok=True)
-    train = make_recordings(cfg, seed, test=False)
+    sessions = make_recordings(cfg, seed, test=False)
     test = make_recordings(cfg, seed, test=True)
     template = programs.init_params(seed)
-    pretrained, pre_info = _params_cell(
-        os.path.join(folder, "pretrain"), template, lambda: pretrain(programs, train, seed)
+    pretrained, pre_info = harness.params_cell(
+        os.path.join(folder, "pretrain"),
+        template,
+        lambda run_dir: pretrain(programs, sessions, seed, run_dir),
     )
     inits = {}
     meta_info = {}
@@ -851,19 +818,21 @@ def run_seed(programs: Programs, cfg, seed: int, workdir: str) -> dict[str, Any]
         if method == FINETUNE or (method, adapt_set) in inits:
             continue
         name = f"meta_{method}_{adapt_set}"
-        inits[method, adapt_set], meta_info[_label(method, adapt_set, cfg)] = _params_cell(
+        inits[method, adapt_set], meta_info[_label(method, adapt_set, cfg)] = harness.params_cell(
             os.path.join(folder, name),
             template,
-            lambda m=method, a=adapt_set: meta_train(programs, m, a, pretrained, train, seed),
+            lambda run_dir, m=method, a=adapt_set: meta_train(
+                programs, m, a, pretrained, sessions, seed, run_dir
+            ),
         )
     curves = {}
     for method, adapt_set in method_names(cfg):
         init = pretrained if method == FINETUNE else inits[method, adapt_set]
-        curves[_label(method, adapt_set, cfg)] = _json_cell(
+        curves[_label(method, adapt_set, cfg)] = harness.json_cell(
             os.path.join(folder, f"test_{method}_{adapt_set}.json"),
             lambda i=init, a=adapt_set, m=method: test_curves(programs, i, test, a, m, seed),
         )
-    online_results = _json_cell(
+    online_results = harness.json_cell(
         os.path.join(folder, "online.json"),
         lambda: online_cell(programs, inits[cfg.online.method, cfg.adapt], cfg, seed),
     )
@@ -872,7 +841,7 @@ def run_seed(programs: Programs, cfg, seed: int, workdir: str) -> dict[str, Any]
         "meta": meta_info,
         "curves": curves,
         "online": online_results,
-        "train": train,
+        "train": sessions,
     }
 
 
@@ -913,7 +882,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     for seed in cfg.seeds:
         seeds.append(run_seed(programs, cfg, seed, workdir))
         logger.info("seed %d done after %.0f s", seed, time.perf_counter() - start)
-    memory = _json_cell(
+    memory = harness.json_cell(
         os.path.join(workdir, "memory.json"),
         lambda: memory_rows(programs, programs.init_params(0), seeds[0]["train"], cfg),
     )
@@ -951,7 +920,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         },
         "memory": memory,
         "seconds": time.perf_counter() - start,
-        "cell_seconds": cell_seconds(workdir),
+        "cell_seconds": harness.cell_seconds(workdir),
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

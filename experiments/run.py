@@ -9,7 +9,8 @@ experiment module is ``experiments.<config.experiment>`` and must define
 ``ValueError`` for bad values before anything runs, and ``summary(results, config) -> str``,
 printed at the end. The resolved config, git commit, package
 versions and devices are written to ``workdir/run_info.json``; a run that is started again on
-the same workdir resumes from its checkpoints.
+the same workdir resumes from its checkpoints. A workdir belongs to one experiment and one
+resolved config (``workdir/owner.json``): a run with another is refused in one line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import sys
 
 from absl import flags
 from ml_collections import config_flags
+
+from experiments import harness
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -53,7 +56,6 @@ def main(module) -> None:
     from metattt import runlog
 
     workdir = os.path.abspath(_WORKDIR.value)
-    os.makedirs(workdir, exist_ok=True)
     runlog.write_run_info(workdir, config.to_dict())
     results = module.run(config, workdir)
     if hasattr(module, "summary"):
@@ -93,6 +95,9 @@ def cli(argv: list[str] | None = None) -> None:
         module = importlib.import_module(f"experiments.{config.experiment}")
         if hasattr(module, "validate"):
             module.validate(config)
+        if not _WORKDIR.value.strip():
+            raise ValueError("--workdir is empty: name a directory for the run's results")
+        harness.claim_workdir(_WORKDIR.value, config.experiment, config.to_dict())
     except ModuleNotFoundError as error:
         print(
             f"error: config.experiment names no module in experiments/ ({error})", file=sys.stderr

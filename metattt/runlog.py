@@ -38,6 +38,7 @@ __all__ = [
     "TensorboardWriter",
     "create_writer",
     "progress",
+    "read_metrics",
     "write_run_info",
 ]
 
@@ -244,6 +245,30 @@ class MultiWriter(MetricWriter):
         """Closes every writer."""
         for w in self.writers:
             w.close()
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """The records of a :class:`JsonlWriter` file, one per step, in step order.
+
+    A resumed run logs the steps after its last checkpoint a second time (with the same values,
+    as they are recomputed exactly); the last record of each step is kept. A missing file reads
+    as no records; a torn last line (a kill during a write) is skipped.
+    """
+    by_step: dict[int, dict[str, float]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record") from None
+        by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def create_writer(workdir: str | os.PathLike[str]) -> MultiWriter:

@@ -4,6 +4,8 @@ Every figure a results table reports over seeds, tasks or clips comes with an in
 here. :func:`mean_ci` is the t-interval of a mean (exact for normal data, good for a handful of
 seeds); :func:`bootstrap_ci` covers any statistic, including ones of paired arrays such as a
 rank correlation, by resampling indices jointly; :func:`format_ci` prints ``0.512 ± 0.034``.
+:func:`seed_summary` is the one rule by which a results file reports a quantity over seeds, and
+:func:`spearman_ci` a rank correlation with its bootstrap interval.
 
 Example:
     >>> m = mean_ci([0.51, 0.49, 0.55, 0.52, 0.50])
@@ -20,7 +22,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.stats
 
-__all__ = ["BootstrapCI", "MeanCI", "bootstrap_ci", "format_ci", "mean_ci"]
+__all__ = [
+    "BootstrapCI",
+    "MeanCI",
+    "bootstrap_ci",
+    "format_ci",
+    "mean_ci",
+    "seed_summary",
+    "spearman",
+    "spearman_ci",
+]
 
 
 class MeanCI(NamedTuple):
@@ -135,3 +146,43 @@ def bootstrap_ci(
 def format_ci(m: MeanCI, digits: int = 3) -> str:
     """Formats a mean and half-width as ``"0.512 ± 0.034"`` with ``digits`` decimals."""
     return f"{m.mean:.{digits}f} ± {m.half_width:.{digits}f}"
+
+
+def seed_summary(values: Any, confidence: float = 0.95) -> dict[str, Any]:
+    """The one record a results file keeps of a quantity measured once per seed.
+
+    Returns:
+      ``{"mean": float, "ci": float, "per_seed": [float, ...]}``: the mean, the half-width of
+      its Student-t interval (:func:`mean_ci`; NaN for a single seed, whose spread is unknown),
+      and the values in seed order.
+
+    Raises:
+      ValueError: no values.
+    """
+    per_seed = [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
+    m = mean_ci(per_seed, confidence)
+    return {"mean": m.mean, "ci": m.half_width, "per_seed": per_seed}
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Spearman's rank correlation of paired samples (NaN when either side is constant)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(scipy.stats.spearmanr(x, y).statistic)
+
+
+def spearman_ci(
+    x: Any, y: Any, *, num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> BootstrapCI:
+    """Spearman's ρ of paired samples with a percentile-bootstrap interval (pairs kept).
+
+    Raises:
+        ValueError: the samples differ in length or hold fewer than 3 pairs.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size < 3:
+        raise ValueError(f"x and y must be 1-D of the same length >= 3, got {x.shape}, {y.shape}")
+    return bootstrap_ci(
+        (x, y), spearman, num_resamples=num_resamples, confidence=confidence, seed=seed
+    )

@@ -284,7 +284,9 @@ def _signals_to_flag() -> Iterator[dict[str, str | None]]:
 
 
 @functools.lru_cache(maxsize=64)
-def _chunked(update: Callable, batch_fn: Callable | None, steps_per_call: int, with_data: bool):
+def _chunked(
+    update: Callable, batch_fn: Callable | None, steps_per_call: int, with_data: bool, jit: Callable
+):
     """``steps_per_call`` steps as one compiled ``lax.scan``; metrics come back per step.
 
     ``batch_fn`` None: the call scans over host-made stacked batches (``stacked=True``).
@@ -292,7 +294,7 @@ def _chunked(update: Callable, batch_fn: Callable | None, steps_per_call: int, w
     (e.g. another seed, whose key travels in ``data``) reuses the compiled program.
     """
 
-    @jax.jit
+    @jit
     def call(state, data, first, stacked):
         def body(s, x):
             if batch_fn is None:
@@ -323,6 +325,7 @@ def fit(
     max_to_keep: int = 2,
     data: Any = None,
     stacked: bool = False,
+    jit: Callable = jax.jit,
 ) -> Any:
     """Runs ``num_steps`` steps of ``step``, resuming from ``workdir``'s newest good checkpoint.
 
@@ -356,6 +359,9 @@ def fit(
       stacked: ``batch_fn(first)`` is called on the host once per compiled call and returns
         the batches of steps ``first .. first + C - 1`` stacked on a leading axis of size C
         (for data made by host code, e.g. NumPy; ``data`` is then not used).
+      jit: what compiles a chunk of steps (e.g. ``functools.partial(jax.jit,
+        compiler_options=...)``); with ``steps_per_call`` = 1 and no ``stacked``, the step's
+        own ``update`` is called as it is.
 
     Returns:
       The state after ``num_steps`` steps.
@@ -379,6 +385,7 @@ def fit(
         num_steps,
         steps_per_call,
         stacked=stacked,
+        jit=jit,
         checkpoint_every=checkpoint_every,
         log_every=log_every,
         writer=writer,
@@ -405,6 +412,7 @@ def _fit(
     checkpointer,
     *,
     stacked,
+    jit,
     checkpoint_every,
     log_every,
     writer,
@@ -443,9 +451,9 @@ def _fit(
     with_data = data is not None
     call = None
     if stacked:
-        call = _chunked(update, None, steps_per_call, False)
+        call = _chunked(update, None, steps_per_call, False, jit)
     elif steps_per_call > 1:
-        call = _chunked(update, batch_fn, steps_per_call, with_data)
+        call = _chunked(update, batch_fn, steps_per_call, with_data, jit)
     buffer: list[Mapping[str, Any]] = []
     bar = runlog.progress(total=num_steps, initial=start, desc="fit", disable=not show_progress)
 

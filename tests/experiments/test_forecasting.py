@@ -143,6 +143,8 @@ def test_online_never_sees_a_target_early():
         ("online.method", "maml", "online.method 'maml'"),
         ("meta.dtype", "int8", "floating dtype"),
         ("model.num_heads", 3, "num_heads \\(3\\) must divide dim"),
+        ("pretrain.steps", 120, "pretrain.steps must be 1..50 or a multiple of 50"),
+        ("meta.checkpoint_every", 0, "meta.checkpoint_every must be a positive int"),
     ],
 )
 def test_bad_config_values_are_rejected(key, value, message):

@@ -1,4 +1,4 @@
-"""Tests of metattt.stats: t-intervals against a hand computation and by coverage, bootstrap."""
+"""metattt.stats: t-intervals by hand and by coverage, bootstrap, Spearman, seed summaries."""
 
 from __future__ import annotations
 
@@ -86,3 +86,59 @@ def test_bootstrap_tuple_resamples_pairs_jointly():
         stats.bootstrap_ci((x, y[:-1]), paired_only)
     with pytest.raises(ValueError, match="at least one"):
         stats.bootstrap_ci(np.array([]))
+
+
+def brute_force_spearman(x, y):
+    """Pearson correlation of average ranks, with the ranks counted in a Python loop."""
+
+    def ranks(v):
+        out = []
+        for a in v:
+            below = sum(1 for b in v if b < a)
+            ties = sum(1 for b in v if b == a)
+            out.append(below + (ties + 1) / 2)  # 1-based average rank of a tie group
+        return np.asarray(out)
+
+    rx, ry = ranks(list(x)), ranks(list(y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float(np.sum(rx * ry) / np.sqrt(np.sum(rx**2) * np.sum(ry**2)))
+
+
+def test_spearman_matches_brute_force_ranks():
+    rng = np.random.default_rng(0)
+    for n in (5, 17, 60):
+        k = rng.integers(0, 4, n)  # many ties, as a step count has
+        difficulty = k + rng.integers(0, 3, n) + rng.normal(0, 0.01, n).round(1)
+        assert stats.spearman(k, difficulty) == pytest.approx(
+            brute_force_spearman(k, difficulty), abs=1e-12
+        )
+    assert np.isnan(stats.spearman(np.ones(6), np.arange(6)))  # constant K: undefined
+
+
+def test_spearman_bootstrap_ci_matches_a_resampling_loop():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 5, 40).astype(float)
+    y = x + rng.normal(0, 2.0, 40)
+    ci = stats.spearman_ci(x, y, num_resamples=200, seed=3)
+    idx = np.random.default_rng(3).integers(0, 40, (200, 40))
+    boot = []
+    for i in idx:
+        xi, yi = x[i], y[i]
+        boot.append(np.nan if np.ptp(xi) == 0 or np.ptp(yi) == 0 else brute_force_spearman(xi, yi))
+    low, high = np.quantile(boot, [0.025, 0.975])
+    assert ci.estimate == pytest.approx(brute_force_spearman(x, y), abs=1e-12)
+    assert ci.low == pytest.approx(low, abs=1e-12) and ci.high == pytest.approx(high, abs=1e-12)
+    assert ci.low < ci.estimate < ci.high
+    with pytest.raises(ValueError, match="same length"):
+        stats.spearman_ci(x, y[:-1])
+
+
+def test_seed_summary_is_the_t_interval_and_nan_for_one_seed():
+    values = [0.51, 0.47, 0.58]
+    summary = stats.seed_summary(values)
+    half = scipy.stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
+    assert summary["per_seed"] == values and summary["mean"] == pytest.approx(np.mean(values))
+    assert summary["ci"] == pytest.approx(half, rel=1e-12)
+    assert math.isnan(stats.seed_summary([0.3])["ci"])  # one seed: spread unknown, not 0
+    with pytest.raises(ValueError, match="at least one value"):
+        stats.seed_summary([])

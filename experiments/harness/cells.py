@@ -1,0 +1,109 @@
+"""Cells: results computed once per (seed, cell) and read back when a run is restarted.
+
+A cell is complete when its record is on disk, and a record is written atomically (a temporary
+file, then ``os.replace``), so a run killed at any point leaves either no record (the cell is
+computed again, resuming from its own checkpoints where it has some) or a whole one, never a
+torn file that wedges the workdir. Each computed cell also writes its wall time beside it
+(``<record>.seconds``), which :func:`cell_seconds` sums.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from metattt.ckpt import Checkpointer
+
+__all__ = ["cell_seconds", "json_cell", "params_cell"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _timed(path: str, compute: Callable[[], T]) -> T:
+    start = time.perf_counter()
+    value = compute()
+    _write_atomic(path + ".seconds", f"{time.perf_counter() - start:.3f}\n")
+    return value
+
+
+def _read_json(path: str) -> tuple[bool, Any]:
+    """``(True, value)`` for a readable record, ``(False, None)`` for none or a bad one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return True, json.load(f)
+    except FileNotFoundError:
+        return False, None
+    except (OSError, ValueError) as error:
+        logger.warning("Cell record %s is unreadable (%s); computing it again.", path, error)
+        return False, None
+
+
+def json_cell(path: str | os.PathLike[str], compute: Callable[[], Any]) -> Any:
+    """``compute()`` once: its JSON value is stored at ``path`` and read back on later calls."""
+    path = os.fspath(path)
+    found, value = _read_json(path)
+    if found:
+        return value
+    value = _timed(path, compute)
+    _write_atomic(path, json.dumps(value))
+    return value
+
+
+def params_cell(
+    directory: str | os.PathLike[str],
+    template: Any,
+    compute: Callable[[str], tuple[Any, dict[str, Any]]],
+) -> tuple[Any, dict[str, Any]]:
+    """``(params, info)`` computed once; parameters in a verified checkpoint, info as JSON.
+
+    Args:
+      directory: the cell's folder: ``params/`` (the checkpoint), ``info.json`` (written last:
+        the cell's commit record) and ``run/``, handed to ``compute`` for its own checkpoints
+        (pass it to :func:`metattt.train.fit` so that a killed cell resumes mid-training).
+      template: a pytree like the parameters (the restore target).
+      compute: ``run_dir -> (params, info)``, ``info`` a JSON-able dict.
+
+    Returns:
+      ``(params, info)``, restored when the cell was complete, computed otherwise (also when
+      its checkpoint fails verification: then with a warning).
+    """
+    directory = os.fspath(directory)
+    info_path = os.path.join(directory, "info.json")
+    found, info = _read_json(info_path)
+    if found:
+        found = Checkpointer(os.path.join(directory, "params")).restore_verified(template)
+        if found is not None:
+            return found[1], info
+        logger.warning("Cell %s has no usable parameters; computing it again.", directory)
+    params, info = _timed(
+        os.path.join(directory, "params"), lambda: compute(os.path.join(directory, "run"))
+    )
+    with Checkpointer(os.path.join(directory, "params"), max_to_keep=1) as ckpt:
+        ckpt.save(0, params, force=True)
+    _write_atomic(info_path, json.dumps(info))
+    return params, info
+
+
+def cell_seconds(workdir: str | os.PathLike[str]) -> float:
+    """Total wall time of every cell computed in ``workdir`` (over all invocations)."""
+    total = 0.0
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            if name.endswith(".seconds"):
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    total += float(f.read())
+    return total
