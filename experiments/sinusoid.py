@@ -22,10 +22,10 @@ import numpy as np
 import optax
 
 from experiments import report
-from metattt import meta, runlog, stats
+from metattt import inner, meta, runlog, stats
 from metattt import params as P
 from metattt.data import sinusoid
-from metattt.inner import InnerConfig, adapt, per_param_sgd
+from metattt.inner import InnerConfig, per_param_sgd
 from metattt.models.mlp import mlp
 from metattt.train import check_counts, fit
 
@@ -131,24 +131,14 @@ def adaptation_curve(
         jax.random.key(seed), num_tasks, cfg.task.num_support, cfg.eval.num_query
     )
 
-    def support_loss_with_query_aux(p, task):
-        return loss_fn(p, task.support), loss_fn(p, task.query)
-
-    fast, slow = P.split(params, P.select(params, "re:."))
+    mask = P.select(params, "re:.")
 
     @jax.jit
     def curve(task):
-        result = adapt(
-            support_loss_with_query_aux,
-            fast,
-            slow,
-            task,
-            opt=opt,
-            max_steps=cfg.eval.max_steps,
-            has_aux=True,
-        )
-        final = loss_fn(P.merge(result.params, slow), task.query)
-        return jnp.concatenate([result.aux, final[None]])
+        return inner.adaptation_curve(
+            loss_fn, loss_fn, params, mask, task.support, task.query,
+            opt=opt, max_steps=cfg.eval.max_steps,
+        )  # fmt: skip
 
     return np.asarray(jax.vmap(curve)(tasks))
 

@@ -20,6 +20,8 @@ derivative at zero), and differentiating through Adam needs ``optax.adam(..., ep
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metattt.params import merge
+from metattt.params import merge, split
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], Any]
@@ -75,6 +77,19 @@ class InnerResult(NamedTuple):
     active: jax.Array
     num_skipped: jax.Array
     aux: PyTree = None
+
+
+def check_clip_norm(clip_norm: float | None) -> None:
+    """Raises ValueError unless ``clip_norm`` is None (no clipping) or finite and positive."""
+    if clip_norm is not None and not (
+        isinstance(clip_norm, numbers.Real)
+        and not isinstance(clip_norm, bool)
+        and math.isfinite(clip_norm)
+        and clip_norm > 0
+    ):
+        raise ValueError(
+            f"clip_norm must be a finite positive number or None (no clipping), got {clip_norm!r}"
+        )
 
 
 def safe_global_norm(tree: PyTree) -> jax.Array:
@@ -188,8 +203,7 @@ def adapt(
         )
     if isinstance(num_steps, int) and not 0 <= num_steps <= max_steps:
         raise ValueError(f"num_steps must be in [0, max_steps={max_steps}], got {num_steps}")
-    if clip_norm is not None and clip_norm <= 0:
-        raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+    check_clip_norm(clip_norm)
     if not jax.tree.leaves(fast):
         raise ValueError("adapt() got no fast parameters to adapt")
     if opt_state is None:
@@ -249,3 +263,64 @@ def per_param_sgd(learning_rates: PyTree) -> optax.GradientTransformation:
         return jax.tree.map(lambda a, g: -a * g, learning_rates, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adapt_merged(
+    loss_fn: LossFn, params: PyTree, mask: PyTree, batch: Any, **kwargs: Any
+) -> tuple[PyTree, InnerResult]:
+    """Split, adapt, merge: the whole tree after adapting the leaves ``mask`` selects.
+
+    ``adapt_merged(loss_fn, params, mask, batch, **kw)`` is
+    ``fast, slow = split(params, mask); r = adapt(loss_fn, fast, slow, batch, **kw)`` followed
+    by ``merge(r.params, slow)``, the form every caller that wants a usable model needs.
+
+    Args:
+        loss_fn: as for :func:`adapt`.
+        params: the whole parameter tree.
+        mask: boolean pytree from :func:`metattt.params.select`: which leaves adapt.
+        batch: the data the inner loss sees.
+        **kwargs: :func:`adapt`'s keywords (``opt``, ``max_steps``, ``num_steps``, ...), e.g.
+            ``**inner_cfg._asdict()``.
+
+    Returns:
+        ``(adapted_params, result)``: the merged tree (same structure as ``params``) and the
+        :class:`InnerResult`, whose ``params`` holds the fast half only.
+    """
+    fast, slow = split(params, mask)
+    result = adapt(loss_fn, fast, slow, batch, **kwargs)
+    return merge(result.params, slow), result
+
+
+def adaptation_curve(
+    loss_fn: LossFn,
+    eval_fn: Callable[[PyTree, Any], jax.Array],
+    params: PyTree,
+    mask: PyTree,
+    batch: Any,
+    eval_batch: Any,
+    **kwargs: Any,
+) -> jax.Array:
+    """The evaluation loss after 0, 1, ..., K_max inner steps, from one inner loop.
+
+    ``curve[k] = eval_fn(params after k applied steps on batch, eval_batch)``; a skipped
+    (non-finite) step leaves the parameters, and so the next point, unchanged.
+
+    Args:
+        loss_fn: the inner loss ``loss_fn(params, batch) -> loss`` (no aux).
+        eval_fn: ``eval_fn(params, eval_batch) -> scalar``, e.g. a query loss.
+        params, mask, batch: as for :func:`adapt_merged`.
+        eval_batch: the data ``eval_fn`` scores.
+        **kwargs: :func:`adapt`'s keywords; ``max_steps`` sets the curve's length K_max + 1.
+
+    Returns:
+        (K_max + 1,) array.
+    """
+    if kwargs.get("has_aux"):
+        raise ValueError("adaptation_curve's loss_fn returns a loss only (has_aux is its own)")
+
+    def loss_and_eval(p, b):
+        return loss_fn(p, b), eval_fn(p, eval_batch)
+
+    adapted, result = adapt_merged(loss_and_eval, params, mask, batch, has_aux=True, **kwargs)
+    final = eval_fn(adapted, eval_batch)
+    return jnp.concatenate([result.aux, jnp.reshape(final, (1,)).astype(result.aux.dtype)])

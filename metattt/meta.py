@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from metattt.inner import InnerConfig, InnerResult, adapt, per_param_sgd
-from metattt.params import merge, split
-from metattt.train import Step, TrainState, check_clip_norm
+from metattt.inner import InnerConfig, adapt_merged, check_clip_norm, per_param_sgd
+from metattt.params import split
+from metattt.train import Step, TrainState
 
 PyTree = Any
 
@@ -56,12 +56,10 @@ class MetaSGDParams(NamedTuple):
 
 
 def _adapt_task(loss_fn, params, task, mask, inner: InnerConfig, num_steps, opt=None):
-    fast, slow = split(params, mask)
     cfg = inner._asdict()
     if opt is not None:
         cfg["opt"] = opt
-    result: InnerResult = adapt(loss_fn, fast, slow, task.support, num_steps=num_steps, **cfg)
-    return merge(result.params, slow), result
+    return adapt_merged(loss_fn, params, mask, task.support, num_steps=num_steps, **cfg)
 
 
 def maml_loss(

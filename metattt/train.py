@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import signal
 import socket
@@ -50,13 +49,13 @@ import optax
 
 from metattt import ckpt as ckpt_lib
 from metattt import runlog
+from metattt.inner import check_clip_norm
 
 __all__ = [
     "Interrupted",
     "Step",
     "TrainState",
     "WorkdirInUse",
-    "check_clip_norm",
     "check_counts",
     "fit",
     "supervised",
@@ -94,16 +93,6 @@ class Interrupted(Exception):
 
 class WorkdirInUse(RuntimeError):
     """Another live process is running :func:`fit` on this workdir."""
-
-
-def check_clip_norm(clip_norm: float | None) -> None:
-    """Raises ValueError unless ``clip_norm`` is None or a finite positive number."""
-    if clip_norm is not None and not (
-        isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0
-    ):
-        raise ValueError(
-            f"clip_norm must be a finite positive number or None (no clipping), got {clip_norm!r}"
-        )
 
 
 def supervised(

@@ -178,3 +178,34 @@ def test_demo_rows_shape(monkeypatch, tmp_path):
     assert [r[1] for r in rows] == ["finetune", "fomaml"]
     assert all(len(r) == 6 and r[0] == "forecasting (POCO-style)" for r in rows)
     assert rows[1][3:5] == (0.4, 0.5) and "0 -> 2 steps" in rows[0][2]
+
+
+def test_meta_training_killed_mid_cell_resumes_bit_identically(tmp_path, monkeypatch):
+    cfg = fc.get_config("tiny")  # 8 meta-steps, a checkpoint every 4
+    programs = F.Programs(cfg)
+    sessions = F.make_recordings(cfg, 0, test=False)
+    params = programs.init_params(0)
+    whole, info = F.meta_train(
+        programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "a")
+    )
+
+    real = F.sample_tasks
+    calls = []
+
+    def dies_at_step_6(key, *args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt("killed")  # as a kill would: no cleanup beyond finally
+        return real(key, *args)
+
+    monkeypatch.setattr(F, "sample_tasks", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        F.meta_train(programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "b"))
+    monkeypatch.setattr(F, "sample_tasks", real)
+    resumed, info_b = F.meta_train(
+        programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "b")
+    )
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert info_b["curve"] == info["curve"] and len(info["curve"]) == cfg.meta.steps
+    assert info_b["query_after"] == info["query_after"]

@@ -1,8 +1,11 @@
 """The sinusoid experiment end to end (tiny config) and the entry point's error messages."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -70,3 +73,36 @@ def test_distributed_initialisation_follows_the_config(monkeypatch):
     cfg.distributed.process_id = 2
     run.init_distributed(cfg)
     assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}]
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
+    args = [
+        "--config=configs/sinusoid.py:tiny",
+        "--config.methods=('maml',)",
+        "--config.train.num_steps=3000",
+        "--config.train.checkpoint_every=150",
+    ]
+    reference = _run_cli(*args, "--workdir", str(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args, "--workdir", str(killed)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = killed / "maml" / "seed_0" / "ckpt" / "300"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs, the lock file stays behind
+    assert proc.wait() == -signal.SIGKILL
+    assert (killed / "maml" / "seed_0" / "fit.lock").exists()
+    resumed = _run_cli(*args, "--workdir", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resumed from" in resumed.stderr and "Taking over the lock" in resumed.stderr
+    want = json.loads((tmp_path / "ref" / "results.json").read_text())["maml"]
+    got = json.loads((killed / "results.json").read_text())["maml"]
+    for key in ("curve_mean", "curve_ci", "seed_means"):
+        assert got[key] == want[key], key  # bit-identical: the same program resumed

@@ -175,3 +175,32 @@ def test_bad_arguments_raise(problem):
         inner.adapt(loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=2, num_steps=3)
     with pytest.raises(ValueError, match="clip_norm"):
         inner.adapt(loss_fn, fast, slow, batch, opt=optax.sgd(0.1), max_steps=2, clip_norm=0.0)
+
+
+def test_adapt_merged_and_adaptation_curve_match_a_python_loop():
+    params = init_params(jax.random.key(40))
+    kx, ky, kq = jax.random.split(jax.random.key(41), 3)
+    support = (jax.random.normal(kx, (16, 2)), jax.random.normal(ky, (16, 1)))
+    query = (jax.random.normal(kq, (16, 2)), support[1][::-1])
+    mask = P.select(params, "re:w2|b1")
+    lr = 0.3
+
+    # The reference: plain SGD on the selected leaves, one step at a time, in Python.
+    p, curve = dict(params), [float(loss_fn(params, query))]
+    for _ in range(K_MAX):
+        grads = jax.grad(loss_fn)(p, support)
+        p = {k: (v - lr * grads[k] if k in ("w2", "b1") else v) for k, v in p.items()}
+        curve.append(float(loss_fn(p, query)))
+
+    kw = dict(opt=optax.sgd(lr), max_steps=K_MAX)
+    adapted, result = inner.adapt_merged(loss_fn, params, mask, support, **kw)
+    assert jax.tree.structure(adapted) == jax.tree.structure(params)
+    np.testing.assert_array_equal(adapted["w1"], params["w1"])  # frozen leaves untouched
+    for k in ("w2", "b1"):
+        np.testing.assert_allclose(adapted[k], p[k], rtol=1e-5, atol=1e-6)
+    assert jax.tree.leaves(result.params)[0].shape in {(8,), (8, 1)}  # only the fast half
+    got = inner.adaptation_curve(loss_fn, loss_fn, params, mask, support, query, **kw)
+    np.testing.assert_allclose(got, curve, rtol=1e-5, atol=1e-6)
+    assert got.shape == (K_MAX + 1,) and curve[-1] < curve[0]
+    with pytest.raises(ValueError, match="clip_norm must be a finite positive"):
+        inner.adapt_merged(loss_fn, params, mask, support, clip_norm=float("nan"), **kw)
