@@ -17,8 +17,8 @@ Expected result: see the tta_protocol section of BENCHMARKS.md (the run writes i
 import ml_collections
 
 
-def _setting(steps, lr, grad_clip):
-    return ml_collections.ConfigDict({"steps": steps, "lr": lr, "grad_clip": grad_clip})
+def _setting(steps, lr, clip_norm):
+    return ml_collections.ConfigDict({"steps": steps, "lr": lr, "clip_norm": clip_norm})
 
 
 def get_config(arg=None):

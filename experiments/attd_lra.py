@@ -147,7 +147,7 @@ class Split(NamedTuple):
     difficulty: np.ndarray
 
 
-class Task(NamedTuple):
+class LRATask(NamedTuple):
     """One task's splits and sizes."""
 
     train: Split
@@ -276,16 +276,16 @@ def _subsample(text: lra.ByteText, num: int, seed: int) -> Split:
     return Split(text.tokens[idx], text.mask[idx], text.labels[idx], text.length[idx])
 
 
-def load_task(cfg, task: str, seed: int) -> Task:
+def load_task(cfg, task: str, seed: int) -> LRATask:
     """The train, in-distribution test and shifted test splits of ``task`` for ``seed``."""
     d = cfg.data[task]
     if task == "listops":
         train, seen = _listops(d.train, seed)
         test_id, _ = _listops(d.test_id, seed, frozenset(seen))
         test_shift, _ = _listops(d.test_shift, seed, frozenset(seen))
-        return Task(train, test_id, test_shift, len(lra.listops.VOCAB), 10)
+        return LRATask(train, test_id, test_shift, len(lra.listops.VOCAB), 10)
     if task == "pathfinder":
-        return Task(
+        return LRATask(
             _pathfinder(d.train, seed),
             _pathfinder(d.test_id, seed),
             _pathfinder(d.test_shift, seed),
@@ -300,7 +300,7 @@ def load_task(cfg, task: str, seed: int) -> Task:
         max_per_class=d.max_per_class,
     )
     train = splits["train"]
-    return Task(
+    return LRATask(
         Split(train.tokens, train.mask, train.labels, train.length),
         _subsample(splits["val"], d.num_test, seed),  # held-out files, training length
         _subsample(splits["test"], d.num_test, seed + 1),  # other held-out files, longer
@@ -480,7 +480,7 @@ def evaluate_split(c: Compiled, params: ATTDParams, split: Split, batch: int) ->
     return out
 
 
-def run_cell(cfg, c: Compiled, name: str, theta, task: Task, seed: int, psi0) -> dict[str, Any]:
+def run_cell(cfg, c: Compiled, name: str, theta, task: LRATask, seed: int, psi0) -> dict[str, Any]:
     """Train one method's outer parameters from the base and score it: a JSON-able dict."""
     k_max = c.method.controller.max_steps
     base = c.method.init(theta, psi0)

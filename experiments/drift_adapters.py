@@ -294,7 +294,7 @@ class StreamRunner:
         }
 
 
-def summarise_stream(run: dict[str, Any], cfg) -> dict[str, float]:
+def summarize_stream(run: dict[str, Any], cfg) -> dict[str, float]:
     """Per-segment accuracy, mean active parameters and the number of reallocations."""
     acc = np.asarray(run["accuracy"])
     out = {f"acc_{name}": float(acc[a:b].mean()) for name, (a, b) in segments(cfg).items()}
@@ -455,9 +455,9 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     results = {
         "backbone_clean_accuracy": backbone_acc,
         "streams": streams,
-        "summary": {o: summarise(by_method, cfg) for o, by_method in streams.items()},
+        "summary": {o: summarize(by_method, cfg) for o, by_method in streams.items()},
         "tent": tent,
-        "tent_summary": summarise_tent(tent) if tent else {},
+        "tent_summary": summarize_tent(tent) if tent else {},
         "step_traces": runner.traces,
         "seconds": time.perf_counter() - start,
         "timing": timing,
@@ -472,8 +472,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     return results
 
 
-def summarise(streams: dict[str, dict[str, list]], cfg) -> dict[str, Any]:
-    """Per method: every metric of :func:`summarise_stream` as a mean and 95% CI.
+def summarize(streams: dict[str, dict[str, list]], cfg) -> dict[str, Any]:
+    """Per method: every metric of :func:`summarize_stream` as a mean and 95% CI.
 
     Each metric first averages a seed's runs over the corruptions, so its CI is over seeds
     (``seeds`` holds the per-seed values); ``per_corruption`` keeps the corruptions apart
@@ -481,7 +481,7 @@ def summarise(streams: dict[str, dict[str, list]], cfg) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for method, by_corruption in streams.items():
-        per_run = {c: [summarise_stream(r, cfg) for r in runs] for c, runs in by_corruption.items()}
+        per_run = {c: [summarize_stream(r, cfg) for r in runs] for c, runs in by_corruption.items()}
         keys = next(iter(per_run.values()))[0].keys()
         num_seeds = len(next(iter(per_run.values())))
         entry: dict[str, Any] = {}
@@ -499,7 +499,7 @@ def summarise(streams: dict[str, dict[str, list]], cfg) -> dict[str, Any]:
     return out
 
 
-def summarise_tent(tent: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_tent(tent: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and 95% CI over seeds of each method's error for every corruption/severity key."""
     out: dict[str, Any] = {}
     for key in tent[0]:

@@ -173,9 +173,9 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                 tuned.append(
                     adaptation_curve(model, meta_params, method, cfg, cfg.eval.num_tasks, lr=lr)
                 )
-        results[method] = _summarise(curves, seconds)
+        results[method] = _summarize(curves, seconds)
         if tuned:
-            results["pretrained_tuned_lr"] = dict(_summarise(tuned, seconds), lrs=tuned_lrs)
+            results["pretrained_tuned_lr"] = dict(_summarize(tuned, seconds), lrs=tuned_lrs)
     for method, r in results.items():
         logger.info(
             "%s: query MSE %s",
@@ -237,7 +237,7 @@ def _tune_lr(model, params, cfg) -> float:
     return float(cfg.eval.tune_pretrained_lrs[int(np.nanargmin(scores))])
 
 
-def _summarise(curves: list[np.ndarray], seconds: list[float]) -> dict[str, Any]:
+def _summarize(curves: list[np.ndarray], seconds: list[float]) -> dict[str, Any]:
     """Mean curve and 95% CI over all test tasks of all seeds, plus per-seed means."""
     per_task = np.concatenate(curves, axis=0)  # tasks of every seed
     seed_means = np.stack([c.mean(axis=0) for c in curves])  # (seeds, steps + 1)

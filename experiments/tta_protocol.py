@@ -59,7 +59,7 @@ def protocol_from_config(
         mode=mode or cfg.protocol.mode,
         num_adaptation_steps=int(s.steps),
         lr=float(s.lr),
-        grad_clip=float(s.grad_clip) if s.grad_clip else None,
+        clip_norm=float(s.clip_norm) if s.clip_norm else None,
         reset_per_clip=bool(reset),
         adapt_layers=adapt_layers,
         window=int(cfg.protocol.window),
@@ -340,7 +340,7 @@ def write_report(results: dict[str, Any], cfg) -> None:
     plot_rolling(results, str(figure))
     pcfg = predictor_config(cfg)
     settings = "; ".join(
-        f"{name}: {s.steps} step(s), lr {s.lr}, clip {s.grad_clip}"
+        f"{name}: {s.steps} step(s), lr {s.lr}, clip {s.clip_norm}"
         for name, s in cfg.ablation.settings.items()
     )
     src = results["source_baseline_loss"]

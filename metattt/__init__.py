@@ -12,10 +12,27 @@ Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the
 :mod:`~metattt.runlog`, :mod:`~metattt.stats`.
 """
 
-from metattt import inner, meta, objectives, online, params, tta
-from metattt.inner import InnerConfig, InnerResult, adapt
+from metattt import (
+    adapters,
+    ckpt,
+    data,
+    drift,
+    energy,
+    inner,
+    meta,
+    models,
+    objectives,
+    online,
+    params,
+    runlog,
+    stats,
+    train,
+    tta,
+)
+from metattt.inner import InnerConfig, InnerResult, adapt, adapt_merged, adaptation_curve
 from metattt.meta import Task
 from metattt.params import count, merge, select, split
+from metattt.train import Step, TrainState, fit, supervised
 from metattt.tta import TTAProtocol, run_protocol
 
 __version__ = "0.1.0"
@@ -23,18 +40,33 @@ __version__ = "0.1.0"
 __all__ = [
     "InnerConfig",
     "InnerResult",
+    "Step",
     "TTAProtocol",
     "Task",
+    "TrainState",
     "adapt",
+    "adapt_merged",
+    "adaptation_curve",
+    "adapters",
+    "ckpt",
     "count",
+    "data",
+    "drift",
+    "energy",
+    "fit",
     "inner",
     "merge",
     "meta",
+    "models",
     "objectives",
     "online",
     "params",
     "run_protocol",
+    "runlog",
     "select",
     "split",
+    "stats",
+    "supervised",
+    "train",
     "tta",
 ]

@@ -17,7 +17,7 @@ numbers of a summary table.
 
 Example:
     >>> protocol = TTAProtocol(mode="rollout", num_adaptation_steps=5, lr=5e-4,
-    ...                        grad_clip=5.0, reset_per_clip=True, adapt_layers="layernorm")
+    ...                        clip_norm=5.0, reset_per_clip=True, adapt_layers="layernorm")
     >>> out = run_protocol(protocol, {"rollout": loss, "one_step": loss1}, params, clips,
     ...                    eval_fn=score)  # doctest: +SKIP
     >>> write_protocol_metrics(writer, out)  # doctest: +SKIP
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metattt.inner import adapt
+from metattt.inner import adapt, check_clip_norm
 from metattt.params import PRESETS, ParamCount, count, merge, select, selected_paths, split
 
 PyTree = Any
@@ -165,7 +165,7 @@ class TTAProtocol:
             supplies one loss function per mode to :func:`run_protocol`.
         num_adaptation_steps: N optimizer steps per clip (0 is the baseline).
         lr: the optimizer's learning rate.
-        grad_clip: clip each step's gradient to this global norm (None: no clipping).
+        clip_norm: clip each step's gradient to this global norm (None: no clipping).
         reset_per_clip: start every clip from the source parameters and a fresh optimizer
             state, or carry both forward (cumulative).
         adapt_layers: which parameters adapt: ``"none"`` (the baseline) or a ``+``-joined
@@ -182,7 +182,7 @@ class TTAProtocol:
     mode: str = "rollout"
     num_adaptation_steps: int = 1
     lr: float = 1e-4
-    grad_clip: float | None = 1.0
+    clip_norm: float | None = 1.0
     reset_per_clip: bool = True
     adapt_layers: str = "layernorm"
     window: int = 50
@@ -200,12 +200,7 @@ class TTAProtocol:
             )
         if not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if self.grad_clip is not None and not (
-            isinstance(self.grad_clip, (int, float))
-            and math.isfinite(self.grad_clip)
-            and self.grad_clip > 0
-        ):
-            raise ValueError(f"grad_clip must be None or a positive number, got {self.grad_clip!r}")
+        check_clip_norm(self.clip_norm)
         if not isinstance(self.reset_per_clip, bool):
             raise ValueError(f"reset_per_clip must be a bool, got {self.reset_per_clip!r}")
         if not isinstance(self.adapt_layers, str):
@@ -269,7 +264,7 @@ def _compiled_protocol(protocol: TTAProtocol, loss_fn: Callable, eval_fn: Callab
             clips,
             opt=opt,
             num_steps=protocol.num_adaptation_steps if adapts else 0,
-            clip_norm=protocol.grad_clip if adapts else None,
+            clip_norm=protocol.clip_norm if adapts else None,
             reset_per_clip=protocol.reset_per_clip,
             window=protocol.window,
             eval_fn=eval_fn,

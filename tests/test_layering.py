@@ -43,3 +43,21 @@ def test_imports_follow_the_dependency_direction(package):
 @pytest.mark.parametrize("package", sorted(BANNED))
 def test_packages_import(package):
     importlib.import_module(package)
+
+
+def test_the_public_api_is_reachable_from_the_top():
+    import metattt
+
+    for name in ("adapters", "drift", "train", "stats", "energy", "models", "data", "ckpt"):
+        assert hasattr(metattt, name), name
+    for package in (metattt, metattt.models, metattt.data, metattt.energy):
+        missing = [n for n in package.__all__ if not hasattr(package, n)]
+        assert not missing, f"{package.__name__}.__all__ names missing attributes: {missing}"
+    # No two public types share a name across the packages a user imports from.
+    seen: dict[str, str] = {}
+    for package in (metattt, metattt.models, metattt.data, metattt.energy):
+        for name in package.__all__:
+            obj = getattr(package, name)
+            if isinstance(obj, type):
+                other = seen.setdefault(name, f"{obj.__module__}.{obj.__qualname__}")
+                assert other == f"{obj.__module__}.{obj.__qualname__}", (name, other)

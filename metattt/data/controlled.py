@@ -31,7 +31,7 @@ import jax.numpy as jnp
 SHIFT_KINDS = ("offset", "representational")
 
 
-class Windows(NamedTuple):
+class Trajectories(NamedTuple):
     """Trajectory windows of W + H steps: states ``z`` (..., W+H, Z), actions ``a`` (..., W+H, A).
 
     The first W steps are the history; the targets are ``z[..., W:, :]``; the action at step t
@@ -45,11 +45,11 @@ class Windows(NamedTuple):
 class Clip(NamedTuple):
     """One test clip: windows to adapt on and later windows of the same trajectory to score.
 
-    ``adapt``: :class:`Windows` (Ba, W+H, .); ``eval``: (Be, W+H, .), after the adapt windows.
+    ``adapt``: :class:`Trajectories` (Ba, W+H, .); ``eval``: (Be, W+H, .), after the adapt windows.
     """
 
-    adapt: Windows
-    eval: Windows
+    adapt: Trajectories
+    eval: Trajectories
 
 
 class DynamicsSystem(NamedTuple):
@@ -135,14 +135,14 @@ def simulate(system: DynamicsSystem, regime: Regime, z0: jax.Array, actions: jax
     return jnp.concatenate([z0[None], zs], axis=0)
 
 
-def _trajectory(key, system, regime, length: int, burn_in: int) -> Windows:
+def _trajectory(key, system, regime, length: int, burn_in: int) -> Trajectories:
     """One trajectory of ``length`` steps after ``burn_in`` steps from z_0 ~ N(0, 0.5^2)."""
     kz, ka = jax.random.split(key)
     z_dim = system.w_z.shape[0]
     z0 = 0.5 * jax.random.normal(kz, (z_dim,))
     actions = jax.random.uniform(ka, (burn_in + length, system.u.shape[1]), minval=-1, maxval=1)
     zs = simulate(system, regime, z0, actions)[:-1]
-    return Windows(zs[burn_in:], actions[burn_in:])
+    return Trajectories(zs[burn_in:], actions[burn_in:])
 
 
 def sample_windows(
@@ -153,7 +153,7 @@ def sample_windows(
     length: int,
     *,
     burn_in: int = 20,
-) -> Windows:
+) -> Trajectories:
     """``num`` independent windows of ``length`` = W + H steps: z (B, W+H, Z), a (B, W+H, A)."""
     keys = jax.random.split(key, num)
     return jax.vmap(lambda k: _trajectory(k, system, regime, length, burn_in))(keys)

@@ -205,7 +205,7 @@ class AbstractMonitor(abc.ABC):
         finally:
             last = self.sample()
             inner = [r for r in self.records if first.time_s < r.time_s < last.time_s]
-            window._record = summarise(first, last, inner, self.energy_method)
+            window._record = summarize(first, last, inner, self.energy_method)
 
     def close(self) -> None:
         """Stop sampling and release the device (idempotent)."""
@@ -222,7 +222,7 @@ class AbstractMonitor(abc.ABC):
         self.close()
 
 
-def summarise(
+def summarize(
     first: PowerRecord, last: PowerRecord, inner: list[PowerRecord], energy_method: str
 ) -> WindowRecord:
     """A :class:`WindowRecord` from a window's first and last readings and those between."""

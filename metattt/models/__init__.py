@@ -1,0 +1,35 @@
+"""Models as pure functions over parameter pytrees (Flax NNX modules split once at the edge).
+
+Modules: :mod:`~metattt.models.functional` (``functionalize``: any NNX module to
+``apply(params, *args)`` plus its parameters), :mod:`~metattt.models.mlp`,
+:mod:`~metattt.models.digits_net`, :mod:`~metattt.models.dynamics` (action-conditioned
+transformer predictor), :mod:`~metattt.models.moe` (top-k MoE transformer) and
+:mod:`~metattt.models.perceiver` (population forecaster). The factory functions ``mlp`` and
+``digits_net`` share their module's name, so reach them as ``models.mlp.mlp`` and
+``models.digits_net.digits_net``.
+"""
+
+from metattt.models import digits_net, dynamics, functional, mlp, moe, perceiver
+from metattt.models.dynamics import PredictorConfig, init_predictor
+from metattt.models.functional import Functional, functionalize
+from metattt.models.moe import MoEConfig, MoEOutput, init_moe
+from metattt.models.perceiver import PerceiverConfig, forecast_loss, init_perceiver
+
+__all__ = [
+    "Functional",
+    "MoEConfig",
+    "MoEOutput",
+    "PerceiverConfig",
+    "PredictorConfig",
+    "digits_net",
+    "dynamics",
+    "forecast_loss",
+    "functional",
+    "functionalize",
+    "init_moe",
+    "init_perceiver",
+    "init_predictor",
+    "mlp",
+    "moe",
+    "perceiver",
+]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metattt.data.controlled import Windows
+from metattt.data.controlled import Trajectories
 from metattt.models.functional import Functional, functionalize
 
 __all__ = [
@@ -149,7 +149,7 @@ def predict_next(apply: Callable, params: PyTree, z: jax.Array, a: jax.Array) ->
     return apply(params, z, a)[..., -1, :]
 
 
-def rollout(apply: Callable, params: PyTree, windows: Windows, window: int) -> jax.Array:
+def rollout(apply: Callable, params: PyTree, windows: Trajectories, window: int) -> jax.Array:
     """Autoregressive H-step rollout from the first W steps: (W+H, Z) -> (H, Z) predictions.
 
     Step h predicts z[W+h] from the window ending at the state predicted at step h-1 (the true
@@ -169,13 +169,13 @@ def rollout(apply: Callable, params: PyTree, windows: Windows, window: int) -> j
     return preds
 
 
-def rollout_loss(apply: Callable, params: PyTree, windows: Windows, window: int) -> jax.Array:
+def rollout_loss(apply: Callable, params: PyTree, windows: Trajectories, window: int) -> jax.Array:
     """Mean squared error of the H-step rollout, averaged over windows (B, W+H, .)."""
     preds = jax.vmap(lambda w: rollout(apply, params, w, window))(windows)
     return jnp.mean((preds - windows.z[:, window:]) ** 2)
 
 
-def one_step_loss(apply: Callable, params: PyTree, windows: Windows, window: int) -> jax.Array:
+def one_step_loss(apply: Callable, params: PyTree, windows: Trajectories, window: int) -> jax.Array:
     """Teacher-forced one-step MSE on the same H targets: z[W+h] from the true z[h:W+h]."""
     horizon = windows.z.shape[1] - window
 

@@ -52,10 +52,10 @@ def test_ablation_cells_cover_the_matrix():
     names = [n for n in cells if n != tta_protocol.BASELINE]
     assert len(names) == 3 * 2 * 3 + 3  # layers x reset x settings, then the other mode
     strong = cells["layernorm+mlp_out/cumulative/stronger"]
-    assert (strong.num_adaptation_steps, strong.lr, strong.grad_clip) == (5, 5e-4, 5.0)
+    assert (strong.num_adaptation_steps, strong.lr, strong.clip_norm) == (5, 5e-4, 5.0)
     assert not strong.reset_per_clip and strong.adapt_layers == "layernorm+mlp_out"
     mild = cells["layernorm/reset/conservative"]
-    assert (mild.num_adaptation_steps, mild.lr, mild.grad_clip) == (1, 1e-4, 1.0)
+    assert (mild.num_adaptation_steps, mild.lr, mild.clip_norm) == (1, 1e-4, 1.0)
     assert cells["layernorm+attn_proj/reset/stronger/one_step"].mode == "one_step"
     assert not cells[tta_protocol.BASELINE].adapts
 

@@ -32,7 +32,7 @@ def toy_run(**overrides):
         mode="rollout",
         num_adaptation_steps=1,
         lr=0.5,
-        grad_clip=None,
+        clip_norm=None,
         reset_per_clip=True,
         adapt_layers="layernorm",
         window=2,
@@ -80,7 +80,7 @@ def test_cumulative_by_hand():
 
 def test_gradient_clipping_by_hand():
     # grads s - x = -1, 1, -3; clipped to norm 1: -1, 1, -1; s = 0.5, -0.5, 0.5.
-    result = toy_run(grad_clip=1.0)
+    result = toy_run(clip_norm=1.0)
     assert_metrics(result, [0.5, 0.5, 4.5], [0.125, 0.125, 3.125])
 
 
@@ -123,7 +123,7 @@ def test_summary():
 
 
 def test_compiled_runner_is_reused_for_new_parameters():
-    protocol = tta.TTAProtocol(num_adaptation_steps=1, lr=0.5, grad_clip=None, window=2)
+    protocol = tta.TTAProtocol(num_adaptation_steps=1, lr=0.5, clip_norm=None, window=2)
     losses = {"rollout": toy_loss}
     tta.run_protocol(protocol, losses, TOY, XS)
     before = tta._compiled_protocol.cache_info()
@@ -148,8 +148,9 @@ def test_compiled_runner_is_reused_for_new_parameters():
         ({"num_adaptation_steps": 1.5}, "num_adaptation_steps must be a non-negative int"),
         ({"lr": 0.0}, "lr must be a positive finite number"),
         ({"lr": float("nan")}, "lr must be a positive finite number"),
-        ({"grad_clip": 0.0}, "grad_clip must be None or a positive number"),
-        ({"grad_clip": -1.0}, "grad_clip must be None or a positive number"),
+        ({"clip_norm": 0.0}, "clip_norm must be a finite positive number"),
+        ({"clip_norm": -1.0}, "clip_norm must be a finite positive number"),
+        ({"clip_norm": float("nan")}, "clip_norm must be a finite positive number"),
         ({"window": 0}, "window must be an int >= 1"),
         ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
         ({"enabled": "yes"}, "enabled must be a bool"),
@@ -287,7 +288,7 @@ def test_modes_match_python_loop(small, windows):
     np.testing.assert_allclose(got_rollout, ref_rollout, rtol=1e-5)
     np.testing.assert_allclose(got_one, ref_one, rtol=1e-5)
     assert abs(float(got_rollout) - float(got_one)) > 1e-4  # the modes differ beyond H = 1
-    short = controlled.Windows(windows.z[:, : w + 1], windows.a[:, : w + 1])  # H = 1
+    short = controlled.Trajectories(windows.z[:, : w + 1], windows.a[:, : w + 1])  # H = 1
     np.testing.assert_allclose(
         rollout_loss(apply, params, short, w), one_step_loss(apply, params, short, w), rtol=1e-6
     )
