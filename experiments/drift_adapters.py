@@ -59,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import report
-from metattt import adapters, drift, objectives, stats
+from experiments import harness, report
+from metattt import adapters, drift, objectives, runlog, stats, train, tta
 from metattt import params as P
 from metattt.data import digits_c
 from metattt.models.digits_net import digits_net
@@ -73,50 +73,62 @@ TENT_METHODS = ("source", "norm", "tent")
 # ----------------------------------------------------------------------------------- backbone
 
 
+BACKBONE_STEPS_PER_CALL = 100
+
+
 @functools.lru_cache(maxsize=4)
-def _backbone_fitter(hidden: int, momentum: float, lr: float, weight_decay: float):
-    """``(net, fit)``: ``fit(params, norm, xs, ys)`` runs every training step in one compiled
-    ``lax.scan``; cached so that the seeds of a run share one compilation."""
+def _backbone_program(hidden: int, momentum: float, lr: float, weight_decay: float):
+    """``(net, step)``: the backbone and its AdamW cross-entropy step, the normalisation's
+    running statistics carried as model state; cached so that the seeds share a compilation."""
     net = digits_net(hidden=hidden, momentum=momentum)
+
+    def loss_fn(params, norm, batch):
+        x, y = batch
+        logits, norm = net.apply(params, norm, x, batch_stats=True)
+        return objectives.cross_entropy(logits, y), norm
+
     opt = optax.adamw(lr, weight_decay=weight_decay)
-
-    @jax.jit
-    def fit(params, norm, xs, ys):
-        def step(carry, batch):
-            params, norm, opt_state = carry
-            x, y = batch
-
-            def loss_fn(p):
-                logits, new_norm = net.apply(p, norm, x, batch_stats=True)
-                return objectives.cross_entropy(logits, y), new_norm
-
-            (loss, norm), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), norm, opt_state), loss
-
-        (params, norm, _), losses = jax.lax.scan(step, (params, norm, opt.init(params)), (xs, ys))
-        return params, norm, losses
-
-    return net, fit
+    return net, train.supervised(loss_fn, opt, has_state=True, jit=False)
 
 
-def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg) -> tuple:
+def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, workdir: str):
     """Train the backbone with cross-entropy on clean images: ``(net, params, norm_stats)``.
 
     ``cfg.backbone.train_steps`` AdamW steps on batches drawn from ``(seed, 1)``, with the
-    normalisation layer in training mode (batch statistics, running statistics updated).
+    normalisation layer in training mode (batch statistics, running statistics updated);
+    :func:`metattt.train.fit` checkpoints in ``workdir``, so a killed run resumes.
     """
     b = cfg.backbone
-    net, fit = _backbone_fitter(b.hidden, b.norm_momentum, b.lr, b.weight_decay)
+    net, step = _backbone_program(b.hidden, b.norm_momentum, b.lr, b.weight_decay)
     params, norm = net.init(jax.random.key(seed))
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     idx = np.stack(
         [rng.choice(len(x_train), b.batch_size, replace=False) for _ in range(b.train_steps)]
     )
-    xs = x_train.reshape(len(x_train), -1)[idx]
-    params, norm, losses = fit(params, norm, xs, y_train[idx])
-    logger.info("backbone seed %d: final train loss %.4f", seed, float(losses[-10:].mean()))
-    return net, params, norm
+    flat = x_train.reshape(len(x_train), -1)
+    chunk = BACKBONE_STEPS_PER_CALL
+
+    def batches(first: int):
+        rows = idx[first : first + chunk]
+        return flat[rows], y_train[rows]
+
+    memory = runlog.MemoryWriter()
+    state = train.fit(
+        step,
+        step.init(params, norm),
+        batches,
+        stacked=True,
+        num_steps=b.train_steps,
+        steps_per_call=chunk,
+        checkpoint_every=chunk,
+        log_every=chunk,
+        workdir=workdir,
+        writer=memory,
+        show_progress=False,
+    )
+    if memory.history:
+        logger.info("backbone seed %d: last train loss %.4f", seed, memory.last("loss"))
+    return net, state.params, state.model_state
 
 
 # ------------------------------------------------------------------------------- drift stream
@@ -311,9 +323,9 @@ def summarize_stream(run: dict[str, Any], cfg) -> dict[str, float]:
 def make_tent_eval(net, cfg):
     """A jitted ``(params, norm, xs (N, B, D_in), ys (N, B)) -> {method: errors (N,)}``.
 
-    The batches are a stream in order: TENT's normalisation parameters carry over from batch
-    to batch (online), and each batch's error is measured on the predictions made before its
-    own update step.
+    The batches are a stream in order: TENT (:func:`metattt.tta.run_clips`, cumulative) carries
+    its normalisation parameters over from batch to batch, and each batch's error is that of
+    the predictions made before any update on it (prequential).
     """
     opt = optax.adam(cfg.tent.lr)
 
@@ -321,36 +333,30 @@ def make_tent_eval(net, cfg):
         mask = P.select(params, "layernorm")
         fast, slow = P.split(params, mask)
 
-        def err(logits, y):
-            return jnp.mean(jnp.argmax(logits, -1) != y)
+        def logits(p, x, batch_stats):
+            return net.apply(p, norm, x, batch_stats=batch_stats)[0]
 
-        def source(x, y):
-            return err(net.apply(params, norm, x, batch_stats=False)[0], y)
-
-        def norm_adapt(x, y):
-            return err(net.apply(params, norm, x, batch_stats=True)[0], y)
-
-        def tent(carry, batch):
-            fast, opt_state = carry
+        def err(p, batch, batch_stats=True):
             x, y = batch
+            return jnp.mean(jnp.argmax(logits(p, x, batch_stats), -1) != y)
 
-            def loss_fn(f):
-                logits, _ = net.apply(P.merge(f, slow), norm, x, batch_stats=True)
-                return objectives.entropy(logits), logits
+        def entropy(p, batch):
+            return objectives.entropy(logits(p, batch[0], True))
 
-            for _ in range(cfg.tent.steps_per_batch - 1):
-                grads, _ = jax.grad(loss_fn, has_aux=True)(fast)
-                updates, opt_state = opt.update(grads, opt_state, fast)
-                fast = optax.apply_updates(fast, updates)
-            grads, logits = jax.grad(loss_fn, has_aux=True)(fast)
-            updates, opt_state = opt.update(grads, opt_state, fast)
-            return (optax.apply_updates(fast, updates), opt_state), err(logits, y)
-
-        _, tent_errors = jax.lax.scan(tent, (fast, opt.init(fast)), (xs, ys))
+        tent = tta.run_clips(
+            entropy,
+            fast,
+            slow,
+            (xs, ys),
+            opt=opt,
+            num_steps=cfg.tent.steps_per_batch,
+            reset_per_clip=False,
+            eval_fn=err,
+        )
         return {
-            "source": jax.vmap(source)(xs, ys),
-            "norm": jax.vmap(norm_adapt)(xs, ys),
-            "tent": tent_errors,
+            "source": jax.vmap(lambda x, y: err(params, (x, y), batch_stats=False))(xs, ys),
+            "norm": jax.vmap(lambda x, y: err(params, (x, y)))(xs, ys),
+            "tent": tent.pre_loss,
         }
 
     return jax.jit(evaluate)
@@ -423,7 +429,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     for seed in cfg.seeds:
         t0 = time.perf_counter()
         x_tr, y_tr, x_te, y_te = digits_c.load_digits_split(seed, cfg.data.test_fraction)
-        net, params, norm = train_backbone(x_tr, y_tr, seed, cfg)
+        backbone_dir = os.path.join(workdir, "backbone", f"seed_{seed}")
+        net, params, norm = train_backbone(x_tr, y_tr, seed, cfg, backbone_dir)
         logits, _ = net.apply(params, norm, x_te, batch_stats=False)
         backbone_acc.append(float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y_te))))
         t1 = time.perf_counter()
@@ -444,7 +451,13 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                         one = streams[first][method][corruption][-1]
                     else:
                         key = jax.random.key(seed * 1000 + i)
-                        one = runner.run(method, objective, params, norm, stream, key)
+                        cell = f"{objective}_{method.replace(':', '_')}_{corruption}.json"
+                        one = harness.json_cell(
+                            os.path.join(workdir, "streams", f"seed_{seed}", cell),
+                            lambda m=method, o=objective, s=stream, k=key: runner.run(
+                                m, o, params, norm, s, k
+                            ),
+                        )
                     streams[objective][method].setdefault(corruption, []).append(one)
         t2 = time.perf_counter()
         if cfg.tent.enabled:

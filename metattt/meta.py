@@ -239,7 +239,7 @@ def make_meta_step(
         return TrainState(meta_params, outer_opt.init(meta_params))
 
     def update(state, tasks):
-        meta_params, opt_state = state
+        meta_params, opt_state = state.params, state.opt_state
         if micro_batches == 1:
             (loss, aux), grads = value_and_grad(meta_params, tasks)
         else:

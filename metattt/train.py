@@ -68,10 +68,15 @@ PyTree = Any
 
 
 class TrainState(NamedTuple):
-    """The state of an ordinary optimizer step: the parameters and the optax state."""
+    """The state of an ordinary optimizer step: parameters, optax state and model state.
+
+    ``model_state`` holds what the model updates in its forward pass but no gradient trains
+    (e.g. normalisation running statistics); None for stateless models.
+    """
 
     params: PyTree
     opt_state: PyTree
+    model_state: PyTree = None
 
 
 class Step(NamedTuple):
@@ -100,6 +105,7 @@ def supervised(
     opt: optax.GradientTransformation,
     *,
     has_aux: bool = False,
+    has_state: bool = False,
     clip_norm: float | None = None,
     jit: bool = True,
 ) -> Step:
@@ -111,9 +117,12 @@ def supervised(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` or, with ``has_aux``, ``-> (loss, aux)`` where
-        ``aux`` is a mapping of scalars (logged beside the loss).
+        ``aux`` is a mapping of scalars (logged beside the loss). With ``has_state`` it is
+        ``loss_fn(params, model_state, batch) -> (loss, new_model_state)`` (with ``has_aux``:
+        ``-> (loss, (new_model_state, aux))``), and ``init(params, model_state)``.
       opt: the optax rule.
       has_aux: see ``loss_fn``.
+      has_state: see ``loss_fn``.
       clip_norm: clip the gradient to this global norm first (None: no clipping).
       jit: compile ``update`` (turn off only to debug).
 
@@ -126,14 +135,19 @@ def supervised(
     check_clip_norm(clip_norm)
     if clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux or has_state)
 
-    def init(params: PyTree) -> TrainState:
-        return TrainState(params, opt.init(params))
+    def init(params: PyTree, model_state: PyTree = None) -> TrainState:
+        return TrainState(params, opt.init(params), model_state)
 
     def update(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        out, grads = value_and_grad(state.params, batch)
-        loss, aux = out if has_aux else (out, {})
+        model_state = state.model_state
+        if has_state:
+            (loss, out), grads = value_and_grad(state.params, model_state, batch)
+            model_state, aux = out if has_aux else (out, {})
+        else:
+            out, grads = value_and_grad(state.params, batch)
+            loss, aux = out if has_aux else (out, {})
         if not isinstance(aux, Mapping):
             raise TypeError(
                 f"with has_aux=True, loss_fn must return (loss, mapping of scalars), got an aux "
@@ -142,7 +156,7 @@ def supervised(
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        return TrainState(params, opt_state), metrics
+        return TrainState(params, opt_state, model_state), metrics
 
     return Step(init, jax.jit(update) if jit else update)
 

@@ -426,3 +426,22 @@ def test_stacked_host_batches_resume_bit_identically(tmp_path):
     resumed = train.fit(_step, _init_state(), stacked, stacked=True, workdir=tmp_path, **CHUNKED)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_supervised_with_model_state_carries_it_and_trains_as_without():
+    rng = np.random.default_rng(3)
+    batch = (rng.normal(size=(B, D)).astype(np.float32), rng.normal(size=B).astype(np.float32))
+    params = {"w": rng.normal(size=D).astype(np.float32), "b": np.float32(0.5)}
+
+    def with_state(p, count, batch):
+        return _loss(p, batch), count + 1  # e.g. a running statistic the forward pass updates
+
+    stateful = train.supervised(with_state, optax.adam(0.1), has_state=True)
+    plain = train.supervised(_loss, optax.adam(0.1))
+    s, p = stateful.init(params, np.int32(7)), plain.init(params)
+    for _ in range(2):
+        s, ms = stateful.update(s, batch)
+        p, mp = plain.update(p, batch)
+    assert int(s.model_state) == 9 and p.model_state is None
+    np.testing.assert_allclose(s.params["w"], p.params["w"], rtol=1e-6)
+    np.testing.assert_allclose(ms["loss"], mp["loss"], rtol=1e-6)
