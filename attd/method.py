@@ -50,7 +50,7 @@ import optax
 from attd.controller import Controller
 from attd.dynamics import Psi, a_log_delta, max_transition
 from attd.mamba import MambaConfig
-from metattt import inner, objectives
+from metattt import inner, objectives, train
 
 PyTree = Any
 OBJECTIVES = ("next_token", "masked")
@@ -134,8 +134,9 @@ class ATTD(NamedTuple):
         loss: ``loss(params, batch) -> (L_total, Metrics)``, batch = (tokens, mask, labels).
         evaluate: ``evaluate(params, batch) -> (Outputs, Metrics)`` on the hard (masked) path.
         predict: ``predict(params, tokens, mask) -> Outputs``, the masked path, jitted once.
-        make_train_step: ``make_train_step(optimizer) -> step(params, opt_state, batch)``,
-            jitted, returning ``(params, opt_state, Metrics)``.
+        train_step: ``train_step(optimizer) -> metattt.train.Step``, the outer step over
+            batches ``(tokens, mask, labels)``: ``update(state, batch) -> (state, metrics)``
+            with the fields of :class:`Metrics` and ``grad_norm`` (jitted).
         predict_grouped: ``predict_grouped(params, tokens, mask) -> GroupedOutputs`` (host).
         transition_radius: ``(params, tokens, psi) -> (B,)`` ρ(Ā) of each input under its ψ.
         controller: the :class:`Controller`.
@@ -147,7 +148,7 @@ class ATTD(NamedTuple):
     loss: Callable[..., tuple[jax.Array, Metrics]]
     evaluate: Callable[..., tuple[Outputs, Metrics]]
     predict: Callable[..., Outputs]
-    make_train_step: Callable[..., Callable]
+    train_step: Callable[[optax.GradientTransformation], train.Step]
     predict_grouped: Callable[..., GroupedOutputs]
     transition_radius: Callable[..., jax.Array]
     controller: Controller
@@ -343,14 +344,8 @@ def make_attd(
 
     predict = jax.jit(functools.partial(forward, train=False))
 
-    def make_train_step(optimizer: optax.GradientTransformation):
-        @jax.jit
-        def step(params, opt_state, batch):
-            grads, m = jax.grad(loss, has_aux=True)(params, batch)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, m
-
-        return step
+    def train_step(optimizer: optax.GradientTransformation) -> train.Step:
+        return train.supervised(loss, optimizer, has_aux=True)
 
     @jax.jit
     def _signal_and_steps(params, tokens, mask):
@@ -393,7 +388,7 @@ def make_attd(
         loss,
         evaluate,
         predict,
-        make_train_step,
+        train_step,
         predict_grouped,
         transition_radius,
         controller,

@@ -108,6 +108,7 @@ def get_config(arg=None):
     c.pretrain.batch = 32
     c.pretrain.lr = 3e-3
     c.pretrain.lm_weight = 1.0  # weight of the next-token loss beside the task loss
+    c.pretrain.checkpoint_every = 1000  # steps between checkpoints (a killed run resumes)
 
     c.attd = ml_collections.ConfigDict()
     c.attd.k_max = 4
@@ -127,6 +128,7 @@ def get_config(arg=None):
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.steps = 24
+    c.finetune.checkpoint_every = 500
     c.finetune.batch = 32
     c.finetune.lr_theta = 1e-3
     c.finetune.lr_psi = 1e-2
@@ -221,8 +223,10 @@ def get_config(arg=None):
         c.attd.k_max = 2
         c.pretrain.steps = 20
         c.pretrain.batch = 8
+        c.pretrain.checkpoint_every = 10
         c.finetune.steps = 4
         c.finetune.batch = 8
+        c.finetune.checkpoint_every = 2
         c.eval.batch = 8
         c.eval.timing_repeats = 1
         c.eval.bootstrap = 100

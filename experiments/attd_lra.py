@@ -47,8 +47,8 @@ from attd.controller import fixed_controller, gate_controller, threshold_control
 from attd.dynamics import init_psi
 from attd.mamba import MambaConfig, init_mamba
 from attd.method import ATTD, OBJECTIVES, ATTDParams, benchmark_eval_paths, make_attd
-from experiments import report
-from metattt import objectives, runlog, stats
+from experiments import harness, report
+from metattt import objectives, runlog, stats, train
 
 logger = logging.getLogger(__name__)
 TASKS = ("listops", "pathfinder", "text")
@@ -196,7 +196,8 @@ def validate(cfg) -> None:
     for name in ("inner_lr", "sgd_lr", "temperature"):
         if not a[name] > 0:
             raise ValueError(f"attd.{name} must be positive, got {a[name]}")
-    for name in ("pretrain.steps", "pretrain.batch", "finetune.steps", "finetune.batch"):
+    names = ("steps", "batch", "checkpoint_every")
+    for name in (f"{section}.{key}" for section in ("pretrain", "finetune") for key in names):
         section, key = name.split(".")
         if not cfg[section][key] >= 1:
             raise ValueError(f"{name} must be >= 1, got {cfg[section][key]}")
@@ -316,48 +317,49 @@ def _batches(seed: int, n: int, steps: int, batch: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, (steps, batch))
 
 
-def make_pretrain_step(apply, lr: float, lm_weight: float):
-    """A jitted Adam step on θ of L_task + lm_weight · next-token CE."""
-    opt = optax.adam(lr)
+def make_pretrain_step(apply, lr: float, lm_weight: float) -> train.Step:
+    """Adam on θ of L_task + lm_weight · next-token CE; logs both terms."""
 
-    def loss_fn(theta, tokens, mask, labels):
+    def loss_fn(theta, batch):
+        tokens, mask, labels = batch
         task = objectives.cross_entropy(apply(theta, tokens, mask=mask), labels)
         lm = objectives.next_token_cross_entropy(apply(theta, tokens, head="lm"), tokens, mask)
-        return task + lm_weight * lm, (task, lm)
+        return task + lm_weight * lm, {"task_loss": task, "lm_loss": lm}
 
-    @jax.jit
-    def step(theta, opt_state, tokens, mask, labels):
-        grads, aux = jax.grad(loss_fn, has_aux=True)(theta, tokens, mask, labels)
-        updates, opt_state = opt.update(grads, opt_state, theta)
-        return optax.apply_updates(theta, updates), opt_state, aux
-
-    return opt, step
+    return train.supervised(loss_fn, optax.adam(lr), has_aux=True)
 
 
-def pretrain(cfg, apply, theta, train: Split, seed: int, step_fn) -> tuple[Any, dict[str, float]]:
-    """Pretrain the base Mamba; returns θ and ``{task_loss, lm_loss, seconds}``."""
-    opt, step = step_fn
-    opt_state = opt.init(theta)
-    start = time.perf_counter()
-    idx = _batches(seed, len(train.labels), cfg.pretrain.steps, cfg.pretrain.batch)
-    for b in idx:
-        theta, opt_state, (task, lm) = step(
-            theta, opt_state, train.tokens[b], train.mask[b], train.labels[b]
+def fit_on_split(step: train.Step, state, split: Split, idx: np.ndarray, run_dir: str, every: int):
+    """``step`` over the batches ``split[idx[i]]``, resumable in ``run_dir``.
+
+    Returns ``(state, the last step's metrics)``; every step is logged, so the last one is read
+    back from ``run_dir/metrics.jsonl`` also when the run resumed at its end.
+    """
+    with runlog.create_writer(run_dir) as writer:
+        state = train.fit(
+            step,
+            state,
+            lambda i: (split.tokens[idx[i]], split.mask[idx[i]], split.labels[idx[i]]),
+            num_steps=len(idx),
+            checkpoint_every=every,
+            log_every=1,
+            workdir=run_dir,
+            writer=writer,
+            show_progress=False,
         )
-    info = {"task_loss": float(task), "lm_loss": float(lm)}
+    return state, runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))[-1]
+
+
+def pretrain(cfg, theta, split: Split, seed: int, step: train.Step, run_dir: str):
+    """Pretrain the base Mamba; returns θ and ``{task_loss, lm_loss, seconds}``."""
+    start = time.perf_counter()
+    idx = _batches(seed, len(split.labels), cfg.pretrain.steps, cfg.pretrain.batch)
+    state, last = fit_on_split(
+        step, step.init(theta), split, idx, run_dir, cfg.pretrain.checkpoint_every
+    )
+    info = {"task_loss": last["task_loss"], "lm_loss": last["lm_loss"]}
     info["seconds"] = time.perf_counter() - start
-    return theta, info
-
-
-def _save_tree(path: pathlib.Path, tree: Any) -> None:
-    leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
-    np.savez(path, *leaves)
-
-
-def _load_tree(path: pathlib.Path, like: Any) -> Any:
-    with np.load(path) as f:
-        leaves = [jnp.asarray(f[f"arr_{i}"]) for i in range(len(f.files))]
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+    return state.params, info
 
 
 def make_method(name: str, apply, mcfg: MambaConfig, cfg) -> ATTD:
@@ -435,7 +437,7 @@ class Compiled(NamedTuple):
     """A method's jitted pieces, shared by every seed of a task."""
 
     method: ATTD
-    train_step: Any
+    train_step: train.Step
     signal: Any
     adapted_signal: Any
     radius: Any
@@ -451,7 +453,7 @@ def compile_method(name: str, apply, mcfg: MambaConfig, cfg) -> Compiled:
 
     return Compiled(
         method,
-        method.make_train_step(outer_optimizer(cfg)),
+        method.train_step(outer_optimizer(cfg)),
         jax.jit(method.signal),
         jax.jit(adapted_signal),
         jax.jit(method.transition_radius),
@@ -480,25 +482,35 @@ def evaluate_split(c: Compiled, params: ATTDParams, split: Split, batch: int) ->
     return out
 
 
-def run_cell(cfg, c: Compiled, name: str, theta, task: LRATask, seed: int, psi0) -> dict[str, Any]:
-    """Train one method's outer parameters from the base and score it: a JSON-able dict."""
+def run_cell(
+    cfg, c: Compiled, name: str, theta, task: LRATask, seed: int, psi0, run_dir: str
+) -> dict[str, Any]:
+    """Train one method's outer parameters from the base and score it: a JSON-able dict.
+
+    The outer training is resumable: :func:`metattt.train.fit` checkpoints in ``run_dir``.
+    """
     k_max = c.method.controller.max_steps
     base = c.method.init(theta, psi0)
     probe = task.train.tokens[: 4 * cfg.eval.batch], task.train.mask[: 4 * cfg.eval.batch]
     s_train = np.asarray(c.signal(base, jnp.asarray(probe[0]), jnp.asarray(probe[1])))
     params = c.method.init(theta, psi0, initial_thresholds(name, s_train, cfg.attd.k_max))
-    opt_state = outer_optimizer(cfg).init(params)
     start = time.perf_counter()
     idx = _batches(seed + 1, len(task.train.labels), cfg.finetune.steps, cfg.finetune.batch)
-    for b in idx:
-        batch = (task.train.tokens[b], task.train.mask[b], task.train.labels[b])
-        params, opt_state, metrics = c.train_step(params, opt_state, batch)
+    state, last = fit_on_split(
+        c.train_step,
+        c.train_step.init(params),
+        task.train,
+        idx,
+        run_dir,
+        cfg.finetune.checkpoint_every,
+    )
+    params = state.params
     finetune_s = time.perf_counter() - start
     cell: dict[str, Any] = {
         "method": name,
         "finetune_seconds": finetune_s,
-        "final_train_loss": float(metrics.loss),
-        "final_train_accuracy": float(metrics.accuracy),
+        "final_train_loss": last["loss"],
+        "final_train_accuracy": last["accuracy"],
         "thresholds": np.asarray(c.method.controller.thresholds(params.controller)).tolist(),
     }
     for split_name in ("test_id", "test_shift"):
@@ -564,7 +576,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
             cells[task_name][seed] = {
                 m: json.loads(p.read_text()) for m, p in paths.items() if p.exists()
             }
-            base_path = cell_dir / "base.json"
+            base_path = cell_dir / "base" / "info.json"
             if len(cells[task_name][seed]) == len(paths) and base_path.exists():
                 base_info[task_name][seed] = json.loads(base_path.read_text())
                 bar.update(len(paths))
@@ -572,19 +584,15 @@ def run(cfg, workdir: str) -> dict[str, Any]:
             task = load_task(cfg, task_name, seed)
             mcfg = model_config(cfg, task.vocab_size, task.num_classes)
             apply, theta = init_mamba(mcfg, seed=seed)
-            if base_path.exists():
-                theta = _load_tree(cell_dir / "base.npz", theta)
-                base_info[task_name][seed] = json.loads(base_path.read_text())
-            else:
-                if pretrain_step is None:
-                    pretrain_step = make_pretrain_step(
-                        apply, cfg.pretrain.lr, cfg.pretrain.lm_weight
-                    )
-                theta, info = pretrain(cfg, apply, theta, task.train, seed, pretrain_step)
-                _save_tree(cell_dir / "base.npz", theta)
-                _dump(base_path, info)
-                base_info[task_name][seed] = info
-                logger.info("%s seed %d: base pretrained %s", task_name, seed, info)
+            if pretrain_step is None:
+                pretrain_step = make_pretrain_step(apply, cfg.pretrain.lr, cfg.pretrain.lm_weight)
+            theta, base_info[task_name][seed] = harness.params_cell(
+                cell_dir / "base",
+                theta,
+                lambda run_dir, t=theta, tr=task.train, s=seed: pretrain(
+                    cfg, t, tr, s, pretrain_step, run_dir
+                ),
+            )
             for name in paths:
                 if name in cells[task_name][seed]:
                     bar.update(1)
@@ -593,8 +601,13 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                     compiled[name] = compile_method(name, apply, mcfg, cfg)
                 rank = parse_method(name).psi_rank or cfg.model.psi_rank
                 psi0 = init_psi(mcfg, rank, jax.random.key(seed), cfg.model.psi_scale)
-                cell = run_cell(cfg, compiled[name], name, theta, task, seed, psi0)
-                _dump(paths[name], cell)
+                run_dir = str(cell_dir / f"{name}_run")
+                cell = harness.json_cell(
+                    paths[name],
+                    lambda n=name, p=psi0, r=run_dir: run_cell(
+                        cfg, compiled[n], n, theta, task, seed, p, r
+                    ),
+                )
                 cells[task_name][seed][name] = cell
                 logger.info(
                     "%s seed %d %s: acc id %.3f shift %.3f, mean K %.2f",

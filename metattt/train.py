@@ -117,7 +117,7 @@ def supervised(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` or, with ``has_aux``, ``-> (loss, aux)`` where
-        ``aux`` is a mapping of scalars (logged beside the loss). With ``has_state`` it is
+        ``aux`` is a mapping or NamedTuple of scalars (logged). With ``has_state`` it is
         ``loss_fn(params, model_state, batch) -> (loss, new_model_state)`` (with ``has_aux``:
         ``-> (loss, (new_model_state, aux))``), and ``init(params, model_state)``.
       opt: the optax rule.
@@ -148,10 +148,11 @@ def supervised(
         else:
             out, grads = value_and_grad(state.params, batch)
             loss, aux = out if has_aux else (out, {})
+        aux = _as_dict(aux)
         if not isinstance(aux, Mapping):
             raise TypeError(
-                f"with has_aux=True, loss_fn must return (loss, mapping of scalars), got an aux "
-                f"of type {type(aux).__name__}"
+                f"with has_aux=True, loss_fn must return (loss, aux) with aux a mapping or "
+                f"NamedTuple of scalars, got an aux of type {type(aux).__name__}"
             )
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -164,13 +164,14 @@ def test_end_to_end_training_decreases_the_loss():
     s = jax.jit(method.signal)(params, tokens[:4], mask[:4])
     params = method.init(theta, params.psi, jnp.mean(s) + jnp.array([-0.05, 0.05]))
     optimizer = optax.adam(1e-2)
-    step, state = method.make_train_step(optimizer), optimizer.init(params)
-    start = params
+    step = method.train_step(optimizer)
+    state, start = step.init(params), params
     losses = []
     for i in range(40):
         b = slice(4 * (i % 4), 4 * (i % 4) + 4)
-        params, state, metrics = step(params, state, (tokens[b], mask[b], labels[b]))
-        losses.append(float(metrics.loss))
+        state, metrics = step.update(state, (tokens[b], mask[b], labels[b]))
+        losses.append(float(metrics["loss"]))
+    params = state.params
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
     assert not np.allclose(params.controller["raw"], start.controller["raw"])  # learned too

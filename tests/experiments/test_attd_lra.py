@@ -1,7 +1,7 @@
 """The ATTD-on-LRA experiment: tiny end to end (results, summary, cached rerun), config checks,
-the Spearman/bootstrap helper against a brute-force rank correlation, shifted test splits,
-the starting thresholds, and the second-order comparison's pieces (method variants, the
-meta-gradient of ``+so`` against finite differences, ablation seeds, section and figures)."""
+shifted test splits, the starting thresholds, the second-order comparison's pieces (method
+variants, the meta-gradient of ``+so`` against finite differences, ablation seeds, section and
+figures), and a pretraining killed mid-cell that resumes bit-identically."""
 
 import json
 
@@ -341,3 +341,30 @@ def test_joint_config_has_its_control_and_its_conclusions_match_a_loop():
     want = np.mean([acc("ttt+j", s) - acc("ttt", s) for s in (0, 1, 2)])
     line = next(x for x in lines if x.startswith("- text, full TTT (K=K_max): shifted"))
     assert f"{want:+.3f}" in line
+
+
+def test_pretraining_killed_mid_cell_resumes_bit_identically(tmp_path):
+    cfg = attd_config.get_config("tiny")  # 20 steps, a checkpoint every 10
+    task = attd_lra.load_task(cfg, "listops", 0)
+    mcfg = attd_lra.model_config(cfg, task.vocab_size, task.num_classes)
+    apply, theta = attd_lra.init_mamba(mcfg, seed=0)
+    step = attd_lra.make_pretrain_step(apply, cfg.pretrain.lr, cfg.pretrain.lm_weight)
+    whole, info = attd_lra.pretrain(cfg, theta, task.train, 0, step, str(tmp_path / "a"))
+
+    class DiesAtStep15(np.ndarray):
+        calls = 0
+
+        def __getitem__(self, index):
+            DiesAtStep15.calls += 1
+            if DiesAtStep15.calls == 16:
+                raise KeyboardInterrupt("killed")
+            return np.asarray(self)[index]
+
+    dying = task.train._replace(tokens=task.train.tokens.view(DiesAtStep15))
+    with pytest.raises(KeyboardInterrupt):
+        attd_lra.pretrain(cfg, theta, dying, 0, step, str(tmp_path / "b"))
+    assert (tmp_path / "b" / "ckpt" / "10").is_dir()
+    resumed, info_b = attd_lra.pretrain(cfg, theta, task.train, 0, step, str(tmp_path / "b"))
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (info_b["task_loss"], info_b["lm_loss"]) == (info["task_loss"], info["lm_loss"])
