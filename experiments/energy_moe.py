@@ -43,11 +43,10 @@ import numpy as np
 import optax
 
 from experiments import report
-from metattt import inner, objectives, runlog, stats, train
+from metattt import objectives, runlog, stats, train
 from metattt.ckpt import Checkpointer
 from metattt.data import text_corpora as tc
 from metattt.energy import (
-    EnergyBatch,
     SimulatedDevice,
     create_monitor,
     energy_tent,
@@ -56,7 +55,7 @@ from metattt.energy import (
     proxy_costs,
 )
 from metattt.models import moe
-from metattt.params import merge, select, split
+from metattt.params import select
 
 logger = logging.getLogger(__name__)
 TEST_SEED = 10_000  # stream windows come from seeds no training batch uses
@@ -379,25 +378,12 @@ def build_runtime(cfg, mcfg: moe.MoEConfig | None = None, head: str = "lm") -> R
         opt=optax.adam(cfg.ttt.lr),
         max_steps=cfg.ttt.steps,
     )
-    ttt_opt = optax.adam(cfg.ttt.lr)
 
     @jax.jit
     def adapt(p, tokens, lam, mask):
-        # energy_tent's loss under metattt.inner.adapt, without EnergyTTT.adapt's diagnostic
-        # before/after forward passes (a deployment would not run them).
-        fast, slow = split(p, select(p, cfg.ttt.params))
-        batch = EnergyBatch(tokens, jnp.asarray(lam, jnp.float32), mask)
-        res = inner.adapt(
-            ttt.loss_fn,
-            fast,
-            slow,
-            batch,
-            opt=ttt_opt,
-            max_steps=cfg.ttt.steps,
-            clip_norm=1.0,
-            has_aux=True,
-        )
-        return merge(res.params, slow), res.aux
+        # Serving runs no diagnostic forward passes before and after the adaptation.
+        res = ttt.adapt(p, tokens, lam, mask, diagnostics=False)
+        return res.params, res.inner.aux
 
     return Runtime(
         mcfg,

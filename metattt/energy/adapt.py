@@ -39,7 +39,7 @@ import optax
 
 from metattt import inner, objectives
 from metattt.energy.costs import CostProfile, expected_energy
-from metattt.params import Selector, merge, select, split
+from metattt.params import Selector, select
 
 PyTree = Any
 TASKS = ("entropy", "next_token", "none")
@@ -87,8 +87,8 @@ class EnergyAdaptResult(NamedTuple):
         params: the full adapted parameter tree (fast merged into slow).
         inner: the :class:`metattt.inner.InnerResult` (per-step ``losses``; ``aux`` is the
             per-step :class:`RoutingStats`, stacked: routing convergence curves).
-        before: :class:`RoutingStats` before adaptation.
-        after: :class:`RoutingStats` after adaptation.
+        before: :class:`RoutingStats` before adaptation (None without diagnostics).
+        after: :class:`RoutingStats` after adaptation (None without diagnostics).
     """
 
     params: PyTree
@@ -103,8 +103,9 @@ class EnergyTTT(NamedTuple):
     Attributes:
         loss_fn: ``loss_fn(params, batch: EnergyBatch) -> (loss, RoutingStats)``.
         stats: ``stats(params, tokens, lambda_energy=0.0, expert_mask=None) -> RoutingStats``.
-        adapt: ``adapt(params, tokens, lambda_energy, expert_mask=None, num_steps=None)
-            -> EnergyAdaptResult``.
+        adapt: ``adapt(params, tokens, lambda_energy, expert_mask=None, num_steps=None,
+            diagnostics=True) -> EnergyAdaptResult``; ``diagnostics=False`` (static) skips the
+            two extra forward passes of ``before`` / ``after``, as serving would.
     """
 
     loss_fn: Callable[..., tuple[jax.Array, RoutingStats]]
@@ -213,14 +214,14 @@ def energy_tent(
         lambda_energy: float | jax.Array,
         expert_mask: jax.Array | None = None,
         num_steps: int | jax.Array | None = None,
+        diagnostics: bool = True,
     ) -> EnergyAdaptResult:
-        fast, slow = split(p, select(p, params))
         batch = EnergyBatch(tokens, jnp.asarray(lambda_energy, jnp.float32), expert_mask)
-        before = loss_fn(p, batch)[1]
-        res = inner.adapt(
+        before = loss_fn(p, batch)[1] if diagnostics else None
+        adapted, res = inner.adapt_merged(
             loss_fn,
-            fast,
-            slow,
+            p,
+            select(p, params),
             batch,
             opt=opt,
             max_steps=max_steps,
@@ -229,8 +230,7 @@ def energy_tent(
             remat=remat,
             has_aux=True,
         )
-        adapted = merge(res.params, slow)
-        after = loss_fn(adapted, batch)[1]
+        after = loss_fn(adapted, batch)[1] if diagnostics else None
         return EnergyAdaptResult(adapted, res, before, after)
 
     return EnergyTTT(loss_fn, stats, adapt)

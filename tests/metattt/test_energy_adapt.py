@@ -199,6 +199,11 @@ def test_energy_term_lowers_expected_energy_one_compilation_for_every_lambda(tra
     lams = jnp.array([0.0, 1.0])
     batched = jax.jit(jax.vmap(ttt.adapt, in_axes=(None, None, 0)))(params, SHIFTED, lams)
     np.testing.assert_allclose(batched.after.joules_per_token, [after0, after1], rtol=1e-4)
+    # Serving skips the diagnostic forward passes; the adapted parameters are the same.
+    serve = jax.jit(lambda p, x, lam: ttt.adapt(p, x, lam, None, steps, diagnostics=False))
+    served = serve(params, SHIFTED, 1.0)
+    assert served.before is None and served.after is None
+    chex.assert_trees_all_close(served.params, energy_aware.params, rtol=1e-5, atol=1e-6)
 
 
 def test_stats_match_a_brute_force_energy_and_prune_with_a_mask(trained, costs):
