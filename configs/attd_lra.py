@@ -70,7 +70,6 @@ def get_config(arg=None):
     c.methods = ("fixed", "ttt", "gate", "attd", "attd_nocost")
     c.ablation_methods = ()  # extra methods run on ablation_seeds only
     c.ablation_seeds = (0,)
-    c.report = True  # write the table and plots into BENCHMARKS.md and docs/figures/
     c.section = "attd_lra"  # BENCHMARKS.md section
     c.figure_prefix = "attd"  # docs/figures/<prefix>_*.png
     c.command = "python -m experiments.run --config configs/attd_lra.py --workdir runs/attd_lra"
@@ -201,7 +200,6 @@ def get_config(arg=None):
         c.methods = ("fixed", "fixed+j", "ttt", "ttt+j", "ttt+so", "ttt+so+j", "attd+so+j")
         c.ablation_methods = ()
     elif arg in ("tiny", "demo"):  # seconds
-        c.report = False
         c.seeds = (0,)
         c.tasks = ("listops",)  # compiling is what costs here; load_task covers all tasks
         c.methods = ("fixed", "attd")

@@ -36,7 +36,6 @@ def get_config(arg=None):
     c.seeds = (0, 1, 2)
     c.methods = ("none", "static:8", "static:2", "dynamic")  # static:R = rank R from t = 0
     c.objectives = ("entropy", "im")  # TENT's entropy; entropy - H(mean prediction) (SHOT)
-    c.report = True  # write the tables and plots into BENCHMARKS.md and docs/figures/
 
     c.data = ml_collections.ConfigDict()
     c.data.test_fraction = 0.25
@@ -87,7 +86,6 @@ def get_config(arg=None):
     c.plot.smooth = 20
 
     if arg in ("tiny", "demo"):
-        c.report = False
         c.seeds = (0,)
         c.methods = ("none", "static:8", "dynamic")
         c.objectives = ("im",)

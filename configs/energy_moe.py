@@ -26,7 +26,6 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.experiment = "energy_moe"
     c.seeds = (0, 1, 2)
-    c.report = True  # write tables and plots into BENCHMARKS.md and docs/figures/
 
     c.monitor = ml_collections.ConfigDict()
     c.monitor.kind = "simulated"  # "simulated" | "auto" (NVML when a GPU is present) | "nvml"
@@ -83,7 +82,6 @@ def get_config(arg=None):
     c.baselines.top_k = (1,)  # smaller top-k, same parameters
 
     if arg in ("tiny", "demo"):  # seconds
-        c.report = False
         c.seeds = (0,)
         c.model.d_model = 16
         c.model.num_heads = 2

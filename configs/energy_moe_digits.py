@@ -25,7 +25,6 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.experiment = "energy_moe_digits"
     c.seeds = (0, 1, 2)
-    c.report = True  # write tables and plots into BENCHMARKS.md and docs/figures/
 
     c.monitor = ml_collections.ConfigDict()
     c.monitor.kind = "simulated"  # "simulated" | "auto" (NVML when a GPU is present) | "nvml"
@@ -84,7 +83,6 @@ def get_config(arg=None):
     c.baselines.top_k = (1,)
 
     if arg in ("tiny", "demo"):  # seconds
-        c.report = False
         c.seeds = (0,)
         c.model.d_model = 16
         c.model.num_heads = 2

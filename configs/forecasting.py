@@ -30,7 +30,6 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.experiment = "forecasting"
     c.seeds = (0, 1, 2)
-    c.report = True  # write the tables and plots into BENCHMARKS.md and docs/figures/
     c.fast_compile = True  # XLA's cheap backend optimisation level: compile time dominates here
 
     c.data = ml_collections.ConfigDict()
@@ -95,7 +94,6 @@ def get_config(arg=None):
     c.memory.dtypes = ("", "bfloat16")
 
     if arg == "tiny":
-        c.report = False
         c.seeds = (0,)
         c.data.num_train_sessions = 3
         c.data.num_test_sessions = 1

@@ -16,7 +16,6 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.experiment = "selective_copy"
     c.seed = 0
-    c.report = True
     c.variants = ("selective", "time_invariant")
 
     c.task = ml_collections.ConfigDict()
@@ -41,7 +40,6 @@ def get_config(arg=None):
     c.eval.num_examples = 1024
 
     if arg == "tiny":
-        c.report = False
         c.task.length = 24
         c.task.num_tokens = 4
         c.model.d_model = 16

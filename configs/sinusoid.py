@@ -17,7 +17,6 @@ def get_config(arg=None):
     c.experiment = "sinusoid"
     c.seeds = (0, 1, 2)
     c.methods = ("maml", "fomaml", "meta_sgd", "pretrained")
-    c.report = True  # write the table and plot into BENCHMARKS.md
 
     c.model = ml_collections.ConfigDict()
     c.model.hidden = (40, 40)
@@ -56,8 +55,6 @@ def get_config(arg=None):
     c.distributed.num_processes = 1
     c.distributed.process_id = 0
 
-    if arg in ("tiny", "demo"):
-        c.report = False
     if arg == "tiny":
         c.seeds = (0,)
         c.methods = ("maml", "pretrained")

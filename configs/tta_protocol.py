@@ -25,7 +25,6 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.experiment = "tta_protocol"
     c.seeds = (0, 1, 2)
-    c.report = True  # write the table and the plot into BENCHMARKS.md and docs/figures/
 
     c.model = ml_collections.ConfigDict()
     c.model.state_dim = 4
@@ -72,7 +71,6 @@ def get_config(arg=None):
     c.ablation.other_mode_settings = ("stronger",)
 
     if arg in ("tiny", "demo"):  # seconds: a smaller model, one shift, one adapted cell
-        c.report = False
         c.seeds = (0,)
         c.model.dim = 16
         c.model.num_layers = 1

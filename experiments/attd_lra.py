@@ -25,7 +25,8 @@ with one switch, and ``config.ablation_methods`` run on ``config.ablation_seeds`
 
 Every (task, seed, method) cell is cached as JSON under ``workdir/<task>/seed_<s>/``, so a
 rerun skips finished cells. ``results.json``, ``summary.md`` and the plots go into
-``workdir`` (and into BENCHMARKS.md and docs/figures/ with ``config.report``).
+``workdir``; ``python -m experiments.run --report --workdir W`` renders them into
+BENCHMARKS.md and docs/.
 """
 
 from __future__ import annotations
@@ -621,8 +622,6 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     (root / "summary.md").write_text(summary_table(results) + "\n")
     plot_accuracy_vs_k(results, str(root / f"{cfg.figure_prefix}_accuracy_vs_k.png"))
     plot_k_vs_difficulty(results, str(root / f"{cfg.figure_prefix}_k_vs_difficulty.png"))
-    if cfg.report:
-        write_report(results, cfg)
     return results
 
 
@@ -866,7 +865,7 @@ def _shift_text(cfg) -> list[str]:
     return lines
 
 
-def write_report(results: dict[str, Any], cfg) -> None:
+def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     """Put the tables, plots and provenance into BENCHMARKS.md's ``config.section``."""
     root = report.BENCHMARKS.parent
     figures = root / "docs" / "figures"
@@ -958,7 +957,7 @@ def write_report(results: dict[str, Any], cfg) -> None:
             *reading(results),
         ]
     )
-    report.update_section(cfg.section, body)
+    report.publish(cfg.section, body, results)
 
 
 def _drop_rho(e: dict[str, Any]) -> str:

@@ -480,8 +480,6 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     plot_stream(results, cfg, os.path.join(workdir, "drift_adapters_stream.png"))
     for objective, per_method in results["summary"].items():
         logger.info("objective %s:\n%s", objective, stream_table(per_method))
-    if cfg.report:
-        write_report(results, cfg)
     return results
 
 
@@ -650,7 +648,7 @@ def plot_stream(results: dict[str, Any], cfg, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict[str, Any], cfg) -> None:
+def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     """The tables, the plot and the provenance into BENCHMARKS.md's drift_adapters section."""
     root = report.BENCHMARKS.parent
     figure = root / "docs" / "figures" / "drift_adapters_stream.png"
@@ -723,7 +721,7 @@ def write_report(results: dict[str, Any], cfg) -> None:
             "",
             tent_tables(results["tent_summary"], cfg),
         ]
-    report.update_section("drift_adapters", "\n".join(lines))
+    report.publish("drift_adapters", "\n".join(lines), results)
 
 
 # ------------------------------------------------------------------------------------ demo

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import report
+from experiments import harness, report
 from metattt import objectives, runlog, stats, train
 from metattt.ckpt import Checkpointer
 from metattt.data import text_corpora as tc
@@ -691,6 +691,17 @@ def _cell_path(workdir: str, seed: int, name: str) -> str:
     return os.path.join(workdir, "cells", f"seed_{seed}", name.replace("/", "_") + ".json")
 
 
+def load_cells(cfg, workdir: str) -> dict[str, list[dict[str, Any]]]:
+    """The finished run's per-(seed, method) cells, method by method in seed order."""
+    cells = {}
+    for name in methods(cfg):
+        cells[name] = []
+        for seed in cfg.seeds:
+            with open(_cell_path(workdir, seed, name)) as f:
+                cells[name].append(json.load(f))
+    return cells
+
+
 def run(cfg, workdir: str) -> dict[str, Any]:
     """Train per seed, serve the shifted stream with every method (cached per cell), report."""
     validate(cfg)
@@ -701,9 +712,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         params, info = trained_params(cfg, rt, seed, streams, workdir)
         return params, shifted_stream(cfg, streams, seed), info
 
-    results, cells = run_methods(cfg, workdir, rt, prepare, summary_fn=summary)
-    if cfg.report:
-        write_report(results, cells, cfg)
+    results, _ = run_methods(cfg, workdir, rt, prepare, summary_fn=summary)
     return results
 
 
@@ -741,13 +750,12 @@ def run_methods(
             if method.kind == "budget":
                 p0 = cells["no_ttt"][-1]["mean_power_w"]
                 budget_w = p_fixed + method.fraction * (p0 - p_fixed)
-            result = serve(
-                cfg, rt, params, stream, method, rate=rate, seed=seed, budget_w=budget_w,
-                metric=metric,
-            )  # fmt: skip
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(result, f)
+            result = harness.json_cell(
+                path,
+                lambda m=method, b=budget_w: serve(
+                    cfg, rt, params, stream, m, rate=rate, seed=seed, budget_w=b, metric=metric
+                ),
+            )
             cells[name].append(result)
     results = aggregate(cells, table, metric)
     results.update(
@@ -1150,14 +1158,12 @@ def reading(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
     return lines
 
 
-def write_report(results: dict[str, Any], cells: dict[str, list], cfg) -> None:
+def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     """Put tables, plots and provenance into BENCHMARKS.md's energy_moe section."""
+    cells = load_cells(cfg, workdir)
     root = report.BENCHMARKS.parent
     figures = root / "docs" / "figures"
     plot_all(results, cells, str(figures))
-    (root / "docs" / "results").mkdir(parents=True, exist_ok=True)
-    with open(root / "docs" / "results" / "energy_moe.json", "w") as f:
-        json.dump(results, f, indent=1)
     mcfg = model_config(cfg)
     info = results["seed_info"]
     n_params = sum(x.size for x in jax.tree.leaves(moe.init_moe(mcfg).params))
@@ -1215,7 +1221,7 @@ def write_report(results: dict[str, Any], cells: dict[str, list], cfg) -> None:
             "![power budgets](docs/figures/energy_moe_budget.png)",
         ]
     )
-    report.update_section("energy_moe", body)
+    report.publish("energy_moe", body, results)
 
 
 def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:

@@ -20,7 +20,6 @@ points (error change < 0.05) against no TTT.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, NamedTuple
 
@@ -153,11 +152,9 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         params, info = em.cached_params(rt, seed, workdir, fit)
         return params, shifted_stream(cfg, x_te, y_te, seed), info
 
-    results, cells = em.run_methods(
+    results, _ = em.run_methods(
         cfg, workdir, rt, prepare, summary_fn=summary, metric=ERROR, prefix="energy_moe_digits"
     )
-    if cfg.report:
-        write_report(results, cells, cfg)
     return results
 
 
@@ -167,14 +164,12 @@ def summary(results: dict[str, Any], cfg) -> str:
     return em.summary_tables(results, ERROR)
 
 
-def write_report(results: dict[str, Any], cells: dict[str, list], cfg) -> None:
+def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     """Put tables, plots and provenance into BENCHMARKS.md's energy_moe_digits section."""
+    cells = em.load_cells(cfg, workdir)
     root = report.BENCHMARKS.parent
     em.plot_all(results, cells, str(root / "docs" / "figures"), metric=ERROR,
                 prefix="energy_moe_digits")  # fmt: skip
-    (root / "docs" / "results").mkdir(parents=True, exist_ok=True)
-    with open(root / "docs" / "results" / "energy_moe_digits.json", "w") as f:
-        json.dump(results, f, indent=1)
     mcfg = model_config(cfg)
     info = results["seed_info"]
     n_params = sum(x.size for x in jax.tree.leaves(moe.init_moe(mcfg).params))
@@ -236,7 +231,7 @@ def write_report(results: dict[str, Any], cells: dict[str, list], cfg) -> None:
             ),
         ]
     )
-    report.update_section("energy_moe_digits", body)
+    report.publish("energy_moe_digits", body, results)
 
 
 def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:

@@ -928,8 +928,6 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         f.write(summary(results, cfg) + "\n")
     plot_curves(results, cfg, os.path.join(workdir, "forecasting_curves.png"))
     plot_online(results, os.path.join(workdir, "forecasting_online.png"))
-    if cfg.report:
-        write_report(results, cfg)
     return results
 
 
@@ -1106,7 +1104,7 @@ def _reading(results: dict[str, Any], cfg) -> list[str]:
     return lines
 
 
-def write_report(results: dict[str, Any], cfg) -> None:
+def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     """Tables, plots and provenance into BENCHMARKS.md's forecasting section."""
     root = report.BENCHMARKS.parent
     figures = root / "docs" / "figures"
@@ -1162,7 +1160,7 @@ def write_report(results: dict[str, Any], cfg) -> None:
             *_reading(results, cfg),
         ]
     )
-    report.update_section("forecasting", body)
+    report.publish("forecasting", body, results)
 
 
 def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:

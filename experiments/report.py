@@ -2,14 +2,19 @@
 
 A section lives between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; writing it again
 replaces only that section, so experiments and benchmarks can each refresh their own figures.
+Experiments never write here while they run: ``python -m experiments.run --report --workdir W``
+renders a finished workdir, and :func:`publish` keeps the results file the section was rendered
+from under ``docs/results/`` so that the section can be rebuilt and checked without retraining.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import platform
+from typing import Any
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
@@ -52,3 +57,12 @@ def update_section(name: str, body: str, path: pathlib.Path | str = BENCHMARKS) 
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(name: str, body: str, results: Any, root: pathlib.Path | str | None = None) -> None:
+    """Renders section ``name`` of BENCHMARKS.md and keeps ``docs/results/<name>.json``."""
+    root = BENCHMARKS.parent if root is None else pathlib.Path(root)
+    folder = root / "docs" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    update_section(name, body, root / BENCHMARKS.name)

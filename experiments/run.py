@@ -1,7 +1,13 @@
-"""Entry point: run one experiment from an ml-collections config.
+"""Entry point: run one experiment from an ml-collections config, or report a finished run.
 
     python -m experiments.run --config configs/NAME.py[:variant] --config.key=value \
         --workdir runs/NAME
+    python -m experiments.run --report --workdir runs/NAME
+
+A run writes only into its workdir. ``--report`` is the separate, explicit step that renders a
+finished workdir (its ``run_info.json`` config and ``results.json``) into the experiment's
+BENCHMARKS.md section, ``docs/figures/`` and ``docs/results/NAME.json``, through the module's
+``write_report(results, config, workdir)``; it trains nothing.
 
 The config is locked, so a misspelt key or a wrong type fails before anything runs. The
 experiment module is ``experiments.<config.experiment>`` and must define
@@ -29,7 +35,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.mark_flags_as_required(["config", "workdir"])
+_REPORT = flags.DEFINE_bool(
+    "report", False, "Render BENCHMARKS.md and docs/ from the finished --workdir (no training)."
+)
+flags.mark_flags_as_required(["workdir"])
 
 
 def init_distributed(config) -> None:
@@ -62,6 +71,34 @@ def main(module) -> None:
         print(module.summary(results, config))
 
 
+def report_workdir(workdir: str) -> str:
+    """Renders a finished workdir through its experiment's ``write_report``; returns its name.
+
+    Raises:
+      FileNotFoundError: the workdir lacks ``run_info.json`` or ``results.json`` (one line).
+      ValueError: the experiment has no report.
+    """
+    import json
+
+    import ml_collections
+
+    paths = {name: os.path.join(workdir, name) for name in ("run_info.json", "results.json")}
+    for path in paths.values():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"--report needs a finished run: {path} is missing (run the experiment first)"
+            )
+    with open(paths["run_info.json"]) as f:
+        config = ml_collections.ConfigDict(json.load(f)["config"])
+    with open(paths["results.json"]) as f:
+        results = json.load(f)
+    module = importlib.import_module(f"experiments.{config.experiment}")
+    if not hasattr(module, "write_report"):
+        raise ValueError(f"experiment {config.experiment!r} has no report")
+    module.write_report(results, config, workdir)
+    return config.experiment
+
+
 def _one_line(error: BaseException) -> str:
     """The last meaningful line of an error message (config_flags nests whole tracebacks)."""
     text = str(error.args[0]) if len(error.args) == 1 else str(error)
@@ -91,7 +128,13 @@ def cli(argv: list[str] | None = None) -> None:
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         flags.FLAGS(argv)
+        if _REPORT.value:
+            name = report_workdir(os.path.abspath(_WORKDIR.value))
+            print(f"rendered the {name} report from {_WORKDIR.value}")
+            return
         config = _CONFIG.value
+        if config is None:
+            raise ValueError("--config is required (or --report to render a finished workdir)")
         module = importlib.import_module(f"experiments.{config.experiment}")
         if hasattr(module, "validate"):
             module.validate(config)

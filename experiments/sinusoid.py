@@ -185,12 +185,10 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot_curves(results, os.path.join(workdir, "sinusoid_curves.png"))
-    if cfg.report:
-        write_report(results, cfg)
     return results
 
 
-def write_report(results: dict[str, Any], cfg) -> None:
+def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     """Put the table, the plot and the provenance into BENCHMARKS.md's sinusoid section."""
     root = report.BENCHMARKS.parent
     figure = root / "docs" / "figures" / "sinusoid_curves.png"
@@ -221,7 +219,7 @@ def write_report(results: dict[str, Any], cfg) -> None:
             "![query MSE against test-time steps](docs/figures/sinusoid_curves.png)",
         ]
     )
-    report.update_section("sinusoid", body)
+    report.publish("sinusoid", body, results)
 
 
 def _tune_lr(model, params, cfg) -> float:

@@ -7,8 +7,8 @@ rerun). It is then adapted clip by clip with :func:`metattt.tta.run_protocol` on
 regimes whose clips alternate between two opposite sub-populations. Every cell of the matrix
 (adapted layers x reset/cumulative x setting, plus the unadapted baseline) logs every clip to
 tensorboardX and JSON lines under ``workdir/<shift>/<cell>/seed_<s>``; ``results.json``, a
-summary table and a rolling-loss plot go into ``workdir`` (and into BENCHMARKS.md and
-docs/figures/ with ``config.report``).
+summary table and a rolling-loss plot go into ``workdir``; ``python -m experiments.run --report
+--workdir W`` renders them into BENCHMARKS.md and docs/.
 """
 
 from __future__ import annotations
@@ -236,8 +236,6 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(text + "\n")
     plot_rolling(results, os.path.join(workdir, "tta_protocol_rolling.png"))
-    if cfg.report:
-        write_report(results, cfg)
     return results
 
 
@@ -332,7 +330,7 @@ def plot_rolling(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict[str, Any], cfg) -> None:
+def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     """Put the table, the plot and the provenance into BENCHMARKS.md's tta_protocol section."""
     root = report.BENCHMARKS.parent
     figure = root / "docs" / "figures" / "tta_protocol_rolling.png"
@@ -377,7 +375,7 @@ def write_report(results: dict[str, Any], cfg) -> None:
             "![rolling post-adapt loss](docs/figures/tta_protocol_rolling.png)",
         ]
     )
-    report.update_section("tta_protocol", body)
+    report.publish("tta_protocol", body, results)
 
 
 def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:

@@ -17,9 +17,14 @@ def test_readme_usage_example_runs(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "README has no python example"
     namespace: dict = {}
-    exec(compile(blocks[0], str(README), "exec"), namespace)
+    for block in blocks:  # later blocks continue the earlier ones
+        exec(compile(block, str(README), "exec"), namespace)
     result = namespace["result"]
     assert float(result.losses[4]) < float(result.losses[0])
     assert int(result.num_skipped) == 0
     out = capsys.readouterr().out
     assert "ParamCount(trainable=" in out
+    loss, held_out = namespace["loss_fn"], namespace["held_out"]
+    trained, initial = namespace["state"].params, namespace["model"].params
+    mean = lambda p: sum(float(loss(p, b)) for b in held_out) / len(held_out)  # noqa: E731
+    assert mean(trained) < 0.9 * mean(initial)  # multi-task regression learned something

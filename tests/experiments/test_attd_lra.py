@@ -301,13 +301,13 @@ def test_aggregate_keeps_ablation_seeds_and_paired_differences_match_a_loop():
 def test_write_report_uses_the_configured_section_and_figure_prefix(
     tiny_run, tmp_path, monkeypatch
 ):
-    cfg, _, results = tiny_run
+    cfg, workdir, results = tiny_run
     cfg = cfg.copy_and_resolve_references()
     cfg.section, cfg.figure_prefix = "attd_lra_probe", "attd_so_probe"
     written = {}
     monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
-    monkeypatch.setattr(report, "update_section", lambda n, b: written.update({n: b}))
-    attd_lra.write_report(results, cfg)
+    monkeypatch.setattr(report, "update_section", lambda n, b, *a: written.update({n: b}))
+    attd_lra.write_report(results, cfg, str(workdir))
     assert list(written) == ["attd_lra_probe"]
     body = written["attd_lra_probe"]
     assert "docs/figures/attd_so_probe_accuracy_vs_k.png" in body and cfg.command in body
