@@ -6,8 +6,10 @@ w_k scale each applied update (psi_{k+1} = psi_k + w_k * u_k), which is what sof
 controllers need. The loop is differentiable end to end (second order: the meta-gradient flows
 through every inner gradient) unless ``first_order`` stops the inner gradients.
 
-Non-finite steps. A step whose loss or gradient is not finite is skipped: parameters and
-optimizer state stay as they were and the step is counted in ``num_skipped``. Masking the
+Non-finite steps. A step whose loss, gradient or update is not finite is skipped: parameters
+and optimizer state stay as they were and the step is counted in ``num_skipped``. The applied
+update is ``where(active, u, 0)`` added to the parameters, so the parameter path's own
+derivative is the identity (no select between two parameter copies). Masking the
 update is not enough for second order, because the backward pass of the masked step still
 multiplies a zero cotangent by the step's NaN intermediates (0 * NaN = NaN). The per-step
 value-and-grad is therefore wrapped in a ``custom_vjp`` whose backward zeroes every cotangent
@@ -228,11 +230,14 @@ def adapt(
             grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         updates, new_state = opt.update(grads, state, params)
         updates = jax.tree.map(lambda u, p: (w * u).astype(p.dtype), updates, params)
+        # An update can overflow where the gradient did not (float16 Adam, a huge rate).
+        finite = finite & tree_all_finite(updates)
         in_range = k < limit
         active = in_range & finite
-        new_params = jax.tree.map(lambda p, u: jnp.where(active, p + u, p), params, updates)
+        updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), updates)
+        new_params = jax.tree.map(lambda p, u: p + u, params, updates)
         new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
-        update_norm = jnp.where(active, safe_global_norm(updates), 0.0)
+        update_norm = safe_global_norm(updates)
         skipped = skipped + (in_range & ~finite).astype(jnp.int32)
         out = (loss, grad_norm, update_norm, active, aux)
         return (new_params, new_state, skipped), out

@@ -34,6 +34,8 @@ class OnlineResult(NamedTuple):
         update_losses: (T,) loss of the arrived pair before the update at t (NaN-free: 0 when
             no target arrived yet).
         updated: (T,) whether a target arrived (t >= H) and an update ran.
+        num_skipped: (T,) inner steps skipped at t because their loss, gradient or update was
+            not finite (the parameters stay as they were; see :func:`metattt.inner.adapt`).
     """
 
     params: PyTree
@@ -41,6 +43,7 @@ class OnlineResult(NamedTuple):
     predictions: Any
     update_losses: jax.Array
     updated: jax.Array
+    num_skipped: jax.Array
 
 
 def delay_targets(targets: Any, delay: int) -> tuple[Any, jax.Array]:
@@ -123,9 +126,10 @@ def online_adapt(
             opt_state=state,
         )
         update_loss = jnp.where(has_target, result.losses[0], 0.0)
-        return (result.params, result.opt_state, buf), (prediction, update_loss)
+        outs = (prediction, update_loss, result.num_skipped)
+        return (result.params, result.opt_state, buf), outs
 
-    (params, state, _), (predictions, update_losses) = jax.lax.scan(
+    (params, state, _), (predictions, update_losses, skipped) = jax.lax.scan(
         step, (fast, opt_state, buffer), (jnp.arange(length), inputs, arrived, valid)
     )
-    return OnlineResult(params, state, predictions, update_losses, valid)
+    return OnlineResult(params, state, predictions, update_losses, valid, skipped)

@@ -64,14 +64,25 @@ class TTAResult(NamedTuple):
 
 
 def rolling_mean(values: jax.Array, window: int) -> jax.Array:
-    """Trailing mean over the last ``window`` entries (fewer at the start), along axis 0."""
+    """Trailing mean over the last ``window`` entries along axis 0, leaving out non-finite ones.
+
+    Entry c is the mean of the finite values among entries max(0, c-W+1)..c (fewer at the
+    start), so one bad clip (a NaN loss) is left out of the W windows it falls in instead of
+    poisoning every later mean; NaN when none of the window's values is finite.
+    """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     values = jnp.asarray(values, jnp.float32)
-    csum = jnp.cumsum(values, axis=0)
-    lagged = jnp.concatenate([jnp.zeros((window,) + values.shape[1:]), csum])[: values.shape[0]]
-    counts = jnp.minimum(jnp.arange(1, values.shape[0] + 1), window).astype(jnp.float32)
-    return (csum - lagged) / counts.reshape((-1,) + (1,) * (values.ndim - 1))
+    ok = jnp.isfinite(values)
+
+    def trailing_sum(x):
+        csum = jnp.cumsum(x, axis=0)
+        lagged = jnp.concatenate([jnp.zeros((window,) + x.shape[1:], x.dtype), csum])
+        return csum - lagged[: x.shape[0]]
+
+    total = trailing_sum(jnp.where(ok, values, 0.0))
+    count = trailing_sum(ok.astype(jnp.float32))
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
 
 
 def run_clips(

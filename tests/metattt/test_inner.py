@@ -204,3 +204,17 @@ def test_adapt_merged_and_adaptation_curve_match_a_python_loop():
     assert got.shape == (K_MAX + 1,) and curve[-1] < curve[0]
     with pytest.raises(ValueError, match="clip_norm must be a finite positive"):
         inner.adapt_merged(loss_fn, params, mask, support, clip_norm=float("nan"), **kw)
+
+
+def test_a_step_whose_update_overflows_is_skipped_and_counted():
+    params = init_params(jax.random.key(50))
+    batch = make_batch(jax.random.key(51))
+    fast, slow = P.split(params, P.select(params, "re:."))
+    # The gradient is finite, but the rule's update is not (as when float16 Adam overflows).
+    huge = optax.sgd(float("inf"))
+    result = inner.adapt(loss_fn, fast, slow, batch, opt=huge, max_steps=3, num_steps=2)
+    assert int(result.num_skipped) == 2 and not bool(jnp.any(result.active))
+    assert np.all(np.isfinite(np.asarray(result.grad_norms)))
+    for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(fast), strict=True):
+        np.testing.assert_array_equal(a, b)  # nothing applied
+    np.testing.assert_array_equal(result.update_norms, np.zeros(3))

@@ -136,6 +136,26 @@ def test_rolling_mean_against_numpy():
         tta.rolling_mean(values, 0)
 
 
+def test_rolling_mean_leaves_a_bad_clip_out_of_its_windows_only():
+    values = np.random.default_rng(1).normal(size=30)
+    values[[4, 5]] = [np.nan, np.inf]  # two bad clips
+    got = np.asarray(tta.rolling_mean(values, 8))
+    for i in range(30):
+        window = [v for v in values[max(0, i - 7) : i + 1] if np.isfinite(v)]  # a Python loop
+        np.testing.assert_allclose(got[i], np.mean(window), rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(got))  # the mean recovers instead of staying NaN forever
+    assert np.isnan(tta.rolling_mean(np.array([np.nan, 1.0]), 1)[0])  # nothing finite: NaN
+
+
+def test_online_counts_the_updates_it_skips(stream):
+    fast, slow, xs, ys = stream
+    bad = ys.at[5].set(jnp.nan)  # the pair of t = 5 arrives at t = 5 + H
+    result = run_online(fast, slow, xs, bad)
+    skipped = np.asarray(result.num_skipped)
+    assert skipped[5 + H] == 2 and skipped.sum() == 2  # both inner steps on that pair
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(result.params))
+
+
 def test_zero_steps_is_the_unadapted_baseline(clips):
     fast, slow, data = clips
     result = tta.run_clips(clip_loss, fast, slow, data, opt=optax.sgd(0.1), num_steps=0)
