@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -111,6 +112,18 @@ def _one_line(error: BaseException) -> str:
     return " ".join(lines)
 
 
+def _check_config_source(path: str) -> None:
+    """One line for a config file that does not compile (config_flags would print pages)."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    try:
+        compile(source, path, "exec")
+    except SyntaxError as error:
+        raise ValueError(
+            f"config file {path}: syntax error at line {error.lineno}: {error.msg}"
+        ) from None
+
+
 def _config_path(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
@@ -127,6 +140,8 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
+        if path is not None:
+            _check_config_source(path)
         flags.FLAGS(argv)
         if _REPORT.value:
             name = report_workdir(os.path.abspath(_WORKDIR.value))
@@ -135,6 +150,12 @@ def cli(argv: list[str] | None = None) -> None:
         config = _CONFIG.value
         if config is None:
             raise ValueError("--config is required (or --report to render a finished workdir)")
+        if not isinstance(config, ml_collections.ConfigDict):
+            raise TypeError(
+                f"config file {path}: get_config() must return an ml_collections.ConfigDict, "
+                f"got {type(config).__name__}"
+            )
+        harness.check_config(config)
         module = importlib.import_module(f"experiments.{config.experiment}")
         if hasattr(module, "validate"):
             module.validate(config)

@@ -182,7 +182,9 @@ def adapt(
         batch: the data the inner loss sees (any pytree; the same batch every step).
         opt: the optax rule.
         max_steps: K_max, static.
-        num_steps: k <= K_max, may be traced; None means K_max.
+        num_steps: k in [0, K_max]; None means K_max. A Python int outside the range is a
+            ValueError; a traced k is clamped into it (steps ``min(max(k, 0), K_max)`` run),
+            as a shape-static scan cannot raise on a traced value.
         step_weights: (K_max,) weights w_k, may be traced and differentiated; None means 1.
         clip_norm: clip each gradient to this global norm before the optimizer.
         first_order: stop gradients through the inner gradients.

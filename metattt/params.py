@@ -165,10 +165,20 @@ def merge(fast: PyTree, slow: PyTree) -> PyTree:
     """Inverse of :func:`split`: take each leaf from whichever side holds it."""
     is_none = lambda x: x is None
     fast_leaves, treedef = jax.tree_util.tree_flatten(fast, is_leaf=is_none)
-    slow_leaves = treedef.flatten_up_to(slow)
+    try:
+        slow_leaves = treedef.flatten_up_to(slow)
+    except (ValueError, TypeError):
+        raise ValueError(
+            "fast and slow are not two halves of one tree (their structures differ); did you "
+            "mean fast, slow = metattt.split(params, mask)?"
+        ) from None
     for f, s in zip(fast_leaves, slow_leaves, strict=True):
         if (f is None) == (s is None):
-            raise ValueError("merge needs exactly one of fast/slow to hold each leaf")
+            raise ValueError(
+                "fast and slow must hold complementary leaves (each leaf in exactly one of "
+                f"them), but a leaf is {'in both' if f is not None else 'in neither'}; did "
+                "you mean fast, slow = metattt.split(params, mask)?"
+            )
     return treedef.unflatten(
         [s if f is None else f for f, s in zip(fast_leaves, slow_leaves, strict=True)]
     )

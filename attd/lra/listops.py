@@ -319,8 +319,8 @@ def load_listops_tsv(path: str | pathlib.Path, seq_len: int = 2000) -> ListOps:
     parsing each source.
 
     Raises:
-        ValueError: a missing ``Source``/``Target`` header, an unparsable row or a label
-            outside 0..9.
+        ValueError: a missing ``Source``/``Target`` header, no rows, an unparsable row or a
+            label outside 0..9.
     """
     with open(path, newline="") as f:
         reader = csv.reader(f, delimiter="\t")
@@ -328,6 +328,8 @@ def load_listops_tsv(path: str | pathlib.Path, seq_len: int = 2000) -> ListOps:
         if header is None or [h.strip() for h in header[:2]] != ["Source", "Target"]:
             raise ValueError(f"path: {path} lacks the 'Source\\tTarget' header, got {header}")
         rows = [r for r in reader if r]
+    if not rows:
+        raise ValueError(f"path: {path} has a header but no rows")
     sources = [r[0] for r in rows]
     trees = []
     labels = []

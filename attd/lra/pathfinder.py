@@ -379,8 +379,9 @@ def load_pathfinder(root: str | pathlib.Path) -> PathfinderFolder:
     empty image files are skipped, as LRA does.
 
     Raises:
-        ValueError: no metadata, a malformed line, a missing image, or images of different
-            sizes.
+        ValueError: no metadata, metadata listing no image, a malformed line, a label other
+            than 0 or 1, a missing or unreadable (e.g. truncated) image, or images of
+            different sizes; the message names the file.
     """
     from PIL import Image
 
@@ -399,15 +400,22 @@ def load_pathfinder(root: str | pathlib.Path) -> PathfinderFolder:
                 continue
             if len(fields) < 4 or not fields[3].lstrip("-").isdigit():
                 raise ValueError(f"root: {meta} line {n + 1} is not '<dir> <file> <i> <label>'")
+            if fields[3] not in ("0", "1"):
+                raise ValueError(f"root: {meta} line {n + 1}: label {fields[3]} is not 0 or 1")
             path = root / fields[0] / fields[1]
             if not path.is_file():
                 raise ValueError(f"root: {meta} line {n + 1} names a missing image {path}")
             if path.stat().st_size == 0:
                 continue
-            with Image.open(path) as img:
-                images.append(np.asarray(img.convert("L"), np.uint8))
+            try:
+                with Image.open(path) as img:
+                    images.append(np.asarray(img.convert("L"), np.uint8))
+            except (OSError, SyntaxError) as err:  # PIL: truncated or not an image
+                raise ValueError(f"root: image {path} is unreadable ({err})") from None
             labels.append(int(fields[3]))
             paths.append(path)
+    if not images:
+        raise ValueError(f"root: the metadata under {root / 'metadata'} lists no image")
     if len({im.shape for im in images}) > 1:
         raise ValueError(f"root: images of different sizes under {root}")
     stacked = np.stack(images) if images else np.zeros((0, 0, 0), np.uint8)

@@ -3,16 +3,20 @@
 * :mod:`~experiments.harness.cells`: a result computed once per (seed, cell) and read back on
   a rerun: JSON cells (written atomically) and parameter cells (through the same verified
   orbax checkpoints as :func:`metattt.train.fit`), each with its wall time.
+* :mod:`~experiments.harness.config_checks`: the conventions every config meets (positive
+  rates and counts, a finite clip, distinct seeds), checked before anything runs.
 * :mod:`~experiments.harness.workdir`: which experiment and which resolved config own a
   workdir; a rerun with another experiment or config is refused in one line.
 """
 
 from experiments.harness.cells import cell_seconds, json_cell, params_cell
+from experiments.harness.config_checks import check_config
 from experiments.harness.workdir import WorkdirMismatch, claim_workdir, config_digest
 
 __all__ = [
     "WorkdirMismatch",
     "cell_seconds",
+    "check_config",
     "claim_workdir",
     "config_digest",
     "json_cell",

@@ -468,13 +468,14 @@ def _check_recording(data: np.ndarray, where: str) -> None:
         raise ValueError(f"{where}: contains non-finite values")
 
 
-def load_sessions(folder: str | pathlib.Path) -> list[Session]:
+def load_sessions(folder: str | pathlib.Path, *, wide_ok: bool = False) -> list[Session]:
     """Load every ``*.npy`` recording in ``folder`` (sorted by name), with ``*.json`` metadata.
 
     Each array must be 2-D (neurons, time), floating and finite; it is returned as float32.
     Without a metadata file, ``meta`` is ``{"session_id": i, "num_neurons": N, "name": stem}``
     with i the file's index; a metadata file must be a JSON object and, if it states
-    ``num_neurons``, agree with the array.
+    ``num_neurons``, agree with the array. An array with more rows than columns is refused as
+    probably transposed (time, neurons) unless ``wide_ok`` (a short recording of many units).
 
     Raises:
         FileNotFoundError: ``folder`` does not exist.
@@ -497,6 +498,11 @@ def load_sessions(folder: str | pathlib.Path) -> list[Session]:
         except (ValueError, OSError, EOFError) as err:
             raise ValueError(f"{file}: not a readable .npy array ({err})") from err
         _check_recording(data, str(file))
+        if data.shape[0] > data.shape[1] and not wide_ok:
+            raise ValueError(
+                f"{file}: {data.shape[0]} neurons but only {data.shape[1]} time steps: is it "
+                "(time, neurons)? Transpose it, or pass wide_ok=True if it really is that short"
+            )
         meta: dict = {"session_id": i, "num_neurons": int(data.shape[0]), "name": file.stem}
         meta_file = file.with_suffix(".json")
         if meta_file.exists():
