@@ -177,6 +177,10 @@ def cli(argv: list[str] | None = None) -> None:
     except (train.Interrupted, train.WorkdirInUse) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(130 if isinstance(error, train.Interrupted) else 2)
+    except OSError as error:  # disk full, permissions: the path and the cause, not pages
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
