@@ -48,6 +48,8 @@ class InnerConfig(NamedTuple):
         clip_norm: clip each step's gradient to this global norm (None: no clipping).
         first_order: stop gradients through the inner gradients (FOMAML-style).
         remat: ``jax.checkpoint`` each step (recompute in the backward pass, less memory).
+        skip_nonfinite: guard against non-finite steps (see :func:`adapt`); False compiles the
+            guard out for speed where the data cannot produce a NaN or an overflow.
     """
 
     opt: optax.GradientTransformation
@@ -55,6 +57,7 @@ class InnerConfig(NamedTuple):
     clip_norm: float | None = None
     first_order: bool = False
     remat: bool = False
+    skip_nonfinite: bool = True
 
 
 class InnerResult(NamedTuple):
@@ -95,14 +98,19 @@ def check_clip_norm(clip_norm: float | None) -> None:
 
 
 def safe_global_norm(tree: PyTree) -> jax.Array:
-    """Global L2 norm with a finite derivative at zero (plain sqrt has an infinite one)."""
+    """Global L2 norm with a finite derivative at zero (plain sqrt has an infinite one).
+
+    A NaN or infinite entry gives a NaN or infinite norm (it is not hidden as 0), so the norm
+    doubles as the tree's finiteness test.
+    """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
     dtype = jnp.result_type(jnp.float32, *leaves)
     sq = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
     nonzero = sq > _TINY
-    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+    norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+    return norm + jnp.where(jnp.isfinite(sq), 0.0, sq)  # NaN stays NaN (NaN > tiny is False)
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:
@@ -169,6 +177,7 @@ def adapt(
     remat: bool = False,
     has_aux: bool = False,
     opt_state: PyTree = None,
+    skip_nonfinite: bool = True,
 ) -> InnerResult:
     """Run up to ``max_steps`` steps of ``opt`` on ``loss_fn`` over the fast parameters.
 
@@ -191,6 +200,11 @@ def adapt(
         remat: checkpoint each step.
         has_aux: ``loss_fn`` returns ``(loss, aux)``.
         opt_state: initial optimizer state (default: ``opt.init(fast)``).
+        skip_nonfinite: static. True: a step whose loss, gradient or update is not finite is
+            skipped and counted, and its backward pass is zeroed (safe meta-gradients). False:
+            the guard is compiled out (no finiteness tests, no custom VJP); with neither a
+            traced ``num_steps`` nor ``step_weights`` the steps are then plain optimizer steps
+            with no masking at all. A NaN then propagates, as in plain JAX.
 
     Returns:
         An :class:`InnerResult`.
@@ -214,7 +228,13 @@ def adapt(
         opt_state = opt.init(fast)
     limit = max_steps if num_steps is None else num_steps
     weights = jnp.ones((max_steps,), jnp.float32) if step_weights is None else step_weights
-    value_and_grad = _guarded_value_and_grad(loss_fn, has_aux)
+    if skip_nonfinite:
+        value_and_grad = _guarded_value_and_grad(loss_fn, has_aux)
+    else:
+        value_and_grad = jax.value_and_grad(
+            lambda f, s, b: loss_fn(merge(f, s), b), has_aux=has_aux
+        )
+    masked = skip_nonfinite or num_steps is not None
 
     def step(carry, xs):
         params, state, skipped = carry
@@ -224,22 +244,27 @@ def adapt(
         if first_order:
             grads = jax.lax.stop_gradient(grads)
         grad_norm = safe_global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+            norm = jnp.where(finite, grad_norm, 0.0)
+        else:
+            finite, norm = jnp.array(True), grad_norm
         if clip_norm is not None:
-            safe_norm = jnp.where(finite, grad_norm, 0.0)
-            scale = jnp.where(safe_norm > clip_norm, clip_norm / jnp.maximum(safe_norm, _TINY), 1.0)
+            scale = jnp.where(norm > clip_norm, clip_norm / jnp.maximum(norm, _TINY), 1.0)
             grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         updates, new_state = opt.update(grads, state, params)
         updates = jax.tree.map(lambda u, p: (w * u).astype(p.dtype), updates, params)
-        # An update can overflow where the gradient did not (float16 Adam, a huge rate).
-        finite = finite & tree_all_finite(updates)
+        update_norm = safe_global_norm(updates)
+        if skip_nonfinite:  # an update can overflow where the gradient did not (float16 Adam)
+            finite = finite & jnp.isfinite(update_norm)
         in_range = k < limit
         active = in_range & finite
-        updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), updates)
+        if masked:  # p + where(active, u, 0): the parameter path's own derivative is 1
+            updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), updates)
+            new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
+            update_norm = jnp.where(active, update_norm, 0.0)
         new_params = jax.tree.map(lambda p, u: p + u, params, updates)
-        new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
-        update_norm = safe_global_norm(updates)
         skipped = skipped + (in_range & ~finite).astype(jnp.int32)
         out = (loss, grad_norm, update_norm, active, aux)
         return (new_params, new_state, skipped), out

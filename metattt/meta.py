@@ -184,6 +184,7 @@ def make_meta_step(
     axis_name: str | None = None,
     micro_batches: int = 1,
     jit: bool = True,
+    skip_nonfinite: bool = True,
 ) -> Step:
     """Build the meta-training step for ``meta_loss(meta_params, task) -> (loss, MetaAux)``.
 
@@ -202,6 +203,9 @@ def make_meta_step(
             micro-batches whose gradients are computed one after another and averaged (gradient
             accumulation: the result equals the full batch's, peak memory is one micro-batch's).
         jit: compile the step (turn off only to debug).
+        skip_nonfinite: static; False compiles the outer guard out (the update is applied
+            whatever its value, as in plain JAX). The inner loop has its own switch,
+            :attr:`metattt.inner.InnerConfig.skip_nonfinite`.
 
     Returns:
         A :class:`metattt.train.Step`: ``init(meta_params) -> TrainState`` and
@@ -247,18 +251,18 @@ def make_meta_step(
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = outer_opt.update(grads, opt_state, meta_params)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_params = optax.apply_updates(meta_params, updates)
-        state = TrainState(
-            jax.tree.map(keep, new_params, meta_params),
-            jax.tree.map(keep, new_opt_state, opt_state),
-        )
+        if skip_nonfinite:
+            updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+            new_opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state
+            )
+        state = TrainState(optax.apply_updates(meta_params, updates), new_opt_state)
         metrics = MetaMetrics(
             loss,
             jnp.mean(aux.query_loss),
             grad_norm,
             jnp.sum(aux.num_skipped),
-            1 - finite.astype(jnp.int32),
+            (~finite if skip_nonfinite else jnp.zeros((), bool)).astype(jnp.int32),
         )
         return state, metrics
 

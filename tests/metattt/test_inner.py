@@ -218,3 +218,36 @@ def test_a_step_whose_update_overflows_is_skipped_and_counted():
     for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(fast), strict=True):
         np.testing.assert_array_equal(a, b)  # nothing applied
     np.testing.assert_array_equal(result.update_norms, np.zeros(3))
+
+
+def test_guard_off_is_plain_optimizer_steps_and_lets_a_nan_through():
+    params = init_params(jax.random.key(60))
+    batch = make_batch(jax.random.key(61))
+    fast, slow = P.split(params, P.select(params, "re:w2|b1"))
+    opt = optax.adam(0.05)
+    off = inner.adapt(loss_fn, fast, slow, batch, opt=opt, max_steps=3, skip_nonfinite=False)
+    p, state = fast, opt.init(fast)  # the reference: optax by hand, in Python
+    for _ in range(3):
+        g = jax.grad(lambda f: loss_fn(P.merge(f, slow), batch))(p)
+        u, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, u)
+    chex.assert_trees_all_close(off.params, p, rtol=1e-5, atol=1e-6)
+    assert bool(jnp.all(off.active)) and int(off.num_skipped) == 0
+    x, y = batch
+    bad = (x.at[0, 0].set(jnp.nan), y)
+    poisoned = inner.adapt(loss_fn, fast, slow, bad, opt=opt, max_steps=2, skip_nonfinite=False)
+    assert np.isnan(np.asarray(poisoned.params["w2"])).any()  # as in plain JAX: no guard
+    guarded = inner.adapt(loss_fn, fast, slow, bad, opt=opt, max_steps=2)
+    assert int(guarded.num_skipped) == 2 and np.isnan(float(guarded.grad_norms[0]))
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_is_skipped():
+    # d/dp sqrt(sum p^2) at p = 0 is 0/0: the loss is 0, the gradient NaN.
+    fast, slow = {"p": jnp.zeros(3)}, {"p": None}
+    result = inner.adapt(
+        lambda q, _: jnp.sqrt(jnp.sum(q["p"] ** 2)), fast, slow, None,
+        opt=optax.sgd(0.1), max_steps=2,
+    )  # fmt: skip
+    assert float(result.losses[0]) == 0.0 and np.isnan(float(result.grad_norms[0]))
+    assert int(result.num_skipped) == 2
+    np.testing.assert_array_equal(result.params["p"], np.zeros(3))
