@@ -37,12 +37,19 @@ INNER_LR, OUTER_LR, TASKS, K = 0.01, 1e-3, 25, 10
 
 
 def init_mlp(key):
+    """PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both tensors."""
     sizes = [1, 40, 40, 1]
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [
-        {"w": jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), "b": jnp.zeros(b)}
-        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]
+    layers = []
+    for k, a, b in zip(jax.random.split(key, 3), sizes[:-1], sizes[1:], strict=True):
+        kw, kb = jax.random.split(k)
+        bound = 1.0 / np.sqrt(a)
+        layers.append(
+            {
+                "w": jax.random.uniform(kw, (a, b), minval=-bound, maxval=bound),
+                "b": jax.random.uniform(kb, (b,), minval=-bound, maxval=bound),
+            }
+        )
+    return layers
 
 
 def mlp(params, x):

@@ -136,18 +136,21 @@ def main(argv: list[str] | None = None) -> str:
             notes = _refusal(err + rerun_err)
             rows.append((case, happened, _resumed_from(rerun_err), notes, "yes" if equal else "NO"))
 
-        for i in range(args.kills):
-            delay = float(rng.uniform(2.0, duration))
+        for i in range(args.kills):  # inside training: after k checkpoints, plus a random delay
+            after, delay = int(rng.integers(1, 16)), float(rng.uniform(0.0, 0.4))
             workdir = tmp / f"kill{i}"
             proc = _start(workdir)
+            _wait_for(lambda w=workdir, k=after: max(_steps(w), default=0) >= 150 * k, proc)
             time.sleep(delay)
             proc.kill()
             _, err = proc.communicate()
-            row(f"SIGKILL at {delay:.1f} s", f"exit {proc.returncode}; {len(_steps(workdir))} "
-                "checkpoints on disk", workdir, err)  # fmt: skip
+            row(f"SIGKILL {delay:.2f} s after checkpoint {150 * after}", f"exit "
+                f"{proc.returncode}; newest on disk: {max(_steps(workdir), default='none')}",
+                workdir, err)  # fmt: skip
 
         workdir = tmp / "save"
         proc = _start(workdir)
+        _wait_for(lambda: len(_steps(workdir)) >= 3, proc)
         in_save = _wait_for(
             lambda: _ckpt(workdir).exists()
             and any("tmp" in p.name for p in _ckpt(workdir).iterdir()), proc
@@ -167,8 +170,8 @@ def main(argv: list[str] | None = None) -> str:
 
         workdir = tmp / "concurrent"
         first = _start(workdir)
-        _wait_for(lambda: (workdir / "maml" / "seed_0" / "fit.lock").exists(), first)
-        code, err = _finish(workdir)  # the second run, while the first holds the lock
+        time.sleep(0.5)  # both start up together; the second reaches fit while the first runs
+        code, err = _finish(workdir)
         _, first_err = first.communicate()
         second = [line for line in err.splitlines() if line.startswith("error:")] or ["-"]
         happened = f"second: exit {code}: `{second[-1][:90]}…`; first: exit {first.returncode}"

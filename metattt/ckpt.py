@@ -338,6 +338,8 @@ def _unsealed_damage(folder: str) -> str | None:
     A folder without a manifest (a run killed between a save and its seal) is left to orbax and
     the array digest.
     """
+    if os.path.isdir(folder) and not any(files for _, _, files in os.walk(folder)):
+        return "the step folder is empty"
     try:
         with open(os.path.join(folder, _MANIFEST), encoding="utf-8") as f:
             want = json.load(f)

@@ -9,7 +9,9 @@ through every inner gradient) unless ``first_order`` stops the inner gradients.
 Non-finite steps. A step whose loss, gradient or update is not finite is skipped: parameters
 and optimizer state stay as they were and the step is counted in ``num_skipped``. The applied
 update is ``where(active, u, 0)`` added to the parameters, so the parameter path's own
-derivative is the identity (no select between two parameter copies). Masking the
+derivative is the identity (no select between two parameter copies). The test is one per
+step, on the loss and the global norms the step computes anyway: a gradient or update whose
+norm overflows the float type (float32: above ~1.8e19) counts as non-finite too. Masking the
 update is not enough for second order, because the backward pass of the masked step still
 multiplies a zero cotangent by the step's NaN intermediates (0 * NaN = NaN). The per-step
 value-and-grad is therefore wrapped in a ``custom_vjp`` whose backward zeroes every cotangent
