@@ -778,11 +778,6 @@ def run_methods(
     return results, cells
 
 
-def _mean_ci(values: list[float]) -> dict[str, Any]:
-    ci = stats.mean_ci(values)
-    return {"mean": ci.mean, "ci": ci.half_width, "per_seed": [float(v) for v in values]}
-
-
 SCALARS = (
     "bpc",
     "routed_uj_per_token_late",
@@ -815,20 +810,22 @@ def aggregate(
     key_m = metric.key
     rows: dict[str, dict[str, Any]] = {}
     for name, runs in cells.items():
-        row = {key: _mean_ci([r[key] for r in runs]) for key in scalars(metric)}
-        row["energy_reduction"] = _mean_ci(
+        row = {key: stats.seed_summary([r[key] for r in runs]) for key in scalars(metric)}
+        row["energy_reduction"] = stats.seed_summary(
             [1 - r["uj_per_token"] / b["uj_per_token"] for r, b in zip(runs, base, strict=True)]
         )
-        row[f"{key_m}_change"] = _mean_ci(
+        row[f"{key_m}_change"] = stats.seed_summary(
             [r[key_m] / b[key_m] - 1 if metric.relative else r[key_m] - b[key_m]
              for r, b in zip(runs, base, strict=True)]
         )  # fmt: skip
-        row["adapt_share_of_energy"] = _mean_ci(
+        row["adapt_share_of_energy"] = stats.seed_summary(
             [r["adapt_dynamic_j"] / r["dynamic_j"] for r in runs]
         )
-        row["expert_share_of_energy"] = _mean_ci([r["expert_j"] / r["dynamic_j"] for r in runs])
+        row["expert_share_of_energy"] = stats.seed_summary(
+            [r["expert_j"] / r["dynamic_j"] for r in runs]
+        )
         if table[name].kind == "budget":
-            row["budget_w"] = _mean_ci([r["budget_w"] for r in runs])
+            row["budget_w"] = stats.seed_summary([r["budget_w"] for r in runs])
             row["final_level"] = [r["final_level"] for r in runs]
             row["final_top_k"] = [r["final_top_k"] for r in runs]
             row["final_pruned"] = [r["final_pruned"] for r in runs]

@@ -224,7 +224,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
             shift: {name: np.mean(v, axis=0).tolist() for name, v in table.items()}
             for shift, table in rolling.items()
         },
-        "source_baseline_loss": _aggregate_values(source_loss),
+        "source_baseline_loss": stats.seed_summary(source_loss),
         "train_seconds": train_seconds,
         "tta_seconds": tta_seconds,
         "seeds": list(cfg.seeds),
@@ -237,11 +237,6 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         f.write(text + "\n")
     plot_rolling(results, os.path.join(workdir, "tta_protocol_rolling.png"))
     return results
-
-
-def _aggregate_values(values: list[float]) -> dict[str, float]:
-    ci = stats.mean_ci(values)
-    return {"mean": ci.mean, "ci": ci.half_width, "per_seed": list(values)}
 
 
 def _aggregate(rows: list[dict[str, float]]) -> dict[str, Any]:
