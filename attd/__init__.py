@@ -16,6 +16,7 @@ from attd.controller import (
     Controller,
     fixed_controller,
     gate_controller,
+    quantile_thresholds,
     threshold_controller,
 )
 from attd.dynamics import Psi, a_log_delta, init_psi, max_transition
@@ -35,5 +36,6 @@ __all__ = [
     "lra",
     "make_attd",
     "max_transition",
+    "quantile_thresholds",
     "threshold_controller",
 ]

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -230,3 +231,28 @@ def fixed_controller(num_steps: int) -> Controller:
 
     name = "fixed" if num_steps == 0 else f"ttt{num_steps}"
     return Controller(init, thresholds, hard_steps, step_weights, num_steps, name)
+
+
+def quantile_thresholds(signal: Any, max_steps: int, min_gap: float = 1e-2) -> np.ndarray:
+    """Starting thresholds that spread K evenly over 0..K_max on a sample of the signal.
+
+    t_k is the k / (K_max + 1) quantile of ``signal`` (k = 1..K_max), raised where needed so
+    that t_{k+1} >= t_k + ``min_gap`` (above the controller's own ``min_gap``): then each K has
+    about 1 / (K_max + 1) of the sample. A gate (K_max = 1) gets the median.
+
+    Args:
+        signal: (N,) values of the ponder signal s on training inputs.
+        max_steps: K_max >= 1.
+        min_gap: the smallest spacing kept between thresholds.
+
+    Returns:
+        (K_max,) float32, strictly increasing; pass to ``controller.init``.
+    """
+    _positive_int("max_steps", max_steps)
+    signal = np.asarray(signal, np.float64).ravel()
+    if signal.size == 0 or not np.all(np.isfinite(signal)):
+        raise ValueError("signal must be a non-empty array of finite values")
+    t = np.quantile(signal, np.arange(1, max_steps + 1) / (max_steps + 1))
+    for i in range(1, max_steps):
+        t[i] = max(t[i], t[i - 1] + min_gap)
+    return t.astype(np.float32)

@@ -44,7 +44,12 @@ import numpy as np
 import optax
 
 from attd import lra
-from attd.controller import fixed_controller, gate_controller, threshold_controller
+from attd.controller import (
+    fixed_controller,
+    gate_controller,
+    quantile_thresholds,
+    threshold_controller,
+)
 from attd.dynamics import init_psi
 from attd.mamba import MambaConfig, init_mamba
 from attd.method import ATTD, OBJECTIVES, ATTDParams, benchmark_eval_paths, make_attd
@@ -400,17 +405,14 @@ def make_method(name: str, apply, mcfg: MambaConfig, cfg) -> ATTD:
 def initial_thresholds(name: str, signal: np.ndarray, k_max: int) -> np.ndarray | None:
     """Start thresholds at quantiles of s on training inputs, so K spreads over 0..K_max.
 
-    ATTD: the K_max quantiles k / (K_max + 1) (strictly increasing); the gate: the median.
+    ATTD: :func:`attd.controller.quantile_thresholds`; the gate: the median; others: None.
     """
     base = parse_method(name).base
     if base == "gate":
-        return np.array([np.median(signal)], np.float32)
+        return quantile_thresholds(signal, 1)
     if base not in ("attd", "attd_nocost"):
         return None
-    t = np.quantile(signal, np.arange(1, k_max + 1) / (k_max + 1))
-    for i in range(1, k_max):  # keep a gap above the controller's min_gap
-        t[i] = max(t[i], t[i - 1] + 1e-2)
-    return t.astype(np.float32)
+    return quantile_thresholds(signal, k_max)
 
 
 def outer_optimizer(cfg) -> optax.GradientTransformation:

@@ -123,3 +123,20 @@ def test_bad_arguments_raise():
         fixed_controller(-1)
     with pytest.raises(ValueError, match="full_steps"):
         gate_controller(0)
+
+
+def test_quantile_thresholds_spread_k_evenly_and_match_numpy_quantiles():
+    from attd.controller import quantile_thresholds
+
+    signal = np.random.default_rng(2).gamma(2.0, 1.0, 1000)
+    t = quantile_thresholds(signal, 4)
+    np.testing.assert_allclose(t, np.quantile(signal, [0.2, 0.4, 0.6, 0.8]), rtol=1e-6)
+    ctrl = threshold_controller(4)
+    k = np.asarray(ctrl.hard_steps(ctrl.init(t), signal))
+    np.testing.assert_allclose(np.bincount(k, minlength=5) / 1000, 0.2, atol=0.01)
+    assert quantile_thresholds(signal, 1) == pytest.approx(np.median(signal))
+    # A signal with ties keeps the thresholds strictly increasing, min_gap apart.
+    tied = quantile_thresholds(np.zeros(10), 3, min_gap=0.5)
+    np.testing.assert_allclose(tied, [0.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match="non-empty array of finite"):
+        quantile_thresholds([np.nan, 1.0], 2)

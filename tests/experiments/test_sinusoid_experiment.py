@@ -80,7 +80,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tmp_path):
     args = [
         "--config=configs/sinusoid.py:tiny",
         "--config.methods=('maml',)",
-        "--config.train.num_steps=3000",
+        "--config.train.num_steps=1500",
         "--config.train.checkpoint_every=150",
     ]
     reference = _run_cli(*args, "--workdir", str(tmp_path / "ref"))
