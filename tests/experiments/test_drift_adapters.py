@@ -42,14 +42,30 @@ def test_tiny_run_dynamic_adapter_beats_no_adaptation_after_drift(tiny):
 
 
 @pytest.mark.slow
-def test_demo_rows_have_the_demo_table_format(tiny, monkeypatch, tmp_path):
-    _, results, _ = tiny
-    monkeypatch.setattr(drift_adapters, "run", lambda cfg, workdir: results)
+def test_demo_rows_read_the_right_numbers(tiny, monkeypatch, tmp_path):
+    """Demo rows recomputed from the raw per-run records, not from the summary they read."""
+    cfg, results, _ = tiny
+    monkeypatch.setattr(drift_adapters.main, "run", lambda cfg, workdir: results)
     rows = drift_adapters.demo_rows(str(tmp_path))
-    assert len(rows) == 4
-    for system, method, metric, before, after, seconds in rows:
-        assert isinstance(system, str) and isinstance(method, str) and isinstance(metric, str)
-        assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0 and seconds >= 0.0
+    objective = cfg.objectives[0]
+    start = cfg.stream.clean_steps
+
+    def post_drift(method):  # mean over runs (seeds x corruptions) of the accuracy after onset
+        runs = [r for rs in results["streams"][objective][method].values() for r in rs]
+        return np.mean([np.mean(r["accuracy"][start:]) for r in runs])
+
+    adapted = [m for m in cfg.methods if m != "none"]
+    assert [r[1] for r in rows] == [*adapted, "norm", "tent"]
+    for _, method, _, before, after, _ in rows[: len(adapted)]:
+        np.testing.assert_allclose(before, post_drift("none"), rtol=1e-12)
+        np.testing.assert_allclose(after, post_drift(method), rtol=1e-12)
+    keys = [k for k in results["tent"][0] if k != "clean"]
+    for _, method, _, before, after, _ in rows[len(adapted) :]:
+        raw = {
+            m: np.mean([t[k][m] for t in results["tent"] for k in keys]) for m in ("source", method)
+        }
+        np.testing.assert_allclose(before, raw["source"], rtol=1e-12)
+        np.testing.assert_allclose(after, raw[method], rtol=1e-12)
 
 
 def test_segments_cover_the_stream():
@@ -91,3 +107,44 @@ def test_validate_rejects_bad_configs(override, message):
 def test_unknown_variant():
     with pytest.raises(ValueError, match="unknown variant"):
         config.get_config("huge")
+
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "drift_adapters", "results.json")
+
+
+def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch):
+    """The report step on a kept tiny run: every table cell is the raw per-step records' mean."""
+    from experiments import report, run
+
+    monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "repo" / "BENCHMARKS.md")
+    cfg = config.get_config("tiny")
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "run_info.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    with open(FIXTURE) as f:
+        results = json.load(f)
+    (workdir / "results.json").write_text(json.dumps(results))
+    assert run.report_workdir(str(workdir)) == "drift_adapters"
+    text = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
+    assert (tmp_path / "repo" / "docs" / "figures" / "drift_adapters_stream.png").stat().st_size
+    objective = cfg.objectives[0]
+    start = cfg.stream.clean_steps
+    for method in cfg.methods:
+        (raw,) = results["streams"][objective][method][cfg.stream.corruptions[0]]
+        acc = np.asarray(raw["accuracy"])
+        sev1 = acc[start : start + cfg.stream.steps_per_severity].mean()
+        row = next(line for line in text.splitlines() if line.startswith(f"| {method} | "))
+        cells = row.split(" | ")
+        # one seed: no interval, so each cell is the mean alone (columns: clean, sev1..5, ...)
+        assert cells[1] == f"{acc[:start].mean():.3f}" and cells[2] == f"{sev1:.3f}"
+        assert cells[8] == f"{acc[start:].mean():.3f}"  # post_drift
+        assert cells[9] == f"{np.mean(raw['active_params']):.0f}"
+    # TENT table: per corruption, the mean over severities of the one seed's errors (in %).
+    for corruption in cfg.tent.corruptions:
+        keys = [f"{corruption}/{s}" for s in cfg.tent.severities]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {corruption} | "))
+        expected = [
+            f"{100 * np.mean([results['tent'][0][k][m] for k in keys]):.1f}"
+            for m in ("source", "norm", "tent")
+        ]
+        assert row.split(" | ")[1:4] == expected[:2] + [expected[2] + " |"]
