@@ -35,8 +35,8 @@ bench-deps: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 
 bench: bench-deps
-	$(PY) -m experiments.bench_maml_torch
-	$(PY) -m experiments.bench_scan_mambapy
+	$(PY) -m experiments.bench.maml_torch
+	$(PY) -m experiments.bench.scan_mambapy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -70,7 +70,7 @@ class PallasConfig:
         num_warps: warps per program on a GPU (4: 128 threads share the (block_d, N) tile).
 
     These are defaults chosen by reasoning about an H100, not yet tuned by measurement
-    (``experiments/bench_kernels.py`` is the tool for that).
+    (``experiments/bench/kernels.py`` is the tool for that).
     """
 
     block_d: int = 32

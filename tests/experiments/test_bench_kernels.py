@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import bench_dispatch, bench_kernels
+from experiments.bench import dispatch as bench_dispatch
+from experiments.bench import kernels as bench_kernels
 
 
 @pytest.mark.slow

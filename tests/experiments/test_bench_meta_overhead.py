@@ -1,6 +1,6 @@
 """The meta-step overhead benchmark runs, and its steps agree with plain JAX before timing."""
 
-from experiments import bench_meta_overhead as bench
+from experiments.bench import meta_overhead as bench
 
 
 def test_measure_checks_parity_and_times_every_step():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import bench_scan_mambapy as bench
+from experiments.bench import scan_mambapy as bench
 
 
 def test_reference_loop_gradients_match_finite_differences():

@@ -24,7 +24,7 @@ used while timing is reported).
 Reproduce (from the repository root; ``make bench`` installs the ``bench`` extra first)::
 
     make bench
-    python -m experiments.bench_maml_torch [--quick] [--no-write]
+    python -m experiments.bench.maml_torch [--quick] [--no-write]
 
 The results go to stdout as Markdown and, unless ``--no-write``, replace the section between
 ``<!-- bench_maml_torch:start -->`` and ``<!-- bench_maml_torch:end -->`` in ``BENCHMARKS.md``.
@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from experiments import report as report_lib
-from experiments.timing import cpu_seconds
+from experiments.bench.timing import cpu_seconds
 from metattt import meta
 from metattt import params as P
 from metattt.data import sinusoid
@@ -422,7 +422,7 @@ def report(times: dict, parity: list[dict], setup: Setup) -> str:
             f"- Sizes: MLP {'-'.join(map(str, SIZES))} (ReLU), {NUM_TASKS} tasks per meta-batch, "
             f"K={NUM_SUPPORT} support and {NUM_QUERY} query points per task, inner SGD lr "
             f"{INNER_LR} on all parameters for S steps, outer Adam lr {OUTER_LR}, float32.",
-            "- Command: `make bench` (or `python -m experiments.bench_maml_torch`).",
+            "- Command: `make bench` (or `python -m experiments.bench.maml_torch`).",
             f"- Method: warm-up (JAX compile) first, then {setup.rounds} interleaved round-robin "
             f"rounds × {setup.per_round} meta-steps per implementation on fresh sinusoid batches "
             "drawn in advance; each step timed alone (JAX outputs blocked on), GC off. × JAX = "

@@ -23,13 +23,13 @@ ragged and some may be empty):
 
 Reproduce (repository root; on a GPU machine, where the kernels are compiled)::
 
-    python -m experiments.bench_dispatch [--write]
-    python -m experiments.bench_dispatch --experts 8 --tokens 4096 --dims 1024
+    python -m experiments.bench.dispatch [--write]
+    python -m experiments.bench.dispatch --experts 8 --tokens 4096 --dims 1024
 
 On the CPU, ``--smoke`` runs tiny sizes with the kernels in Pallas interpret mode, to check that
 the script runs (its numbers mean nothing). ``--write`` replaces the marked section
 ``kernels_moe_dispatch`` of ``BENCHMARKS.md``. Imports only the standard library, jax, numpy,
-``kernels_pallas`` and :mod:`experiments.report` / :mod:`experiments.timing`: the GPU machines
+``kernels_pallas`` and :mod:`experiments.report` / :mod:`experiments.bench.timing`: the GPU machines
 lack the project's other dependencies.
 """
 
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import report
-from experiments.timing import kernel_bench_main, matmul_rate, rel_err, time_or_reason
+from experiments.bench.timing import kernel_bench_main, matmul_rate, rel_err, time_or_reason
 from kernels_pallas.moe_dispatch import gmm, gmm_pallas, moe_dispatch, sort_by_expert, top_k_routing
 
 SECTION = "kernels_moe_dispatch"
@@ -313,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    kernel_bench_main("experiments.bench_dispatch", SECTION, args, run, markdown)
+    kernel_bench_main("experiments.bench.dispatch", SECTION, args, run, markdown)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ goes on. The issue's target for the kernel's forward is within 1.5× of the floo
 
 Reproduce (repository root; on a GPU machine, where the kernel is compiled)::
 
-    python -m experiments.bench_kernels [--write]
-    python -m experiments.bench_kernels --dims 1024 --lengths 1024,4096 --backends pallas,scan
+    python -m experiments.bench.kernels [--write]
+    python -m experiments.bench.kernels --dims 1024 --lengths 1024,4096 --backends pallas,scan
 
 On the CPU, ``--smoke`` runs tiny sizes with the kernel in Pallas interpret mode, to check that
 the script runs (its numbers mean nothing). ``--write`` replaces the section between
@@ -53,7 +53,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
-from experiments.timing import copy_bandwidth, exp_rate, kernel_bench_main, rel_err, time_or_reason
+from experiments.bench.timing import (
+    copy_bandwidth,
+    exp_rate,
+    kernel_bench_main,
+    rel_err,
+    time_or_reason,
+)
 from kernels_pallas.selective_scan import selective_scan
 
 SECTION = "kernels_selective_scan"
@@ -249,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    kernel_bench_main("experiments.bench_kernels", SECTION, args, run, markdown)
+    kernel_bench_main("experiments.bench.kernels", SECTION, args, run, markdown)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What metattt's meta-step costs over the same MAML step written in plain JAX.
 
-    python -m experiments.bench_meta_overhead [--rounds 30] [--write]
+    python -m experiments.bench.meta_overhead [--rounds 30] [--write]
 
 Sinusoid MAML (MLP 1-40-40-1, ReLU; 25 tasks of K = 10 support and 10 query points; inner SGD
 lr 0.01 on every parameter for S steps; outer Adam lr 1e-3; float32), S = 1 and 5, first and
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> str:
         "## Meta-step overhead: metattt vs the same MAML step in plain JAX (CPU)",
         "",
         f"- Date: {report.today()}; machine: {report.machine()}.",
-        f"- Command: `python -m experiments.bench_meta_overhead --rounds {args.rounds}"
+        f"- Command: `python -m experiments.bench.meta_overhead --rounds {args.rounds}"
         f"{' --write' if args.write else ''}`.",
         "- Sizes: MLP 1-40-40-1, 25 tasks x (10 support, 10 query), inner SGD 0.01 on every "
         "parameter for S steps, outer Adam 1e-3, float32; medians of interleaved single steps.",

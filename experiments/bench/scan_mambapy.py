@@ -23,7 +23,7 @@ intra-op threads stall when their peers are descheduled).
 
 Reproduce (repository root; ``make bench`` installs the ``bench`` extra, mambapy included)::
 
-    python -m experiments.bench_scan_mambapy [--no-write]
+    python -m experiments.bench.scan_mambapy [--no-write]
 
 The table replaces the marked section ``bench_scan_mambapy`` of ``BENCHMARKS.md``.
 """
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
-from experiments.timing import cpu_seconds, interleaved_medians, rel_err
+from experiments.bench.timing import cpu_seconds, interleaved_medians, rel_err
 from kernels_pallas.selective_scan import selective_scan
 
 SECTION = "bench_scan_mambapy"
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         results[size] = time_size(size, repeats)
     busy1, total1, own1 = *cpu_seconds(), time.process_time()
     other = max((busy1 - busy0 - (own1 - own0)) / max(total1 - total0, 1e-9), 0.0)
-    command = "python -m experiments.bench_scan_mambapy " + " ".join(
+    command = "python -m experiments.bench.scan_mambapy " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     text = markdown(results, errors, other, args.torch_threads, repeats, command.strip())
