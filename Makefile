@@ -24,12 +24,16 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Test files are spread over the cores (pytest-xdist; one file stays on one worker, so its
+# module fixtures are built once).
+PYTEST_WORKERS := -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_WORKERS)
 
 # Inner loop: skips the few slow end-to-end tests (CI still runs them through `make test`).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_WORKERS) -m "not slow"
 
 bench-deps: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'

@@ -9,40 +9,63 @@ from under ``docs/results/`` so that the section can be rebuilt and checked with
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import pathlib
-import platform
 from typing import Any
 
+from metattt import runlog
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or what platform knows)."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+_RUN: dict[str, str] = {}  # the reported run's date and machine, set by rendering()
 
 
 def machine() -> str:
-    """One line naming the machine: CPU, cores and the JAX device the run used."""
+    """One line naming the machine of the run being reported: CPU, cores and JAX device.
+
+    Inside :func:`rendering` it is the run's machine (from its ``run_info.json``); otherwise this
+    process's, for a benchmark that reports what it just measured."""
+    if _RUN:
+        return _RUN["machine"]
     import jax
 
     device = jax.devices()[0]
     return (
-        f"{cpu_model()}, {os.cpu_count()} cores; JAX {jax.__version__} on "
+        f"{runlog.cpu_model()}, {os.cpu_count()} cores; JAX {jax.__version__} on "
         f"{device.platform} ({device.device_kind})"
     )
 
 
 def today() -> str:
-    return datetime.date.today().isoformat()
+    """The date of the run being reported (inside :func:`rendering`), else today's."""
+    return _RUN["date"] if _RUN else datetime.date.today().isoformat()
+
+
+def run_provenance(run_info: dict[str, Any]) -> tuple[str, str]:
+    """``(date, machine)`` of a run from its ``run_info.json`` record (see
+    :func:`metattt.runlog.write_run_info`); a record older than the CPU field says so."""
+    devices = run_info.get("devices") or {}
+    jax_version = (run_info.get("packages") or {}).get("jax")
+    cpu = run_info.get("cpu") or "CPU not recorded"
+    cores = run_info.get("cores")
+    return (
+        run_info["timestamp_utc"][:10],
+        f"{cpu}, {cores if cores is not None else '?'} cores; JAX {jax_version} on "
+        f"{devices.get('platform')} ({devices.get('device_kind')})",
+    )
+
+
+@contextlib.contextmanager
+def rendering(date: str, machine_line: str):
+    """Within the block, reports name the run's date and machine, not the renderer's: a report
+    rendered later, or elsewhere, from a finished workdir keeps its figures' provenance."""
+    _RUN.update(date=date, machine=machine_line)
+    try:
+        yield
+    finally:
+        _RUN.clear()
 
 
 def update_section(name: str, body: str, path: pathlib.Path | str = BENCHMARKS) -> None:

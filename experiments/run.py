@@ -30,7 +30,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import harness
+from experiments import harness, report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -90,13 +90,15 @@ def report_workdir(workdir: str) -> str:
                 f"--report needs a finished run: {path} is missing (run the experiment first)"
             )
     with open(paths["run_info.json"]) as f:
-        config = ml_collections.ConfigDict(json.load(f)["config"])
+        run_info = json.load(f)
+    config = ml_collections.ConfigDict(run_info["config"])
     with open(paths["results.json"]) as f:
         results = json.load(f)
     module = importlib.import_module(f"experiments.{config.experiment}")
     if not hasattr(module, "write_report"):
         raise ValueError(f"experiment {config.experiment!r} has no report")
-    module.write_report(results, config, workdir)
+    with report.rendering(*report.run_provenance(run_info)):
+        module.write_report(results, config, workdir)
     return config.experiment
 
 

@@ -399,14 +399,26 @@ def _device_info() -> dict[str, Any]:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def write_run_info(workdir: str | os.PathLike[str], config: Mapping[str, Any]) -> dict[str, Any]:
     """Writes ``workdir/run_info.json``: what produced this run, to report it and to reproduce it.
 
     The record holds the resolved config as plain JSON (values JSON cannot hold become their
     ``str``), the git commit of the checkout this code lives in with a ``dirty`` flag (both None
     outside a git checkout or without git), the Python version, the versions of jax, jaxlib,
-    flax, optax, orbax-checkpoint, chex and numpy (None when not installed), the JAX devices and
-    a UTC timestamp. The file is replaced atomically.
+    flax, optax, orbax-checkpoint, chex and numpy (None when not installed), the JAX devices, the
+    CPU model and core count, and a UTC timestamp. The file is replaced atomically.
 
     Args:
       workdir: the run's directory; created if missing.
@@ -426,6 +438,8 @@ def write_run_info(workdir: str | os.PathLike[str], config: Mapping[str, Any]) -
         "devices": _device_info(),
         "argv": list(sys.argv),
         "hostname": platform.node(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
     }
     path = os.path.join(workdir, "run_info.json")
     tmp = path + ".tmp"

@@ -52,7 +52,7 @@ import optax
 
 from experiments import report as report_lib
 from experiments.bench.timing import cpu_seconds
-from metattt import meta
+from metattt import meta, runlog
 from metattt import params as P
 from metattt.data import sinusoid
 from metattt.inner import InnerConfig
@@ -415,7 +415,7 @@ def report(times: dict, parity: list[dict], setup: Setup) -> str:
             "## MAML meta-step: metattt (JAX) vs PyTorch (`torch.func`, `higher`), CPU",
             "",
             f"- Date: {report_lib.today()}",
-            f"- Machine: {report_lib.cpu_model()}, {os.cpu_count()} cores; torch.set_num_threads("
+            f"- Machine: {runlog.cpu_model()}, {os.cpu_count()} cores; torch.set_num_threads("
             f"{setup.torch_threads}), XLA CPU defaults. Other processes used "
             f"{100 * setup.other_cpu:.0f}% of the cores while timing.",
             f"- Versions: {versions()}.",

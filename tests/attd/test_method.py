@@ -201,10 +201,10 @@ def test_int_weight_adds_the_mean_signal_to_the_loss_and_its_gradient(attd):
         for w in (0.0, mu)
     )
     batch = (TOKENS, MASK, labels)
-    (l0, m0), g0 = jax.value_and_grad(plain.loss, has_aux=True)(params, batch)
-    (l1, m1), g1 = jax.value_and_grad(joint.loss, has_aux=True)(params, batch)
+    (l0, m0), g0 = jax.jit(jax.value_and_grad(plain.loss, has_aux=True))(params, batch)
+    (l1, m1), g1 = jax.jit(jax.value_and_grad(joint.loss, has_aux=True))(params, batch)
     mean_s = lambda p: jnp.mean(plain.signal(p, TOKENS, MASK))
-    s, gs = jax.value_and_grad(mean_s)(params)
+    s, gs = jax.jit(jax.value_and_grad(mean_s))(params)
     np.testing.assert_allclose(l1 - l0, mu * s, rtol=1e-5)
     np.testing.assert_allclose(m1.task_loss, m0.task_loss, rtol=1e-6)
     for a, b, c in zip(

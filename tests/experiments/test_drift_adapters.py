@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -107,6 +111,39 @@ def test_validate_rejects_bad_configs(override, message):
 def test_unknown_variant():
     with pytest.raises(ValueError, match="unknown variant"):
         config.get_config("huge")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _numbers(results):
+    return {k: v for k, v in results.items() if k not in ("seconds", "timing")}
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, caplog):
+    """SIGKILL after the backbone's first checkpoint; the restarted run equals the fixture's."""
+    cfg, reference, _ = tiny
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "--config=configs/drift_adapters.py:tiny"]
+        + ["--workdir", str(workdir)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = workdir / "backbone" / "seed_0" / "ckpt" / "100"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert not (workdir / "results.json").exists()
+    with caplog.at_level("INFO"):
+        resumed = drift_adapters.run(cfg, str(workdir))
+    assert "Resumed from" in caplog.text
+    assert _numbers(resumed) == _numbers(reference)  # bit-identical: the same program resumed
 
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "drift_adapters", "results.json")
