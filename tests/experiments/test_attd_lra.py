@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from attd.mamba import init_mamba
 from configs import attd_lra as attd_config
 from experiments import attd_lra, report
+from experiments.attd_lra import readings, training
 from tests.metattt.test_stats import brute_force_spearman
 
 
@@ -60,8 +62,8 @@ def test_rerun_reuses_cached_cells(tiny_run, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a cached cell was recomputed")
 
-    monkeypatch.setattr(attd_lra, "pretrain", refuse)
-    monkeypatch.setattr(attd_lra, "run_cell", refuse)
+    monkeypatch.setattr(training, "pretrain", refuse)
+    monkeypatch.setattr(training, "run_cell", refuse)
     again = attd_lra.run(cfg, str(workdir))
     assert (
         again["tasks"]["listops"]["attd"]["acc_shift"]
@@ -328,7 +330,7 @@ def test_joint_config_has_its_control_and_its_conclusions_match_a_loop():
         "text": {s: {m: _fake_cell(rng, m, cfg.attd.k_max) for m in cfg.methods} for s in (0, 1, 2)}
     }
     out = attd_lra.aggregate(cfg, cells, {"text": {}})
-    lines = attd_lra._joint_conclusions(out)
+    lines = readings._joint_conclusions(out)
     acc = lambda m, s: cells["text"][s][m]["acc_shift"]
     want = np.mean([acc("ttt+so+j", s) - acc("fixed+j", s) for s in (0, 1, 2)])
     line = next(x for x in lines if x.startswith("- text, full TTT (K=K_max), 2nd order, joint"))
@@ -342,7 +344,7 @@ def test_pretraining_killed_mid_cell_resumes_bit_identically(tmp_path):
     cfg = attd_config.get_config("tiny")  # 20 steps, a checkpoint every 10
     task = attd_lra.load_task(cfg, "listops", 0)
     mcfg = attd_lra.model_config(cfg, task.vocab_size, task.num_classes)
-    apply, theta = attd_lra.init_mamba(mcfg, seed=0)
+    apply, theta = init_mamba(mcfg, seed=0)
     step = attd_lra.make_pretrain_step(apply, cfg.pretrain.lr, cfg.pretrain.lm_weight)
     whole, info = attd_lra.pretrain(cfg, theta, task.train, 0, step, str(tmp_path / "a"))
 
