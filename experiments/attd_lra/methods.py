@@ -75,9 +75,8 @@ def _variant(name: str, token: str) -> tuple[str, Any]:
         return VARIANTS[token]
     if token[:1] == "r" and token[1:].isdigit() and int(token[1:]) >= 1:
         return "psi_rank", int(token[1:])
-    raise ValueError(
-        f"method {name!r}: unknown variant {token!r} (known: so, sgd, adam, r<rank>, j)"
-    )
+    known = ", ".join([*VARIANTS, "r<rank>"])
+    raise ValueError(f"method {name!r}: unknown variant {token!r} (known: {known})")
 
 
 def parse_method(name: str) -> MethodSpec:

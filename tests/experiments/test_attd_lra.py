@@ -230,9 +230,14 @@ def test_shifted_splits_are_shifted():
 
 def test_initial_thresholds_follow_the_method():
     signal = np.random.default_rng(2).gamma(2.0, 1.0, 200)
-    assert attd_lra.initial_thresholds("attd", signal, 4).shape == (4,)
+    # gamma(2) samples spread far wider than min_gap: the thresholds are plain quantiles
+    for name in ("attd", "attd_nocost+so"):
+        thresholds = attd_lra.initial_thresholds(name, signal, 4)
+        shares = [np.mean(signal < t) for t in thresholds]  # 1/5, 2/5, ... of s below each
+        np.testing.assert_allclose(shares, [0.2, 0.4, 0.6, 0.8], atol=1 / len(signal))
     assert attd_lra.initial_thresholds("gate", signal, 4) == pytest.approx(np.median(signal))
     assert attd_lra.initial_thresholds("ttt", signal, 4) is None
+    assert attd_lra.initial_thresholds("fixed+j", signal, 4) is None
 
 
 # ------------------------------------------------------- method variants, second-order config
@@ -256,6 +261,16 @@ def test_parse_method_reads_variants_and_rejects_unknown_ones():
     ]:
         with pytest.raises(ValueError, match=message):
             spec(bad)
+
+
+def test_method_registry_builds_each_controller_with_its_step_range():
+    from experiments.attd_lra.methods import BASES
+
+    steps = {name: base.make(3, 0.1).max_steps for name, base in BASES.items()}
+    assert steps == {"fixed": 0, "ttt": 3, "gate": 3, "attd": 3, "attd_nocost": 3}
+    assert attd_lra.CONTROLLED == ("gate", "attd", "attd_nocost")
+    with pytest.raises(ValueError, match=r"^method 'ttt\+q': unknown variant 'q' \(known: so, j, "):
+        attd_lra.parse_method("ttt+q")
 
 
 @pytest.mark.parametrize(
