@@ -8,7 +8,8 @@ released format:
 - :mod:`~attd.lra.pathfinder`: curved-path images with markers, the official
   ``metadata/*.npy`` + PNG layout;
 - :mod:`~attd.lra.text`: the aclImdb folder layout, and a byte-level task built from
-  Python's own documentation and standard library (:mod:`metattt.data.text_corpora`).
+  Python's own documentation and standard library (:mod:`metattt.data.text_corpora`);
+- :mod:`~attd.lra.tasks`: a task's train, in-distribution and shifted test splits.
 """
 
 from attd.lra.listops import (
@@ -27,9 +28,31 @@ from attd.lra.pathfinder import (
     save_pathfinder,
     to_sequences,
 )
+from attd.lra.tasks import (
+    SEED_STRIDE,
+    LRATask,
+    Split,
+    data_seed,
+    listops_split,
+    listops_task,
+    pathfinder_split,
+    pathfinder_task,
+    text_split,
+    text_task,
+)
 from attd.lra.text import ByteText, load_aclimdb, stdlib_text_task
 
 __all__ = [
+    "SEED_STRIDE",
+    "LRATask",
+    "Split",
+    "data_seed",
+    "listops_split",
+    "listops_task",
+    "pathfinder_split",
+    "pathfinder_task",
+    "text_split",
+    "text_task",
     "ByteText",
     "ListOps",
     "Pathfinder",

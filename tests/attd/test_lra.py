@@ -4,11 +4,13 @@ import collections
 import math
 import statistics
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
+from attd import lra
 from attd.lra import listops as lo
 from attd.lra import pathfinder as pf
 from attd.lra import text as lt
@@ -267,3 +269,93 @@ def test_stdlib_text_task_splits_by_file_with_a_length_shift():
     for split in splits.values():
         counts = np.bincount(split.labels)
         assert counts.size == 2 and counts[0] == counts[1] > 0  # balanced by default
+
+
+# -------------------------------------------------------------------------------- tasks
+
+_LISTOPS = dict(min_depth=1, max_depth=2, min_length=5, max_length=40, seq_len=40)
+
+
+def _listops_task(seed):
+    train = dict(num=60, offset=0, **_LISTOPS)
+    test_id = dict(num=20, offset=1000, **_LISTOPS)
+    shift = dict(_LISTOPS, min_depth=3, max_depth=4, max_length=80, seq_len=80)
+    return lra.listops_task(seed, train, test_id, dict(num=20, offset=2000, **shift))
+
+
+def _sources(split):
+    """The expressions of a split as strings rebuilt from its tokens."""
+    rows = zip(split.tokens, split.mask, strict=True)
+    return {" ".join(lo.VOCAB[t] for t in row[m]) for row, m in rows}
+
+
+def test_data_seed_strides_seeds_apart():
+    assert lra.data_seed(0, 1000) == 1000
+    assert lra.data_seed(3, 7) == 3 * 10_007 + 7
+    assert lra.data_seed(1, 0) != lra.data_seed(0, 1000)  # offsets stay below the stride
+
+
+def test_listops_split_leaves_out_the_excluded_expressions():
+    both = lo.generate_listops(30, seed=lra.data_seed(2, 5), **_LISTOPS)
+    exclude = frozenset(both.sources[::3])  # every third expression of the same stream
+    split, sources = lra.listops_split(20, 2, offset=5, exclude=exclude, **_LISTOPS)
+    want = [i for i, s in enumerate(both.sources) if s not in exclude][:20]
+    assert sources == {both.sources[i] for i in want} and not sources & exclude
+    np.testing.assert_array_equal(split.tokens, both.tokens[want])
+    np.testing.assert_array_equal(split.labels, both.labels[want])
+    np.testing.assert_array_equal(split.difficulty, both.depth[want])
+
+
+def test_listops_task_sizes_disjoint_splits_shift_and_determinism():
+    task = _listops_task(0)
+    assert (task.vocab_size, task.num_classes) == (len(lo.VOCAB), 10)
+    sizes = [len(s.labels) for s in (task.train, task.test_id, task.test_shift)]
+    assert sizes == [60, 20, 20] and task.test_shift.tokens.shape == (20, 80)
+    train = _sources(task.train)
+    assert len(train) == 60
+    assert not train & _sources(task.test_id) and not train & _sources(task.test_shift)
+    labels = [lo.evaluate(lo.parse(s)) for s in sorted(_sources(task.test_id))]
+    assert sorted(labels) == sorted(task.test_id.labels.tolist())  # labels are the values
+    assert task.test_shift.difficulty.min() == 3 and task.train.difficulty.max() <= 2
+    again, other = _listops_task(0), _listops_task(1)
+    for a, b in zip(jax.tree.leaves(task), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _sources(other.train) != train
+
+
+def test_pathfinder_task_follows_its_seeds_and_recipe():
+    split = dict(size=(16, 16), num_distractors=(0, 1), distractor_length=3)
+    train = dict(num=16, offset=0, path_length=(5, 6), **split)
+    shift = dict(num=8, offset=2000, path_length=(6, 7), **split)
+    task = lra.pathfinder_task(3, train, dict(train, num=8, offset=1000), shift)
+    assert (task.vocab_size, task.num_classes) == (256, 2)
+    direct = pf.generate_pathfinder(
+        8, seed=lra.data_seed(3, 2000), size=(16, 16), path_length=(6, 7),
+        num_distractors=(0, 1), distractor_length=3,
+    )  # fmt: skip
+    np.testing.assert_array_equal(task.test_shift.tokens, pf.to_sequences(direct.images))
+    np.testing.assert_array_equal(task.test_shift.difficulty, direct.path_length)
+    assert task.test_shift.mask.all() and task.train.tokens.shape == (16, 256)
+    assert not np.array_equal(task.train.tokens[:8], task.test_id.tokens)  # other offset
+
+
+def test_text_task_subsamples_held_out_passages_per_seed():
+    rng = np.random.default_rng(0)
+
+    def byte_text(n, length):
+        tokens = rng.integers(1, 257, (n, length)).astype(np.int32)
+        lengths = rng.integers(length // 2, length + 1, n).astype(np.int32)
+        mask = np.arange(length) < lengths[:, None]
+        return lt.ByteText(tokens, mask, rng.integers(0, 2, n), lengths, [""] * n, -np.ones(n))
+
+    splits = {"train": byte_text(10, 8), "val": byte_text(30, 8), "test": byte_text(30, 16)}
+    task = lra.text_task(splits, 12, seed=4)
+    assert (task.vocab_size, task.num_classes) == (257, 2)
+    np.testing.assert_array_equal(task.train.tokens, splits["train"].tokens)
+    for split, name, seed in ((task.test_id, "val", 4), (task.test_shift, "test", 5)):
+        idx = np.sort(np.random.default_rng(seed).permutation(30)[:12])
+        assert len(set(idx)) == 12
+        np.testing.assert_array_equal(split.tokens, splits[name].tokens[idx])
+        np.testing.assert_array_equal(split.difficulty, splits[name].length[idx])
+    other = lra.text_task(splits, 12, seed=6)
+    assert not np.array_equal(other.test_id.tokens, task.test_id.tokens)

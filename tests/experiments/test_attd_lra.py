@@ -4,6 +4,7 @@ variants, the meta-gradient of ``+so`` against finite differences, ablation seed
 figures), and a pretraining killed mid-cell that resumes bit-identically."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,75 +12,168 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from attd.mamba import init_mamba
 from configs import attd_lra as attd_config
 from experiments import attd_lra, report
+from experiments.attd_lra import readings, training
 from tests.metattt.test_stats import brute_force_spearman
 
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "attd_lra" / "results.json"
+N_ID = 16  # test_id.num of the tiny config that wrote the fixture: examples = id then shift
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    cfg = attd_config.get_config("tiny")
-    workdir = tmp_path_factory.mktemp("demo") / "attd_lra"  # where demo_rows looks too
-    return cfg, workdir, attd_lra.run(cfg, str(workdir))
+
+@pytest.fixture
+def frozen():
+    """results.json of the tiny run (one seed, ListOps, fixed and ATTD; no input adapted)."""
+    return json.loads(FIXTURE.read_text())
 
 
 @pytest.mark.slow
-def test_tiny_run_gives_finite_results_and_a_summary(tiny_run):
-    cfg, workdir, results = tiny_run
+def test_tiny_run_end_to_end_caches_its_cells_and_feeds_the_demo(tmp_path, monkeypatch):
+    cfg = attd_config.get_config("tiny")
+    workdir = tmp_path / "attd_lra"  # where demo_rows looks too
+    results = attd_lra.run(cfg, str(workdir))
     table = results["tasks"]["listops"]
     assert set(table) == set(cfg.methods) == {"fixed", "attd"}
     k_max = cfg.attd.k_max
+    n_id, n_shift = cfg.data.listops.test_id.num, cfg.data.listops.test_shift.num
     for name, e in table.items():
         for key in attd_lra.SCALARS:
             assert np.isfinite(e[key]["mean"]), (name, key)
-        assert 0.0 <= e["acc_shift"]["mean"] <= 1.0 and 0.0 <= e["acc_id"]["mean"] <= 1.0
-        assert len(e["k_hist_shift"]) == (1 if name == "fixed" else k_max + 1)  # K = 0..K_max
-        assert sum(e["k_hist_shift"]) == cfg.data.listops.test_shift.num
-        assert 0.0 < e["max_rho"] <= 1.0  # the adapted transitions stay contractions
+        correct = np.asarray(e["examples"]["correct"])
+        assert e["acc_id"]["mean"] == pytest.approx(correct[:n_id].mean())
+        assert e["acc_shift"]["mean"] == pytest.approx(correct[n_id:].mean())
+        k = np.asarray(e["examples"]["k"])
+        hist = np.bincount(k[n_id:], minlength=k_max + 1 if name != "fixed" else 1)
+        assert e["k_hist_shift"] == hist.tolist() and len(k) == n_id + n_shift
+        assert e["max_rho"] < 1.0  # the adapted transitions stay contractions
         assert e["max_abs_path_diff"] < 1e-4  # masked and grouped paths agree
-        assert e["masked_ms_per_example"]["mean"] > 0 and e["grouped_ms_per_example"]["mean"] > 0
     fixed = table["fixed"]
     assert fixed["mean_k_shift"]["mean"] == 0.0 and fixed["inner_steps_shift"]["mean"] == 0.0
     assert fixed["lint_after_shift"]["mean"] == pytest.approx(fixed["lint_before_shift"]["mean"])
     cell = json.loads((workdir / "listops" / "seed_0" / "attd.json").read_text())
     assert cell["inner_steps_shift"] == sum(cell["examples_shift"]["k"])
-    assert len(cell["thresholds"]) == k_max
-    assert np.all(np.diff(cell["thresholds"]) > 0)
-    text = attd_lra.summary(results, cfg)
-    assert "| ATTD |" in text and "| fixed Mamba (K=0) |" in text
-    assert (workdir / "summary.md").read_text().strip() == text
+    assert len(cell["thresholds"]) == k_max and np.all(np.diff(cell["thresholds"]) > 0)
+    assert "| ATTD |" in (workdir / "summary.md").read_text()
     for plot in ("attd_accuracy_vs_k.png", "attd_k_vs_difficulty.png"):
         assert (workdir / plot).stat().st_size > 1000
-    assert any("ATTD" in line for line in attd_lra.reading(results))
-
-
-@pytest.mark.slow
-def test_rerun_reuses_cached_cells(tiny_run, monkeypatch):
-    cfg, workdir, results = tiny_run
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached cell was recomputed")
 
-    monkeypatch.setattr(attd_lra, "pretrain", refuse)
-    monkeypatch.setattr(attd_lra, "run_cell", refuse)
-    again = attd_lra.run(cfg, str(workdir))
-    assert (
-        again["tasks"]["listops"]["attd"]["acc_shift"]
-        == (results["tasks"]["listops"]["attd"]["acc_shift"])
-    )
-
-
-@pytest.mark.slow
-def test_demo_rows_have_the_demo_table_format(tiny_run, monkeypatch):
-    cfg, workdir, results = tiny_run
-    monkeypatch.setattr(attd_config, "get_config", lambda arg=None: cfg)  # the cached tiny run
-    rows = attd_lra.demo_rows(str(workdir.parent))
-    table = results["tasks"]["listops"]
-    assert len(rows) == 1 and len(rows[0]) == 6
-    system, method, metric, before, after, seconds = rows[0]
+    monkeypatch.setattr(training, "pretrain", refuse)
+    monkeypatch.setattr(training, "run_cell", refuse)
+    again = attd_lra.run(cfg, str(workdir))["tasks"]["listops"]
+    assert json.dumps(again, sort_keys=True) == json.dumps(table, sort_keys=True)  # NaN-safe
+    monkeypatch.setattr(attd_config, "get_config", lambda arg=None: cfg)  # the cached run
+    [(system, method, metric, before, after, seconds)] = attd_lra.demo_rows(str(tmp_path))
     assert (system, method) == ("ATTD on Mamba (ListOps)", "ATTD") and "accuracy" in metric
-    assert before == table["fixed"]["acc_shift"]["mean"]
-    assert after == table["attd"]["acc_shift"]["mean"] and seconds > 0
+    assert (before, after) == (fixed["acc_shift"]["mean"], table["attd"]["acc_shift"]["mean"])
+    assert seconds > 0
+
+
+def test_summary_table_rows_follow_the_per_input_results(frozen):
+    text = attd_lra.summary(frozen, None)
+    assert "**listops** (means over seeds [0] ± 95% CI;" in text
+    for name, label, rho in (("fixed", "fixed Mamba (K=0)", "-"), ("attd", "ATTD", None)):
+        e = frozen["tasks"]["listops"][name]
+        correct, k = np.asarray(e["examples"]["correct"]), np.asarray(e["examples"]["k"])
+        counts = np.bincount(k[N_ID:], minlength=len(e["k_hist_shift"]))
+        hist = " / ".join(f"{100 * c / counts.sum():.0f}" for c in counts)
+        row = (
+            f"| {label} | {correct[:N_ID].mean():.3f} | {correct[N_ID:].mean():.3f} | "
+            f"{k[N_ID:].mean():.2f} | {hist} | {k[N_ID:].sum()} | "
+            f"{e['lint_before_shift']['mean']:.4f} → {e['lint_after_shift']['mean']:.4f} | - | "
+            f"{e['max_rho']:.6f} | {e['masked_ms_per_example']['mean']:.2f} | "
+            f"{e['grouped_ms_per_example']['mean']:.2f} | {rho or 'n/a (K constant)'} |"
+        )
+        assert row in text.splitlines(), row
+
+
+def test_reading_of_the_frozen_run_states_no_adaptation(frozen):
+    lines = attd_lra.reading(frozen)
+    attd = frozen["tasks"]["listops"]["attd"]
+    acc = lambda n: np.mean(frozen["tasks"]["listops"][n]["examples"]["correct"][N_ID:])
+    assert lines[0] == (
+        f"- listops (shifted split, fixed Mamba {acc('fixed'):.3f}): ATTD "
+        f"{acc('attd') - acc('fixed'):+.3f} accuracy vs fixed at mean K 0.00 (no input adapted)"
+    )
+    first = attd["thresholds"][0][0]
+    assert lines[1] == (
+        "  - ATTD: K histogram over both test splits 100 / 0 / 0 % for K = 0..2; first threshold "
+        f"after training {first:.3f} (mean over seeds) vs mean signal s = "
+        f"{attd['lint_before_shift']['mean']:.3f} on the shifted split; Spearman of K with "
+        "nesting depth: n/a (K constant)."
+    )
+    assert len(lines) == 2  # no full TTT, no second order: no conclusions
+
+
+def _with_entry(results, name, like, **changes):
+    """``results`` with a method ``name`` copied from ``like`` and some fields replaced."""
+    table = results["tasks"]["listops"]
+    table[name] = {**json.loads(json.dumps(table[like])), **changes}
+    return results
+
+
+def test_conclusions_say_ttt_did_not_help_only_when_it_did_not(frozen):
+    acc = frozen["tasks"]["listops"]["fixed"]["acc_shift"]["mean"]
+    worse = _with_entry(
+        frozen, "ttt", "fixed",
+        acc_shift={"mean": acc - 0.05, "ci": 0.0},
+        lint_before_shift={"mean": 2.0, "ci": 0.0},
+        lint_after_shift={"mean": 1.5, "ci": 0.0},
+    )  # fmt: skip
+    lines = attd_lra.reading(worse)
+    said = [x for x in lines if x.startswith("- Test-time adaptation of the dynamics did not")]
+    assert len(said) == 1 and "relative drop after 2 steps: listops 25.0%" in said[0]
+    assert any(x.startswith("- ATTD learned to spend little") and "listops" in x for x in lines)
+    attd = frozen["tasks"]["listops"]["attd"]
+    ratio = attd["grouped_ms_per_example"]["mean"] / attd["masked_ms_per_example"]["mean"]
+    assert any(f"takes {ratio:.2f}-{ratio:.2f}x the masked path" in x for x in lines)
+    worse["tasks"]["listops"]["ttt"]["acc_shift"]["mean"] = acc + 0.05
+    assert not any("did not help" in x for x in attd_lra.reading(worse))
+
+
+@pytest.mark.parametrize(
+    "fixed, second, verdict",
+    [([0.1, 0.2, 0.3], [0.3, 0.5, 0.6], "Yes"), ([0.1, 0.2, 0.3], [0.2, 0.1, 0.4], "No")],
+)
+def test_order_verdict_needs_a_gain_whose_interval_excludes_zero(frozen, fixed, second, verdict):
+    seeds = dict(seeds=[0, 1, 2])
+    results = _with_entry(frozen, "fixed", "fixed", acc_shift_seeds=fixed, **seeds)
+    results = _with_entry(results, "ttt", "fixed", acc_shift_seeds=fixed, **seeds)
+    results = _with_entry(results, "ttt+so", "fixed", acc_shift_seeds=second, **seeds)
+    diffs = np.subtract(second, fixed)
+    half = scipy.stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+    assert (np.mean(diffs) - half > 0) == (verdict == "Yes")  # the hand-computed interval
+    lines = attd_lra.reading(results)
+    line = next(x for x in lines if x.startswith("- listops: does second-order meta-training"))
+    assert line.startswith(f"- listops: does second-order meta-training make TTT of the "
+                           f"dynamics help? {verdict}: ")  # fmt: skip
+    assert f"{np.mean(diffs):+.3f} [{np.mean(diffs) - half:+.3f}, " in line
+
+
+def test_write_report_uses_the_configured_section_and_figure_prefix(frozen, tmp_path, monkeypatch):
+    cfg = attd_config.get_config("tiny")
+    cfg.section, cfg.figure_prefix = "attd_lra_probe", "attd_so_probe"
+    written = {}
+    monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(report, "update_section", lambda n, b, *a: written.update({n: b}))
+    attd_lra.write_report(frozen, cfg, str(tmp_path))
+    assert list(written) == ["attd_lra_probe"]
+    body = written["attd_lra_probe"]
+    assert body.startswith("## ATTD (adaptive test-time dynamics) on Mamba, Long Range Arena")
+    assert "docs/figures/attd_so_probe_accuracy_vs_k.png" in body and cfg.command in body
+    seconds = frozen["base"]["listops"]["0"]["seconds"]
+    assert f"(seconds: listops {seconds:.0f})" in body and "Ablation" not in body
+    assert body.endswith("\n".join(attd_lra.reading(frozen)))
+    saved = json.loads((tmp_path / "docs" / "results" / "attd_lra_probe.json").read_text())
+    assert (
+        saved["tasks"]["listops"]["attd"]["acc_shift"]
+        == frozen["tasks"]["listops"]["attd"]["acc_shift"]
+    )
+    for plot in ("accuracy_vs_k", "k_vs_difficulty"):
+        assert (tmp_path / "docs" / "figures" / f"attd_so_probe_{plot}.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
@@ -136,9 +230,14 @@ def test_shifted_splits_are_shifted():
 
 def test_initial_thresholds_follow_the_method():
     signal = np.random.default_rng(2).gamma(2.0, 1.0, 200)
-    assert attd_lra.initial_thresholds("attd", signal, 4).shape == (4,)
+    # gamma(2) samples spread far wider than min_gap: the thresholds are plain quantiles
+    for name in ("attd", "attd_nocost+so"):
+        thresholds = attd_lra.initial_thresholds(name, signal, 4)
+        shares = [np.mean(signal < t) for t in thresholds]  # 1/5, 2/5, ... of s below each
+        np.testing.assert_allclose(shares, [0.2, 0.4, 0.6, 0.8], atol=1 / len(signal))
     assert attd_lra.initial_thresholds("gate", signal, 4) == pytest.approx(np.median(signal))
     assert attd_lra.initial_thresholds("ttt", signal, 4) is None
+    assert attd_lra.initial_thresholds("fixed+j", signal, 4) is None
 
 
 # ------------------------------------------------------- method variants, second-order config
@@ -162,6 +261,16 @@ def test_parse_method_reads_variants_and_rejects_unknown_ones():
     ]:
         with pytest.raises(ValueError, match=message):
             spec(bad)
+
+
+def test_method_registry_builds_each_controller_with_its_step_range():
+    from experiments.attd_lra.methods import BASES
+
+    steps = {name: base.make(3, 0.1).max_steps for name, base in BASES.items()}
+    assert steps == {"fixed": 0, "ttt": 3, "gate": 3, "attd": 3, "attd_nocost": 3}
+    assert attd_lra.CONTROLLED == ("gate", "attd", "attd_nocost")
+    with pytest.raises(ValueError, match=r"^method 'ttt\+q': unknown variant 'q' \(known: so, j, "):
+        attd_lra.parse_method("ttt+q")
 
 
 @pytest.mark.parametrize(
@@ -292,24 +401,6 @@ def test_aggregate_keeps_ablation_seeds_and_paired_differences_match_a_loop():
     assert not np.isfinite(one.half_width)
 
 
-@pytest.mark.slow
-def test_write_report_uses_the_configured_section_and_figure_prefix(
-    tiny_run, tmp_path, monkeypatch
-):
-    cfg, workdir, results = tiny_run
-    cfg = cfg.copy_and_resolve_references()
-    cfg.section, cfg.figure_prefix = "attd_lra_probe", "attd_so_probe"
-    written = {}
-    monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
-    monkeypatch.setattr(report, "update_section", lambda n, b, *a: written.update({n: b}))
-    attd_lra.write_report(results, cfg, str(workdir))
-    assert list(written) == ["attd_lra_probe"]
-    body = written["attd_lra_probe"]
-    assert "docs/figures/attd_so_probe_accuracy_vs_k.png" in body and cfg.command in body
-    for plot in ("accuracy_vs_k", "k_vs_difficulty"):
-        assert (tmp_path / "docs" / "figures" / f"attd_so_probe_{plot}.png").stat().st_size > 1000
-
-
 def test_joint_config_has_its_control_and_its_conclusions_match_a_loop():
     """``:joint`` pairs each adapting ``+j`` method with the jointly trained fixed model; the
     reading's paired differences are those of a loop over seeds."""
@@ -328,7 +419,7 @@ def test_joint_config_has_its_control_and_its_conclusions_match_a_loop():
         "text": {s: {m: _fake_cell(rng, m, cfg.attd.k_max) for m in cfg.methods} for s in (0, 1, 2)}
     }
     out = attd_lra.aggregate(cfg, cells, {"text": {}})
-    lines = attd_lra._joint_conclusions(out)
+    lines = readings._joint_conclusions(out)
     acc = lambda m, s: cells["text"][s][m]["acc_shift"]
     want = np.mean([acc("ttt+so+j", s) - acc("fixed+j", s) for s in (0, 1, 2)])
     line = next(x for x in lines if x.startswith("- text, full TTT (K=K_max), 2nd order, joint"))
@@ -342,7 +433,7 @@ def test_pretraining_killed_mid_cell_resumes_bit_identically(tmp_path):
     cfg = attd_config.get_config("tiny")  # 20 steps, a checkpoint every 10
     task = attd_lra.load_task(cfg, "listops", 0)
     mcfg = attd_lra.model_config(cfg, task.vocab_size, task.num_classes)
-    apply, theta = attd_lra.init_mamba(mcfg, seed=0)
+    apply, theta = init_mamba(mcfg, seed=0)
     step = attd_lra.make_pretrain_step(apply, cfg.pretrain.lr, cfg.pretrain.lm_weight)
     whole, info = attd_lra.pretrain(cfg, theta, task.train, 0, step, str(tmp_path / "a"))
 

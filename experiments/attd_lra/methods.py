@@ -1,0 +1,119 @@
+"""The method names of the ATTD-on-LRA experiment: a controller and optional variants.
+
+A name is ``<controller>[+<variant>...]``: ``attd+so`` is ATTD trained second order through
+the inner loop, ``ttt+sgd+r8`` full TTT with an SGD inner rule and ψ of rank 8, ``ttt+so+j``
+second-order full TTT whose outer loss also keeps the self-supervised loss. Controllers live
+in :data:`BASES`, variants in :data:`VARIANTS` (plus ``r<N>``); :func:`parse_method` rejects
+anything else in one line that names the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from attd.controller import fixed_controller, gate_controller, threshold_controller
+
+TASKS = ("listops", "pathfinder", "text")
+INNER_RULES = ("adam", "sgd")
+#: Per task: the difficulty the K-vs-difficulty plot and correlation use, and its label.
+DIFFICULTY = {"listops": "nesting depth", "pathfinder": "path length", "text": "length (bytes)"}
+
+
+class Base(NamedTuple):
+    """A controller: its table label, whether K depends on the input, and its factory
+    ``make(k_max, temperature) -> controller``."""
+
+    label: str
+    controlled: bool
+    make: Callable[[int, float], Any]
+
+
+BASES = {
+    "fixed": Base("fixed Mamba (K=0)", False, lambda k_max, t: fixed_controller(0)),
+    "ttt": Base("full TTT (K=K_max)", False, lambda k_max, t: fixed_controller(k_max)),
+    "gate": Base("ponder-or-not", True, lambda k_max, t: gate_controller(k_max, temperature=t)),
+    "attd": Base("ATTD", True, lambda k_max, t: threshold_controller(k_max, temperature=t)),
+    # ATTD without the step cost (λ = 0), to see what the task loss alone does to K
+    "attd_nocost": Base(
+        "ATTD, λ=0 (ablation)", True, lambda k_max, t: threshold_controller(k_max, temperature=t)
+    ),
+}
+METHODS = tuple(BASES)
+METHOD_LABELS = {name: base.label for name, base in BASES.items()}
+CONTROLLED = tuple(name for name, base in BASES.items() if base.controlled)
+#: A variant token -> (the :class:`MethodSpec` field it sets, its value); ``r<N>`` sets the rank.
+VARIANTS = {
+    "so": ("second_order", True),
+    "j": ("joint", True),
+    **{rule: ("inner_opt", rule) for rule in INNER_RULES},
+}
+
+
+class MethodSpec(NamedTuple):
+    """A parsed method name: the controller and what differs from the config's defaults.
+
+    Attributes:
+        base: one of :data:`METHODS` (the controller).
+        second_order: ``+so``; ``None`` keeps ``attd.first_order`` of the config.
+        inner_opt: ``+sgd`` / ``+adam``; ``None`` keeps ``attd.inner_opt``.
+        psi_rank: ``+r<N>``; ``None`` keeps ``model.psi_rank``.
+        joint: ``+j``: the outer objective adds ``attd.joint_weight`` · E[L_int(ψ₀)] (joint
+            training of task and self-supervised loss, :func:`attd.method.make_attd`'s
+            ``int_weight``); ``None``: no such term.
+    """
+
+    base: str
+    second_order: bool | None = None
+    inner_opt: str | None = None
+    psi_rank: int | None = None
+    joint: bool | None = None
+
+
+def _variant(name: str, token: str) -> tuple[str, Any]:
+    if token in VARIANTS:
+        return VARIANTS[token]
+    if token[:1] == "r" and token[1:].isdigit() and int(token[1:]) >= 1:
+        return "psi_rank", int(token[1:])
+    known = ", ".join([*VARIANTS, "r<rank>"])
+    raise ValueError(f"method {name!r}: unknown variant {token!r} (known: {known})")
+
+
+def parse_method(name: str) -> MethodSpec:
+    """``"attd+so"`` -> ``MethodSpec("attd", second_order=True)``; ``"ttt+sgd+r8"`` -> SGD inner
+    rule and ψ rank 8.
+
+    Raises:
+        ValueError: unknown controller, unknown or repeated variant.
+    """
+    base, *variants = str(name).split("+")
+    if base not in BASES:
+        raise ValueError(f"method {name!r}: the controller must be one of {METHODS}")
+    fields: dict[str, Any] = {}
+    for token in variants:
+        key, value = _variant(name, token)
+        if key in fields:
+            raise ValueError(f"method {name!r}: {key} given twice")
+        fields[key] = value
+    return MethodSpec(base, **fields)
+
+
+def method_label(name: str) -> str:
+    """The table label of a method name, e.g. ``"ATTD, 2nd order"``."""
+    spec = parse_method(name)
+    extra = []
+    if spec.second_order:
+        extra.append("2nd order")
+    if spec.inner_opt:
+        extra.append(f"{spec.inner_opt.upper() if spec.inner_opt == 'sgd' else 'Adam'} inner")
+    if spec.psi_rank:
+        extra.append(f"ψ rank {spec.psi_rank}")
+    if spec.joint:
+        extra.append("joint L_int")
+    return ", ".join([METHOD_LABELS[spec.base], *extra])
+
+
+def seed_methods(cfg, seed: int) -> tuple[str, ...]:
+    """The methods run for ``seed``: all of ``methods``, and the ablation on its seeds."""
+    extra = tuple(cfg.ablation_methods) if seed in tuple(cfg.ablation_seeds) else ()
+    return tuple(cfg.methods) + extra
