@@ -45,13 +45,14 @@ def today() -> str:
 
 def run_provenance(run_info: dict[str, Any]) -> tuple[str, str]:
     """``(date, machine)`` of a run from its ``run_info.json`` record (see
-    :func:`metattt.runlog.write_run_info`); a record older than the CPU field says so."""
+    :func:`metattt.runlog.write_run_info`); a field the record lacks (an older or hand-written
+    record) is named as not recorded rather than guessed."""
     devices = run_info.get("devices") or {}
     jax_version = (run_info.get("packages") or {}).get("jax")
     cpu = run_info.get("cpu") or "CPU not recorded"
     cores = run_info.get("cores")
     return (
-        run_info["timestamp_utc"][:10],
+        (run_info.get("timestamp_utc") or "")[:10] or "date not recorded",
         f"{cpu}, {cores if cores is not None else '?'} cores; JAX {jax_version} on "
         f"{devices.get('platform')} ({devices.get('device_kind')})",
     )
