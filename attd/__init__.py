@@ -6,12 +6,13 @@ picks from a "ponder" signal (the internal self-supervised loss at psi_0).
 
 Modules: :mod:`~attd.mamba` (the pure Mamba model), :mod:`~attd.dynamics` (the adapter and its
 stability diagnostics), :mod:`~attd.controller` (threshold, gate and fixed-K controllers),
-:mod:`~attd.method` (ponder signal, adaptive inner loop, joint objective, baselines) and
+:mod:`~attd.method` (ponder signal, adaptive inner loop, joint objective, baselines),
 :mod:`~attd.lra` (Long Range Arena ListOps, Pathfinder and byte-level Text: generators and
-loaders for the official file layouts).
+loaders for the official file layouts) and :mod:`~attd.shifts` (tasks whose test shift is in
+the temporal dynamics: time-warped waveforms, latent linear systems with changed timescales).
 """
 
-from attd import lra
+from attd import lra, shifts
 from attd.controller import (
     Controller,
     fixed_controller,
@@ -37,5 +38,6 @@ __all__ = [
     "make_attd",
     "max_transition",
     "quantile_thresholds",
+    "shifts",
     "threshold_controller",
 ]
