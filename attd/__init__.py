@@ -20,12 +20,22 @@ from attd.controller import (
     quantile_thresholds,
     threshold_controller,
 )
-from attd.dynamics import Psi, a_log_delta, init_psi, max_transition
+from attd.dynamics import (
+    ADAPTERS,
+    Adapter,
+    Psi,
+    a_log_delta,
+    init_psi,
+    make_adapter,
+    max_transition,
+)
 from attd.mamba import MambaConfig, init_mamba
 from attd.method import ATTD, make_attd
 
 __all__ = [
+    "ADAPTERS",
     "ATTD",
+    "Adapter",
     "Controller",
     "MambaConfig",
     "Psi",
@@ -35,6 +45,7 @@ __all__ = [
     "init_mamba",
     "init_psi",
     "lra",
+    "make_adapter",
     "make_attd",
     "max_transition",
     "quantile_thresholds",

@@ -22,6 +22,7 @@ diagnostic the experiment logs during adaptation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -158,3 +159,96 @@ def max_transition(
 ) -> jax.Array:
     """ρ(Ā) = max exp(Δ_t[d] A[d, n]) over batch, time, layers, channels, states: (B, L) -> ()."""
     return transition_range(config, params, psi, tokens)[1]
+
+
+class Adapter(NamedTuple):
+    """A family of test-time adapters ψ on a Mamba's parameter dict θ (one interface).
+
+    Attributes:
+        name: the family's name (a key of :data:`ADAPTERS`).
+        init: ``init(key) -> ψ₀``, neutral: ``edit(θ, ψ₀)`` equals θ exactly.
+        edit: ``edit(θ, ψ) -> θ'``, θ with ψ added to the parameters the family adapts.
+        dynamics: whether ψ changes the SSM's dynamics (``False`` for a control adapter).
+        size: the number of adapted scalars.
+    """
+
+    name: str
+    init: Callable[[jax.Array], Any]
+    edit: Callable[[Any, Any], Any]
+    dynamics: bool
+    size: int
+
+
+def _edit_mixers(theta: Any, change: Callable[[int, dict], dict]) -> Any:
+    """θ with each layer's mixer dict replaced by ``change(layer index, mixer dict)``."""
+    layers = {
+        key: {**layer, "mixer": change(int(key), layer["mixer"])}
+        for key, layer in theta["layers"].items()
+    }
+    return {**theta, "layers": layers}
+
+
+def _add(mixer: dict, path: tuple[str, ...], value: jax.Array) -> dict:
+    head, *rest = path
+    if not rest:
+        return {**mixer, head: mixer[head] + value}
+    return {**mixer, head: _add(mixer[head], tuple(rest), value)}
+
+
+def make_adapter(kind: str, config: MambaConfig, *, rank: int = 2, scale: float = 0.1) -> Adapter:
+    """The adapter family ``kind`` for a model of ``config``.
+
+    Families (L layers, D channels, N states)::
+
+        low_rank   Psi(U (L, D, r), V (L, N, r))  A_log += U Vᵀ        the ATTD ψ
+        a_log      (L, D)                         A_log[d, :] += ψ[d]  each channel's rates
+        dt_bias    (L, D)                         Δ's bias += ψ        Δ scales ΔA and ΔB
+        timescale  (L,)                           A_log += ψ           one rate per layer
+        d_skip     (L, D)                         D += ψ               control, not dynamics
+
+    ``low_rank``, ``a_log`` and ``timescale`` move A only, so they change the transition
+    Ā = exp(ΔA) but not the input gain B̄ = ΔB: a time warp of a continuous system scales Δ,
+    and of the per-channel families only ``dt_bias`` reaches that (through the softplus, so
+    approximately multiplicatively). ``d_skip`` has ``a_log``'s size and changes no dynamics:
+    the control that tells adapting dynamics from adapting any D parameters per channel.
+    ``rank`` and ``scale`` (the standard deviation of V) apply to ``low_rank`` only; the other
+    families start at zero, where their gradient is not zero.
+    """
+    n, d = config.n_layers, config.d_inner
+    dt_path = ("dt_proj", "bias") if config.selective else ("dt_bias",)
+    per_channel = {
+        "a_log": (("A_log",), lambda v: v[:, None]),
+        "dt_bias": (dt_path, lambda v: v),
+        "d_skip": (("D",), lambda v: v),
+    }
+    if kind == "low_rank":
+        return Adapter(
+            kind,
+            lambda key: init_psi(config, rank, key, scale),
+            lambda theta, psi: _edit_mixers(
+                theta, lambda i, mx: _add(mx, ("A_log",), psi.U[i] @ psi.V[i].T)
+            ),
+            True,
+            n * (d + config.d_state) * rank,
+        )
+    if kind == "timescale":
+        return Adapter(
+            kind,
+            lambda key: jnp.zeros((n,), jnp.float32),
+            lambda theta, psi: _edit_mixers(theta, lambda i, mx: _add(mx, ("A_log",), psi[i])),
+            True,
+            n,
+        )
+    if kind in per_channel:
+        path, shape = per_channel[kind]
+        return Adapter(
+            kind,
+            lambda key: jnp.zeros((n, d), jnp.float32),
+            lambda theta, psi: _edit_mixers(theta, lambda i, mx: _add(mx, path, shape(psi[i]))),
+            kind != "d_skip",
+            n * d,
+        )
+    raise ValueError(f"unknown adapter family {kind!r}; known: {ADAPTERS}")
+
+
+ADAPTERS = ("low_rank", "a_log", "dt_bias", "timescale", "d_skip")

@@ -4,8 +4,12 @@ For one input x (tokens (L,), validity mask (L,)) and outer parameters (θ, ψ�
 
     s      = L_int(x; θ, ψ₀)                         the ponder signal (no gradient by default)
     K, w   = controller(s)                           hard count (eval) / relaxed weights (train)
-    ψ_K    = inner.adapt(L_int(x; θ, ·), ψ₀, K or w) θ frozen; only ψ = (U, V) moves
-    logits = Mamba_θ(x; a_log_delta = U_K V_Kᵀ)      classification with the adapted dynamics
+    ψ_K    = inner.adapt(L_int(x; θ, ·), ψ₀, K or w) θ frozen; only ψ moves
+    logits = Mamba(x; edit(θ, ψ_K))                  classification with the adapted dynamics
+
+ψ belongs to an adapter family of :mod:`attd.dynamics` (``edit`` adds it to θ): by default the
+low-rank ψ = (U, V) on A_log (``A_log += U Vᵀ``), or per-channel shifts of A_log, of Δ's bias
+or (a control that is not dynamics) of the D skip.
 
 L_int is ``"next_token"`` (next-token cross-entropy through the tied LM head) or ``"masked"``
 (a seeded, input-independent set of positions is replaced by ``mask_token`` and the LM head's
@@ -32,7 +36,7 @@ with steps ≥ K masked (compute K_max for every input, one compilation), and
 exactly K static steps (groups padded to a power of two, so compilations stay few), so its
 compute follows K. :func:`benchmark_eval_paths` times both.
 
-Shapes: B batch, L length, C classes, K_max steps; ψ = (U (n_layers, D, r), V (n_layers, N, r)).
+Shapes: B batch, L length, C classes, K_max steps; ψ's shapes are its family's.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import numpy as np
 import optax
 
 from attd.controller import Controller
-from attd.dynamics import Psi, a_log_delta, max_transition
+from attd.dynamics import Adapter, make_adapter, max_transition
 from attd.mamba import MambaConfig
 from metattt import inner, objectives, train
 
@@ -67,7 +71,7 @@ class ATTDParams(NamedTuple):
     """
 
     theta: PyTree
-    psi: Psi
+    psi: PyTree
     controller: PyTree
 
 
@@ -90,7 +94,7 @@ class Outputs(NamedTuple):
     hard_steps: jax.Array
     update_sq: jax.Array
     inner_losses: jax.Array
-    psi: Psi
+    psi: PyTree
 
 
 class Metrics(NamedTuple):
@@ -184,6 +188,7 @@ def make_attd(
     lam: float = 0.01,
     beta: float = 0.0,
     int_weight: float = 0.0,
+    adapter: Adapter | None = None,
     straight_through: bool = False,
     signal_grad: bool = False,
     mask_token: int = 0,
@@ -210,6 +215,8 @@ def make_attd(
             training of the task and the self-supervised loss (as in Sun et al. 2020's TTT),
             so outer training cannot make θ a worse model of its inputs and leave L_int (the
             ponder signal and the inner loop's only information) uninformative. 0: off.
+        adapter: the family ψ belongs to (:func:`attd.dynamics.make_adapter`; only its
+            ``edit`` is used here); default: the low-rank ψ = (U, V) on A_log.
         straight_through: train with the straight-through weights instead of the relaxed ones.
         signal_grad: let the outer gradient reach θ and ψ₀ through s (default: s is a signal,
             detached, so the model cannot lower its cost by distorting its own ponder signal).
@@ -244,17 +251,18 @@ def make_attd(
             raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
     opt = optax.sgd(inner_lr) if inner_opt is None else inner_opt
     k_max = controller.max_steps
+    edit = (make_adapter("low_rank", config) if adapter is None else adapter).edit
 
     def internal_loss(theta, psi, x, m):
         """L_int of one input: x, m (L,) -> scalar."""
-        delta = a_log_delta(psi)
+        theta = edit(theta, psi)
         if objective == "next_token":
-            logits = apply(theta, x[None], a_log_delta=delta, head="lm")[0]
+            logits = apply(theta, x[None], head="lm")[0]
             return objectives.next_token_cross_entropy(logits, x, m)
         hidden = objectives.random_token_mask(jax.random.key(mask_seed), x.shape, mask_rate)
         hidden = hidden & m.astype(bool)
         corrupted = jnp.where(hidden, jnp.asarray(mask_token, x.dtype), x)
-        logits = apply(theta, corrupted[None], a_log_delta=delta, head="lm")[0]
+        logits = apply(theta, corrupted[None], head="lm")[0]
         return objectives.masked_reconstruction(logits, x, hidden)
 
     def inner_loss(psi, batch):
@@ -262,15 +270,14 @@ def make_attd(
         return internal_loss(theta, psi, x, m)
 
     def classify(theta, psi, x, m):
-        delta = a_log_delta(psi)
-        return apply(theta, x[None], mask=m[None], a_log_delta=delta, head="classify")[0]
+        return apply(edit(theta, psi), x[None], mask=m[None], head="classify")[0]
 
     def adapt_one(theta, psi0, x, m, num_steps, weights, max_steps):
         """Adapt ψ on one input, then classify: returns (logits, InnerResult)."""
         result = inner.adapt(
             inner_loss,
             psi0,
-            Psi(None, None),
+            jax.tree.map(lambda _: None, psi0),
             (theta, x, m),
             opt=opt,
             max_steps=max_steps,
@@ -378,7 +385,7 @@ def make_attd(
         return GroupedOutputs(logits, hard, int(hard.sum()), executed, batch * k_max)
 
     def transition_radius(params, tokens, psi):
-        one = lambda x, p: max_transition(config, params.theta, p, x[None])
+        one = lambda x, p: max_transition(config, edit(params.theta, p), None, x[None])
         return jax.vmap(one)(tokens, psi)
 
     return ATTD(

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from attd.controller import fixed_controller, gate_controller, threshold_controller
-from attd.dynamics import Psi, a_log_delta, init_psi
+from attd.dynamics import Psi, a_log_delta, init_psi, make_adapter
 from attd.mamba import MambaConfig, init_mamba
 from attd.method import ATTDParams, benchmark_eval_paths, make_attd
 from metattt import objectives
@@ -78,6 +78,36 @@ def test_masked_steps_equal_explicit_steps(attd):
             out.update_sq[i] > 0, out.hard_steps[i] > 0
         )  # only taken steps are charged
     assert moved > 1e-3  # the steps are not negligible at this learning rate
+
+
+def test_a_per_channel_family_adapts_by_explicit_sgd_steps(attd):
+    """ATTD with the Δ-bias family (full TTT, K = 2) equals a Python loop of SGD steps on the
+    model whose Δ bias is shifted by hand."""
+    apply, _, params, _ = attd
+    adapter = make_adapter("dt_bias", CFG)
+    method = make_attd(apply, CFG, fixed_controller(K_MAX), inner_lr=LR, adapter=adapter)
+    psi0 = jnp.asarray(np.random.default_rng(3).normal(0, 0.1, (1, CFG.d_inner)), jnp.float32)
+    out = method.predict(method.init(params.theta, psi0), TOKENS, MASK)
+
+    def shifted(psi):
+        theta = jax.tree.map(lambda a: a, params.theta)
+        mixer = theta["layers"]["0"]["mixer"]
+        mixer["dt_proj"] = {**mixer["dt_proj"], "bias": mixer["dt_proj"]["bias"] + psi[0]}
+        return theta
+
+    @jax.jit
+    def grad(psi, x, m):
+        lm = lambda p: apply(shifted(p), x[None], head="lm")[0]
+        return jax.grad(lambda p: objectives.next_token_cross_entropy(lm(p), x, m))(psi)
+
+    for i in range(BATCH):
+        psi = psi0
+        for _ in range(K_MAX):
+            psi = psi - LR * grad(psi, TOKENS[i], MASK[i])
+        np.testing.assert_allclose(out.psi[i], psi, rtol=1e-5, atol=1e-6)
+        logits = jax.jit(apply)(shifted(psi), TOKENS[i : i + 1], mask=MASK[i : i + 1])[0]
+        np.testing.assert_allclose(out.logits[i], logits, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(out.psi - psi0))) > 1e-3
 
 
 def test_grouped_path_equals_the_masked_path(attd):
