@@ -41,13 +41,15 @@ class ShiftSplit(NamedTuple):
 
 
 class ShiftTask(NamedTuple):
-    """A dynamics-shift task: train and in-distribution test (factor 1) and shifted test."""
+    """A dynamics-shift task: train and in-distribution test (factor 1), shifted test, and
+    (optionally) an outer-training split on other shift bands than the test's."""
 
     train: ShiftSplit
     test_id: ShiftSplit
     test_shift: ShiftSplit
     vocab_size: int
     num_classes: int
+    outer: ShiftSplit | None = None
 
 
 def _check_bands(bands) -> tuple[tuple[float, float], ...]:
@@ -190,10 +192,21 @@ _SPLITS = {"timewarp": timewarp_split, "oscillator": oscillator_split}
 
 
 def shift_task(
-    kind: str, seed: int, *, num_train: int, num_test: int, shift_bands, vocab_size: int = 32, **kw
+    kind: str,
+    seed: int,
+    *,
+    num_train: int,
+    num_test: int,
+    shift_bands,
+    num_outer: int = 0,
+    outer_bands=IN_DISTRIBUTION,
+    vocab_size: int = 32,
+    **kw,
 ) -> ShiftTask:
     """Train and in-distribution test at factor 1, shifted test with factors from
-    ``shift_bands``; ``kw`` are the generator's settings (shared by all three splits)."""
+    ``shift_bands`` and, with ``num_outer``, an outer-training split with factors from
+    ``outer_bands`` (e.g. factor 1 and milder bands than the test's, so that settings are not
+    chosen on the test's shifts); ``kw`` are the generator's settings (shared by all splits)."""
     if kind not in _SPLITS:
         raise ValueError(f"unknown dynamics-shift task {kind!r}; known: {sorted(_SPLITS)}")
     if "bands" in kw:
@@ -209,4 +222,5 @@ def shift_task(
         make(num_test, offset=2, bands=shift_bands, **common),
         vocab_size,
         kw.get("num_classes", 4),
+        make(num_outer, offset=3, bands=outer_bands, **common) if num_outer else None,
     )

@@ -104,6 +104,13 @@ def test_task_splits_are_unshifted_then_shifted_with_difficulty_the_log_factor(k
             assert s.split.tokens.shape[1] == 64 and s.split.tokens.dtype == np.int32
             assert s.split.tokens.min() >= 0 and s.split.tokens.max() < 32
             assert set(np.unique(s.split.labels)) == {0, 1, 2, 3}
+    assert task.outer is None
+    outer = shifts.shift_task(
+        kind, 1, num_train=8, num_test=8, shift_bands=((2, 2),), num_outer=300,
+        outer_bands=((1, 1), (1.5, 1.5)), seq_len=16,
+    ).outer  # fmt: skip
+    assert set(np.round(outer.factor, 6)) == {1.0, 1.5} and len(outer.split.labels) == 300
+    assert not np.array_equal(outer.split.tokens[:8], task.train.split.tokens[:8, :16])
     with pytest.raises(ValueError, match="unknown dynamics-shift task 'warp'"):
         shifts.shift_task("warp", 0, num_train=1, num_test=1, shift_bands=((2, 2),))
     with pytest.raises(ValueError, match="shift_bands, not bands"):
