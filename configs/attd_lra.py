@@ -101,6 +101,19 @@ def get_config(arg=None):
     c.data.text.test_length = 256  # shifted test: held-out files, longer passages
     c.data.text.max_per_class = 512
     c.data.text.num_test = 96  # examples kept per test split
+    # Dynamics-shift tasks (attd.shifts; configs/attd_dynamics.py runs them): train and
+    # in-distribution test at factor 1, outer training on shift_bands' milder neighbours
+    # outer_bands (with factor 1), shifted test on shift_bands (held out from outer training).
+    for kind in ("timewarp", "oscillator"):
+        c.data[kind] = ml_collections.ConfigDict()
+        c.data[kind].num_train = 2048
+        c.data[kind].num_test = 480
+        c.data[kind].num_outer = 1024
+        c.data[kind].outer_bands = ((1.0, 1.0), (1 / 1.7, 1 / 1.35), (1.35, 1.7))
+        c.data[kind].shift_bands = ((1 / 3, 1 / 2), (1 / 2, 1 / 1.7), (1.7, 2.0), (2.0, 3.0))
+        c.data[kind].seq_len = 128
+        c.data[kind].num_classes = 4
+    c.data.timewarp.period = 24.0
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.steps = 120
@@ -114,6 +127,7 @@ def get_config(arg=None):
     c.attd.objective = "next_token"
     c.attd.inner_opt = "adam"  # "adam" | "sgd" on ψ
     c.attd.inner_lr = 0.5
+    c.attd.inner_lr_grid = ()  # if given: each adapter family's rate, chosen on the outer split
     c.attd.adam_eps_root = 0.0  # > 0 keeps Adam's sqrt differentiable at 0 (second order)
     c.attd.sgd_lr = 50.0  # lr of the SGD inner rule of ``+sgd`` methods
     c.attd.clip_norm = 0.0  # 0: no clipping
@@ -124,12 +138,14 @@ def get_config(arg=None):
     c.attd.temperature = 0.05  # τ of the relaxed controller, in units of s
     c.attd.first_order = True
     c.attd.remat = False  # checkpoint each inner step (memory of second order)
+    c.attd.recalibrate = False  # thresholds set again at their quantiles after outer training
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.steps = 24
     c.finetune.checkpoint_every = 500
     c.finetune.batch = 32
     c.finetune.lr_theta = 1e-3
+    c.finetune.freeze_theta = False  # True: only ψ₀ and the thresholds train
     c.finetune.lr_psi = 1e-2
     c.finetune.lr_thresholds = 2e-2
 
@@ -137,6 +153,7 @@ def get_config(arg=None):
     c.eval.batch = 48
     c.eval.timing_repeats = 3
     c.eval.bootstrap = 1000
+    c.eval.id_share = 0.7  # the test mixture's share of in-distribution inputs (shift tasks)
 
     if arg == "lra_full":  # LRA's sizes; a GPU run, hours on the CPU
         c.model.d_model = 64
@@ -218,6 +235,10 @@ def get_config(arg=None):
         c.data.text.test_length = 48
         c.data.text.max_per_class = 32
         c.data.text.num_test = 16
+        for kind in ("timewarp", "oscillator"):
+            c.data[kind].num_train, c.data[kind].num_test = 64, 16
+            c.data[kind].num_outer, c.data[kind].seq_len = 32, 24
+        c.data.timewarp.period = 8.0
         c.attd.k_max = 2
         c.pretrain.steps = 20
         c.pretrain.batch = 8

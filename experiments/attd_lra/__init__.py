@@ -6,6 +6,7 @@
 :mod:`~.readings` the conclusions.
 """
 
+from attd.method import ATTDParams
 from experiments.attd_lra.aggregate import SCALARS, aggregate
 from experiments.attd_lra.checks import model_config, validate
 from experiments.attd_lra.main import demo_rows, load_task, run
@@ -27,6 +28,7 @@ from experiments.attd_lra.training import (
 )
 
 __all__ = [
+    "ATTDParams",
     "CONTROLLED",
     "METHODS",
     "SCALARS",

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.attd_lra.methods import CONTROLLED, parse_method
+from experiments.attd_lra.methods import CONTROLLED, SHIFT_TASKS, parse_method
 from metattt import stats
 
 SCALARS = (
@@ -27,6 +27,33 @@ SCALARS = (
 def _ci(values) -> dict[str, float]:
     m = stats.mean_ci(values)
     return {"mean": m.mean, "ci": m.half_width if np.isfinite(m.half_width) else 0.0}
+
+
+def shift_bands(data) -> list[tuple[float, float]]:
+    """The shifted test's bands as intervals of the difficulty |log factor| (a band and its
+    mirror image, e.g. (1/3, 1/2) and (2, 3), are one interval), in increasing order."""
+    edges = {
+        tuple(sorted((round(abs(np.log(lo)), 6), round(abs(np.log(hi)), 6))))
+        for lo, hi in data.shift_bands
+    }
+    return sorted(edges)
+
+
+def mixture_and_bands(rows, id_share: float, data) -> dict[str, Any]:
+    """Per seed, the test mixture (``id_share`` in-distribution inputs, the rest shifted) and
+    the accuracy per shift band; means over seeds with 95% t-intervals."""
+    mix = lambda key: [id_share * r[f"{key}_id"] + (1 - id_share) * r[f"{key}_shift"] for r in rows]
+    out: dict[str, Any] = {"acc_mix": _ci(mix("acc")), "mean_k_mix": _ci(mix("mean_k"))}
+    out["acc_mix_seeds"] = mix("acc")
+    out["band_acc"] = {}
+    for lo, hi in shift_bands(data):
+        per_seed = []
+        for r in rows:
+            d = np.asarray(r["examples_shift"]["difficulty"])
+            inside = (d >= lo - 1e-6) & (d <= hi + 1e-6)
+            per_seed.append(float(np.mean(np.asarray(r["examples_shift"]["correct"])[inside])))
+        out["band_acc"][f"{np.exp(lo):.2f}-{np.exp(hi):.2f}"] = _ci(per_seed)
+    return out
 
 
 def aggregate(cfg, cells, base_info) -> dict[str, Any]:
@@ -75,6 +102,8 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
                 else None
             )
             entry["spearman_drop_correct"] = None if drop_ci is None else drop_ci._asdict()
+            if task_name in SHIFT_TASKS:
+                entry.update(mixture_and_bands(rows, cfg.eval.id_share, cfg.data[task_name]))
             table[name] = entry
         out["tasks"][task_name] = table
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from attd.mamba import MambaConfig
 from attd.method import OBJECTIVES
-from experiments.attd_lra.methods import INNER_RULES, METHODS, TASKS, parse_method
+from experiments.attd_lra.methods import INNER_RULES, METHODS, SHIFT_TASKS, TASKS, parse_method
 
 
 def validate(cfg) -> None:
@@ -63,7 +63,16 @@ def validate(cfg) -> None:
     if cfg.eval.batch < 1 or cfg.eval.timing_repeats < 1 or cfg.eval.bootstrap < 10:
         raise ValueError("eval.batch and eval.timing_repeats must be >= 1, eval.bootstrap >= 10")
     model_config(cfg, 16, 2)  # model sizes
-    model_config(cfg, 16, 2)  # model sizes
+    if any(not lr > 0 for lr in a.inner_lr_grid):
+        raise ValueError(f"attd.inner_lr_grid must hold positive rates, got {a.inner_lr_grid}")
+    for task in set(cfg.tasks) & set(SHIFT_TASKS):
+        for key in ("shift_bands", "outer_bands"):
+            bands = cfg.data[task][key]
+            if not bands or any(len(b) != 2 or not 0 < b[0] <= b[1] for b in bands):
+                raise ValueError(
+                    f"data.{task}.{key} must be (lo, hi) factor intervals, 0 < lo <= hi; "
+                    f"got {bands}"
+                )
 
 
 def model_config(cfg, vocab_size: int, num_classes: int) -> MambaConfig:

@@ -1,17 +1,23 @@
-"""ATTD on Long Range Arena tasks: fixed Mamba, full TTT, ponder-or-not and ATTD compared.
+"""ATTD on LRA and dynamics-shift tasks: fixed Mamba, TTT, ponder-or-not and ATTD compared.
 
-For each task (ListOps, Pathfinder, Text) and seed:
+For each task (ListOps, Pathfinder, Text; time warp and latent timescale of
+:mod:`attd.shifts`) and seed:
 
 1. Data: a train split, an in-distribution test split and a *shifted* test split
    (ListOps: deeper nesting and longer expressions; Pathfinder: longer main paths and more
-   distractors; Text: held-out files cut into longer passages).
+   distractors; Text: held-out files cut into longer passages; the dynamics tasks: factors
+   drawn from held-out shift bands). The dynamics tasks also have an outer-training split on
+   their own (milder) bands, so that ψ₀ and the controller learn on shifts that the test's
+   are not.
 2. Base: one Mamba pretrained on the train split with the task loss plus the next-token loss
    (so that the ponder signal s = L_int means something), cached as ``base.npz``; every method
    of this task and seed starts from it.
 3. Methods, all through :func:`attd.method.make_attd` (only the controller differs): fixed
    (K = 0), full TTT (K = K_max), ponder-or-not (K ∈ {0, K_max}, one threshold) and ATTD
    (K_max ordered thresholds). Each trains its outer parameters (θ, ψ₀, thresholds) for the
-   same few steps on the same batches; thresholds start at quantiles of s on the train split.
+   same few steps on the same batches (``finetune.freeze_theta`` keeps θ as pretrained);
+   thresholds start at quantiles of s on the outer-training split and, with
+   ``attd.recalibrate``, are set again at those quantiles after outer training.
 4. Scores on both test splits: accuracy, K per input (mean, histogram), inner steps, L_int
    before and after adaptation, max ρ(Ā) of the adapted dynamics, and the wall time per
    example of the masked (K_max) and grouped (compute follows K) evaluation paths.
@@ -38,16 +44,13 @@ import pathlib
 import time
 from typing import Any
 
-import jax
-
-from attd import lra
-from attd.dynamics import init_psi
+from attd import lra, shifts
 from attd.mamba import init_mamba
 from experiments import harness
 from experiments.attd_lra import training
 from experiments.attd_lra.aggregate import aggregate
 from experiments.attd_lra.checks import model_config, validate
-from experiments.attd_lra.methods import parse_method, seed_methods
+from experiments.attd_lra.methods import SHIFT_TASKS, parse_method, seed_methods
 from experiments.attd_lra.report import plot_accuracy_vs_k, plot_k_vs_difficulty, summary_table
 from metattt import runlog
 
@@ -62,9 +65,16 @@ def _split_args(c) -> dict[str, Any]:
     return args
 
 
-def load_task(cfg, task: str, seed: int) -> lra.LRATask:
-    """The train, in-distribution test and shifted test splits of ``task`` for ``seed``."""
+def load_task(cfg, task: str, seed: int) -> tuple[lra.LRATask, lra.Split]:
+    """The train, in-distribution test and shifted test splits of ``task`` for ``seed``, and
+    the split the outer loop trains on (the train split, except for the dynamics tasks)."""
     d = cfg.data[task]
+    if task in SHIFT_TASKS:
+        kw = d.to_dict()
+        bands = {k: tuple(map(tuple, kw.pop(k))) for k in ("shift_bands", "outer_bands")}
+        t = shifts.shift_task(task, seed, **bands, **kw)
+        splits = (s.split for s in (t.train, t.test_id, t.test_shift))
+        return lra.LRATask(*splits, t.vocab_size, t.num_classes), t.outer.split
     if task == "text":
         splits, _ = lra.stdlib_text_task(
             seq_len=d.seq_len,
@@ -73,9 +83,11 @@ def load_task(cfg, task: str, seed: int) -> lra.LRATask:
             seed=seed,
             max_per_class=d.max_per_class,
         )
-        return lra.text_task(splits, d.num_test, seed)
+        task = lra.text_task(splits, d.num_test, seed)
+        return task, task.train
     load = {"listops": lra.listops_task, "pathfinder": lra.pathfinder_task}[task]
-    return load(seed, *(_split_args(d[s]) for s in ("train", "test_id", "test_shift")))
+    task = load(seed, *(_split_args(d[s]) for s in ("train", "test_id", "test_shift")))
+    return task, task.train
 
 
 def _dump(path: pathlib.Path, obj: Any) -> None:
@@ -91,6 +103,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     cells: dict[str, dict[int, dict[str, Any]]] = {}
     base_info: dict[str, dict[int, Any]] = {}
+    inner_lrs: dict[str, dict[str, Any]] = {}
     todo = len(cfg.tasks) * sum(len(seed_methods(cfg, s)) for s in cfg.seeds)
     bar = runlog.progress(total=todo, desc="attd_lra cells")
     for task_name in cfg.tasks:
@@ -109,7 +122,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                 base_info[task_name][seed] = json.loads(base_path.read_text())
                 bar.update(len(paths))
                 continue
-            task = load_task(cfg, task_name, seed)
+            task, outer = load_task(cfg, task_name, seed)
             mcfg = model_config(cfg, task.vocab_size, task.num_classes)
             apply, theta = init_mamba(mcfg, seed=seed)
             if pretrain_step is None:
@@ -123,19 +136,25 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                     cfg, t, tr, s, pretrain_step, run_dir
                 ),
             )
+            if cfg.attd.inner_lr_grid and task_name not in inner_lrs:  # on the first seed
+                inner_lrs[task_name] = harness.json_cell(
+                    root / task_name / "inner_lr.json",
+                    lambda: training.select_inner_lrs(cfg, apply, mcfg, theta, outer, seed),
+                )
             for name in paths:
                 if name in cells[task_name][seed]:
                     bar.update(1)
                     continue
                 if name not in compiled:
-                    compiled[name] = training.compile_method(name, apply, mcfg, cfg)
-                rank = parse_method(name).psi_rank or cfg.model.psi_rank
-                psi0 = init_psi(mcfg, rank, jax.random.key(seed), cfg.model.psi_scale)
+                    family = parse_method(name).adapter or "low_rank"
+                    lr = inner_lrs[task_name][family]["chosen"] if task_name in inner_lrs else None
+                    compiled[name] = training.compile_method(name, apply, mcfg, cfg, lr)
+                psi0 = training.initial_psi(name, mcfg, cfg, seed)
                 run_dir = str(cell_dir / f"{name}_run")
                 cell = harness.json_cell(
                     paths[name],
                     lambda n=name, p=psi0, r=run_dir: training.run_cell(
-                        cfg, compiled[n], n, theta, task, seed, p, r
+                        cfg, compiled[n], n, theta, task, seed, p, r, outer
                     ),
                 )
                 cells[task_name][seed][name] = cell
@@ -147,6 +166,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                 bar.update(1)
     bar.close()
     results = aggregate(cfg, cells, base_info)
+    results["inner_lr"] = inner_lrs
     _dump(root / "results.json", results)
     (root / "summary.md").write_text(summary_table(results) + "\n")
     plot_accuracy_vs_k(results, str(root / f"{cfg.figure_prefix}_accuracy_vs_k.png"))

@@ -2,9 +2,11 @@
 
 A name is ``<controller>[+<variant>...]``: ``attd+so`` is ATTD trained second order through
 the inner loop, ``ttt+sgd+r8`` full TTT with an SGD inner rule and ψ of rank 8, ``ttt+so+j``
-second-order full TTT whose outer loss also keeps the self-supervised loss. Controllers live
-in :data:`BASES`, variants in :data:`VARIANTS` (plus ``r<N>``); :func:`parse_method` rejects
-anything else in one line that names the method.
+second-order full TTT whose outer loss also keeps the self-supervised loss, ``ttt+k2`` TTT
+with K = 2 steps on every input, ``ttt+dt_bias`` full TTT of a per-channel shift of Δ's bias
+instead of the low-rank ψ (the families of :func:`attd.dynamics.make_adapter`). Controllers
+live in :data:`BASES`, variants in :data:`VARIANTS` (plus ``r<N>`` and ``k<N>``);
+:func:`parse_method` rejects anything else in one line that names the method.
 """
 
 from __future__ import annotations
@@ -13,11 +15,27 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from attd.controller import fixed_controller, gate_controller, threshold_controller
+from attd.dynamics import ADAPTERS
 
-TASKS = ("listops", "pathfinder", "text")
+LRA_TASKS = ("listops", "pathfinder", "text")
+SHIFT_TASKS = ("timewarp", "oscillator")  # attd.shifts: shifts in the temporal dynamics
+TASKS = LRA_TASKS + SHIFT_TASKS
 INNER_RULES = ("adam", "sgd")
 #: Per task: the difficulty the K-vs-difficulty plot and correlation use, and its label.
-DIFFICULTY = {"listops": "nesting depth", "pathfinder": "path length", "text": "length (bytes)"}
+DIFFICULTY = {
+    "listops": "nesting depth",
+    "pathfinder": "path length",
+    "text": "length (bytes)",
+    "timewarp": "|log warp|",
+    "oscillator": "|log timescale factor|",
+}
+ADAPTER_LABELS = {
+    "low_rank": "low-rank ψ on A_log",
+    "a_log": "per-channel A_log shift",
+    "dt_bias": "per-channel Δ-bias shift",
+    "timescale": "one A_log shift per layer",
+    "d_skip": "per-channel D-skip shift (control)",
+}
 
 
 class Base(NamedTuple):
@@ -47,6 +65,7 @@ VARIANTS = {
     "so": ("second_order", True),
     "j": ("joint", True),
     **{rule: ("inner_opt", rule) for rule in INNER_RULES},
+    **{family: ("adapter", family) for family in ADAPTERS},
 }
 
 
@@ -61,6 +80,8 @@ class MethodSpec(NamedTuple):
         joint: ``+j``: the outer objective adds ``attd.joint_weight`` · E[L_int(ψ₀)] (joint
             training of task and self-supervised loss, :func:`attd.method.make_attd`'s
             ``int_weight``); ``None``: no such term.
+        adapter: ``+<family>`` of :data:`attd.dynamics.ADAPTERS`; ``None``: ``low_rank``.
+        steps: ``+k<N>`` (``ttt`` only): N inner steps on every input instead of K_max.
     """
 
     base: str
@@ -68,6 +89,8 @@ class MethodSpec(NamedTuple):
     inner_opt: str | None = None
     psi_rank: int | None = None
     joint: bool | None = None
+    adapter: str | None = None
+    steps: int | None = None
 
 
 def _variant(name: str, token: str) -> tuple[str, Any]:
@@ -75,7 +98,9 @@ def _variant(name: str, token: str) -> tuple[str, Any]:
         return VARIANTS[token]
     if token[:1] == "r" and token[1:].isdigit() and int(token[1:]) >= 1:
         return "psi_rank", int(token[1:])
-    known = ", ".join([*VARIANTS, "r<rank>"])
+    if token[:1] == "k" and token[1:].isdigit() and int(token[1:]) >= 1:
+        return "steps", int(token[1:])
+    known = ", ".join([*VARIANTS, "r<rank>", "k<steps>"])
     raise ValueError(f"method {name!r}: unknown variant {token!r} (known: {known})")
 
 
@@ -95,6 +120,10 @@ def parse_method(name: str) -> MethodSpec:
         if key in fields:
             raise ValueError(f"method {name!r}: {key} given twice")
         fields[key] = value
+    if "steps" in fields and base != "ttt":
+        raise ValueError(f"method {name!r}: k<steps> sets uniform TTT's K, so only ttt+k<N>")
+    if "psi_rank" in fields and fields.get("adapter", "low_rank") != "low_rank":
+        raise ValueError(f"method {name!r}: r<rank> is the low-rank ψ's rank only")
     return MethodSpec(base, **fields)
 
 
@@ -110,7 +139,12 @@ def method_label(name: str) -> str:
         extra.append(f"ψ rank {spec.psi_rank}")
     if spec.joint:
         extra.append("joint L_int")
-    return ", ".join([METHOD_LABELS[spec.base], *extra])
+    if spec.adapter:
+        extra.append(ADAPTER_LABELS[spec.adapter])
+    base = METHOD_LABELS[spec.base]
+    if spec.steps:
+        base = f"uniform TTT (K={spec.steps})"
+    return ", ".join([base, *extra])
 
 
 def seed_methods(cfg, seed: int) -> tuple[str, ...]:

@@ -12,10 +12,11 @@ import numpy as np
 import optax
 
 from attd.controller import quantile_thresholds
+from attd.dynamics import init_psi, make_adapter
 from attd.lra import LRATask, Split
 from attd.mamba import MambaConfig
 from attd.method import ATTD, ATTDParams, benchmark_eval_paths, make_attd
-from experiments.attd_lra.methods import BASES, parse_method
+from experiments.attd_lra.methods import BASES, CONTROLLED, parse_method
 from metattt import objectives, runlog, train
 
 
@@ -68,18 +69,19 @@ def pretrain(cfg, theta, split: Split, seed: int, step: train.Step, run_dir: str
     return state.params, info
 
 
-def make_method(name: str, apply, mcfg: MambaConfig, cfg) -> ATTD:
+def make_method(name: str, apply, mcfg: MambaConfig, cfg, inner_lr: float | None = None) -> ATTD:
     """One of the methods: the same ATTD code path, another controller (``attd_nocost``:
     ATTD without the step cost, λ = 0, to see what the task loss alone does to K), and the
     variants of its name (order, inner rule: ``+sgd`` uses ``attd.sgd_lr``)."""
     a = cfg.attd
     spec = parse_method(name)
     rule_name = spec.inner_opt or a.inner_opt
+    lr = a.inner_lr if inner_lr is None else inner_lr
     if rule_name == "adam":
-        rule = optax.adam(a.inner_lr, eps_root=a.adam_eps_root)
+        rule = optax.adam(lr, eps_root=a.adam_eps_root)
     else:  # SGD needs a far larger step than Adam (∂L_int/∂U is small); see the report
-        rule = optax.sgd(a.sgd_lr if spec.inner_opt == "sgd" else a.inner_lr)
-    controller = BASES[spec.base].make(a.k_max, a.temperature)
+        rule = optax.sgd(a.sgd_lr if spec.inner_opt == "sgd" and inner_lr is None else lr)
+    controller = BASES[spec.base].make(spec.steps or a.k_max, a.temperature)
     return make_attd(
         apply,
         mcfg,
@@ -93,7 +95,48 @@ def make_method(name: str, apply, mcfg: MambaConfig, cfg) -> ATTD:
         lam=0.0 if spec.base == "attd_nocost" else a.lam,
         beta=a.beta,
         int_weight=a.joint_weight if spec.joint else 0.0,
+        adapter=make_adapter(spec.adapter or "low_rank", mcfg),
     )
+
+
+def initial_psi(name: str, mcfg: MambaConfig, cfg, seed: int):
+    """ψ₀ of a method: the low-rank ψ (``model.psi_rank``, or the name's ``+r<N>``) with
+    V₀ ~ ``model.psi_scale``·N(0, 1), or the zero start of another family."""
+    spec = parse_method(name)
+    if spec.adapter in (None, "low_rank"):
+        rank = spec.psi_rank or cfg.model.psi_rank
+        return init_psi(mcfg, rank, jax.random.key(seed), cfg.model.psi_scale)
+    return make_adapter(spec.adapter, mcfg).init(jax.random.key(seed))
+
+
+def _accuracy(method: ATTD, params: ATTDParams, split: Split, batch: int) -> float:
+    correct = []
+    for keep, idx in _padded_batches(len(split.labels), batch):
+        out = method.predict(params, jnp.asarray(split.tokens[idx]), jnp.asarray(split.mask[idx]))
+        correct.append((np.argmax(out.logits, -1) == split.labels[idx])[: len(keep)])
+    return float(np.concatenate(correct).mean())
+
+
+def select_inner_lrs(cfg, apply, mcfg: MambaConfig, theta, outer: Split, seed: int) -> dict:
+    """The inner learning rate of each adapter family the methods use, chosen on the outer
+    split (never the test): uniform TTT at K_max from ψ₀ on its first ``4 * eval.batch``
+    inputs, for each rate of ``attd.inner_lr_grid``; the most accurate wins (ties: the
+    smaller rate). Returns ``{family: {grid, accuracy, chosen}}``."""
+    names = tuple(cfg.methods) + tuple(cfg.ablation_methods)
+    families = sorted({parse_method(n).adapter or "low_rank" for n in names})
+    n = 4 * cfg.eval.batch
+    probe = Split(*(np.asarray(x)[:n] for x in outer))
+    grid = [float(lr) for lr in cfg.attd.inner_lr_grid]
+    out = {}
+    for family in families:
+        name = "ttt" if family == "low_rank" else f"ttt+{family}"
+        psi0 = initial_psi(name, mcfg, cfg, seed)
+        accuracy = []
+        for lr in grid:
+            method = make_method(name, apply, mcfg, cfg, inner_lr=lr)
+            accuracy.append(_accuracy(method, method.init(theta, psi0), probe, cfg.eval.batch))
+        out[family] = {"grid": grid, "accuracy": accuracy, "chosen": grid[int(np.argmax(accuracy))]}
+    return out
 
 
 def initial_thresholds(name: str, signal: np.ndarray, k_max: int) -> np.ndarray | None:
@@ -110,7 +153,8 @@ def initial_thresholds(name: str, signal: np.ndarray, k_max: int) -> np.ndarray 
 
 
 def outer_optimizer(cfg) -> optax.GradientTransformation:
-    """Adam with one learning rate per part of :class:`ATTDParams` (θ, ψ₀, thresholds)."""
+    """Adam with one learning rate per part of :class:`ATTDParams` (θ, ψ₀, thresholds);
+    ``finetune.freeze_theta`` keeps θ as pretrained (no Adam state is kept for it)."""
     f = cfg.finetune
 
     def labels(params):
@@ -119,7 +163,7 @@ def outer_optimizer(cfg) -> optax.GradientTransformation:
 
     return optax.multi_transform(
         {
-            "theta": optax.adam(f.lr_theta),
+            "theta": optax.set_to_zero() if f.freeze_theta else optax.adam(f.lr_theta),
             "psi": optax.adam(f.lr_psi),
             "controller": optax.adam(f.lr_thresholds),
         },
@@ -140,8 +184,10 @@ class Compiled(NamedTuple):
     radius: Any
 
 
-def compile_method(name: str, apply, mcfg: MambaConfig, cfg) -> Compiled:
-    method = make_method(name, apply, mcfg, cfg)
+def compile_method(
+    name: str, apply, mcfg: MambaConfig, cfg, inner_lr: float | None = None
+) -> Compiled:
+    method = make_method(name, apply, mcfg, cfg, inner_lr)
 
     def adapted_signal(params, psi, tokens, mask):
         """L_int of each input under its own adapted ψ: (B,)."""
@@ -179,37 +225,61 @@ def evaluate_split(c: Compiled, params: ATTDParams, split: Split, batch: int) ->
     return out
 
 
-def run_cell(
-    cfg, c: Compiled, name: str, theta, task: LRATask, seed: int, psi0, run_dir: str
-) -> dict[str, Any]:
-    """Train one method's outer parameters from the base and score it: a JSON-able dict.
+def _probe_signal(c: Compiled, params: ATTDParams, split: Split, batch: int) -> np.ndarray:
+    """s on the first ``4 * batch`` inputs of ``split`` (where thresholds are calibrated)."""
+    tokens, mask = split.tokens[: 4 * batch], split.mask[: 4 * batch]
+    return np.asarray(c.signal(params, jnp.asarray(tokens), jnp.asarray(mask)))
 
-    The outer training is resumable: :func:`metattt.train.fit` checkpoints in ``run_dir``.
+
+def run_cell(
+    cfg,
+    c: Compiled,
+    name: str,
+    theta,
+    task: LRATask,
+    seed: int,
+    psi0,
+    run_dir: str,
+    outer: Split | None = None,
+) -> dict[str, Any]:
+    """Train one method's outer parameters from the base on ``outer`` (default: the training
+    split) and score it: a JSON-able dict.
+
+    Thresholds start at quantiles of s on ``outer``; with ``attd.recalibrate`` they are set
+    again at the same quantiles of s under the trained parameters, so that s drifting during
+    outer training cannot leave them stranded. The outer training is resumable:
+    :func:`metattt.train.fit` checkpoints in ``run_dir``.
     """
     k_max = c.method.controller.max_steps
-    base = c.method.init(theta, psi0)
-    probe = task.train.tokens[: 4 * cfg.eval.batch], task.train.mask[: 4 * cfg.eval.batch]
-    s_train = np.asarray(c.signal(base, jnp.asarray(probe[0]), jnp.asarray(probe[1])))
-    params = c.method.init(theta, psi0, initial_thresholds(name, s_train, cfg.attd.k_max))
+    outer = task.train if outer is None else outer
+    s_outer = _probe_signal(c, c.method.init(theta, psi0), outer, cfg.eval.batch)
+    params = c.method.init(theta, psi0, initial_thresholds(name, s_outer, cfg.attd.k_max))
     start = time.perf_counter()
-    idx = _batches(seed + 1, len(task.train.labels), cfg.finetune.steps, cfg.finetune.batch)
+    idx = _batches(seed + 1, len(outer.labels), cfg.finetune.steps, cfg.finetune.batch)
     state, last = fit_on_split(
         c.train_step,
         c.train_step.init(params),
-        task.train,
+        outer,
         idx,
         run_dir,
         cfg.finetune.checkpoint_every,
     )
     params = state.params
     finetune_s = time.perf_counter() - start
+    thresholds = np.asarray(c.method.controller.thresholds(params.controller)).tolist()
     cell: dict[str, Any] = {
         "method": name,
         "finetune_seconds": finetune_s,
         "final_train_loss": last["loss"],
         "final_train_accuracy": last["accuracy"],
-        "thresholds": np.asarray(c.method.controller.thresholds(params.controller)).tolist(),
+        "thresholds": thresholds,
     }
+    if cfg.attd.recalibrate and parse_method(name).base in CONTROLLED:
+        s_trained = _probe_signal(c, params, outer, cfg.eval.batch)
+        again = initial_thresholds(name, s_trained, k_max)
+        params = params._replace(controller=c.method.controller.init(again))
+        cell["learned_thresholds"] = thresholds
+        cell["thresholds"] = np.asarray(again).tolist()
     for split_name in ("test_id", "test_shift"):
         split = getattr(task, split_name)
         ev = evaluate_split(c, params, split, cfg.eval.batch)

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from attd.dynamics import ADAPTERS
 from attd.mamba import init_mamba
+from configs import attd_dynamics as dynamics_config
 from configs import attd_lra as attd_config
 from experiments import attd_lra, report
-from experiments.attd_lra import readings, training
+from experiments.attd_lra import methods, readings, training
+from experiments.attd_lra.aggregate import mixture_and_bands, shift_bands
 from tests.metattt.test_stats import brute_force_spearman
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "attd_lra" / "results.json"
@@ -211,17 +214,18 @@ def test_shifted_splits_are_shifted():
     full = attd_config.get_config()
     # ListOps (default sizes: cheap to generate): every shifted expression is deeper than any
     # training expression, and longer on average; the in-distribution split is not shifted.
-    listops = attd_lra.load_task(full, "listops", 0)
+    listops, outer = attd_lra.load_task(full, "listops", 0)
+    assert outer is listops.train  # LRA tasks: the outer loop trains on the train split
     assert listops.test_shift.difficulty.min() > listops.train.difficulty.max()
     assert listops.test_id.difficulty.max() <= listops.train.difficulty.max()
     length = lambda s: s.mask.sum(1).mean()
     assert length(listops.test_shift) > 1.5 * length(listops.train)
     assert listops.test_shift.tokens.shape[1] == full.data.listops.test_shift.seq_len
     # Pathfinder: longer main paths; Text: held-out files cut into longer passages.
-    path = attd_lra.load_task(tiny, "pathfinder", 0)
+    path, _ = attd_lra.load_task(tiny, "pathfinder", 0)
     assert path.test_shift.difficulty.mean() > path.train.difficulty.max()
     assert path.train.labels.mean() == pytest.approx(0.5, abs=0.05)
-    text = attd_lra.load_task(tiny, "text", 0)
+    text, _ = attd_lra.load_task(tiny, "text", 0)
     assert text.train.tokens.shape[1] == tiny.data.text.seq_len
     assert text.test_shift.tokens.shape[1] == tiny.data.text.test_length
     assert text.test_shift.difficulty.mean() > text.train.difficulty.max()
@@ -431,7 +435,7 @@ def test_joint_config_has_its_control_and_its_conclusions_match_a_loop():
 
 def test_pretraining_killed_mid_cell_resumes_bit_identically(tmp_path):
     cfg = attd_config.get_config("tiny")  # 20 steps, a checkpoint every 10
-    task = attd_lra.load_task(cfg, "listops", 0)
+    task, _ = attd_lra.load_task(cfg, "listops", 0)
     mcfg = attd_lra.model_config(cfg, task.vocab_size, task.num_classes)
     apply, theta = init_mamba(mcfg, seed=0)
     step = attd_lra.make_pretrain_step(apply, cfg.pretrain.lr, cfg.pretrain.lm_weight)
@@ -454,3 +458,65 @@ def test_pretraining_killed_mid_cell_resumes_bit_identically(tmp_path):
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert (info_b["task_loss"], info_b["lm_loss"]) == (info["task_loss"], info["lm_loss"])
+
+
+def test_dynamics_task_splits_hold_out_the_test_bands_from_outer_training():
+    """Time warp: pretraining and the in-distribution test at factor 1, the outer split on
+    factor 1 and milder warps, the shifted test on bands the outer split never shows."""
+    cfg = dynamics_config.get_config("tiny")
+    attd_lra.validate(cfg)
+    attd_lra.validate(dynamics_config.get_config())
+    task, outer = attd_lra.load_task(cfg, "timewarp", 0)
+    d = cfg.data.timewarp
+    assert np.all(task.train.difficulty == 0) and np.all(task.test_id.difficulty == 0)
+    assert len(outer.labels) == d.num_outer and task.train.tokens.shape == (d.num_train, 24)
+    outer_max = max(abs(np.log(b)) for band in d.outer_bands for b in band)
+    test_min = min(abs(np.log(b)) for band in d.shift_bands for b in band)
+    assert outer.difficulty.max() <= outer_max + 1e-9 and outer_max <= test_min + 1e-9
+    assert task.test_shift.difficulty.min() >= test_min - 1e-9
+    assert 0 < np.mean(outer.difficulty == 0) < 1  # factor 1 and shifted inputs
+
+
+def test_shift_bands_merge_mirror_images_and_the_mixture_weights_the_splits():
+    cfg = dynamics_config.get_config()
+    bands = shift_bands(cfg.data.timewarp)
+    np.testing.assert_allclose(np.exp(bands), [[1.7, 2.0], [2.0, 3.0]], rtol=1e-5)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(3):
+        d = np.abs(np.log(rng.choice([0.4, 1 / 1.8, 1.8, 2.5], 40)))
+        correct = rng.integers(0, 2, 40)
+        rows.append({
+            "acc_id": rng.uniform(), "acc_shift": correct.mean(), "mean_k_id": rng.uniform(),
+            "mean_k_shift": rng.uniform(),
+            "examples_shift": {"difficulty": d.tolist(), "correct": correct.tolist()},
+        })  # fmt: skip
+    out = mixture_and_bands(rows, 0.7, cfg.data.timewarp)
+    want = [0.7 * r["acc_id"] + 0.3 * r["acc_shift"] for r in rows]
+    assert out["acc_mix"]["mean"] == pytest.approx(np.mean(want))
+    for label, lo, hi in (("1.70-2.00", 1.7, 2.0), ("2.00-3.00", 2.0, 3.0)):
+        per_seed = []
+        for r in rows:
+            f = np.exp(np.asarray(r["examples_shift"]["difficulty"]))
+            inside = (f > lo - 1e-6) & (f < hi + 1e-6)
+            per_seed.append(np.asarray(r["examples_shift"]["correct"])[inside].mean())
+        assert out["band_acc"][label]["mean"] == pytest.approx(np.mean(per_seed))
+
+
+def test_dynamics_methods_parse_and_freezing_theta_keeps_it():
+    spec = attd_lra.parse_method("ttt+k2")
+    assert (spec.base, spec.steps) == ("ttt", 2)
+    assert attd_lra.parse_method("ttt+dt_bias").adapter == "dt_bias"
+    assert attd_lra.method_label("ttt+k3") == "uniform TTT (K=3)"
+    assert set(methods.ADAPTER_LABELS) == set(ADAPTERS)
+    with pytest.raises(ValueError, match="only ttt"):
+        attd_lra.parse_method("attd+k2")
+    with pytest.raises(ValueError, match="low-rank"):
+        attd_lra.parse_method("ttt+a_log+r4")
+    cfg = dynamics_config.get_config("tiny")
+    params = attd_lra.ATTDParams({"w": jnp.ones(3)}, jnp.ones(2), {"thresholds": jnp.arange(2.0)})
+    opt = training.outer_optimizer(cfg)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert np.all(np.asarray(updates.theta["w"]) == 0.0)
+    assert np.all(np.asarray(updates.psi) != 0.0)
