@@ -1,18 +1,15 @@
-"""Serving a stream prequentially with one method: every batch is scored before the method may
-adapt on it, and every batch is one measured window of the (simulated) monitor.
+"""Serving a stream with one method: the MoE's work, the serving rate and fixed power of a
+config, and a cell of results from :func:`metattt.energy.serving.serve_stream` (prequential:
+every batch is scored before the method may adapt on it; every batch is one monitor window).
 
-In a window the device does the batch's forward pass -- the dense layers plus
-:func:`metattt.models.moe.expert_work` of the experts actually used -- and, when the method
-adapts, ``1 + BACKWARD_FACTOR`` times the forward work of each adaptation step (priced with
-that step's own routing), then idles until the next batch arrives at the serving rate.
+A forward pass costs the dense layers plus :func:`metattt.models.moe.expert_work` of the
+experts actually used; an adaptation step ``1 + BACKWARD_FACTOR`` forward passes.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,6 +28,7 @@ from metattt.energy import (
     routed_energy,
     serving_rate,
 )
+from metattt.energy.serving import serve_stream
 from metattt.models import moe
 
 BACKWARD_FACTOR = 2.0  # a backward pass costs about two forwards (input and weight gradients)
@@ -96,16 +94,10 @@ def serve(
     mcfg = rt.mcfg
     b, length = cfg.data.batch, cfg.data.length
     tokens = b * length
-    period = tokens / rate
     monitor = create_monitor(
         cfg.monitor.kind, allow_simulated=cfg.monitor.allow_simulated, seed=seed
     )
-    simulated = hasattr(monitor, "record_work")
-    k = method.top_k or mcfg.top_k
-    mask = static_mask(rt.joules, method.prune)
-    lam = method.lam
-    allow_adapt = method.kind in ("ttt", "energy_ttt")
-    policy = state = None
+    policy = None
     if method.kind == "budget":
         policy = power_budget(
             budget_w,
@@ -123,106 +115,69 @@ def serve(
             ),
             patience=cfg.budget.patience,
         )
-        state = policy.init()
-        lam = cfg.budget.lam_init
     inputs = stream.inputs.reshape(-1, b, length)
-    targets = stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:])
-    nats, power, lams, levels, ks = [], [], [], [], []
-    counts_total = np.zeros((mcfg.num_layers, mcfg.num_experts), np.int64)
-    counts_late = np.zeros_like(counts_total)
-    curve_energy, curve_loss = [], []
-    energy = dynamic = busy = adapt_dynamic = expert_j = 0.0
-    dense = batch_dense_work(rt, b, length)
-    infer_s = adapt_s = 0.0
-    adapt_calls = 0
-    steps = len(inputs)
-    late = max(steps // 4, 1)  # the last quarter of the stream: routing after adaptation
-    for t in range(steps):
-        with monitor.measure() as window:
-            start = time.perf_counter()
-            loss, counts = jax.block_until_ready(
-                rt.infer[k](params, inputs[t], targets[t], jnp.asarray(mask))
-            )
-            infer_s += time.perf_counter() - start
-            counts = np.asarray(counts)
-            work = batch_work(rt, counts, b, length)
-            step_busy = monitor.record_work(*work) if simulated else 0.0
-            dynamic += rt.device.work_energy(*work)
-            expert_j += rt.device.work_energy(*work) - rt.device.work_energy(*dense)
-            if allow_adapt and t % cfg.ttt.every == 0:
-                sub = inputs[t, : cfg.ttt.windows]
-                start = time.perf_counter()
-                params, aux = jax.block_until_ready(
-                    rt.adapt(params, sub, jnp.float32(lam), jnp.asarray(mask))
-                )
-                adapt_s += time.perf_counter() - start
-                adapt_calls += 1
-                curve_energy += np.asarray(aux.joules_per_token).tolist()
-                curve_loss += np.asarray(aux.task_loss).tolist()
-                for step_counts in np.asarray(aux.expert_counts):
-                    w = batch_work(rt, step_counts, sub.shape[0], length).scaled(
-                        1 + BACKWARD_FACTOR
-                    )
-                    if simulated:
-                        step_busy += monitor.record_work(*w)
-                    adapt_dynamic += rt.device.work_energy(*w)
-                    dynamic += rt.device.work_energy(*w)
-            if simulated:
-                monitor.idle(max(period - step_busy, 0.0))
-        rec = window.record
-        energy += rec.energy_j
-        busy += step_busy
-        nats.append(float(loss))
-        power.append(rec.mean_power_w)
-        lams.append(float(lam))
-        ks.append(k)
-        counts_total += counts
-        if t >= steps - late:
-            counts_late += counts
-        if policy is not None:
-            state, decision = policy.update(state, rec.mean_power_w, rec.max_temperature_c)
-            lam, k, mask = decision.lambda_energy, decision.top_k, decision.expert_mask
-            allow_adapt = decision.adapt
-            levels.append(decision.level)
+    served = serve_stream(
+        lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask)),
+        lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask)),
+        params,
+        inputs,
+        stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:]),
+        work=lambda counts, rows: batch_work(rt, counts, rows, length),
+        dense=batch_dense_work(rt, b, length),
+        device=rt.device,
+        monitor=monitor,
+        period_s=tokens / rate,
+        top_k=method.top_k or mcfg.top_k,
+        mask=static_mask(rt.joules, method.prune),
+        lam=cfg.budget.lam_init if policy is not None else method.lam,
+        adapting=method.kind in ("ttt", "energy_ttt"),
+        adapt_every=cfg.ttt.every,
+        adapt_windows=cfg.ttt.windows,
+        backward_factor=BACKWARD_FACTOR,
+        policy=policy,
+    )
     monitor.close()
+    steps = len(inputs)
     half = steps // 2
     out = {
-        metric.key: float(np.mean(nats)) * metric.scale,
-        f"{metric.key}_late": float(np.mean(nats[half:])) * metric.scale,
+        metric.key: float(np.mean(served.scores)) * metric.scale,
+        f"{metric.key}_late": float(np.mean(served.scores[half:])) * metric.scale,
         "tokens": steps * tokens,
-        "energy_j": energy,
-        "dynamic_j": dynamic,
-        "adapt_dynamic_j": adapt_dynamic,
-        "expert_j": expert_j,
-        "delay_s": busy,
-        "uj_per_token": 1e6 * dynamic / (steps * tokens),
-        "routed_uj_per_token_late": routed_energy(rt.joules, counts_late, late * tokens),
-        "total_uj_per_token": 1e6 * energy / (steps * tokens),
-        "edp": edp(dynamic, busy, steps * tokens),
-        "infer_wall_s": infer_s,
-        "adapt_wall_s": adapt_s,
-        "overhead": adapt_s / infer_s,
-        "adapt_calls": adapt_calls,
-        "mean_power_w": float(np.mean(power)),
-        "late_power_w": float(np.mean(power[half:])),
-        "power_trace": power,
-        "lambda_trace": lams,
-        "top_k_trace": ks,
-        "counts": counts_total.tolist(),
-        "counts_late": counts_late.tolist(),
-        "curve_energy_uj": [1e6 * v for v in curve_energy],
-        "curve_loss": curve_loss,
+        "energy_j": served.energy_j,
+        "dynamic_j": served.dynamic_j,
+        "adapt_dynamic_j": served.adapt_dynamic_j,
+        "expert_j": served.expert_j,
+        "delay_s": served.busy_s,
+        "uj_per_token": 1e6 * served.dynamic_j / (steps * tokens),
+        "routed_uj_per_token_late": routed_energy(
+            rt.joules, served.counts_late, served.late_batches * tokens
+        ),
+        "total_uj_per_token": 1e6 * served.energy_j / (steps * tokens),
+        "edp": edp(served.dynamic_j, served.busy_s, steps * tokens),
+        "infer_wall_s": served.infer_s,
+        "adapt_wall_s": served.adapt_s,
+        "overhead": served.adapt_s / served.infer_s,
+        "adapt_calls": served.adapt_calls,
+        "mean_power_w": float(np.mean(served.power_w)),
+        "late_power_w": float(np.mean(served.power_w[half:])),
+        "power_trace": served.power_w,
+        "lambda_trace": served.lambdas,
+        "top_k_trace": served.top_ks,
+        "counts": served.counts.tolist(),
+        "counts_late": served.counts_late.tolist(),
+        "curve_energy_uj": [1e6 * v for v in served.curve_energy],
+        "curve_loss": served.curve_loss,
         "monitor": monitor.source,
         "monitor_fallback": monitor.fallback_reason,
     }
     if policy is not None:
         out.update(
             budget_w=budget_w,
-            level_trace=levels,
-            final_level=levels[-1],
-            final_top_k=int(k),
-            final_pruned=int(np.sum(~np.asarray(mask))),
-            plan_budget_met=bool(decision.budget_met),
+            level_trace=served.levels,
+            final_level=served.levels[-1],
+            final_top_k=served.top_k,
+            final_pruned=int(np.sum(~served.mask)),
+            plan_budget_met=bool(served.decision.budget_met),
             budget_kept=out["late_power_w"] <= budget_w,
         )
     return out
