@@ -3,6 +3,7 @@ the report on a frozen tiny run without training; the tiny run end to end and it
 """
 
 import json
+import logging
 import math
 import os
 import signal
@@ -257,16 +258,62 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
 # --- the tiny run end to end (slow) -------------------------------------------------------------
 
 
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The tiny run, killed with SIGKILL after its first training checkpoint and restarted:
+    ``(config, workdir, results, log messages of the restarted run)``."""
     cfg = energy_config.get_config("tiny")
-    workdir = tmp_path_factory.mktemp("energy_moe")
-    return cfg, workdir, energy_moe.run(cfg, str(workdir))
+    workdir = tmp_path_factory.mktemp("energy_moe") / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "--config=configs/energy_moe.py:tiny"]
+        + ["--workdir", str(workdir)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = workdir / "params" / "seed_0" / "run" / "ckpt" / str(cfg.train.checkpoint_every)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL and killed, "the run ended before it could be killed"
+    assert not (workdir / "results.json").exists()
+    handler = _Messages()
+    logging.getLogger().addHandler(handler)
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        results = energy_moe.run(cfg, str(workdir))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(level)
+    return cfg, workdir, results, handler.messages
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_frozen_results(tiny_run):
+    """The restarted run continued from the checkpoint and equals the frozen tiny run (made
+    uninterrupted) bit for bit, wall-clock times aside."""
+    *_, results, messages = tiny_run
+    assert any(m.startswith("Resumed from") for m in messages)
+    with open(FIXTURE) as f:
+        frozen = json.load(f)
+    assert _same(_numbers(results), _numbers(frozen))
 
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end_and_cached_rerun(tiny_run, monkeypatch):
-    cfg, workdir, results = tiny_run
+    cfg, workdir, results, _ = tiny_run
     names = list(energy_moe.methods(cfg))
     assert list(results["methods"]) == names
     for name, row in results["methods"].items():
@@ -297,7 +344,7 @@ def test_tiny_run_end_to_end_and_cached_rerun(tiny_run, monkeypatch):
 def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
     """Total energy = idle power over the stream's duration + the dynamic work's energy (more
     time passes when a batch's work overruns its serving period), and EDP is its arithmetic."""
-    cfg, workdir, results = tiny_run
+    cfg, workdir, results, _ = tiny_run
     dev = SimulatedDevice()
     period = cfg.data.batch * cfg.data.length / results["serving_rate_tokens_s"]
     duration = cfg.data.stream_batches * period
@@ -321,30 +368,3 @@ def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
     inference_j = adapted["dynamic_j"] - adapted["adapt_dynamic_j"]
     assert 0 < adapted["expert_j"] < inference_j
     assert len(adapted["curve_energy_uj"]) == adapted["adapt_calls"] * cfg.ttt.steps
-
-
-@pytest.mark.slow
-def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny_run, tmp_path, caplog):
-    """SIGKILL after the first training checkpoint; the restarted run equals the uninterrupted
-    one bit for bit (wall-clock times aside)."""
-    cfg, _, reference = tiny_run
-    workdir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "--config=configs/energy_moe.py:tiny"]
-        + ["--workdir", str(workdir)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    checkpoint = workdir / "params" / "seed_0" / "run" / "ckpt" / str(cfg.train.checkpoint_every)
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
-    assert not (workdir / "results.json").exists()
-    with caplog.at_level("INFO"):
-        resumed = energy_moe.run(cfg, str(workdir))
-    assert "Resumed from" in caplog.text
-    assert _same(_numbers(resumed), _numbers(reference))
