@@ -11,9 +11,9 @@ A top-2 MoE transformer with experts of different widths reads each 8x8 digit as
 64 pixel tokens (intensities 0..16, vocabulary 17) and classifies the mean-pooled states. It is
 trained on clean digits (train split) and then serves a stream of corrupted test digits
 (several corruption types at severities 3 and 5) with the same methods as
-``configs/energy_moe.py``: no TTT; TENT (label-free entropy minimisation of the router and the
-norms) with λ_energy = 0; energy-aware TENT over a λ sweep; the power-budget controller;
-static pruning; top-1. Energy is the SIMULATED monitor's.
+``configs/energy_moe.py`` (the same experiment, ``task="digits"``): no TTT; TENT (label-free
+entropy minimisation of the router and the norms) with λ_energy = 0; energy-aware TENT over a
+λ sweep; the power-budget controller; static pruning; top-1. Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
 """
@@ -23,7 +23,8 @@ import ml_collections
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.experiment = "energy_moe_digits"
+    c.experiment = "energy_moe"
+    c.task = "digits"  # experiments/energy_moe's digits task; publishes energy_moe_digits
     c.seeds = (0, 1, 2)
 
     c.monitor = ml_collections.ConfigDict()

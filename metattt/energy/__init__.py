@@ -3,10 +3,23 @@
 Modules: :mod:`~metattt.energy.monitor` (the :class:`AbstractMonitor` interface, the NVML and
 simulated monitors, :func:`create_monitor`), :mod:`~metattt.energy.costs` (per-expert cost
 profiles, their JSON files, and the expected energy of routing decisions),
-:mod:`~metattt.energy.adapt` (energy-aware TENT) and :mod:`~metattt.energy.budget` (the λ
-controller, triggers, expert pruning and graceful degradation under a power budget).
+:mod:`~metattt.energy.adapt` (energy-aware TENT), :mod:`~metattt.energy.budget` (the λ
+controller, triggers, expert pruning and graceful degradation under a power budget) and
+:mod:`~metattt.energy.accounting` (the work and energy of serving a MoE: dense and routed work,
+serving rate, fixed power, EDP, Pareto front) and :mod:`~metattt.energy.serving` (prequential
+serving of a stream under a monitor, with adaptation and an optional power-budget policy).
 """
 
+from metattt.energy.accounting import (
+    Work,
+    dense_work,
+    edp,
+    fixed_power,
+    forward_work,
+    pareto_front,
+    routed_energy,
+    serving_rate,
+)
 from metattt.energy.adapt import (
     EnergyAdaptResult,
     EnergyBatch,
@@ -51,8 +64,19 @@ from metattt.energy.monitor import (
     WindowRecord,
     create_monitor,
 )
+from metattt.energy.serving import ServedStream, serve_stream
 
 __all__ = [
+    "ServedStream",
+    "serve_stream",
+    "Work",
+    "dense_work",
+    "edp",
+    "fixed_power",
+    "forward_work",
+    "pareto_front",
+    "routed_energy",
+    "serving_rate",
     "AbstractMonitor",
     "BudgetDecision",
     "BudgetState",

@@ -1,152 +1,126 @@
-"""The energy-aware MoE TTT experiment: tiny config end to end, its arithmetic and config checks."""
+"""The energy-aware MoE TTT experiment (LM task): method registry, config checks, aggregation and
+the report on a frozen tiny run without training; the tiny run end to end and its resume (slow).
+"""
 
-import itertools
 import json
+import logging
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
-import jax
 import numpy as np
 import pytest
 
 from configs import energy_moe as energy_config
 from experiments import energy_moe
+from experiments.energy_moe import runtime, serving
+from metattt.energy import SimulatedDevice, edp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "energy_moe", "lm", "results.json")
+WALL = {"infer_wall_s", "adapt_wall_s", "overhead", "train_seconds", "meets_overhead_target"}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def _numbers(tree):
+    """The results less what wall-clock time decides."""
+    if isinstance(tree, dict):
+        return {k: _numbers(v) for k, v in tree.items() if k not in WALL}
+    if isinstance(tree, list):
+        return [_numbers(v) for v in tree]
+    return tree
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON (NaN, the one-seed interval, equals itself there)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _cell(workdir, name):
+    return json.loads((workdir / "cells" / "seed_0" / f"{name.replace('/', '_')}.json").read_text())
+
+
+# --- methods and config checks (no training) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, method",
+    [
+        ("no_ttt", energy_moe.Method("no_ttt")),
+        ("ttt", energy_moe.Method("ttt")),
+        ("energy_ttt/0.3", energy_moe.Method("energy_ttt", lam=0.3)),
+        ("budget/0.75", energy_moe.Method("budget", fraction=0.75)),
+        ("prune/2", energy_moe.Method("prune", prune=2)),
+        ("top_k/1", energy_moe.Method("top_k", top_k=1)),
+    ],
+)
+def test_parse_method(name, method):
+    assert energy_moe.parse_method(name) == method
+
+
+@pytest.mark.parametrize("name", ["energy", "ttt/1", "energy_ttt", "energy_ttt/x", "prune/1.5"])
+def test_unknown_method_names_list_the_valid_forms(name):
+    with pytest.raises(ValueError, match=f"unknown method '{name}'; valid: no_ttt, ttt, energy"):
+        energy_moe.parse_method(name)
+
+
+def test_methods_of_the_full_config_in_run_order():
+    cfg = energy_config.get_config()
+    table = energy_moe.methods(cfg)
+    expected = ["no_ttt", "ttt"] + [f"energy_ttt/{x:g}" for x in cfg.ttt.lambdas]
+    expected += [f"budget/{x:g}" for x in cfg.budget.fractions]
+    expected += [f"prune/{n}" for n in cfg.baselines.prune] + ["top_k/1"]
+    assert list(table) == expected
+    assert [m.lam for m in table.values() if m.kind == "energy_ttt"] == list(cfg.ttt.lambdas)
+    assert [m.kind for m in table.values() if m.adapts] == ["ttt"] + ["energy_ttt"] * 5 + [
+        "budget"
+    ] * 4
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("seeds", (), "seeds is empty"),
+        ("task", "vision", "config.task must be one of"),
+        ("monitor.kind", "rapl", "monitor.kind must be one of"),
+        ("monitor.utilization", 1.5, "utilization"),
+        ("ttt.params", "routr", "routr"),
+        ("ttt.lambdas", (0.0, 1.0), "ttt.lambdas must be > 0"),
+        ("ttt.windows", 99, "ttt.windows <= data.batch"),
+        ("budget.fractions", (1.2,), "budget.fractions"),
+        ("baselines.prune", (3,), "baselines.prune"),
+        ("baselines.top_k", (2,), "baselines.top_k"),
+        ("model.num_heads", 3, "num_heads"),
+        ("train.num_steps", 30, "multiple of train.steps_per_call"),
+        ("data.heldout_windows", 6, "multiple of data.batch"),
+    ],
+)
+def test_bad_config_values_are_rejected(key, value, message):
     cfg = energy_config.get_config("tiny")
-    workdir = tmp_path_factory.mktemp("energy_moe")
-    return cfg, workdir, energy_moe.run(cfg, str(workdir))
+    *sections, field = key.split(".")
+    node = cfg
+    for s in sections:
+        node = node[s]
+    node[field] = value
+    with pytest.raises(ValueError, match=message):
+        energy_moe.validate(cfg)
 
 
-@pytest.mark.slow
-def test_tiny_run_gives_finite_results_for_every_method(tiny_run):
-    cfg, workdir, results = tiny_run
-    names = list(energy_moe.methods(cfg))
-    assert list(results["methods"]) == names
-    assert names[:2] == ["no_ttt", "ttt"] and "energy_ttt/0.3" in names and "top_k/1" in names
-    for row in results["methods"].values():
-        for key in energy_moe.SCALARS:
-            assert math.isfinite(row[key]["mean"]), key
-        assert row["uj_per_token"]["mean"] > 0 and row["bpc"]["mean"] > 0
-    assert results["monitor"] == "simulated"
-    assert set(results["pareto_front"]) <= set(names) and results["pareto_front"]
-    assert set(results["matched"]) == {"prune/1", "top_k/1"}
-    no_ttt = results["methods"]["no_ttt"]
-    assert no_ttt["energy_reduction"]["mean"] == 0 and no_ttt["meets_overhead_target"] is None
-    # a smaller top-k routes each token to fewer experts: less expert energy per token
-    for key in ("uj_per_token", "routed_uj_per_token_late"):
-        assert results["methods"]["top_k/1"][key]["mean"] < no_ttt[key]["mean"]
-    # the infeasible budget escalates to degradation (level 2: a smaller top-k)
-    assert results["methods"]["budget/0.05"]["final_level"] == [2]
-    text = (workdir / "summary.md").read_text()
-    assert "| no_ttt |" in text and "Matched accuracy" in text and "Power budgets" in text
-    assert energy_moe.summary(results, cfg) == text.strip()
-    for plot in ("pareto", "heatmap", "convergence", "budget"):
-        assert (workdir / f"energy_moe_{plot}.png").stat().st_size > 1000
-    assert json.loads((workdir / "results.json").read_text())["seeds"] == [0]
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown variant 'huge'"):
+        energy_config.get_config("huge")
 
 
-@pytest.mark.slow
-def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
-    """Total energy = idle power over the stream's duration + the dynamic work's energy (more
-    time passes when a batch's work overruns its serving period), and EDP is its arithmetic."""
-    cfg, workdir, results = tiny_run
-    dev = energy_moe.SimulatedDevice()
-    period = cfg.data.batch * cfg.data.length / results["serving_rate_tokens_s"]
-    duration = cfg.data.stream_batches * period
-    for name in ("no_ttt", "energy_ttt/3"):
-        cell = json.loads(
-            (workdir / "cells" / "seed_0" / f"{name.replace('/', '_')}.json").read_text()
-        )
-        expected = dev.idle_power_w * duration + cell["dynamic_j"]
-        if name == "no_ttt":  # the device keeps up with the stream: exactly idle + dynamic
-            assert cell["delay_s"] <= duration
-            assert cell["energy_j"] == pytest.approx(expected, rel=1e-6)
-        else:
-            assert cell["energy_j"] >= expected * (1 - 1e-6)
-            # each batch lasts max(period, its busy time) <= period + busy time
-            assert cell["energy_j"] <= expected + dev.idle_power_w * cell["delay_s"] * (1 + 1e-6)
-        assert cell["edp"] == pytest.approx(
-            energy_moe.edp(cell["dynamic_j"], cell["delay_s"], cell["tokens"]), rel=1e-12
-        )
-    adapted = json.loads((workdir / "cells" / "seed_0" / "energy_ttt_3.json").read_text())
-    assert adapted["adapt_calls"] == math.ceil(cfg.data.stream_batches / cfg.ttt.every)
-    assert 0 < adapted["adapt_dynamic_j"] < adapted["dynamic_j"]
-    # inference energy = dense part + expert part; the adaptation's energy comes on top
-    inference_j = adapted["dynamic_j"] - adapted["adapt_dynamic_j"]
-    assert 0 < adapted["expert_j"] < inference_j
-    assert len(adapted["curve_energy_uj"]) == adapted["adapt_calls"] * cfg.ttt.steps
-
-
-@pytest.mark.slow
-def test_rerun_reuses_the_cached_cells_and_parameters(tiny_run, monkeypatch):
-    cfg, workdir, results = tiny_run
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a cached cell or checkpoint was recomputed")
-
-    monkeypatch.setattr(energy_moe, "serve", fail)
-    monkeypatch.setattr(energy_moe, "pretrain", fail)
-    again = energy_moe.run(cfg, str(workdir))
-    for name, row in results["methods"].items():
-        assert again["methods"][name]["bpc"]["mean"] == row["bpc"]["mean"]
-        assert again["methods"][name]["uj_per_token"]["mean"] == row["uj_per_token"]["mean"]
-    # the trained parameters come back from their checkpoint, not from training
-    rt = energy_moe.build_runtime(cfg)
-    params, info = energy_moe.trained_params(cfg, rt, 0, None, str(workdir))
-    assert info == results["seed_info"][0]
-    init = rt.init(0)
-    assert jax.tree.structure(params) == jax.tree.structure(init)
-    leaves = zip(jax.tree.leaves(params), jax.tree.leaves(init), strict=True)
-    changed = [not np.allclose(a, b) for a, b in leaves]
-    assert any(changed)
-
-
-def brute_force_front(points):
-    front = []
-    for i, p in enumerate(points):
-        dominated = any(
-            q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1]) for q in points
-        )
-        if not dominated:
-            front.append(i)
-    return front
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_pareto_front_matches_brute_force_dominance(seed):
+@pytest.mark.parametrize("seed", range(4))
+def test_static_mask_prunes_the_costliest_experts(seed):
     rng = np.random.default_rng(seed)
-    points = rng.integers(0, 6, size=(40, 2)).astype(float)  # many ties and duplicates
-    points[:10] = rng.normal(size=(10, 2))
-    assert energy_moe.pareto_front(points).tolist() == brute_force_front(points.tolist())
-
-
-def test_pareto_front_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="shape \\(N, 2\\)"):
-        energy_moe.pareto_front(np.ones((3, 3)))
-
-
-def test_edp_arithmetic():
-    rng = np.random.default_rng(0)
-    for energy, delay, tokens in zip(rng.uniform(0.1, 5, 5), rng.uniform(1e-6, 1, 5),
-                                     rng.integers(1, 1000, 5), strict=True):  # fmt: skip
-        assert energy_moe.edp(energy, delay, int(tokens)) == pytest.approx(
-            energy * delay / tokens**2, rel=1e-12
-        )
-    with pytest.raises(ValueError, match="tokens"):
-        energy_moe.edp(1.0, 1.0, 0)
-
-
-def test_static_mask_prunes_the_costliest_experts():
-    cfg = energy_config.get_config("tiny")
-    rt = energy_moe.build_runtime(cfg)
-    for n in range(cfg.model.num_experts - cfg.model.top_k + 1):
-        mask = energy_moe.static_mask(rt, n)
-        assert (~mask).sum() == n
-        # every pruned expert costs at least as much as every kept one
-        if 0 < n:
-            assert rt.joules[~mask].min() >= rt.joules[mask].max()
+    joules = rng.integers(1, 4, size=7).astype(float)  # ties: the higher index goes first
+    for n in range(len(joules)):
+        mask = energy_moe.static_mask(joules, n)
+        ranked = sorted(range(len(joules)), key=lambda e: (joules[e], e), reverse=True)
+        assert sorted(np.flatnonzero(~mask).tolist()) == sorted(ranked[:n])
 
 
 def test_matched_accuracy_comparison():
@@ -179,78 +153,218 @@ def test_matched_accuracy_comparison():
     }
 
 
-@pytest.mark.parametrize(
-    "key, value, message",
-    [
-        ("seeds", (), "seeds is empty"),
-        ("monitor.kind", "rapl", "monitor.kind must be one of"),
-        ("monitor.utilization", 1.5, "utilization"),
-        ("ttt.params", "routr", "routr"),
-        ("ttt.lambdas", (0.0, 1.0), "ttt.lambdas must be > 0"),
-        ("ttt.windows", 99, "ttt.windows <= data.batch"),
-        ("budget.fractions", (1.2,), "budget.fractions"),
-        ("baselines.prune", (3,), "baselines.prune"),
-        ("baselines.top_k", (2,), "baselines.top_k"),
-        ("model.num_heads", 3, "num_heads"),
-        ("train.num_steps", 30, "multiple of train.steps_per_call"),
-        ("data.heldout_windows", 6, "multiple of data.batch"),
-    ],
-)
-def test_bad_config_values_are_rejected(key, value, message):
-    cfg = energy_config.get_config("tiny")
-    *sections, field = key.split(".")
-    node = cfg
-    for s in sections:
-        node = node[s]
-    node[field] = value
-    with pytest.raises(ValueError, match=message):
-        energy_moe.validate(cfg)
+def _random_cell(rng, kind):
+    cell = {key: float(rng.uniform(0.5, 2.0)) for key in energy_moe.SCALARS}
+    cell.update(
+        dynamic_j=float(rng.uniform(2, 3)), adapt_dynamic_j=float(rng.uniform(0, 1)),
+        expert_j=float(rng.uniform(0, 1)), counts_late=rng.integers(0, 9, (2, 4)).tolist(),
+        curve_energy_uj=rng.uniform(0, 1, 3).tolist() if kind == "energy_ttt" else [],
+        curve_loss=rng.uniform(0, 1, 3).tolist() if kind == "energy_ttt" else [],
+        power_trace=rng.uniform(60, 90, 5).tolist(),
+    )  # fmt: skip
+    return cell
 
 
-def test_unknown_variant_and_method_names():
-    with pytest.raises(ValueError, match="unknown variant 'huge'"):
-        energy_config.get_config("huge")
-    names = list(energy_moe.methods(energy_config.get_config()))
-    assert names[0] == "no_ttt" and len(names) == 2 + 5 + 4 + 3 + 1
-    assert sum(name.startswith("budget/") for name in names) == 4
-    assert list(itertools.islice(names, 2, 3)) == ["energy_ttt/0.01"]
+def test_aggregate_against_per_seed_arithmetic():
+    """Two seeds of random cells: changes are per seed vs no_ttt, then averaged; the front is
+    the brute-force non-dominated set; the figure data sums and averages the cells."""
+    rng = np.random.default_rng(7)
+    table = {
+        "no_ttt": energy_moe.Method("no_ttt"),
+        "energy_ttt/1": energy_moe.Method("energy_ttt", lam=1.0),
+        "top_k/1": energy_moe.Method("top_k", top_k=1),
+    }
+    cells = {name: [_random_cell(rng, m.kind) for _ in range(2)] for name, m in table.items()}
+    results = energy_moe.aggregate(cells, table)
+    for name, runs in cells.items():
+        row = results["methods"][name]
+        base = cells["no_ttt"]
+        reduction = [
+            1 - r["uj_per_token"] / b["uj_per_token"] for r, b in zip(runs, base, strict=True)
+        ]
+        change = [r["bpc"] / b["bpc"] - 1 for r, b in zip(runs, base, strict=True)]
+        assert row["energy_reduction"]["mean"] == pytest.approx(sum(reduction) / 2, abs=1e-12)
+        assert row["bpc_change"]["mean"] == pytest.approx(sum(change) / 2, abs=1e-12)
+        assert row["bpc"]["mean"] == pytest.approx((runs[0]["bpc"] + runs[1]["bpc"]) / 2)
+    means = {
+        n: (r["uj_per_token"]["mean"], r["bpc"]["mean"]) for n, r in results["methods"].items()
+    }
+    front = [
+        n
+        for n, p in means.items()
+        if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in means.values())
+    ]
+    assert results["pareto_front"] == front
+    figures = energy_moe.figure_data(cells, table)
+    counts = figures["counts_late"]["top_k/1"]
+    assert (
+        counts[1][2]
+        == cells["top_k/1"][0]["counts_late"][1][2] + cells["top_k/1"][1]["counts_late"][1][2]
+    )
+    assert list(figures["curves"]) == ["energy_ttt/1"]
+    assert figures["curves"]["energy_ttt/1"]["loss"][2] == pytest.approx(
+        (cells["energy_ttt/1"][0]["curve_loss"][2] + cells["energy_ttt/1"][1]["curve_loss"][2]) / 2
+    )
+    assert figures["traces"] == {"no_ttt": {"power_w": cells["no_ttt"][0]["power_trace"]}}
 
 
-def test_demo_rows_shape(monkeypatch, tmp_path):
+def test_demo_rows_read_the_right_numbers(monkeypatch, tmp_path):
     keys = ("routed_uj_per_token_late", "uj_per_token", "bpc")
     point = lambda *values: {k: {"mean": v} for k, v in zip(keys, values, strict=True)}
     fake = {"methods": {"no_ttt": point(0.1, 0.2, 5.0), "energy_ttt/3": point(0.05, 0.1, 5.1)}}
-    monkeypatch.setattr(energy_moe, "run", lambda cfg, workdir: fake)
+    monkeypatch.setattr(energy_moe.main, "run", lambda cfg, workdir: fake)
     rows = energy_moe.demo_rows(str(tmp_path))
     assert [r[3:5] for r in rows] == [(0.1, 0.05), (0.2, 0.1), (5.0, 5.1)]
     assert all(len(r) == 6 and r[0] == "energy-aware MoE TTT" for r in rows)
     assert "µJ" in rows[0][2] and "bits/char" in rows[2][2]
 
 
-def test_routed_energy_is_the_sum_over_assignments():
-    rt = energy_moe.build_runtime(energy_config.get_config("tiny"))
-    counts = np.random.default_rng(0).integers(0, 50, size=(3, rt.joules.size))
-    expected = 0.0
-    for layer in counts:
-        for e, n in enumerate(layer):
-            expected += n * rt.joules[e]
-    assert energy_moe.routed_energy(rt, counts, 7) == pytest.approx(1e6 * expected / 7, rel=1e-12)
+# --- the report on a frozen tiny run (no training) ---------------------------------------------
+
+
+def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch):
+    """The report step on a kept tiny run: table cells are the results' own numbers, the
+    Pareto column is the brute-force front, every figure is drawn from results.json alone."""
+    from experiments import report, run
+
+    monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "repo" / "BENCHMARKS.md")
+    cfg = energy_config.get_config("tiny")
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "run_info.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    with open(FIXTURE) as f:
+        results = json.load(f)
+    (workdir / "results.json").write_text(json.dumps(results))
+    assert run.report_workdir(str(workdir)) == "energy_moe"
+    text = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
+    assert "<!-- energy_moe:start -->" in text and "configs/energy_moe.py" in text
+    rows = results["methods"]
+    points = {n: (r["uj_per_token"]["mean"], r["bpc"]["mean"]) for n, r in rows.items()}
+    for name, (uj, bpc) in points.items():
+        line = next(x for x in text.splitlines() if x.startswith(f"| {name} | "))
+        cells = line.split(" | ")
+        # one seed: no interval, so each cell is the mean alone
+        assert cells[1] == f"{bpc:.3f}" and cells[4] == f"{uj:.4f}"
+        dominated = any(q[0] <= uj and q[1] <= bpc and q != (uj, bpc) for q in points.values())
+        assert cells[10] == ("" if dominated else "yes")
+    for plot in ("pareto", "heatmap", "convergence", "budget"):
+        assert f"docs/figures/energy_moe_{plot}.png" in text
+        path = tmp_path / "repo" / "docs" / "figures" / f"energy_moe_{plot}.png"
+        assert path.stat().st_size > 1000
+    kept = json.loads((tmp_path / "repo" / "docs" / "results" / "energy_moe.json").read_text())
+    assert _same(kept, results)
+
+
+# --- the tiny run end to end (slow) -------------------------------------------------------------
+
+
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny run, killed with SIGKILL after its first training checkpoint and restarted:
+    ``(config, workdir, results, log messages of the restarted run)``."""
+    cfg = energy_config.get_config("tiny")
+    workdir = tmp_path_factory.mktemp("energy_moe") / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "--config=configs/energy_moe.py:tiny"]
+        + ["--workdir", str(workdir)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = workdir / "params" / "seed_0" / "run" / "ckpt" / str(cfg.train.checkpoint_every)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL and killed, "the run ended before it could be killed"
+    assert not (workdir / "results.json").exists()
+    handler = _Messages()
+    logging.getLogger().addHandler(handler)
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        results = energy_moe.run(cfg, str(workdir))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(level)
+    return cfg, workdir, results, handler.messages
 
 
 @pytest.mark.slow
-def test_write_report_renders_the_section_and_figures(tiny_run, monkeypatch, tmp_path):
-    cfg, workdir, results = tiny_run
-    written = {}
-    monkeypatch.setattr(energy_moe.report, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
-    monkeypatch.setattr(
-        energy_moe.report, "update_section", lambda n, b, *a: written.update({n: b})
-    )
-    energy_moe.write_report(results, cfg, str(workdir))  # the cells are read back
-    body = written["energy_moe"]
-    assert "Energy is simulated" in body and "configs/energy_moe.py" in body
-    assert energy_moe.summary(results, cfg) in body and "Routing alone" in body
+def test_a_run_killed_with_sigkill_resumes_to_the_frozen_results(tiny_run):
+    """The restarted run continued from the checkpoint and equals the frozen tiny run (made
+    uninterrupted) bit for bit, wall-clock times aside."""
+    *_, results, messages = tiny_run
+    assert any(m.startswith("Resumed from") for m in messages)
+    with open(FIXTURE) as f:
+        frozen = json.load(f)
+    assert _same(_numbers(results), _numbers(frozen))
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end_and_cached_rerun(tiny_run, monkeypatch):
+    cfg, workdir, results, _ = tiny_run
+    names = list(energy_moe.methods(cfg))
+    assert list(results["methods"]) == names
+    for name, row in results["methods"].items():
+        for key in energy_moe.SCALARS:
+            assert math.isfinite(row[key]["mean"]), key
+        assert row["bpc"]["mean"] == _cell(workdir, name)["bpc"]  # one seed: the cell's value
+    assert results["monitor"] == "simulated"
+    no_ttt = results["methods"]["no_ttt"]
+    # a smaller top-k routes each token to fewer experts: less expert energy per token
+    for key in ("uj_per_token", "routed_uj_per_token_late"):
+        assert results["methods"]["top_k/1"][key]["mean"] < no_ttt[key]["mean"]
+    # the infeasible budget escalates to degradation (level 2: a smaller top-k)
+    assert results["methods"]["budget/0.05"]["final_level"] == [2]
+    assert energy_moe.summary(results, cfg) == (workdir / "summary.md").read_text().strip()
     for plot in ("pareto", "heatmap", "convergence", "budget"):
-        assert f"docs/figures/energy_moe_{plot}.png" in body
-        assert (tmp_path / "docs" / "figures" / f"energy_moe_{plot}.png").stat().st_size > 1000
-    saved = json.loads((tmp_path / "docs" / "results" / "energy_moe.json").read_text())
-    assert saved["pareto_front"] == results["pareto_front"]
+        assert (workdir / f"energy_moe_{plot}.png").stat().st_size > 1000
+    assert _same(json.loads((workdir / "results.json").read_text()), results)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached cell or checkpoint was recomputed")
+
+    monkeypatch.setattr(serving, "serve", fail)
+    monkeypatch.setattr(runtime, "pretrain", fail)
+    assert _same(energy_moe.run(cfg, str(workdir)), results)
+
+
+@pytest.mark.slow
+def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
+    """Total energy = idle power over the stream's duration + the dynamic work's energy (more
+    time passes when a batch's work overruns its serving period), and EDP is its arithmetic."""
+    cfg, workdir, results, _ = tiny_run
+    dev = SimulatedDevice()
+    period = cfg.data.batch * cfg.data.length / results["serving_rate_tokens_s"]
+    duration = cfg.data.stream_batches * period
+    for name in ("no_ttt", "energy_ttt/3"):
+        cell = _cell(workdir, name)
+        expected = dev.idle_power_w * duration + cell["dynamic_j"]
+        if name == "no_ttt":  # the device keeps up with the stream: exactly idle + dynamic
+            assert cell["delay_s"] <= duration
+            assert cell["energy_j"] == pytest.approx(expected, rel=1e-6)
+        else:
+            assert cell["energy_j"] >= expected * (1 - 1e-6)
+            # each batch lasts max(period, its busy time) <= period + busy time
+            assert cell["energy_j"] <= expected + dev.idle_power_w * cell["delay_s"] * (1 + 1e-6)
+        assert cell["edp"] == pytest.approx(
+            edp(cell["dynamic_j"], cell["delay_s"], cell["tokens"]), rel=1e-12
+        )
+    adapted = _cell(workdir, "energy_ttt/3")
+    assert adapted["adapt_calls"] == math.ceil(cfg.data.stream_batches / cfg.ttt.every)
+    assert 0 < adapted["adapt_dynamic_j"] < adapted["dynamic_j"]
+    # inference energy = dense part + expert part; the adaptation's energy comes on top
+    inference_j = adapted["dynamic_j"] - adapted["adapt_dynamic_j"]
+    assert 0 < adapted["expert_j"] < inference_j
+    assert len(adapted["curve_energy_uj"]) == adapted["adapt_calls"] * cfg.ttt.steps

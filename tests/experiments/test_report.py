@@ -71,8 +71,6 @@ def test_benchmarks_sections_are_rendered_from_their_kept_results(name, tmp_path
     import importlib
     import json
 
-    if name.startswith("energy_moe"):
-        pytest.skip("energy_moe's report still reads per-cell files from its workdir (#16)")
     config = importlib.import_module(f"configs.{name}").get_config()
     module = importlib.import_module(f"experiments.{config.experiment}")
     monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "BENCHMARKS.md")

@@ -1,0 +1,79 @@
+"""Energy-aware TTT of a mixture-of-experts model on a real domain shift (issue 5).
+
+Two tasks share everything but their data (``config.task``, :mod:`.tasks`):
+
+* ``lm`` (absent ``task``): a byte-level MoE LM trained on the English help topics of
+  ``pydoc_data`` (next-byte prediction plus the Switch load-balancing and router z-losses)
+  serves windows of the standard library's Python source, scored in bits per character;
+* ``digits``: a MoE classifier reading each 8x8 digit as 64 pixel tokens, trained on clean
+  digits, serves digits-C (corruptions at several severities), scored by error rate; TTT is
+  label-free TENT. Its runs publish the ``energy_moe_digits`` section.
+
+Per seed, a top-k MoE transformer whose experts have different widths (so different energies
+per token) is trained and then serves its task's shifted stream. Every method serves the same
+stream *prequentially*: each batch is scored with the current parameters before the method may
+adapt on it, so no method sees a label before predicting it. Methods (:mod:`.registry`):
+
+* ``no_ttt``: the trained model, top-k routing, all experts.
+* ``ttt``: TTT of the configured parameters with λ_energy = 0.
+* ``energy_ttt/<λ>``: the same plus λ_energy · E, E the expected routing energy under the
+  per-expert cost profile (:func:`metattt.energy.energy_tent`'s loss).
+* ``budget/<f>``: the power-budget policy (:func:`metattt.energy.power_budget`): λ follows the
+  simulated monitor's power readings; a budget still missed at λ_max escalates to pruning and
+  then a smaller top-k (graceful degradation). The budget is f of the unadapted model's
+  dynamic power above the fixed (idle + dense layers) power.
+* ``prune/<n>``: static pruning of the n costliest experts; ``top_k/<k>``: a smaller top-k.
+  Both keep the trained parameters.
+
+Energy (:mod:`.serving`, :mod:`metattt.energy.accounting`). The monitor is the simulated one
+unless the config asks for NVML (the results record which one ran). Each batch is one measured
+window in which the device does the batch's forward pass -- FLOPs and bytes of the dense layers
+plus :func:`metattt.models.moe.expert_work` of the experts actually used -- and, when the method
+adapts, ``1 + BACKWARD_FACTOR`` times the forward work of each adaptation step (priced with that
+step's own routing), then idles until the next batch arrives at the serving rate r tokens/s.
+Reported per token: the dynamic energy (above idle, what routing changes), the total energy,
+the simulated compute delay, their product (EDP), and the wall-clock TTT overhead (adaptation
+time / inference time).
+
+Modules: :mod:`.main` (checks and the run), :mod:`.runtime` (model, compiled functions,
+training), :mod:`.lm` / :mod:`.digits` (the tasks' data), :mod:`.serving`, :mod:`.aggregate`
+(results from cells), :mod:`.tables`, :mod:`.plots` and :mod:`.report` (rendered from
+``results.json`` alone).
+"""
+
+from experiments.energy_moe.aggregate import SCALARS, aggregate, figure_data, matched, scalars
+from experiments.energy_moe.main import demo_rows, run, validate
+from experiments.energy_moe.registry import Method, methods, parse_method
+from experiments.energy_moe.report import reading, write_report
+from experiments.energy_moe.runtime import Runtime, build_runtime
+from experiments.energy_moe.serving import BACKWARD_FACTOR, serve, static_mask
+from experiments.energy_moe.tables import summary
+from experiments.energy_moe.tasks import BPC, ERROR, TASKS, Metric, Task, task_of
+
+__all__ = [
+    "BACKWARD_FACTOR",
+    "BPC",
+    "ERROR",
+    "SCALARS",
+    "TASKS",
+    "Method",
+    "Metric",
+    "Runtime",
+    "Task",
+    "aggregate",
+    "build_runtime",
+    "demo_rows",
+    "figure_data",
+    "matched",
+    "methods",
+    "parse_method",
+    "reading",
+    "run",
+    "scalars",
+    "serve",
+    "static_mask",
+    "summary",
+    "task_of",
+    "validate",
+    "write_report",
+]

@@ -1,0 +1,141 @@
+"""From per-(seed, method) cells to results: means ± CIs, changes vs no_ttt, targets, the
+Pareto front, the matched-accuracy comparison, and the per-method data the figures draw."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from experiments.energy_moe.registry import BASELINES, ENERGY_AWARE, Method
+from experiments.energy_moe.tasks import BPC, Metric
+from metattt import stats
+from metattt.energy import pareto_front
+
+SCALARS = (
+    "bpc",
+    "routed_uj_per_token_late",
+    "bpc_late",
+    "uj_per_token",
+    "total_uj_per_token",
+    "edp",
+    "overhead",
+    "infer_wall_s",
+    "adapt_wall_s",
+    "mean_power_w",
+    "late_power_w",
+)
+
+
+def scalars(metric: Metric = BPC) -> tuple[str, ...]:
+    """The per-cell scalars :func:`aggregate` averages, with ``bpc`` renamed to the metric."""
+    return tuple(key.replace("bpc", metric.key) for key in SCALARS)
+
+
+def aggregate(
+    cells: dict[str, list[dict]], table: dict[str, Method], metric: Metric = BPC
+) -> dict[str, Any]:
+    """Means ± 95% CIs over seeds, changes relative to ``no_ttt`` per seed, targets, front.
+
+    The accuracy target is ``<metric>_change < 0.05``: a relative change for bits/char, an
+    absolute one (accuracy points) for an error rate.
+    """
+    base = cells["no_ttt"]
+    key_m = metric.key
+    rows: dict[str, dict[str, Any]] = {}
+    for name, runs in cells.items():
+        row = {key: stats.seed_summary([r[key] for r in runs]) for key in scalars(metric)}
+        row["energy_reduction"] = stats.seed_summary(
+            [1 - r["uj_per_token"] / b["uj_per_token"] for r, b in zip(runs, base, strict=True)]
+        )
+        row[f"{key_m}_change"] = stats.seed_summary(
+            [r[key_m] / b[key_m] - 1 if metric.relative else r[key_m] - b[key_m]
+             for r, b in zip(runs, base, strict=True)]
+        )  # fmt: skip
+        row["adapt_share_of_energy"] = stats.seed_summary(
+            [r["adapt_dynamic_j"] / r["dynamic_j"] for r in runs]
+        )
+        row["expert_share_of_energy"] = stats.seed_summary(
+            [r["expert_j"] / r["dynamic_j"] for r in runs]
+        )
+        if table[name].kind == "budget":
+            row["budget_w"] = stats.seed_summary([r["budget_w"] for r in runs])
+            for key in ("final_level", "final_top_k", "final_pruned", "budget_kept"):
+                row[key] = [r[key] for r in runs]
+            row["plan_budget_met"] = [r["plan_budget_met"] for r in runs]
+        red, chg = row["energy_reduction"]["mean"], row[f"{key_m}_change"]["mean"]
+        row["meets_energy_target"] = bool(red >= 0.20 and chg < 0.05)
+        row["meets_overhead_target"] = (
+            bool(row["overhead"]["mean"] < 0.10) if table[name].adapts else None
+        )
+        rows[name] = row
+    names = list(rows)
+    points = [(rows[n]["uj_per_token"]["mean"], rows[n][key_m]["mean"]) for n in names]
+    front = [names[i] for i in pareto_front(points)]
+    return {"methods": rows, "pareto_front": front, "matched": matched(rows, table, key_m)}
+
+
+def matched(
+    rows: dict[str, dict], table: dict[str, Method], key: str = "bpc"
+) -> dict[str, dict[str, Any]]:
+    """For each static baseline: the cheapest energy-aware TTT point at no worse ``key``.
+
+    ``beats`` when that point uses less dynamic energy per token than the baseline (means over
+    seeds); ``None`` when no energy-aware point is as accurate as the baseline.
+    """
+    aware = [n for n, m in table.items() if m.kind in ENERGY_AWARE]
+    out = {}
+    for name, method in table.items():
+        if method.kind not in BASELINES:
+            continue
+        bpc, energy = rows[name][key]["mean"], rows[name]["uj_per_token"]["mean"]
+        ok = [n for n in aware if rows[n][key]["mean"] <= bpc]
+        best = min(ok, key=lambda n: rows[n]["uj_per_token"]["mean"]) if ok else None
+        out[name] = {
+            "baseline_bpc": bpc,
+            "baseline_uj": energy,
+            "best_aware": best,
+            "aware_bpc": rows[best][key]["mean"] if best else None,
+            "aware_uj": rows[best]["uj_per_token"]["mean"] if best else None,
+            "beats": (rows[best]["uj_per_token"]["mean"] < energy) if best else None,
+        }
+    return out
+
+
+def figure_data(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[str, Any]:
+    """What the figures draw beyond the per-method summaries, so that a report needs only
+    ``results.json``:
+
+    * ``counts_late``: per method, the expert assignments (layers, E) of the last quarter of
+      the stream, summed over seeds (the heatmap);
+    * ``curves``: per adapting method (``ttt``, ``energy_ttt``), the expected routing energy
+      (µJ/token) and the adaptation's task loss (the metric's unit before its scale) after each
+      adaptation step, averaged over seeds (the convergence plot);
+    * ``traces``: the first seed's power per batch of ``no_ttt`` and of each budget, with the
+      budget (W) and the controller's λ per batch (the budget plot).
+    """
+    curves = {
+        name: {
+            "energy_uj": np.mean([r["curve_energy_uj"] for r in runs], axis=0).tolist(),
+            "loss": np.mean([r["curve_loss"] for r in runs], axis=0).tolist(),
+        }
+        for name, runs in cells.items()
+        if table[name].kind in ("ttt", "energy_ttt") and runs[0]["curve_energy_uj"]
+    }
+    traces = {"no_ttt": {"power_w": cells["no_ttt"][0]["power_trace"]}}
+    for name, runs in cells.items():
+        if table[name].kind == "budget":
+            run0 = runs[0]
+            traces[name] = {
+                "power_w": run0["power_trace"],
+                "budget_w": run0["budget_w"],
+                "lambda": run0["lambda_trace"],
+            }
+    return {
+        "counts_late": {
+            name: np.sum([r["counts_late"] for r in runs], axis=0).tolist()
+            for name, runs in cells.items()
+        },
+        "curves": curves,
+        "traces": traces,
+    }

@@ -1,0 +1,96 @@
+"""The language-model task: English docs (``pydoc_data``) -> Python source, scored in bits/char.
+
+A byte-level MoE LM is trained on the English help topics (90% of the topics, seeded) and then
+serves windows of every top-level module of the standard library; the held-out topics measure
+the model's in-domain bits/char, the size of the shift's baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from experiments.energy_moe import runtime
+from metattt.data import text_corpora as tc
+from metattt.models import moe
+
+TEST_SEED = 10_000  # stream windows come from seeds no training batch uses
+
+
+class Streams(NamedTuple):
+    """Byte streams: ``train`` and ``heldout`` English docs (disjoint topics), ``shifted`` code."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    shifted: np.ndarray
+
+
+def model_config(cfg, top_k: int | None = None) -> moe.MoEConfig:
+    """The byte-level MoE language model."""
+    return runtime.model_config(cfg, top_k)
+
+
+def validate_data(cfg) -> None:
+    """Raise ValueError for data values that would fail later."""
+    if cfg.data.length < 2 or cfg.data.batch < 1 or cfg.data.stream_batches < 1:
+        raise ValueError("data.length must be >= 2, data.batch and data.stream_batches >= 1")
+    if cfg.data.heldout_windows < 1 or cfg.data.heldout_windows % cfg.data.batch:
+        raise ValueError(
+            f"data.heldout_windows must be a positive multiple of data.batch={cfg.data.batch}"
+        )
+
+
+def load_streams(seed: int) -> Streams:
+    """Docs split by topic (90/10, seeded) and every top-level stdlib module as the shift."""
+    _, names, labels = tc.list_documents("doc_vs_code")
+    docs = [n for n, label in zip(names, labels, strict=True) if label == 0]
+    code = [n for n, label in zip(names, labels, strict=True) if label == 1]
+    train_idx, held_idx = tc.split_documents([0] * len(docs), (0.9, 0.1), seed=seed)
+    return Streams(
+        tc.concat_documents([docs[i] for i in train_idx]),
+        tc.concat_documents([docs[i] for i in held_idx]),
+        tc.concat_documents(code),
+    )
+
+
+def shifted_stream(cfg, streams: Streams, seed: int) -> tc.LMWindows:
+    """(S·B, L) windows of code at seeded random offsets (S stream batches of B)."""
+    n = cfg.data.stream_batches * cfg.data.batch
+    return tc.lm_windows(streams.shifted, cfg.data.length, n, seed=TEST_SEED + seed)
+
+
+def doc_batches(cfg, seed: int, streams: Streams):
+    """``first -> stacked (inputs, targets)`` windows of the training docs for one call."""
+    chunk, batch, length = cfg.train.steps_per_call, cfg.train.batch, cfg.data.length
+    shape = (chunk, batch, length)
+
+    def batches(first: int):
+        call = first // chunk
+        w = tc.lm_windows(streams.train, length, chunk * batch, seed=seed * 100_003 + call)
+        return w.inputs.reshape(shape), w.targets.reshape(shape)
+
+    return batches
+
+
+def fit(cfg, rt: runtime.Runtime, seed: int, streams: Streams, run_dir: str):
+    """Train (resumable in ``run_dir``), then measure the held-out docs' bits/char (the size of
+    the shift's baseline)."""
+    batches = doc_batches(cfg, seed, streams)
+    params, loss, seconds = runtime.pretrain(cfg, rt, seed, batches, run_dir)
+    info = {"train_loss_nats": loss, "train_seconds": seconds}
+    held = tc.lm_windows(streams.heldout, cfg.data.length, cfg.data.heldout_windows, seed=seed)
+    shape = (-1, cfg.data.batch, cfg.data.length)  # the stream's batch shape: no new compile
+    nats = runtime.mean_score(rt, params, held.inputs.reshape(shape), held.targets.reshape(shape))
+    info["heldout_doc_bpc"] = nats / math.log(2)
+    return params, info
+
+
+def prepare(cfg, rt: runtime.Runtime, seed: int, workdir: str) -> tuple[Any, Any, dict]:
+    """``(params, shifted stream, training info)`` of one seed (trained once, then cached)."""
+    streams = load_streams(seed)
+    params, info = runtime.trained_params(
+        rt, seed, workdir, lambda run_dir: fit(cfg, rt, seed, streams, run_dir)
+    )
+    return params, shifted_stream(cfg, streams, seed), info

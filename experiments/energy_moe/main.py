@@ -1,0 +1,170 @@
+"""The experiment: config -> checks, per seed a trained model and a shifted stream, every method
+served on it (cached per (seed, method) cell), then ``results.json`` in the workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from experiments import harness
+from experiments.energy_moe import registry, runtime, serving
+from experiments.energy_moe.aggregate import aggregate, figure_data
+from experiments.energy_moe.plots import plot_all
+from experiments.energy_moe.tables import summary
+from experiments.energy_moe.tasks import task_of
+from metattt import runlog, train
+from metattt.energy import lambda_controller
+from metattt.models import moe
+from metattt.params import select
+
+MONITOR_KINDS = ("simulated", "auto", "nvml")
+
+
+def validate(cfg) -> None:
+    """Raise ValueError for config values that would fail later."""
+    task = task_of(cfg)
+    task.validate_data(cfg)
+    validate_methods(cfg, task.model_config(cfg))
+
+
+def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
+    """Checks shared by every task: seeds, monitor, training, TTT, budgets and baselines."""
+    if not cfg.seeds:
+        raise ValueError("config.seeds is empty")
+    if cfg.monitor.kind not in MONITOR_KINDS:
+        raise ValueError(f"monitor.kind must be one of {MONITOR_KINDS}, got {cfg.monitor.kind!r}")
+    if not 0 < cfg.monitor.utilization <= 1:
+        raise ValueError(f"monitor.utilization must be in (0, 1], got {cfg.monitor.utilization}")
+    params = moe.init_moe(mcfg).params  # validates the model config
+    select(params, cfg.ttt.params)  # an unknown preset or an empty selection raises
+    t = cfg.train
+    train.check_counts(
+        t.num_steps, t.steps_per_call, t.checkpoint_every, t.steps_per_call, prefix="train."
+    )
+    if cfg.ttt.steps < 1 or cfg.ttt.every < 1 or not 1 <= cfg.ttt.windows <= cfg.data.batch:
+        raise ValueError("need ttt.steps >= 1, ttt.every >= 1 and 1 <= ttt.windows <= data.batch")
+    if any(not lam > 0 for lam in cfg.ttt.lambdas):
+        raise ValueError(f"ttt.lambdas must be > 0 (λ = 0 is the 'ttt' method), got "
+                         f"{tuple(cfg.ttt.lambdas)}")  # fmt: skip
+    if any(not 0 < f < 1 for f in cfg.budget.fractions):
+        raise ValueError(f"budget.fractions must be in (0, 1), got {tuple(cfg.budget.fractions)}")
+    lambda_controller(
+        1.0,
+        lam_init=cfg.budget.lam_init,
+        lam_min=cfg.budget.lam_min,
+        lam_max=cfg.budget.lam_max,
+        gain=cfg.budget.gain,
+    )
+    for n in cfg.baselines.prune:
+        if not 1 <= n <= mcfg.num_experts - mcfg.top_k:
+            raise ValueError(
+                f"baselines.prune entries must be in [1, num_experts - top_k = "
+                f"{mcfg.num_experts - mcfg.top_k}], got {n}"
+            )
+    for k in cfg.baselines.top_k:
+        if not 1 <= k < mcfg.top_k:
+            raise ValueError(f"baselines.top_k entries must be in [1, top_k), got {k}")
+
+
+def cell_path(workdir: str, seed: int, name: str) -> str:
+    """Where the cell of (seed, method) is cached."""
+    return os.path.join(workdir, "cells", f"seed_{seed}", name.replace("/", "_") + ".json")
+
+
+def run(cfg, workdir: str) -> dict[str, Any]:
+    """Train per seed, serve the shifted stream with every method (cached per cell).
+
+    Writes ``results.json`` (everything the report renders), ``summary.md`` and the figures
+    into ``workdir``; returns the results.
+    """
+    validate(cfg)
+    task = task_of(cfg)
+    rt = runtime.build_runtime(cfg, task.model_config(cfg), head=task.head)
+    b, length = cfg.data.batch, cfg.data.length
+    rate = serving.stream_rate(rt, batch=b, length=length, utilization=cfg.monitor.utilization)
+    p_fixed = serving.stream_fixed_power(rt, batch=b, length=length, rate=rate)
+    table = registry.methods(cfg)
+    cells: dict[str, list[dict[str, Any]]] = {name: [] for name in table}
+    seeds_info = []
+    for seed in cfg.seeds:
+        pending = [n for n in table if not os.path.isfile(cell_path(workdir, seed, n))]
+        if pending:  # only then load the data, the parameters and compile
+            params, stream, info = task.prepare(cfg, rt, seed, workdir)
+            runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows)
+        else:
+            with open(runtime.info_path(workdir, seed)) as f:
+                info = json.load(f)
+        seeds_info.append(info)
+        for name, method in runlog.progress(table.items(), desc=f"methods seed {seed}"):
+            budget_w = None
+            if method.kind == "budget":
+                p0 = cells["no_ttt"][-1]["mean_power_w"]
+                budget_w = p_fixed + method.fraction * (p0 - p_fixed)
+            cells[name].append(
+                harness.json_cell(
+                    cell_path(workdir, seed, name),
+                    lambda m=method, bw=budget_w: serving.serve(
+                        cfg,
+                        rt,
+                        params,
+                        stream,
+                        m,
+                        rate=rate,
+                        seed=seed,
+                        budget_w=bw,
+                        metric=task.metric,
+                    ),  # fmt: skip
+                )
+            )
+    results = aggregate(cells, table, task.metric)
+    results.update(
+        seeds=list(cfg.seeds),
+        seed_info=seeds_info,
+        serving_rate_tokens_s=rate,
+        fixed_power_w=p_fixed,
+        idle_power_w=rt.device.idle_power_w,
+        expert_uj_per_token=(1e6 * rt.joules).tolist(),
+        expert_widths=list(rt.mcfg.expert_widths),
+        monitor=cells["no_ttt"][0]["monitor"],
+        monitor_fallback=cells["no_ttt"][0]["monitor_fallback"],
+        kinds={name: m.kind for name, m in table.items()},
+        figures=figure_data(cells, table),
+    )
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(summary(results, cfg) + "\n")
+    plot_all(results, workdir, metric=task.metric, prefix=task.section)
+    return results
+
+
+def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
+    """``make demo``: no TTT vs energy-aware TENT on the demo config's shifted (code) stream.
+
+    Returns rows ``(system, method, metric, before, after, seconds)``: the simulated expert
+    energy per token of the routing over the last quarter of the stream, the dynamic energy per
+    token with the adaptation's own work included, and bits/char.
+    """
+    from configs import energy_moe as energy_config  # configs are read by experiments only
+
+    cfg = energy_config.get_config("demo")
+    cfg.budget.fractions = ()
+    cfg.baselines.prune = ()
+    cfg.baselines.top_k = ()
+    start = time.perf_counter()
+    results = run(cfg, os.path.join(workdir, "energy_moe"))
+    seconds = time.perf_counter() - start
+    rows = results["methods"]
+    base, aware = rows["no_ttt"], rows[f"energy_ttt/{cfg.ttt.lambdas[0]:g}"]
+    system, method = "energy-aware MoE TTT", f"TENT+energy (λ={cfg.ttt.lambdas[0]:g})"
+    metrics = (
+        ("routed_uj_per_token_late", "sim. expert energy/token of the routing (µJ)"),
+        ("uj_per_token", "sim. dyn. energy/token incl. adaptation (µJ)"),
+        ("bpc", "bits/char, docs -> code"),
+    )
+    return [
+        (system, method, metric, base[key]["mean"], aware[key]["mean"], seconds)
+        for key, metric in metrics
+    ]

@@ -1,0 +1,201 @@
+"""What every seed and method of a run shares: the model, its compiled functions, the costs,
+and the per-seed trained parameters (trained once, resumable, cached in the workdir)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import harness
+from metattt import objectives, runlog, train
+from metattt.data import text_corpora as tc
+from metattt.energy import SimulatedDevice, energy_tent, proxy_costs
+from metattt.models import moe
+
+HEADS = ("lm", "class")
+
+
+def model_config(
+    cfg, top_k: int | None = None, *, vocab_size: int = tc.VOCAB_SIZE, num_classes: int = 0
+) -> moe.MoEConfig:
+    """The model section of the config as a :class:`~metattt.models.moe.MoEConfig` (a byte LM
+    by default; ``num_classes`` > 0 adds the classification head)."""
+    m = cfg.model
+    return moe.MoEConfig(
+        vocab_size=vocab_size,
+        num_classes=num_classes,
+        d_model=m.d_model,
+        num_heads=m.num_heads,
+        num_layers=m.num_layers,
+        num_experts=m.num_experts,
+        d_ff=m.d_ff,
+        top_k=m.top_k if top_k is None else top_k,
+        max_len=cfg.data.length,
+        capacity_factor=None,
+        expert_widths=tuple(int(w) for w in m.expert_widths),
+        backend=m.backend,
+    )
+
+
+class Runtime(NamedTuple):
+    """What every seed and method shares: the compiled functions and the cost profile.
+
+    Attributes:
+        mcfg: the model config (the trained top-k).
+        init: ``init(seed) -> params``.
+        train_step: the pretraining :class:`metattt.train.Step` (Adam on cross-entropy plus
+            the load-balancing and z losses) over ``(inputs, targets)`` batches.
+        infer: ``{k: jitted (params, inputs, targets, mask) -> (score, counts)}``, the score
+            being the batch's mean nats (LM) or error rate (classifier).
+        adapt: jitted ``(params, tokens, λ, mask) -> (params, per-step RoutingStats)``.
+        joules: (E,) dynamic joules per token of each expert (the proxy profile).
+        device: the simulated device constants.
+    """
+
+    mcfg: moe.MoEConfig
+    init: Any
+    train_step: train.Step
+    infer: dict[int, Any]
+    adapt: Any
+    joules: np.ndarray
+    device: SimulatedDevice
+
+
+def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
+    """Compile-once functions for every k the methods use (parameters do not depend on K).
+
+    ``head="lm"``: next-byte cross-entropy for training, mean nats per batch as the score, the
+    next-byte loss for TTT. ``head="class"``: cross-entropy of the class head for training, the
+    error rate per batch as the score, and label-free TENT (prediction entropy) for TTT.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    apply = moe.init_moe(mcfg).apply
+
+    def score(out, targets):
+        if head == "lm":
+            return objectives.cross_entropy(out.logits, targets)
+        return jnp.mean(jnp.argmax(out.class_logits, axis=-1) != targets)
+
+    def train_loss(p, batch):
+        inputs, targets = batch
+        out = apply(p, inputs)
+        logits = out.logits if head == "lm" else out.class_logits
+        ce = objectives.cross_entropy(logits, targets)
+        aux = out.aux
+        lb, z = aux["load_balance_loss"], aux["router_z_loss"]
+        return ce + cfg.train.load_balance * lb + cfg.train.z_loss * z
+
+    train_step = train.supervised(train_loss, optax.adam(cfg.train.lr), jit=False)
+
+    def make_infer(k):
+        apply_k = moe.init_moe(mcfg._replace(top_k=k)).apply
+
+        @jax.jit
+        def infer(p, inputs, targets, mask):
+            out = apply_k(p, inputs, expert_mask=mask)
+            return score(out, targets), out.aux["expert_counts"]
+
+        return infer
+
+    ks = {mcfg.top_k, *(int(k) for k in cfg.baselines.top_k)}
+    if cfg.budget.fractions:
+        ks |= set(range(1, mcfg.top_k + 1))  # degradation may lower K
+    device = SimulatedDevice()
+    costs = proxy_costs(mcfg.num_experts, *moe.expert_token_costs(mcfg), device=device)
+    ttt = energy_tent(
+        apply,
+        costs,
+        top_k=mcfg.top_k,
+        params=cfg.ttt.params,
+        task="next_token" if head == "lm" else "entropy",
+        head=head,
+        opt=optax.adam(cfg.ttt.lr),
+        max_steps=cfg.ttt.steps,
+    )
+
+    @jax.jit
+    def adapt(p, tokens, lam, mask):
+        # Serving runs no diagnostic forward passes before and after the adaptation.
+        res = ttt.adapt(p, tokens, lam, mask, diagnostics=False)
+        return res.params, res.inner.aux
+
+    return Runtime(
+        mcfg,
+        lambda seed: moe.init_moe(mcfg, seed=seed).params,
+        train_step,
+        {k: make_infer(k) for k in sorted(ks)},
+        adapt,
+        costs.values("joules_per_token"),
+        device,
+    )
+
+
+def pretrain(cfg, rt: Runtime, seed: int, batches, workdir: str) -> tuple[Any, float, float]:
+    """Train ``rt.train_step`` with :func:`metattt.train.fit` (resumable in ``workdir``).
+
+    ``batches(first)`` makes, on the host, the stacked ``(inputs, targets)`` of steps
+    ``first .. first + train.steps_per_call - 1``. Returns ``(params, the last logged mean
+    training loss, seconds)``.
+    """
+    t = cfg.train
+    memory = runlog.MemoryWriter()
+    start = time.perf_counter()
+    with runlog.create_writer(workdir) as files:
+        state = train.fit(
+            rt.train_step,
+            rt.train_step.init(rt.init(seed)),
+            batches,
+            stacked=True,
+            num_steps=t.num_steps,
+            steps_per_call=t.steps_per_call,
+            checkpoint_every=t.checkpoint_every,
+            log_every=t.steps_per_call,
+            workdir=workdir,
+            writer=runlog.MultiWriter([files, memory]),
+        )
+    loss = memory.last("loss") if memory.history else math.nan  # nan: resumed at the end
+    return state.params, loss, time.perf_counter() - start
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+    """Seed ``seed``'s parameter cell: ``params/`` (the trained parameters), ``info.json``
+    (loss, seconds, in-domain score) and ``run/`` (training checkpoints and logs)."""
+    return os.path.join(workdir, "params", f"seed_{seed}")
+
+
+def info_path(workdir: str, seed: int) -> str:
+    """The JSON record of seed ``seed``'s training, written once its parameters are saved."""
+    return os.path.join(seed_dir(workdir, seed), "info.json")
+
+
+def trained_params(rt: Runtime, seed: int, workdir: str, fit) -> tuple[Any, dict[str, Any]]:
+    """``fit(run_dir) -> (params, info)`` once per seed (:func:`experiments.harness.params_cell`:
+    a killed training resumes from its checkpoints in ``run_dir``); a rerun restores them."""
+    return harness.params_cell(seed_dir(workdir, seed), rt.init(seed), fit)
+
+
+def mean_score(rt: Runtime, params: Any, inputs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over batches of the inference score, (N, B, ...) batches of the stream's shape (so
+    nothing compiles again), all experts, the trained top-k."""
+    mask = np.ones((rt.mcfg.num_experts,), bool)
+    infer = rt.infer[rt.mcfg.top_k]
+    scores = [float(infer(params, x, y, mask)[0]) for x, y in zip(inputs, targets, strict=True)]
+    return float(np.mean(scores))
+
+
+def warm_up(rt: Runtime, params: Any, stream: Any, *, batch: int, windows: int) -> None:
+    """Compile every inference and the adaptation step for the stream's shapes, so the
+    wall-clock times of serving (and the TTT overhead) exclude compilation."""
+    x, y = jnp.asarray(stream.inputs[:batch]), jnp.asarray(stream.targets[:batch])
+    mask = jnp.ones((rt.mcfg.num_experts,), bool)
+    for infer in rt.infer.values():
+        jax.block_until_ready(infer(params, x, y, mask))
+    jax.block_until_ready(rt.adapt(params, x[:windows], jnp.float32(0.0), mask))

@@ -1,0 +1,183 @@
+"""Serving a stream with one method: the MoE's work, the serving rate and fixed power of a
+config, and a cell of results from :func:`metattt.energy.serving.serve_stream` (prequential:
+every batch is scored before the method may adapt on it; every batch is one monitor window).
+
+A forward pass costs the dense layers plus :func:`metattt.models.moe.expert_work` of the
+experts actually used; an adaptation step ``1 + BACKWARD_FACTOR`` forward passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.energy_moe.registry import Method
+from experiments.energy_moe.runtime import Runtime
+from experiments.energy_moe.tasks import Metric
+from metattt.energy import (
+    Work,
+    create_monitor,
+    dense_work,
+    edp,
+    fixed_power,
+    forward_work,
+    lambda_controller,
+    power_budget,
+    routed_energy,
+    serving_rate,
+)
+from metattt.energy.serving import serve_stream
+from metattt.models import moe
+
+BACKWARD_FACTOR = 2.0  # a backward pass costs about two forwards (input and weight gradients)
+
+
+def batch_dense_work(rt: Runtime, batch: int, length: int) -> Work:
+    """Work of everything but the experts in one forward pass of (batch, length) tokens."""
+    m = rt.mcfg
+    return dense_work(
+        d_model=m.d_model, num_layers=m.num_layers, num_experts=m.num_experts,
+        vocab_size=m.vocab_size, batch=batch, length=length,
+    )  # fmt: skip
+
+
+def batch_work(rt: Runtime, counts: Any, batch: int, length: int) -> Work:
+    """Dense work plus the work of the experts actually used (``counts`` (layers, E))."""
+    experts = moe.expert_work(jnp.asarray(counts), rt.mcfg)
+    return forward_work(batch_dense_work(rt, batch, length), experts.flops, experts.bytes)
+
+
+def stream_rate(rt: Runtime, *, batch: int, length: int, utilization: float) -> float:
+    """r tokens/s: the unadapted model at mean-cost routing keeps the device busy
+    ``utilization`` of the time (:func:`metattt.energy.serving_rate`)."""
+    return serving_rate(
+        rt.device, batch_dense_work(rt, batch, length), *moe.expert_token_costs(rt.mcfg),
+        tokens=batch * length, top_k=rt.mcfg.top_k, num_layers=rt.mcfg.num_layers,
+        utilization=utilization,
+    )  # fmt: skip
+
+
+def stream_fixed_power(rt: Runtime, *, batch: int, length: int, rate: float) -> float:
+    """Idle plus the dense layers' dynamic power at ``rate`` (what routing cannot change)."""
+    dense = batch_dense_work(rt, batch, length)
+    return fixed_power(rt.device, dense, tokens=batch * length, rate=rate)
+
+
+def static_mask(joules: np.ndarray, prune: int) -> np.ndarray:
+    """(E,) bool with the ``prune`` costliest experts off (ties: the higher index)."""
+    e = len(joules)
+    order = e - 1 - np.argsort(-joules[::-1], kind="stable")
+    mask = np.ones((e,), bool)
+    mask[order[:prune]] = False
+    return mask
+
+
+def serve(
+    cfg,
+    rt: Runtime,
+    params: Any,
+    stream: Any,
+    method: Method,
+    *,
+    rate: float,
+    seed: int,
+    metric: Metric,
+    budget_w: float | None = None,
+) -> dict[str, Any]:
+    """Serve the stream prequentially with ``method``; every batch is a monitor window.
+
+    ``stream`` has ``inputs`` (S·B, L) tokens and ``targets`` (S·B, ...) for the score.
+    Returns the cell: the metric, energies, delay, EDP, wall times and per-batch traces.
+    """
+    mcfg = rt.mcfg
+    b, length = cfg.data.batch, cfg.data.length
+    tokens = b * length
+    monitor = create_monitor(
+        cfg.monitor.kind, allow_simulated=cfg.monitor.allow_simulated, seed=seed
+    )
+    policy = None
+    if method.kind == "budget":
+        policy = power_budget(
+            budget_w,
+            rt.joules,
+            top_k=mcfg.top_k,
+            num_layers=mcfg.num_layers,
+            idle_power_w=stream_fixed_power(rt, batch=b, length=length, rate=rate),
+            tokens_per_s=rate,
+            controller=lambda_controller(
+                budget_w,
+                lam_init=cfg.budget.lam_init,
+                lam_min=cfg.budget.lam_min,
+                lam_max=cfg.budget.lam_max,
+                gain=cfg.budget.gain,
+            ),
+            patience=cfg.budget.patience,
+        )
+    inputs = stream.inputs.reshape(-1, b, length)
+    served = serve_stream(
+        lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask)),
+        lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask)),
+        params,
+        inputs,
+        stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:]),
+        work=lambda counts, rows: batch_work(rt, counts, rows, length),
+        dense=batch_dense_work(rt, b, length),
+        device=rt.device,
+        monitor=monitor,
+        period_s=tokens / rate,
+        top_k=method.top_k or mcfg.top_k,
+        mask=static_mask(rt.joules, method.prune),
+        lam=cfg.budget.lam_init if policy is not None else method.lam,
+        adapting=method.kind in ("ttt", "energy_ttt"),
+        adapt_every=cfg.ttt.every,
+        adapt_windows=cfg.ttt.windows,
+        backward_factor=BACKWARD_FACTOR,
+        policy=policy,
+    )
+    monitor.close()
+    steps = len(inputs)
+    half = steps // 2
+    out = {
+        metric.key: float(np.mean(served.scores)) * metric.scale,
+        f"{metric.key}_late": float(np.mean(served.scores[half:])) * metric.scale,
+        "tokens": steps * tokens,
+        "energy_j": served.energy_j,
+        "dynamic_j": served.dynamic_j,
+        "adapt_dynamic_j": served.adapt_dynamic_j,
+        "expert_j": served.expert_j,
+        "delay_s": served.busy_s,
+        "uj_per_token": 1e6 * served.dynamic_j / (steps * tokens),
+        "routed_uj_per_token_late": routed_energy(
+            rt.joules, served.counts_late, served.late_batches * tokens
+        ),
+        "total_uj_per_token": 1e6 * served.energy_j / (steps * tokens),
+        "edp": edp(served.dynamic_j, served.busy_s, steps * tokens),
+        "infer_wall_s": served.infer_s,
+        "adapt_wall_s": served.adapt_s,
+        "overhead": served.adapt_s / served.infer_s,
+        "adapt_calls": served.adapt_calls,
+        "mean_power_w": float(np.mean(served.power_w)),
+        "late_power_w": float(np.mean(served.power_w[half:])),
+        "power_trace": served.power_w,
+        "lambda_trace": served.lambdas,
+        "top_k_trace": served.top_ks,
+        "counts": served.counts.tolist(),
+        "counts_late": served.counts_late.tolist(),
+        "curve_energy_uj": [1e6 * v for v in served.curve_energy],
+        "curve_loss": served.curve_loss,
+        "monitor": monitor.source,
+        "monitor_fallback": monitor.fallback_reason,
+    }
+    if policy is not None:
+        out.update(
+            budget_w=budget_w,
+            level_trace=served.levels,
+            final_level=served.levels[-1],
+            final_top_k=served.top_k,
+            final_pruned=int(np.sum(~served.mask)),
+            plan_budget_met=bool(served.decision.budget_met),
+            budget_kept=out["late_power_w"] <= budget_w,
+        )
+    return out

@@ -1,0 +1,174 @@
+"""Prequential serving of a stream under a power monitor, with optional test-time adaptation.
+
+Batch t of the stream is first scored with the current parameters (so no label is seen before
+its prediction), then, if adaptation is on and t is a multiple of ``adapt_every``, the model
+adapts on the batch's first ``adapt_windows`` rows. Each batch is one measured window of the
+monitor. With a simulated monitor the window holds the work of the batch's forward pass and of
+each adaptation step (``1 + backward_factor`` forwards priced at that step's own routing), then
+idles until the next batch arrives ``period_s`` after this one. A power-budget policy (see
+:func:`metattt.energy.power_budget`), when given, reads each window's power and sets λ, top-k,
+the expert mask and whether to adapt for the next batch.
+
+The model enters as functions only: ``infer(params, inputs, targets, top_k, mask) -> (score,
+counts)`` and ``adapt(params, tokens, lam, mask) -> (params, stats)``, ``stats`` holding per
+adaptation step ``joules_per_token``, ``task_loss`` and ``expert_counts`` (see
+:class:`metattt.energy.RoutingStats`); ``work(counts, rows) -> Work`` prices one forward pass.
+Shapes: inputs (S, B, ...), targets (S, B, ...), counts (layers, E), mask (E,).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from metattt.energy.accounting import Work
+from metattt.energy.monitor import AbstractMonitor, SimulatedDevice
+
+
+class ServedStream(NamedTuple):
+    """What serving a stream measured.
+
+    Attributes:
+        scores: (S,) the score of each batch, before any adaptation on it.
+        power_w: (S,) each window's mean power; ``lambdas``, ``top_ks``: (S,) the λ_energy and
+            top-k each batch was served with; ``levels``: the policy's level after each batch
+            (empty without a policy).
+        counts: (layers, E) expert assignments over the stream; ``counts_late``: over its last
+            ``late_batches`` = max(S // 4, 1) batches (the routing after adaptation).
+        curve_energy: expected routing energy (J/token) after each adaptation step;
+            ``curve_loss``: the adaptation's task loss at each step.
+        energy_j: the monitor's energy over every window (idle included).
+        dynamic_j: the work's energy (no idle), adaptation included; ``adapt_dynamic_j``: the
+            adaptation's share; ``expert_j``: the experts' share of the inference work.
+        busy_s: the simulated device's busy time (0 for a real monitor).
+        infer_s, adapt_s: wall-clock seconds of inference and of adaptation.
+        adapt_calls: how many batches were adapted on.
+        top_k, mask: the routing at the end; ``decision``: the policy's last decision or None.
+    """
+
+    scores: list[float]
+    power_w: list[float]
+    lambdas: list[float]
+    top_ks: list[int]
+    levels: list[int]
+    counts: np.ndarray
+    counts_late: np.ndarray
+    late_batches: int
+    curve_energy: list[float]
+    curve_loss: list[float]
+    energy_j: float
+    dynamic_j: float
+    adapt_dynamic_j: float
+    expert_j: float
+    busy_s: float
+    infer_s: float
+    adapt_s: float
+    adapt_calls: int
+    top_k: int
+    mask: np.ndarray
+    decision: Any
+
+
+def serve_stream(
+    infer: Callable[..., tuple[Any, Any]],
+    adapt: Callable[..., tuple[Any, Any]],
+    params: Any,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    *,
+    work: Callable[[Any, int], Work],
+    dense: Work,
+    device: SimulatedDevice,
+    monitor: AbstractMonitor,
+    period_s: float,
+    top_k: int,
+    mask: np.ndarray,
+    lam: float = 0.0,
+    adapting: bool = False,
+    adapt_every: int = 1,
+    adapt_windows: int = 1,
+    backward_factor: float = 2.0,
+    policy: Any = None,
+) -> ServedStream:
+    """Serve ``inputs`` batch by batch, prequentially, each batch one monitor window.
+
+    Args:
+      infer, adapt, work: the model's functions (module docstring).
+      params: the parameters at the start; adaptation carries them along the stream.
+      inputs, targets: (S, B, ...) batches.
+      dense: the work of everything but the experts in one forward pass of a full batch.
+      device: prices work in joules (:meth:`SimulatedDevice.work_energy`).
+      monitor: measures each window; a simulated one (with ``record_work``) is fed the work
+        and idles for the rest of ``period_s``. The caller closes it.
+      top_k, mask, lam: the routing and λ_energy of the first batch.
+      adapting: adapt from the start (a policy turns it on and off afterwards).
+      adapt_every, adapt_windows: adapt on the first ``adapt_windows`` rows of every
+        ``adapt_every``-th batch.
+      backward_factor: an adaptation step costs ``1 + backward_factor`` forward passes.
+      policy: a :class:`metattt.energy.PowerBudget` or None.
+    """
+    simulated = hasattr(monitor, "record_work")
+    state = policy.init() if policy is not None else None
+    decision = None
+    steps = len(inputs)
+    late = max(steps // 4, 1)
+    scores, power, lams, levels, ks = [], [], [], [], []
+    counts_total = counts_late = None
+    curve_energy, curve_loss = [], []
+    energy = dynamic = busy = adapt_dynamic = expert_j = 0.0
+    infer_s = adapt_s = 0.0
+    adapt_calls = 0
+    for t in range(steps):
+        with monitor.measure() as window:
+            k = top_k
+            start = time.perf_counter()
+            score, counts = jax.block_until_ready(infer(params, inputs[t], targets[t], k, mask))
+            infer_s += time.perf_counter() - start
+            counts = np.asarray(counts)
+            w = work(counts, inputs.shape[1])
+            step_busy = monitor.record_work(*w) if simulated else 0.0
+            dynamic += device.work_energy(*w)
+            expert_j += device.work_energy(*w) - device.work_energy(*dense)
+            if adapting and t % adapt_every == 0:
+                sub = inputs[t, :adapt_windows]
+                start = time.perf_counter()
+                params, stats = jax.block_until_ready(adapt(params, sub, lam, mask))
+                adapt_s += time.perf_counter() - start
+                adapt_calls += 1
+                curve_energy += np.asarray(stats.joules_per_token).tolist()
+                curve_loss += np.asarray(stats.task_loss).tolist()
+                for step_counts in np.asarray(stats.expert_counts):
+                    step = work(step_counts, sub.shape[0]).scaled(1 + backward_factor)
+                    if simulated:
+                        step_busy += monitor.record_work(*step)
+                    adapt_dynamic += device.work_energy(*step)
+                    dynamic += device.work_energy(*step)
+            if simulated:
+                monitor.idle(max(period_s - step_busy, 0.0))
+        rec = window.record
+        energy += rec.energy_j
+        busy += step_busy
+        scores.append(float(score))
+        power.append(rec.mean_power_w)
+        lams.append(float(lam))
+        ks.append(k)
+        if counts_total is None:
+            counts_total = np.zeros(counts.shape, np.int64)
+            counts_late = np.zeros_like(counts_total)
+        counts_total += counts
+        if t >= steps - late:
+            counts_late += counts
+        if policy is not None:
+            state, decision = policy.update(state, rec.mean_power_w, rec.max_temperature_c)
+            lam, top_k, mask = decision.lambda_energy, decision.top_k, decision.expert_mask
+            adapting = decision.adapt
+            levels.append(decision.level)
+    return ServedStream(
+        scores, power, lams, ks, levels, counts_total, counts_late, late, curve_energy,
+        curve_loss, energy, dynamic, adapt_dynamic, expert_j, busy, infer_s, adapt_s,
+        adapt_calls, int(top_k), np.asarray(mask), decision,
+    )  # fmt: skip
