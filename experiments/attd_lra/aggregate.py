@@ -45,14 +45,15 @@ def mixture_and_bands(rows, id_share: float, data) -> dict[str, Any]:
     mix = lambda key: [id_share * r[f"{key}_id"] + (1 - id_share) * r[f"{key}_shift"] for r in rows]
     out: dict[str, Any] = {"acc_mix": _ci(mix("acc")), "mean_k_mix": _ci(mix("mean_k"))}
     out["acc_mix_seeds"] = mix("acc")
-    out["band_acc"] = {}
+    out["band_acc"], out["band_acc_seeds"] = {}, {}
     for lo, hi in shift_bands(data):
         per_seed = []
         for r in rows:
             d = np.asarray(r["examples_shift"]["difficulty"])
             inside = (d >= lo - 1e-6) & (d <= hi + 1e-6)
             per_seed.append(float(np.mean(np.asarray(r["examples_shift"]["correct"])[inside])))
-        out["band_acc"][f"{np.exp(lo):.2f}-{np.exp(hi):.2f}"] = _ci(per_seed)
+        label = f"{np.exp(lo):.2f}-{np.exp(hi):.2f}"
+        out["band_acc"][label], out["band_acc_seeds"][label] = _ci(per_seed), per_seed
     return out
 
 
@@ -72,6 +73,7 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
             rows = [by_seed[s][name] for s in cfg.seeds if name in by_seed[s]]
             entry = {k: _ci([r[k] for r in rows]) for k in SCALARS}
             entry["acc_shift_seeds"] = [r["acc_shift"] for r in rows]
+            entry["acc_id_seeds"] = [r["acc_id"] for r in rows]
             entry["seeds"] = [s for s in cfg.seeds if name in by_seed[s]]
             entry["k_hist_shift"] = np.sum([r["k_hist_shift"] for r in rows], axis=0).tolist()
             entry["k_hist_id"] = np.sum([r["k_hist_id"] for r in rows], axis=0).tolist()

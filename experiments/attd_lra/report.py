@@ -7,7 +7,15 @@ from typing import Any
 import numpy as np
 
 from experiments import report
-from experiments.attd_lra.methods import DIFFICULTY, method_label, parse_method
+from experiments.attd_lra import dynamics
+from experiments.attd_lra.aggregate import shift_bands
+from experiments.attd_lra.methods import (
+    ADAPTER_LABELS,
+    DIFFICULTY,
+    SHIFT_TASKS,
+    method_label,
+    parse_method,
+)
 from experiments.attd_lra.readings import hist, reading, rho
 
 
@@ -148,6 +156,25 @@ def _shift_text(cfg) -> list[str]:
             f"{sh.path_length[0]}-{sh.path_length[1]} steps and {sh.num_distractors[0]}-"
             f"{sh.num_distractors[1]} distractors."
         )
+    for task in set(cfg.tasks) & set(SHIFT_TASKS):
+        t = d[task]
+        what = (
+            f"which of {t.num_classes} periodic templates (3 harmonics, random phase, "
+            f"amplitude ×0.8-1.2, noise 0.05) a sequence of {t.seq_len} tokens shows, period "
+            f"{t.period:g} ± 15%; the shift plays it w times slower (w < 1: faster)"
+            if task == "timewarp"
+            else f"which of {t.num_classes} latent linear systems (2 damped modes each) drove a "
+            f"sequence of {t.seq_len} tokens; the shift scales the modes' decay time"
+        )
+        bands = ", ".join(f"×{np.exp(lo):.2f}-{np.exp(hi):.2f}" for lo, hi in shift_bands(t))
+        outer = ", ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in t.outer_bands)
+        lines.append(
+            f"- {task} ({DIFFICULTY[task]} is the difficulty): {what}. Train {t.num_train} and "
+            f"in-distribution test {t.num_test} inputs at factor 1; outer-training split "
+            f"{t.num_outer} inputs with factors in {outer} (factor 1 and milder shifts than any "
+            f"test band); shifted test {t.num_test} inputs with factors in bands {bands} either "
+            "way (held out from all training and from every setting)."
+        )
     if "text" in cfg.tasks:
         t = d.text
         lines.append(
@@ -158,6 +185,36 @@ def _shift_text(cfg) -> list[str]:
             "(test) files."
         )
     return lines
+
+
+def _inner_text(cfg) -> list[str]:
+    a = cfg.attd
+    line = (
+        f"- Inner loop: L_int = {a.objective}, {a.inner_opt}(lr {a.inner_lr}"
+        + (f", eps_root {a.adam_eps_root}" if a.adam_eps_root else "")
+        + f") on ψ, K_max = {a.k_max}. "
+    )
+    if a.inner_lr_grid:
+        line = (
+            f"- Inner loop: L_int = {a.objective}, {a.inner_opt} on ψ, K_max = {a.k_max}; its "
+            f"learning rate per adapter family chosen from {list(a.inner_lr_grid)} on the "
+            "outer-training split (see below). "
+        )
+    elif a.inner_opt == "adam":
+        line += (
+            "SGD barely moves L_int (∂L_int/∂U is ~1e-4 at ψ₀: SGD at lr 50 lowers it by "
+            "~0.3% in 4 steps, and lr 1000 diverges to NaN), hence Adam, whose step size does "
+            "not depend on the gradient scale."
+        )
+    names = tuple(cfg.methods) + tuple(cfg.ablation_methods)
+    families = sorted({parse_method(n).adapter for n in names} - {None})
+    if families:
+        line += (
+            "Adapter families besides the low-rank ψ: "
+            + "; ".join(f"`+{f}` = {ADAPTER_LABELS[f]}" for f in families)
+            + " (zero at the start; see `attd.dynamics.make_adapter`)."
+        )
+    return [line]
 
 
 def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
@@ -176,8 +233,11 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     names = tuple(cfg.methods) + tuple(cfg.ablation_methods)
     second = any(parse_method(n).second_order for n in names)
     joint = any(parse_method(n).joint for n in names)
+    shifted = bool(set(cfg.tasks) & set(SHIFT_TASKS))
     title = (
-        "## ATTD on Mamba: joint training with the self-supervised loss (does TTT of the "
+        "## ATTD on Mamba where adapting the dynamics can matter: shifts in the inputs' timescales"
+        if shifted
+        else "## ATTD on Mamba: joint training with the self-supervised loss (does TTT of the "
         "dynamics help once outer training keeps L_int informative?)"
         if joint
         else "## ATTD on Mamba: second- vs first-order meta-training (does TTT of the dynamics "
@@ -220,18 +280,21 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
             f"(lr {p.lr}, batch {p.batch}) on task CE + {p.lm_weight} x next-token CE "
             f"(seconds: {pre}). Each method then trains its outer parameters (θ, ψ₀, "
             f"thresholds) from that base for {f.steps} steps (batch {f.batch}, the same batches "
-            f"for every method; Adam lr θ {f.lr_theta}, ψ₀ {f.lr_psi}, thresholds "
+            f"for every method; Adam lr "
+            + ("θ frozen" if f.freeze_theta else f"θ {f.lr_theta}")
+            + f", ψ₀ {f.lr_psi}, thresholds "
             f"{f.lr_thresholds}), {order}, λ = {a.lam} ({a.cost} cost), "
             f"β = {a.beta}, τ = {a.temperature}, remat = {a.remat}. Thresholds start at "
-            "quantiles of s on training inputs (ATTD: k/(K_max+1); gate: the median). "
-            "`ATTD, λ=0` is an ablation: ATTD without the step cost, so only the task loss "
+            "quantiles of s on the outer-training inputs (ATTD: k/(K_max+1); gate: the median)"
+            + (
+                " and are set again at those quantiles of s under the trained parameters after "
+                "outer training (`recalibrate`). "
+                if a.recalibrate
+                else ". "
+            )
+            + "`ATTD, λ=0` is an ablation: ATTD without the step cost, so only the task loss "
             "moves its thresholds.",
-            f"- Inner loop: L_int = {a.objective}, {a.inner_opt}(lr {a.inner_lr}"
-            + (f", eps_root {a.adam_eps_root}" if a.adam_eps_root else "")
-            + f") on ψ, "
-            f"K_max = {a.k_max}. SGD barely moves L_int (∂L_int/∂U is ~1e-4 at ψ₀: SGD at lr "
-            "50 lowers it by ~0.3% in 4 steps, and lr 1000 diverges to NaN), hence Adam, whose "
-            "step size does not depend on the gradient scale.",
+            *_inner_text(cfg),
             *ablation,
             "- Columns: accuracy on the in-distribution and shifted test splits; K and inner "
             "steps on the shifted split (inner steps = Σ K over its inputs, the compute of the "
@@ -241,6 +304,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
             "input) and the grouped path (compute follows K), after compilation, on one batch "
             "of the shifted split. Rows without ± ran on one seed.",
             "",
+            *([dynamics.table(results, cfg.eval.id_share), ""] if shifted else []),
             summary_table(results),
             "",
             f"![accuracy vs mean K](docs/figures/{acc_png})",
@@ -249,6 +313,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
             "",
             "### Reading",
             "",
+            *(dynamics.verdicts(results) if shifted else []),
             *reading(results),
         ]
     )

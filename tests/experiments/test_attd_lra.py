@@ -520,3 +520,81 @@ def test_dynamics_methods_parse_and_freezing_theta_keeps_it():
     updates, _ = opt.update(grads, opt.init(params), params)
     assert np.all(np.asarray(updates.theta["w"]) == 0.0)
     assert np.all(np.asarray(updates.psi) != 0.0)
+
+
+DYN_FIXTURE = FIXTURE.parents[1] / "attd_dynamics" / "results.json"
+
+
+def test_dynamics_report_of_a_frozen_tiny_run_reads_the_per_input_results(tmp_path, monkeypatch):
+    """The attd_dynamics section renders from results.json alone; every mixture and band
+    accuracy in its table is recomputed here from the per-input records."""
+    monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    results = json.loads(DYN_FIXTURE.read_text())
+    cfg = dynamics_config.get_config("tiny")
+    attd_lra.write_report(results, cfg, str(tmp_path / "w"))
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- attd_dynamics:start -->" in text and "shifts in the inputs' timescales" in text
+    n_id = cfg.data.timewarp.num_test
+    for name, e in results["tasks"]["timewarp"].items():
+        ex = {k: np.asarray(v) for k, v in e["examples"].items()}
+        acc_id, shift = ex["correct"][:n_id].mean(), ex["correct"][n_id:]
+        mix = 0.7 * acc_id + 0.3 * shift.mean()
+        bands = []
+        for lo, hi in ((1.7, 2.0), (2.0, 3.0)):
+            f = np.exp(ex["difficulty"][n_id:])
+            bands.append(shift[(f > lo - 1e-6) & (f < hi + 1e-6)].mean())
+        row = f"| {attd_lra.method_label(name)} | {mix:.3f} | "
+        assert row in text, row
+        line = next(x for x in text.splitlines() if x.startswith(row))
+        assert f"| {bands[0]:.3f} | {bands[1]:.3f} | " in line
+
+
+def _entry(seeds_acc, band, k_mix=1.0):
+    """A results entry with per-seed accuracies (mix, id, shift) and one band."""
+    m, i, s = (np.asarray(seeds_acc[k], float) for k in ("mix", "id", "shift"))
+    ci = lambda v: {"mean": float(np.mean(v)), "ci": float(scipy.stats.sem(v) * 4.303)}
+    return {
+        "seeds": [0, 1, 2],
+        "acc_mix_seeds": m.tolist(), "acc_id_seeds": i.tolist(), "acc_shift_seeds": s.tolist(),
+        "acc_mix": ci(m), "acc_id": ci(i), "acc_shift": ci(s),
+        "band_acc": {"2.00-3.00": ci(band)}, "band_acc_seeds": {"2.00-3.00": list(band)},
+        "mean_k_mix": {"mean": k_mix, "ci": 0.0},
+        "spearman_k_difficulty": {"estimate": 0.7, "low": 0.5, "high": 0.8},
+    }  # fmt: skip
+
+
+def test_dynamics_verdicts_follow_the_paired_differences():
+    from experiments.attd_lra import dynamics
+
+    fixed = _entry({"mix": [0.80, 0.82, 0.81], "id": [0.9, 0.9, 0.9], "shift": [0.5, 0.6, 0.55]},
+                   [0.4, 0.5, 0.45], 0.0)  # fmt: skip
+    t = {
+        "fixed": fixed,
+        "ttt+k1": _entry({"mix": [0.83, 0.85, 0.84], "id": [0.9] * 3, "shift": [0.6, 0.7, 0.66]},
+                         [0.5, 0.6, 0.55], 1.0),
+        "ttt": _entry({"mix": [0.85, 0.86, 0.86], "id": [0.9] * 3, "shift": [0.7, 0.75, 0.7]},
+                      [0.6, 0.7, 0.65], 2.0),
+        "attd": _entry({"mix": [0.85, 0.86, 0.85], "id": [0.89, 0.9, 0.9],
+                        "shift": [0.7, 0.74, 0.7]}, [0.6, 0.7, 0.6], 0.9),
+        "ttt+d_skip": _entry({"mix": [0.8] * 3, "id": [0.9] * 3, "shift": [0.55, 0.6, 0.6]},
+                             [0.45, 0.5, 0.5], 2.0),
+    }  # fmt: skip
+    lines = dynamics.verdicts({"k_max": 2, "tasks": {"timewarp": t}})
+    gain = stats_ci([0.2, 0.15, 0.15])
+    assert f"{gain.mean:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}] (met" in lines[0]
+    worst = min(np.mean(np.subtract(t["attd"][k], fixed[k])) for k in
+                ("acc_id_seeds", "acc_shift_seeds"))  # fmt: skip
+    assert f"is {max(-worst, 0):.3f} (met" in lines[1]  # 0.003 <= 0.005
+    assert "best uniform K on the mixture is K = 2" in lines[2]
+    assert "at 45% of its inner steps (met" in lines[2]  # 0.9 / 2 and within the interval
+    assert "Spearman(K, shift magnitude) of ATTD +0.70 [+0.50, +0.80] (met" in lines[3]
+    d = stats_ci([0.15, 0.15, 0.1])
+    assert lines[4].endswith(
+        f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] (the dynamics adapter is better)."
+    )
+
+
+def stats_ci(values):
+    from metattt import stats
+
+    return stats.mean_ci(values)
