@@ -480,11 +480,11 @@ def test_dynamics_task_splits_hold_out_the_test_bands_from_outer_training():
 def test_shift_bands_merge_mirror_images_and_the_mixture_weights_the_splits():
     cfg = dynamics_config.get_config()
     bands = shift_bands(cfg.data.timewarp)
-    np.testing.assert_allclose(np.exp(bands), [[1.7, 2.0], [2.0, 3.0]], rtol=1e-5)
+    np.testing.assert_allclose(np.exp(bands), [[2.0, 2.5], [2.5, 3.0]], rtol=1e-5)
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(3):
-        d = np.abs(np.log(rng.choice([0.4, 1 / 1.8, 1.8, 2.5], 40)))
+        d = np.abs(np.log(rng.choice([0.35, 1 / 2.2, 2.2, 2.8], 40)))
         correct = rng.integers(0, 2, 40)
         rows.append({
             "acc_id": rng.uniform(), "acc_shift": correct.mean(), "mean_k_id": rng.uniform(),
@@ -494,7 +494,7 @@ def test_shift_bands_merge_mirror_images_and_the_mixture_weights_the_splits():
     out = mixture_and_bands(rows, 0.7, cfg.data.timewarp)
     want = [0.7 * r["acc_id"] + 0.3 * r["acc_shift"] for r in rows]
     assert out["acc_mix"]["mean"] == pytest.approx(np.mean(want))
-    for label, lo, hi in (("1.70-2.00", 1.7, 2.0), ("2.00-3.00", 2.0, 3.0)):
+    for label, lo, hi in (("2.00-2.50", 2.0, 2.5), ("2.50-3.00", 2.5, 3.0)):
         per_seed = []
         for r in rows:
             f = np.exp(np.asarray(r["examples_shift"]["difficulty"]))
@@ -540,7 +540,7 @@ def test_dynamics_report_of_a_frozen_tiny_run_reads_the_per_input_results(tmp_pa
         acc_id, shift = ex["correct"][:n_id].mean(), ex["correct"][n_id:]
         mix = 0.7 * acc_id + 0.3 * shift.mean()
         bands = []
-        for lo, hi in ((1.7, 2.0), (2.0, 3.0)):
+        for lo, hi in ((2.0, 2.5), (2.5, 3.0)):
             f = np.exp(ex["difficulty"][n_id:])
             bands.append(shift[(f > lo - 1e-6) & (f < hi + 1e-6)].mean())
         row = f"| {attd_lra.method_label(name)} | {mix:.3f} | "
