@@ -58,7 +58,10 @@ def test_held_out_recordings_share_no_unit_id_with_training_ones():
     kw = dict(max_neurons=N_MAX, context=C, horizon=P, stride=STRIDE)
     train = ST.make_recordings(CFG, 3, 1, **kw)
     test = ST.make_recordings(CFG, 2, 1, first_session_id=3, **kw)
-    ids = lambda recs: {int(u) for r in recs for u in r.unit_ids[r.mask]}
+
+    def ids(recs):
+        return {int(u) for r in recs for u in r.unit_ids[r.mask]}
+
     assert ids(train).isdisjoint(ids(test)) and len(ids(train)) == sum(r.mask.sum() for r in train)
     assert [r.session_id for r in train + test] == [0, 1, 2, 3, 4]
 
