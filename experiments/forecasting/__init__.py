@@ -59,7 +59,14 @@ from experiments.forecasting.configure import (
 )
 from experiments.forecasting.main import demo_rows, method_label, method_names, run, run_seed
 from experiments.forecasting.programs import Programs
-from experiments.forecasting.report import plot_curves, plot_online, reading, summary, write_report
+from experiments.forecasting.report import (
+    kept_results,
+    plot_curves,
+    plot_online,
+    reading,
+    summary,
+    write_report,
+)
 
 __all__ = [
     "ADAPT_SETS",
@@ -70,6 +77,7 @@ __all__ = [
     "adaptation_curves",
     "demo_rows",
     "frozen_predictions",
+    "kept_results",
     "memory_rows",
     "meta_train",
     "method_label",

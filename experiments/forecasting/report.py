@@ -241,4 +241,19 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
             *reading(results, cfg),
         ]
     )
-    report.publish("forecasting", body, results)
+    report.publish("forecasting", body, kept_results(results))
+
+
+# Per-method fields no table, plot or reading shows (the per-seed R² curves feed steps_to_ft95,
+# which results.json already holds).
+_UNRENDERED = ("r2_curve_per_seed", "mse_curve", "mse_0", "mse_k", "poco_0", "poco_k")
+
+
+def kept_results(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` less the per-method fields the report does not render: what
+    ``docs/results/forecasting.json`` keeps, enough to rebuild the section and the figures."""
+    methods = {
+        name: {k: v for k, v in r.items() if k not in _UNRENDERED}
+        for name, r in results["methods"].items()
+    }
+    return {**results, "methods": methods}
