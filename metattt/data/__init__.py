@@ -4,13 +4,41 @@ Modules: :mod:`~metattt.data.sinusoid` (MAML's regression tasks),
 :mod:`~metattt.data.windows` (sliding windows, support/query splits),
 :mod:`~metattt.data.controlled` (a controlled dynamical system with shifted regimes),
 :mod:`~metattt.data.digits_c` (scikit-learn's digits with corruptions),
-:mod:`~metattt.data.sessions` (neural population recording sessions and their loaders) and
+:mod:`~metattt.data.sessions` (neural population recording sessions and their loaders),
+:mod:`~metattt.data.session_tasks` (those sessions as padded recordings, support/query tasks and
+sampled task batches), :mod:`~metattt.data.session_metrics` (MSE, R² and POCO score of a
+session's forecasts; steps to a level along an adaptation curve) and
 :mod:`~metattt.data.text_corpora` (byte-level corpora from Python's own standard library).
 """
 
-from metattt.data import controlled, digits_c, sessions, sinusoid, text_corpora, windows
+from metattt.data import (
+    controlled,
+    digits_c,
+    session_metrics,
+    session_tasks,
+    sessions,
+    sinusoid,
+    text_corpora,
+    windows,
+)
 from metattt.data.controlled import Clip, DynamicsSystem, Regime, Trajectories
 from metattt.data.digits_c import DigitsStream, load_digits_split
+from metattt.data.session_metrics import (
+    QueryStats,
+    forecast_metrics,
+    neuron_sse,
+    query_stats,
+    steps_to_fraction,
+    steps_to_level,
+)
+from metattt.data.session_tasks import (
+    Recording,
+    ResetTask,
+    concat_windows,
+    make_recordings,
+    sample_tasks,
+    stack_tasks,
+)
 from metattt.data.sessions import Session, SessionConfig, WindowBatch, generate_sessions
 from metattt.data.text_corpora import LMWindows, TextCorpus, build_corpus
 from metattt.data.windows import Windows, sliding_windows, support_query_split
@@ -20,7 +48,10 @@ __all__ = [
     "DigitsStream",
     "DynamicsSystem",
     "LMWindows",
+    "QueryStats",
+    "Recording",
     "Regime",
+    "ResetTask",
     "Session",
     "SessionConfig",
     "TextCorpus",
@@ -28,13 +59,24 @@ __all__ = [
     "WindowBatch",
     "Windows",
     "build_corpus",
+    "concat_windows",
     "controlled",
     "digits_c",
+    "forecast_metrics",
     "generate_sessions",
     "load_digits_split",
+    "make_recordings",
+    "neuron_sse",
+    "query_stats",
+    "sample_tasks",
+    "session_metrics",
+    "session_tasks",
     "sessions",
     "sinusoid",
     "sliding_windows",
+    "stack_tasks",
+    "steps_to_fraction",
+    "steps_to_level",
     "support_query_split",
     "text_corpora",
     "windows",

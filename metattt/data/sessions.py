@@ -46,6 +46,8 @@ Batching: :func:`pad_sessions` pads to a common neuron count with a mask,
 :func:`assign_unit_ids` gives each neuron a global id (its row in the model's unit-embedding
 table), and :func:`session_windows` / :func:`session_task` / :func:`stack_session_tasks` cut
 (context C, horizon P) windows with the same leak-free rule as :mod:`metattt.data.windows`.
+:mod:`metattt.data.session_tasks` does all of it in one call (``make_recordings``) and samples
+meta-training batches of tasks.
 
 Example:
     >>> sessions = generate_sessions(4, seed=0, num_steps=2000, drift=0.1)

@@ -1,105 +1,184 @@
-"""The forecasting experiment end to end (tiny config), its metrics, caching, config checks,
-the no-early-target property of its online stream, and its demo rows."""
+"""The forecasting experiment: its report on a frozen two-seed tiny run (tables, reading, demo
+rows and the BENCHMARKS.md section, checked against the run's raw per-seed numbers without
+training), config checks, the no-early-target property of its online stream, a meta-training
+cell killed mid-training that resumes bit-identically, and one slow end-to-end tiny run."""
 
+import copy
 import json
+import math
+import pathlib
 
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 
 from configs import forecasting as fc
 from experiments import forecasting as F
+from experiments import report
+from experiments.forecasting import cells, main
+from metattt.data import steps_to_fraction
+
+# results.json of `python -m experiments.run --config configs/forecasting.py:tiny
+# --config.seeds='(0,1)'`: two seeds, so every table cell has an interval.
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "forecasting" / "results.json"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+@pytest.fixture
+def frozen():
+    return json.loads(FIXTURE.read_text())
+
+
+def _config():
     cfg = fc.get_config("tiny")
-    workdir = tmp_path_factory.mktemp("forecasting")
-    return cfg, workdir, F.run(cfg, str(workdir))
+    cfg.seeds = (0, 1)
+    return cfg
 
 
-def _finite(tree):
-    return all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree.leaves(tree))
+def _cell(values, digits=3):
+    """A table cell from per-seed values: mean ± Student-t 95% half-width (a loop, scipy)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = scipy.stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-@pytest.mark.slow
-def test_tiny_run_end_to_end(tiny_run):
-    cfg, workdir, results = tiny_run
-    assert list(results["methods"]) == ["finetune", "fomaml", "e2e_ttt"]
-    for r in results["methods"].values():
-        assert len(r["r2_curve"]) == cfg.test.steps + 1
-        for key in ("r2_0", "r2_k", "r2_final", "mse_final", "poco_final", "steps95"):
-            assert set(r[key]) == {"mean", "ci", "per_seed"}
-        assert 0 <= r["steps95"]["mean"] <= cfg.test.steps and r["seconds_per_step"]["mean"] > 0
-    assert _finite(
-        {k: v for k, v in results.items() if k not in ("memory", "unadapted_gap", "seeds")}
+def _row(text, first, table="| method |"):
+    """The cells of the row starting with ``first`` in the table whose header starts ``table``."""
+    lines = text.split(table, 1)[1].splitlines()
+    line = next(x for x in lines if x.startswith(f"| {first} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _steps_to_level(curve, level):
+    return next((i for i, v in enumerate(curve) if v >= level), len(curve))
+
+
+def test_summary_cells_follow_the_per_seed_curves(frozen):
+    cfg = _config()
+    text = F.summary(frozen, cfg)
+    k, methods = cfg.meta.inner_steps, frozen["methods"]
+    assert list(methods) == ["finetune", "fomaml", "e2e_ttt"]
+    ft_final = [c[-1] for c in methods["finetune"]["r2_curve_per_seed"]]
+    for name, r in methods.items():
+        curves = r["r2_curve_per_seed"]
+        assert len(curves) == 2 and all(len(c) == cfg.test.steps + 1 for c in curves)
+        cells_ = _row(text, name)
+        assert cells_[1:4] == [_cell([c[i] for c in curves]) for i in (0, k, -1)], name
+        to_ft = [_steps_to_level(c, 0.95 * f) for c, f in zip(curves, ft_final, strict=True)]
+        assert cells_[7] == _cell(to_ft, 1), name
+        # The seed-mean curves the plots draw are the per-seed curves' means.
+        np.testing.assert_allclose(r["r2_curve"], np.mean(curves, axis=0), rtol=1e-12)
+    gaps = [c[-1] - c[0] for c in methods["finetune"]["r2_curve_per_seed"]]
+    assert (
+        f"per seed): {gaps[0]:.3f}, {gaps[1]:.3f} (required >= 0.1: "
+        + ("holds" if min(gaps) >= 0.1 else "does NOT hold")
+    ) in text
+    for drift, r in frozen["online"].items():
+        diff = [
+            a - b for a, b in zip(r["online"]["per_seed"], r["offline"]["per_seed"], strict=True)
+        ]
+        assert _row(text, drift, "| drift |")[4] == _cell(diff), drift
+    for name, r in frozen["meta"].items():
+        assert _row(text, name, "| meta-training |")[1:3] == [
+            _cell(r["query_before"]["per_seed"], 4),
+            _cell(r["query_after"]["per_seed"], 4),
+        ]
+    memory_rows = [x for x in text.splitlines() if x.startswith("| float32 |")]
+    assert len(memory_rows) == len(frozen["memory"]) == 2
+    for line, mem in zip(memory_rows, frozen["memory"], strict=True):
+        assert line.startswith(
+            f"| float32 | {mem['inner_steps']} | {'on' if mem['remat'] else 'off'} | "
+            f"{mem['temp_bytes'] / 2**20:.2f} | {mem['argument_bytes'] / 2**20:.2f} |"
+        )
+
+
+def test_reading_states_the_verdict_the_numbers_give(frozen):
+    cfg = _config()
+    lines = F.reading(frozen, cfg)
+    ft = frozen["methods"]["finetune"]
+    for method in cfg.meta.methods:
+        r = frozen["methods"][method]
+        line = next(x for x in lines if x.startswith(f"- {method}: "))
+        ratio = ft["steps_to_ft95"]["mean"] / max(r["steps_to_ft95"]["mean"], 1.0)
+        diff = np.mean(r["r2_final"]["per_seed"]) - np.mean(ft["r2_final"]["per_seed"])
+        assert f"(ratio fine-tuning / method = {ratio:.1f})" in line
+        assert f"({diff:+.3f})" in line
+        holds = ratio >= 2.0 and diff >= -max(ft["r2_final"]["ci"], 0.005)
+        assert line.endswith("The claim holds here.") == holds, line
+    online = next(x for x in lines if x.startswith("- Online minus offline"))
+    for drift, r in frozen["online"].items():
+        diff = np.mean(r["online"]["per_seed"]) - np.mean(r["offline"]["per_seed"])
+        assert f"{drift}: {diff:+.3f}" in online
+
+
+@pytest.mark.parametrize(
+    "steps, final_shift, verdict",
+    [
+        (1.0, 0.0, "The claim holds here."),
+        (None, 0.0, "fewer than 2x fewer steps"),
+        (1.0, -0.2, "lower final R²"),
+    ],
+)
+def test_reading_flips_with_speed_and_final_fit(frozen, steps, final_shift, verdict):
+    """Edited numbers: 2x faster at equal final R² holds; slower or worse does not."""
+    cfg = _config()
+    edited = copy.deepcopy(frozen)
+    ft = edited["methods"]["finetune"]
+    ft["steps_to_ft95"]["mean"] = 4.0
+    ft["r2_final"]["ci"] = 0.01  # "equal" final R²: within max(CI, 0.005) of fine-tuning's
+    r = edited["methods"]["fomaml"]
+    r["steps_to_ft95"]["mean"] = steps if steps is not None else 3.0
+    r["r2_final"]["per_seed"] = [v + final_shift for v in ft["r2_final"]["per_seed"]]
+    line = next(x for x in F.reading(edited, cfg) if x.startswith("- fomaml: "))
+    assert verdict in line
+
+
+def test_report_step_renders_the_frozen_run(frozen, tmp_path, monkeypatch):
+    from experiments import run
+
+    monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "repo" / "BENCHMARKS.md")
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    run_info = {"config": _config().to_dict(), "timestamp_utc": "2026-02-03T04:05:06+00:00"}
+    (workdir / "run_info.json").write_text(json.dumps(run_info))
+    (workdir / "results.json").write_text(json.dumps(frozen))
+    assert run.report_workdir(str(workdir)) == "forecasting"
+    text = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
+    assert "<!-- forecasting:start -->" in text and "- Date: 2026-02-03;" in text
+    assert F.summary(frozen, _config()) in text
+    assert (
+        text.split("<!-- forecasting:end -->")[0]
+        .rstrip()
+        .endswith("\n".join(F.reading(frozen, _config())))
     )
-    # Fine-tuning improves the held-out fit of the freshly registered session.
-    ft = results["methods"]["finetune"]
-    assert ft["r2_final"]["mean"] > ft["r2_0"]["mean"]
-    assert results["unadapted_gap"]["per_seed"][0] == pytest.approx(
-        ft["r2_final"]["mean"] - ft["r2_0"]["mean"]
-    )
-    # The tiny meta-training lowers the post-adaptation query loss on the training sessions.
-    for name in cfg.meta.methods:
-        m = results["meta"][name]
-        assert m["query_after"]["mean"] < m["query_before"]["mean"], name
-    assert list(results["online"]) == [str(d) for d in cfg.online.drifts]
-    assert {r["remat"] for r in results["memory"]} == {False, True}
-    assert all(r["temp_bytes"] > 0 for r in results["memory"])
-    text = (workdir / "summary.md").read_text()
-    assert "| fomaml |" in text and "| e2e_ttt |" in text and "Data requirement" in text
-    assert json.loads((workdir / "results.json").read_text())["seeds"] == [0]
+    loss = frozen["pretrain"]["loss_first"]["per_seed"]
+    assert f"loss {_cell(loss)} -> " in text
+    # The kept results drop only what is not rendered: the section renders again from them.
+    kept = json.loads((tmp_path / "repo" / "docs" / "results" / "forecasting.json").read_text())
+    assert kept == F.kept_results(frozen) and "r2_curve_per_seed" not in kept["methods"]["fomaml"]
+    (tmp_path / "repo" / "BENCHMARKS.md").unlink()
+    F.write_report(kept, _config(), str(workdir))
+    again = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
+    assert again.split("- Command:")[1] == text.split("- Command:")[1]
     for name in ("forecasting_curves.png", "forecasting_online.png"):
-        assert (workdir / name).stat().st_size > 1000
+        assert (tmp_path / "repo" / "docs" / "figures" / name).stat().st_size > 1000
 
 
-@pytest.mark.slow
-def test_rerun_reuses_cached_cells(tiny_run, monkeypatch):
-    cfg, workdir, results = tiny_run
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a cached cell was recomputed")
-
-    for name in ("pretrain", "meta_train", "test_curves", "online_cell", "memory_rows"):
-        monkeypatch.setattr(F, name, refuse)
-    again = F.run(cfg, str(workdir))
-    for name, r in results["methods"].items():
-        assert again["methods"][name]["r2_curve"] == r["r2_curve"]
-    assert again["online"] == results["online"] and again["memory"] == results["memory"]
-
-
-def test_metrics_match_a_loop():
-    rng = np.random.default_rng(0)
-    w, n, c, p = 5, 4, 3, 2
-    query = F.S.WindowBatch(
-        context=rng.normal(size=(w, n, c)).astype(np.float32),
-        target=rng.normal(size=(w, n, p)).astype(np.float32),
-        mask=np.broadcast_to(np.array([True, True, False, True]), (w, n)),
-        unit_ids=np.zeros((w, n), np.int32),
-        session_id=np.zeros(w, np.int32),
-        start=np.arange(w, dtype=np.int32),
-    )
-    pred = rng.normal(size=(w, n, p)).astype(np.float32)
-    sse = np.asarray(F.neuron_sse(pred, query.target, query.mask))
-    got = F.metrics(sse[None], F.query_stats(query))
-    r2s, total, copy, count = [], 0.0, 0.0, 0
-    for j in (0, 1, 3):  # the real neurons, one at a time
-        y = [float(query.target[i, j, k]) for i in range(w) for k in range(p)]
-        yhat = [float(pred[i, j, k]) for i in range(w) for k in range(p)]
-        last = [float(query.context[i, j, -1]) for i in range(w) for _ in range(p)]
-        mean = sum(y) / len(y)
-        err = sum((a - b) ** 2 for a, b in zip(yhat, y, strict=True))
-        r2s.append(1 - err / sum((a - mean) ** 2 for a in y))
-        total += err
-        copy += sum((a - b) ** 2 for a, b in zip(last, y, strict=True))
-        count += len(y)
-    np.testing.assert_allclose(got["mse"][0], total / count, rtol=1e-5)
-    np.testing.assert_allclose(got["r2"][0], np.mean(r2s), rtol=1e-5)
-    np.testing.assert_allclose(got["poco"][0], 1 - total / copy, rtol=1e-5)
-    assert F.steps_to_fraction(np.array([0.1, 0.5, 0.85, 0.9, 0.9])) == 3
-    assert F.steps_to_fraction(np.array([0.1, 0.5, 0.87, 0.95, 0.9])) == 2
-    assert F.steps_to_fraction(np.array([0.5, 0.4, 0.3])) == 0
+def test_demo_rows_are_the_seed_means_before_and_after_k_steps(frozen, monkeypatch, tmp_path):
+    monkeypatch.setattr(main, "run", lambda cfg, workdir: frozen)
+    rows = F.demo_rows(str(tmp_path))
+    k = fc.get_config("tiny").meta.inner_steps
+    assert [r[1] for r in rows] == list(frozen["methods"])
+    for (system, _, metric, before, after, seconds), r in zip(
+        rows, frozen["methods"].values(), strict=True
+    ):
+        curves = r["r2_curve_per_seed"]
+        assert (system, metric) == ("forecasting (POCO-style)", f"held-out R², 0 -> {k} steps")
+        assert before == pytest.approx(np.mean([c[0] for c in curves]), rel=1e-12)
+        assert after == pytest.approx(np.mean([c[k] for c in curves]), rel=1e-12)
+        assert seconds >= 0
 
 
 def test_online_never_sees_a_target_early():
@@ -109,7 +188,7 @@ def test_online_never_sees_a_target_early():
     cfg.online.lr = 0.05
     programs = F.Programs(cfg)
     params = programs.init_params(3)
-    rec = F.make_recordings(cfg, 0, test=True)[0]
+    rec = F.recordings(cfg, 0, test=True)[0]
     c, p = cfg.model.context, cfg.model.horizon
     start = 40
     preds, windows = F.stream_predictions(programs, params, rec, cfg.adapt, delay=p, start=start)
@@ -165,47 +244,85 @@ def test_unknown_variant_and_default_config_validate():
     F.validate(fc.get_config("gpu"))
 
 
-def test_demo_rows_shape(monkeypatch, tmp_path):
-    agg = lambda v: {"mean": v, "ci": 0.0, "per_seed": [v]}
-    fake = {
-        "methods": {
-            "finetune": {"r2_0": agg(0.1), "r2_k": agg(0.3)},
-            "fomaml": {"r2_0": agg(0.4), "r2_k": agg(0.5)},
-        }
-    }
-    monkeypatch.setattr(F, "run", lambda cfg, workdir: fake)
-    rows = F.demo_rows(str(tmp_path))
-    assert [r[1] for r in rows] == ["finetune", "fomaml"]
-    assert all(len(r) == 6 and r[0] == "forecasting (POCO-style)" for r in rows)
-    assert rows[1][3:5] == (0.4, 0.5) and "0 -> 2 steps" in rows[0][2]
-
-
-def test_meta_training_killed_mid_cell_resumes_bit_identically(tmp_path, monkeypatch):
+def test_meta_training_killed_mid_cell_resumes_bit_identically(tmp_path, monkeypatch, caplog):
+    """Killed at step 7 of 8, after the checkpoint of step 4: the rerun resumes from step 4
+    and ends with the uninterrupted run's parameters, loss curve and query loss."""
     cfg = fc.get_config("tiny")  # 8 meta-steps, a checkpoint every 4
+    assert (cfg.meta.steps, cfg.meta.checkpoint_every) == (8, 4)
     programs = F.Programs(cfg)
-    sessions = F.make_recordings(cfg, 0, test=False)
+    sessions = F.recordings(cfg, 0, test=False)
     params = programs.init_params(0)
     whole, info = F.meta_train(
         programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "a")
     )
 
-    real = F.sample_tasks
+    real = cells.sample_tasks
     calls = []
 
-    def dies_at_step_6(key, *args):
+    def dies_at_step_7(key, *args):
         calls.append(1)
         if len(calls) == 7:
-            raise KeyboardInterrupt("killed")  # as a kill would: no cleanup beyond finally
+            raise KeyboardInterrupt("killed")  # as a kill would: fit saves nothing more
         return real(key, *args)
 
-    monkeypatch.setattr(F, "sample_tasks", dies_at_step_6)
+    monkeypatch.setattr(cells, "sample_tasks", dies_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         F.meta_train(programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "b"))
-    monkeypatch.setattr(F, "sample_tasks", real)
-    resumed, info_b = F.meta_train(
-        programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "b")
-    )
+    saved = sorted(int(p.name) for p in (tmp_path / "b" / "ckpt").iterdir() if p.name.isdigit())
+    assert saved == [4]  # killed inside training, after one checkpoint
+    monkeypatch.setattr(cells, "sample_tasks", real)
+    with caplog.at_level("INFO"):
+        resumed, info_b = F.meta_train(
+            programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "b")
+        )
+    assert "at step 4 of 8" in caplog.text
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert info_b["curve"] == info["curve"] and len(info["curve"]) == cfg.meta.steps
     assert info_b["query_after"] == info["query_after"]
+
+
+def _finite(tree):
+    return all(np.all(np.isfinite(np.asarray(x, float))) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
+    cfg = fc.get_config("tiny")
+    workdir = tmp_path / "forecasting"
+    results = F.run(cfg, str(workdir))
+    assert list(results["methods"]) == ["finetune", "fomaml", "e2e_ttt"]
+    assert _finite({k: v for k, v in results.items() if k not in ("memory", "unadapted_gap")})
+    ft = results["methods"]["finetune"]
+    # Fine-tuning improves the held-out fit of the freshly registered session.
+    assert ft["r2_final"]["mean"] > ft["r2_0"]["mean"]
+    # The per-seed statistics are those of the cached per-session curves.
+    for name, r in results["methods"].items():
+        sessions = json.loads((workdir / "seed_0" / f"test_{name}_{cfg.adapt}.json").read_text())[
+            "sessions"
+        ]
+        curve = np.mean([s["r2"] for s in sessions], axis=0)
+        assert r["r2_curve"] == curve.tolist() and len(curve) == cfg.test.steps + 1
+        steps95 = np.mean([steps_to_fraction(s["r2"]) for s in sessions])
+        assert r["steps95"]["per_seed"] == [steps95]
+        assert r["seconds_per_step"]["mean"] > 0
+    # The tiny meta-training lowers the post-adaptation query loss on the training sessions.
+    for name in cfg.meta.methods:
+        m = results["meta"][name]
+        assert m["query_after"]["mean"] < m["query_before"]["mean"], name
+    assert list(results["online"]) == [str(d) for d in cfg.online.drifts]
+    assert {r["remat"] for r in results["memory"]} == {False, True}
+    assert all(r["temp_bytes"] > 0 for r in results["memory"])
+    assert (workdir / "summary.md").read_text() == F.summary(results, cfg) + "\n"
+    assert json.loads((workdir / "results.json").read_text())["seeds"] == [0]
+    for name in ("forecasting_curves.png", "forecasting_online.png"):
+        assert (workdir / name).stat().st_size > 1000
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached cell was recomputed")
+
+    for name in ("pretrain", "meta_train", "adaptation_curves", "online_cell", "memory_rows"):
+        monkeypatch.setattr(cells, name, refuse)
+    again = F.run(cfg, str(workdir))
+    for key in ("methods", "unadapted_gap", "pretrain", "meta", "online", "memory"):
+        assert again[key] == results[key], key
