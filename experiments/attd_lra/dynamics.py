@@ -116,7 +116,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             worst = min(paired(t, "attd", "fixed", s).mean for s in splits)
             lines.append(
                 f"- {task_name}: ATTD's largest mean loss to the fixed model over the "
-                f"in-distribution, shifted and per-band splits is {max(-worst, 0.0):.3f} "
+                f"in-distribution, shifted and per-band splits is {abs(min(worst, 0.0)):.3f} "
                 f"({'met' if worst >= -0.005 else 'not met'}: the target is at most 0.005)."
             )
             if uniform:

@@ -98,13 +98,14 @@ def plot_accuracy_vs_k(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+PLOTTED = ("attd", "attd+so")  # the methods whose K the difficulty plot shows
+
+
 def plot_k_vs_difficulty(results: dict[str, Any], path: str) -> None:
     """ATTD's mean K per difficulty level (both test splits, all seeds) with the Spearman ρ;
     one panel per task and ATTD method (first order, and second order where it ran)."""
     plt = _pyplot()
-    panels = [
-        (t, n) for t, table in results["tasks"].items() for n in ("attd", "attd+so") if n in table
-    ]
+    panels = [(t, n) for t, table in results["tasks"].items() for n in PLOTTED if n in table]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6),
                              squeeze=False)  # fmt: skip
     for ax, (task_name, name) in zip(axes[0], panels, strict=False):
@@ -234,6 +235,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     second = any(parse_method(n).second_order for n in names)
     joint = any(parse_method(n).joint for n in names)
     shifted = bool(set(cfg.tasks) & set(SHIFT_TASKS))
+    config_file = cfg.command.split("--config ")[1].split()[0].split(":")[0]
     title = (
         "## ATTD on Mamba where adapting the dynamics can matter: shifts in the inputs' timescales"
         if shifted
@@ -271,7 +273,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
             title,
             "",
             f"- Date: {report.today()}; machine: {report.machine()} (shared with other jobs).",
-            f"- Command: `{cfg.command}` (other variants: see `configs/attd_lra.py`).",
+            f"- Command: `{cfg.command}` (other variants: see `{config_file}`).",
             f"- Model: Mamba, {m.n_layers} layer(s), width {m.d_model} (D = {m.expand * m.d_model}"
             f" SSM channels), state N = {m.d_state}; ψ = (U, V) of rank {m.psi_rank} on A_log "
             f"(U₀ = 0, V₀ ~ {m.psi_scale}·N(0,1)).",
@@ -317,4 +319,20 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
             *reading(results),
         ]
     )
-    report.publish(cfg.section, body, results)
+    report.publish(cfg.section, body, kept_results(results))
+
+
+def kept_results(results: dict[str, Any]) -> dict[str, Any]:
+    """What the report renders from, to keep under docs/results: the per-input records only
+    where a plot reads them (K and difficulty of the ATTD methods); every other figure and
+    statistic is aggregated already."""
+    tasks = {}
+    for task_name, table in results["tasks"].items():
+        tasks[task_name] = {}
+        for name, e in table.items():
+            e = {k: v for k, v in e.items() if k != "examples"}
+            if name in PLOTTED and "examples" in table[name]:
+                ex = table[name]["examples"]
+                e["examples"] = {"k": ex["k"], "difficulty": ex["difficulty"]}
+            tasks[task_name][name] = e
+    return {**results, "tasks": tasks}
