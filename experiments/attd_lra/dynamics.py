@@ -8,32 +8,7 @@ from typing import Any
 import numpy as np
 
 from experiments.attd_lra.methods import SHIFT_TASKS, method_label, parse_method
-from experiments.attd_lra.readings import rho
-from metattt import stats
-
-SPLITS = ("mix", "id", "shift")  # the per-seed accuracy lists: acc_<split>_seeds
-
-
-def _seeds(e: dict[str, Any], split: str) -> dict[int, float]:
-    values = e[f"acc_{split}_seeds"] if split in SPLITS else e["band_acc_seeds"][split]
-    return dict(zip(e["seeds"], values, strict=True))
-
-
-def paired(table: dict[str, Any], name: str, other: str, split: str) -> stats.MeanCI:
-    """Mean over shared seeds of (``name``'s accuracy − ``other``'s) on ``split`` (``mix``,
-    ``id``, ``shift`` or a band label), with its 95% t-interval."""
-    a, b = _seeds(table[name], split), _seeds(table[other], split)
-    return stats.mean_ci([a[s] - b[s] for s in a if s in b])
-
-
-def _ci(ci: stats.MeanCI) -> str:
-    if np.isfinite(ci.half_width):
-        return f"{ci.mean:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
-    return f"{ci.mean:+.3f} (one seed)"
-
-
-def _mean(e: dict[str, float]) -> str:
-    return f"{e['mean']:.3f} ± {e['ci']:.3f}" if e["ci"] else f"{e['mean']:.3f}"
+from experiments.attd_lra.readings import fmt, fmt_diff, paired_difference, rho
 
 
 def table(results: dict[str, Any], id_share: float) -> str:
@@ -57,12 +32,13 @@ def table(results: dict[str, Any], id_share: float) -> str:
         ]
         for name, e in t.items():
             gains = [
-                "-" if name == "fixed" else _ci(paired(t, name, "fixed", s)) for s in ("mix", "id")
+                "-" if name == "fixed" else fmt_diff(paired_difference(t, name, "fixed", s))
+                for s in ("mix", "id")
             ]
             parts.append(
-                f"| {method_label(name)} | {_mean(e['acc_mix'])} | {gains[0]} | "
-                f"{_mean(e['acc_id'])} | {gains[1]} | "
-                + " | ".join(_mean(e["band_acc"][b]) for b in bands)
+                f"| {method_label(name)} | {fmt(e['acc_mix'])} | {gains[0]} | "
+                f"{fmt(e['acc_id'])} | {gains[1]} | "
+                + " | ".join(fmt(e["band_acc"][b]) for b in bands)
                 + f" | {e['mean_k_mix']['mean']:.2f} |"
             )
         lr = results.get("inner_lr", {}).get(task_name)
@@ -105,15 +81,15 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             continue
         uniform = _uniform(t, k_max)
         if k_max in uniform:
-            g = paired(t, uniform[k_max], "fixed", "shift")
+            g = paired_difference(t, uniform[k_max], "fixed", "shift")
             met = "met" if g.low > 0 else "not met"
             lines.append(
                 f"- {task_name}: TTT (K = {k_max}) vs the fixed model on shifted inputs: "
-                f"{_ci(g)} ({met}: the target is an interval above 0)."
+                f"{fmt_diff(g)} ({met}: the target is an interval above 0)."
             )
         if "attd" in t:
             splits = ["id", "shift", *t["attd"]["band_acc"]]
-            worst = min(paired(t, "attd", "fixed", s).mean for s in splits)
+            worst = min(paired_difference(t, "attd", "fixed", s).mean for s in splits)
             lines.append(
                 f"- {task_name}: ATTD's largest mean loss to the fixed model over the "
                 f"in-distribution, shifted and per-band splits is {abs(min(worst, 0.0)):.3f} "
@@ -122,12 +98,12 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             if uniform:
                 best_k = max(uniform, key=lambda k: t[uniform[k]]["acc_mix"]["mean"])
                 best = t[uniform[best_k]]
-                d = paired(t, "attd", uniform[best_k], "mix")
+                d = paired_difference(t, "attd", uniform[best_k], "mix")
                 share = t["attd"]["mean_k_mix"]["mean"] / best_k
                 reach = d.mean >= -best["acc_mix"]["ci"] if best["acc_mix"]["ci"] else d.mean >= 0
                 lines.append(
                     f"- {task_name}: best uniform K on the mixture is K = {best_k} "
-                    f"({_mean(best['acc_mix'])}); ATTD − it = {_ci(d)} at "
+                    f"({fmt(best['acc_mix'])}); ATTD − it = {fmt_diff(d)} at "
                     f"{100 * share:.0f}% of its inner steps "
                     f"({'met' if reach and share <= 0.6 else 'not met'}: the target is its "
                     "accuracy within its interval at ≤ 60% of its steps)."
@@ -145,10 +121,10 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             for name in t:
                 spec = parse_method(name)
                 if spec.base == "ttt" and not spec.steps and name != control:
-                    g = paired(t, name, control, "shift")
+                    g = paired_difference(t, name, control, "shift")
                     lines.append(
                         f"- {task_name}: {method_label(name)} − the D-skip control (same "
-                        f"inner loop) on shifted inputs: {_ci(g)}"
+                        f"inner loop) on shifted inputs: {fmt_diff(g)}"
                         + (
                             " (the dynamics adapter is better)."
                             if g.low > 0

@@ -16,6 +16,8 @@ from experiments.attd_lra.methods import (
 )
 from metattt import stats
 
+SPLITS = ("mix", "id", "shift")  # the per-seed accuracy lists: acc_<split>_seeds
+
 
 def hist(counts: list[int]) -> str:
     total = max(sum(counts), 1)
@@ -91,17 +93,33 @@ def _fixed_on(table: dict[str, Any], seeds: list[int]) -> float:
     return float(np.mean([by_seed[s] for s in seeds]))
 
 
-def paired_difference(table: dict[str, Any], name: str, other: str) -> stats.MeanCI:
-    """Mean over shared seeds of (shifted accuracy of ``name`` − that of ``other``), t-interval."""
-    a = dict(zip(table[name]["seeds"], table[name]["acc_shift_seeds"], strict=True))
-    b = dict(zip(table[other]["seeds"], table[other]["acc_shift_seeds"], strict=True))
+def paired_difference(
+    table: dict[str, Any], name: str, other: str, split: str = "shift"
+) -> stats.MeanCI:
+    """Mean over shared seeds of (``name``'s accuracy − ``other``'s) on ``split``, with its 95%
+    t-interval: ``shift``, ``id`` or ``mix`` (``acc_<split>_seeds``), or a shift band's label
+    (``band_acc_seeds``)."""
+
+    def by_seed(e: dict[str, Any]) -> dict[int, float]:
+        values = e[f"acc_{split}_seeds"] if split in SPLITS else e["band_acc_seeds"][split]
+        return dict(zip(e["seeds"], values, strict=True))
+
+    a, b = by_seed(table[name]), by_seed(table[other])
     return stats.mean_ci([a[s] - b[s] for s in a if s in b])
 
 
-def _diff(ci: stats.MeanCI) -> str:
+def fmt_diff(ci: stats.MeanCI) -> str:
+    """``+0.012 [-0.003, +0.027]``, or ``(one seed)`` without an interval."""
     if np.isfinite(ci.half_width):
         return f"{ci.mean:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
     return f"{ci.mean:+.3f} (one seed)"
+
+
+def fmt(e: dict[str, float], digits: int = 3) -> str:
+    """A seed summary ``{mean, ci}`` as ``mean ± ci`` (the mean alone without an interval)."""
+    if e["ci"] and np.isfinite(e["ci"]):
+        return f"{e['mean']:.{digits}f} ± {e['ci']:.{digits}f}"
+    return f"{e['mean']:.{digits}f}"
 
 
 def _paired_tasks(results: dict[str, Any], has_twin, header: str, lines: list[str]):
@@ -135,8 +153,8 @@ def _order_conclusions(results: dict[str, Any]) -> list[str]:
             )
             lines.append(
                 f"- {task_name}, {METHOD_LABELS[n]}: shifted accuracy, 2nd − 1st order "
-                f"{_diff(vs_fo)} ({verdict})"
-                + (f"; 2nd order − fixed {_diff(vs_fixed)}" if vs_fixed else "")
+                f"{fmt_diff(vs_fo)} ({verdict})"
+                + (f"; 2nd order − fixed {fmt_diff(vs_fixed)}" if vs_fixed else "")
                 + f"; mean K {t[n]['mean_k_shift']['mean']:.2f} → "
                 f"{t[so]['mean_k_shift']['mean']:.2f}"
                 + (
@@ -172,7 +190,7 @@ def _order_verdict(task_name: str, t: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {task_name}: does second-order meta-training make TTT of the dynamics help? "
             + ("Yes" if helps else "No")
-            + f": full TTT trained second order − fixed Mamba = {_diff(gain)} shifted accuracy; "
+            + f": full TTT trained second order − fixed Mamba = {fmt_diff(gain)} shifted accuracy; "
             f"the per-input L_int drop ↔ correctness is {_droprho(t['ttt+so'])} "
             + ("(it carries task information)" if _excludes_zero(drop) else "(no association)")
             + f". How the order changed θ: s = L_int at ψ₀ on the shifted split "
@@ -202,16 +220,17 @@ def _joint_conclusions(results: dict[str, Any]) -> list[str]:
             j = f"{n}+j"
             lines.append(
                 f"- {task_name}, {method_label(n)}: shifted accuracy, with − without `+j` "
-                f"{_diff(paired_difference(t, j, n))}; L_int at ψ₀ on the shifted split "
+                f"{fmt_diff(paired_difference(t, j, n))}; L_int at ψ₀ on the shifted split "
                 f"{t[n]['lint_before_shift']['mean']:.3f} → {t[j]['lint_before_shift']['mean']:.3f}"
             )
         if "fixed+j" in t:
             for n in t:
                 spec = parse_method(n)
                 if spec.joint and spec.base != "fixed":
+                    gain = paired_difference(t, n, "fixed+j")
                     lines.append(
                         f"- {task_name}, {method_label(n)} − {method_label('fixed+j')} (does TTT "
-                        f"help once both keep L_int?): {_diff(paired_difference(t, n, 'fixed+j'))}"
+                        f"help once both keep L_int?): {fmt_diff(gain)}"
                         f"; L_int drop ~ correctness {_droprho(t[n])}"
                     )
     return lines

@@ -16,13 +16,7 @@ from experiments.attd_lra.methods import (
     method_label,
     parse_method,
 )
-from experiments.attd_lra.readings import hist, reading, rho
-
-
-def _fmt(e: dict[str, float], digits: int = 3) -> str:
-    if e["ci"] and np.isfinite(e["ci"]):
-        return f"{e['mean']:.{digits}f} ± {e['ci']:.{digits}f}"
-    return f"{e['mean']:.{digits}f}"
+from experiments.attd_lra.readings import fmt, hist, reading, rho
 
 
 def summary(results: dict[str, Any], cfg) -> str:
@@ -49,13 +43,13 @@ def summary_table(results: dict[str, Any]) -> str:
         for name, e in table.items():
             lowered = e["lint_lowered_share"]
             parts.append(
-                f"| {method_label(name)} | {_fmt(e['acc_id'])} | {_fmt(e['acc_shift'])} | "
-                f"{_fmt(e['mean_k_shift'], 2)} | {hist(e['k_hist_shift'])} | "
+                f"| {method_label(name)} | {fmt(e['acc_id'])} | {fmt(e['acc_shift'])} | "
+                f"{fmt(e['mean_k_shift'], 2)} | {hist(e['k_hist_shift'])} | "
                 f"{e['inner_steps_shift']['mean']:.0f} | "
                 f"{e['lint_before_shift']['mean']:.4f} → {e['lint_after_shift']['mean']:.4f} | "
                 + (f"{100 * lowered:.0f}% | " if np.isfinite(lowered) else "- | ")
-                + f"{e['max_rho']:.6f} | {_fmt(e['masked_ms_per_example'], 2)} | "
-                f"{_fmt(e['grouped_ms_per_example'], 2)} | {rho(e['spearman_k_difficulty'])} |"
+                + f"{e['max_rho']:.6f} | {fmt(e['masked_ms_per_example'], 2)} | "
+                f"{fmt(e['grouped_ms_per_example'], 2)} | {rho(e['spearman_k_difficulty'])} |"
             )
         parts.append("")
     return "\n".join(parts).strip()

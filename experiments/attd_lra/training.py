@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from attd.controller import quantile_thresholds
-from attd.dynamics import init_psi, make_adapter
+from attd.dynamics import make_adapter
 from attd.lra import LRATask, Split
 from attd.mamba import MambaConfig
 from attd.method import ATTD, ATTDParams, benchmark_eval_paths, make_attd
@@ -103,10 +103,9 @@ def initial_psi(name: str, mcfg: MambaConfig, cfg, seed: int):
     """ψ₀ of a method: the low-rank ψ (``model.psi_rank``, or the name's ``+r<N>``) with
     V₀ ~ ``model.psi_scale``·N(0, 1), or the zero start of another family."""
     spec = parse_method(name)
-    if spec.adapter in (None, "low_rank"):
-        rank = spec.psi_rank or cfg.model.psi_rank
-        return init_psi(mcfg, rank, jax.random.key(seed), cfg.model.psi_scale)
-    return make_adapter(spec.adapter, mcfg).init(jax.random.key(seed))
+    rank, scale = spec.psi_rank or cfg.model.psi_rank, cfg.model.psi_scale
+    adapter = make_adapter(spec.adapter or "low_rank", mcfg, rank=rank, scale=scale)
+    return adapter.init(jax.random.key(seed))
 
 
 def _accuracy(method: ATTD, params: ATTDParams, split: Split, batch: int) -> float:
