@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 from typing import Any
 
 from metattt import runlog
@@ -83,10 +84,22 @@ def update_section(name: str, body: str, path: pathlib.Path | str = BENCHMARKS) 
     path.write_text(text)
 
 
+_NUMBER_LIST = re.compile(r"\[\s*((?:[-+0-9.eENaInfity]+,\s*)*[-+0-9.eENaInfity]+)\s*\]")
+
+
+def dumps(results: Any) -> str:
+    """``results`` as indented JSON with each list of numbers on one line (a curve of a
+    thousand points is one line, not a thousand)."""
+    text = json.dumps(results, indent=1)
+    return _NUMBER_LIST.sub(
+        lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text
+    )
+
+
 def publish(name: str, body: str, results: Any, root: pathlib.Path | str | None = None) -> None:
     """Renders section ``name`` of BENCHMARKS.md and keeps ``docs/results/<name>.json``."""
     root = BENCHMARKS.parent if root is None else pathlib.Path(root)
     folder = root / "docs" / "results"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (folder / f"{name}.json").write_text(dumps(results) + "\n")
     update_section(name, body, root / BENCHMARKS.name)

@@ -88,6 +88,32 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
     )
 
 
+def stream_curves(results: dict[str, Any]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per objective and method, the accuracy and active adapter parameters at each stream step,
+    averaged over seeds and corruptions (accuracy to 3 decimals, parameters to 1): what the
+    stream plot draws. A kept
+    results file holds these curves in place of the per-run records."""
+    if "stream_curves" in results:
+        return results["stream_curves"]
+    curves = {}
+    for objective, by_method in results["streams"].items():
+        curves[objective] = {}
+        for method, by_corruption in by_method.items():
+            runs = [r for rs in by_corruption.values() for r in rs]
+            curves[objective][method] = {
+                key: np.round(np.mean([r[key] for r in runs], axis=0), digits).tolist()
+                for key, digits in (("accuracy", 3), ("active_params", 1))
+            }
+    return curves
+
+
+def kept_results(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with the per-run stream records (about 5 MB) replaced by the mean curves the
+    plot draws: what ``docs/results/drift_adapters.json`` keeps to rebuild the section."""
+    kept = {k: v for k, v in results.items() if k != "streams"}
+    return {**kept, "stream_curves": stream_curves(results)}
+
+
 def plot_stream(results: dict[str, Any], cfg, path: str) -> None:
     """Accuracy over time per objective (smoothed; mean over seeds and corruptions) and the
     active adapter parameters over time."""
@@ -96,20 +122,20 @@ def plot_stream(results: dict[str, Any], cfg, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    objectives_ = list(results["streams"])
+    curves = stream_curves(results)
+    objectives_ = list(curves)
     fig, axes = plt.subplots(
         len(objectives_) + 1, 1, figsize=(7.5, 2.6 * (len(objectives_) + 1)), sharex=True
     )
     ax_par = axes[-1]
     for ax_acc, objective in zip(axes, objectives_, strict=False):
-        for method, by_corruption in results["streams"][objective].items():
-            runs = [r for rs in by_corruption.values() for r in rs]
-            acc = np.mean([r["accuracy"] for r in runs], axis=0)
-            (line,) = ax_acc.plot(_smooth(acc, cfg.plot.smooth), lw=1.2, label=method)
+        for method, curve in curves[objective].items():
+            (line,) = ax_acc.plot(
+                _smooth(np.asarray(curve["accuracy"]), cfg.plot.smooth), lw=1.2, label=method
+            )
             if method != "none":
-                active = np.mean([r["active_params"] for r in runs], axis=0)
                 ax_par.plot(
-                    active,
+                    curve["active_params"],
                     lw=1.2,
                     color=line.get_color(),
                     ls="-" if objective == objectives_[0] else "--",
@@ -209,4 +235,4 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
             "",
             tent_tables(results["tent_summary"], cfg),
         ]
-    report.publish("drift_adapters", "\n".join(lines), results)
+    report.publish("drift_adapters", "\n".join(lines), kept_results(results))

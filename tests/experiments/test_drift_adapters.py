@@ -185,3 +185,31 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
             for m in ("source", "norm", "tent")
         ]
         assert row.split(" | ")[1:4] == expected[:2] + [expected[2] + " |"]
+
+
+def test_kept_results_hold_the_plotted_means_and_rebuild_the_same_section(tmp_path, monkeypatch):
+    """docs/results keeps mean curves instead of per-run records: each is the runs' per-step mean
+    (a Python loop here), and the section rendered from the kept file equals the full one's."""
+    from experiments import report
+    from experiments.drift_adapters.report import kept_results, write_report
+
+    cfg = config.get_config("tiny")
+    with open(FIXTURE) as f:
+        results = json.load(f)
+    kept = json.loads(report.dumps(kept_results(results)))
+    assert "streams" not in kept
+    for objective, by_method in results["streams"].items():
+        for method, by_corruption in by_method.items():
+            runs = [r for rs in by_corruption.values() for r in rs]
+            curve = kept["stream_curves"][objective][method]
+            for t in range(len(runs[0]["accuracy"])):
+                acc = sum(r["accuracy"][t] for r in runs) / len(runs)
+                active = sum(r["active_params"][t] for r in runs) / len(runs)
+                assert abs(curve["accuracy"][t] - acc) <= 5e-4 + 1e-12  # rounded to 3 decimals
+                assert abs(curve["active_params"][t] - active) <= 0.05 + 1e-12
+    sections = []
+    for name, res in (("full", results), ("kept", kept)):
+        monkeypatch.setattr(report, "BENCHMARKS", tmp_path / name / "BENCHMARKS.md")
+        write_report(res, cfg, str(tmp_path / name))
+        sections.append((tmp_path / name / "BENCHMARKS.md").read_text())
+    assert sections[0] == sections[1]

@@ -1,5 +1,6 @@
 """BENCHMARKS.md sections are replaced in place and appended when new."""
 
+import numpy as np
 import pytest
 
 from experiments import report
@@ -89,3 +90,24 @@ def test_run_provenance_names_missing_fields_instead_of_failing():
         {"timestamp_utc": "2026-05-06T07:08:09+00:00", "cpu": "X", "cores": 3}
     )
     assert date == "2026-05-06" and machine.startswith("X, 3 cores")
+
+
+def test_dumps_keeps_number_lists_on_one_line_and_round_trips():
+    """A kept curve is one line; everything, NaN and nested lists included, reads back equal."""
+    import json
+    import math
+
+    rng = np.random.default_rng(0)
+    results = {
+        "curve": rng.normal(size=50).tolist(),
+        "nested": {"rows": rng.integers(-9, 9, size=(3, 4)).tolist(), "names": ["a", "b"]},
+        "mixed": [1, "z", None],
+        "nan": [1.5, float("nan"), -2e-7],
+    }
+    text = report.dumps(results)
+    back = json.loads(text)
+    assert back["curve"] == results["curve"] and back["nested"] == results["nested"]
+    assert back["mixed"] == results["mixed"] and math.isnan(back["nan"][1])
+    assert back["nan"][0] == 1.5 and back["nan"][2] == -2e-7
+    curve_lines = [line for line in text.splitlines() if '"curve"' in line]
+    assert len(curve_lines) == 1 and curve_lines[0].count(",") == 49
