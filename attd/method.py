@@ -34,7 +34,10 @@ Two evaluation paths give the same predictions: :meth:`ATTD.predict` runs the K_
 with steps ≥ K masked (compute K_max for every input, one compilation), and
 :meth:`ATTD.predict_grouped` groups inputs by their hard K and runs each group's scan with
 exactly K static steps (groups padded to a power of two, so compilations stay few), so its
-compute follows K. :func:`benchmark_eval_paths` times both.
+compute follows K. :func:`benchmark_eval_paths` times both. On the masked and training paths
+s is computed with its gradient, which the inner loop's step 0 reuses (L_int at ψ₀ is
+evaluated once, not twice); the grouped path computes s alone (no gradient for inputs that
+get K = 0), so an adapted group evaluates L_int at ψ₀ again in its step 0.
 
 Shapes: B batch, L length, C classes, K_max steps; ψ's shapes are its family's.
 """
@@ -143,6 +146,8 @@ class ATTD(NamedTuple):
             with the fields of :class:`Metrics` and ``grad_norm`` (jitted).
         predict_grouped: ``predict_grouped(params, tokens, mask) -> GroupedOutputs`` (host).
         transition_radius: ``(params, tokens, psi) -> (B,)`` ρ(Ā) of each input under its ψ.
+        classify: ``classify(params, tokens, mask) -> (B, C)`` task logits with ψ₀, no inner
+            step (what K = 0 gives): the reference an adapted input's gain is measured from.
         controller: the :class:`Controller`.
     """
 
@@ -155,6 +160,7 @@ class ATTD(NamedTuple):
     train_step: Callable[[optax.GradientTransformation], train.Step]
     predict_grouped: Callable[..., GroupedOutputs]
     transition_radius: Callable[..., jax.Array]
+    classify: Callable[..., jax.Array]
     controller: Controller
 
 
@@ -272,12 +278,16 @@ def make_attd(
     def classify(theta, psi, x, m):
         return apply(edit(theta, psi), x[None], mask=m[None], head="classify")[0]
 
-    def adapt_one(theta, psi0, x, m, num_steps, weights, max_steps):
-        """Adapt ψ on one input, then classify: returns (logits, InnerResult)."""
+    no_slow = lambda psi: jax.tree.map(lambda _: None, psi)
+    value_and_grad = inner.value_and_grad_fn(inner_loss)
+
+    def adapt_one(theta, psi0, x, m, num_steps, weights, max_steps, first=None):
+        """Adapt ψ on one input, then classify: returns (logits, InnerResult). ``first``:
+        L_int and its gradient at ψ₀ when the caller has them (step 0 reuses them)."""
         result = inner.adapt(
             inner_loss,
             psi0,
-            jax.tree.map(lambda _: None, psi0),
+            no_slow(psi0),
             (theta, x, m),
             opt=opt,
             max_steps=max_steps,
@@ -286,6 +296,7 @@ def make_attd(
             clip_norm=clip_norm,
             first_order=first_order,
             remat=remat,
+            first_value_and_grad=first,
         )
         return classify(theta, result.params, x, m), result
 
@@ -298,23 +309,27 @@ def make_attd(
         return jax.vmap(per_input)(tokens, mask)
 
     def forward(params, tokens, mask, *, train):
-        s = signal(params, tokens, mask)
-        s_ctrl = s if signal_grad else jax.lax.stop_gradient(s)
-        hard = controller.hard_steps(params.controller, s_ctrl)
         batch = tokens.shape[0]
         if k_max == 0:
+            s = signal(params, tokens, mask)
+            hard = controller.hard_steps(params.controller, jax.lax.stop_gradient(s))
             logits = jax.vmap(lambda x, m: classify(params.theta, params.psi, x, m))(tokens, mask)
             zeros = jnp.zeros((batch,), logits.dtype)
             psi = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), params.psi)
             return Outputs(logits, s, zeros, hard, zeros, jnp.zeros((batch, 0), logits.dtype), psi)
+        # s = L_int at ψ₀ comes with its gradient: the inner loop's step 0 reuses both.
+        first = lambda x, m: value_and_grad(params.psi, no_slow(params.psi), (params.theta, x, m))
+        s, g0 = jax.vmap(first)(tokens, mask)
+        s_ctrl = s if signal_grad else jax.lax.stop_gradient(s)
+        hard = controller.hard_steps(params.controller, s_ctrl)
         if train:
             weights = controller.step_weights(params.controller, s_ctrl, straight_through)
-            run = lambda x, m, w: adapt_one(params.theta, params.psi, x, m, None, w, k_max)
-            logits, res = jax.vmap(run)(tokens, mask, weights)
+            run = lambda x, m, w, f: adapt_one(params.theta, params.psi, x, m, None, w, k_max, f)
+            logits, res = jax.vmap(run)(tokens, mask, weights, (s, g0))
             steps = jnp.sum(weights, axis=-1)
         else:
-            run = lambda x, m, k: adapt_one(params.theta, params.psi, x, m, k, None, k_max)
-            logits, res = jax.vmap(run)(tokens, mask, hard)
+            run = lambda x, m, k, f: adapt_one(params.theta, params.psi, x, m, k, None, k_max, f)
+            logits, res = jax.vmap(run)(tokens, mask, hard, (s, g0))
             steps = hard.astype(logits.dtype)
         update_sq = jnp.sum(jnp.square(res.update_norms), axis=-1)
         return Outputs(logits, s, steps, hard, update_sq, res.losses, res.params)
@@ -384,6 +399,10 @@ def make_attd(
             executed += int(k) * size
         return GroupedOutputs(logits, hard, int(hard.sum()), executed, batch * k_max)
 
+    def classify_unadapted(params, tokens, mask):
+        _check_batch(tokens, mask)
+        return jax.vmap(lambda x, m: classify(params.theta, params.psi, x, m))(tokens, mask)
+
     def transition_radius(params, tokens, psi):
         one = lambda x, p: max_transition(config, edit(params.theta, p), None, x[None])
         return jax.vmap(one)(tokens, psi)
@@ -398,6 +417,7 @@ def make_attd(
         train_step,
         predict_grouped,
         transition_radius,
+        classify_unadapted,
         controller,
     )
 

@@ -5,8 +5,9 @@ Command (3 seeds; see the attd_dynamics section of BENCHMARKS.md for its time):
 Latent-timescale task instead (damped modes whose decay time is scaled):
     python -m experiments.run --config configs/attd_dynamics.py:oscillator \
         --workdir runs/attd_dynamics_osc
-Tiny smoke run (seconds; what the tests run):
+Tiny smoke run (seconds; what the tests run), and what `make demo` runs:
     python -m experiments.run --config configs/attd_dynamics.py:tiny --workdir runs/attd_dyn_tiny
+    python -m experiments.run --config configs/attd_dynamics.py:demo --workdir runs/attd_dyn_demo
 
 Task (:mod:`attd.shifts`): which of 4 periodic templates (3 harmonics) a sequence of 128
 tokens shows, trained at period 24 ± 15%, tested on held-out warp bands (×1/3 to ×3) and in
@@ -31,7 +32,7 @@ from configs import attd_lra
 
 
 def get_config(arg=None):
-    c = attd_lra.get_config("tiny" if arg == "tiny" else None)
+    c = attd_lra.get_config(arg if arg in ("tiny", "demo") else None)
     c.experiment = "attd_lra"
     c.section = "attd_dynamics"
     c.figure_prefix = "attd_dyn"
@@ -63,6 +64,11 @@ def get_config(arg=None):
         c.methods = ("fixed", "ttt+k1", "ttt", "attd", "ttt+d_skip")
         c.attd.inner_lr_grid = (10.0, 100.0)
         return c
+    if arg == "demo":  # the fixed model and ATTD, briefly (under 30 s)
+        c.methods = ("fixed", "attd")
+        c.attd.inner_lr_grid = ()  # no rate search: the tiny run's choice
+        c.attd.inner_lr = 10.0
+        return c
     c.model.n_layers = 2
     c.model.d_model = 32
     c.model.d_state = 8
@@ -82,6 +88,6 @@ def get_config(arg=None):
         )
     elif arg is not None:
         raise ValueError(
-            f"unknown variant {arg!r} of configs/attd_dynamics.py (known: tiny, oscillator)"
+            f"unknown variant {arg!r} of configs/attd_dynamics.py (known: tiny, demo, oscillator)"
         )
     return c

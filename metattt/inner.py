@@ -131,6 +131,17 @@ def _zero_if(bad: jax.Array, x: Any) -> Any:
     return x  # integer inputs carry float0 cotangents: nothing to clean
 
 
+def value_and_grad_fn(
+    loss_fn: LossFn, *, has_aux: bool = False, skip_nonfinite: bool = True
+) -> Callable:
+    """``(fast, slow, batch) -> (value, grads)``: what one step of :func:`adapt` evaluates
+    (wrt ``fast``; NaN-safe backward when ``skip_nonfinite``). A caller that needs the loss
+    at psi_0 before the loop passes the pair back as ``adapt(..., first_value_and_grad=)``."""
+    if skip_nonfinite:
+        return _guarded_value_and_grad(loss_fn, has_aux)
+    return jax.value_and_grad(lambda f, s, b: loss_fn(merge(f, s), b), has_aux=has_aux)
+
+
 def _guarded_value_and_grad(loss_fn: LossFn, has_aux: bool) -> Callable:
     """``value_and_grad`` of ``loss(fast, slow, batch)`` wrt ``fast`` whose VJP is NaN-safe.
 
@@ -180,6 +191,7 @@ def adapt(
     has_aux: bool = False,
     opt_state: PyTree = None,
     skip_nonfinite: bool = True,
+    first_value_and_grad: tuple[Any, PyTree] | None = None,
 ) -> InnerResult:
     """Run up to ``max_steps`` steps of ``opt`` on ``loss_fn`` over the fast parameters.
 
@@ -207,6 +219,10 @@ def adapt(
             the guard is compiled out (no finiteness tests, no custom VJP); with neither a
             traced ``num_steps`` nor ``step_weights`` the steps are then plain optimizer steps
             with no masking at all. A NaN then propagates, as in plain JAX.
+        first_value_and_grad: ``(value, grads)`` at ``fast``, already computed by the caller
+            with :func:`value_and_grad_fn` (same ``loss_fn``, ``has_aux`` and
+            ``skip_nonfinite``), e.g. because the loss at psi_0 was needed first to choose
+            ``num_steps``: step 0 uses them instead of evaluating the loss again.
 
     Returns:
         An :class:`InnerResult`.
@@ -230,18 +246,12 @@ def adapt(
         opt_state = opt.init(fast)
     limit = max_steps if num_steps is None else num_steps
     weights = jnp.ones((max_steps,), jnp.float32) if step_weights is None else step_weights
-    if skip_nonfinite:
-        value_and_grad = _guarded_value_and_grad(loss_fn, has_aux)
-    else:
-        value_and_grad = jax.value_and_grad(
-            lambda f, s, b: loss_fn(merge(f, s), b), has_aux=has_aux
-        )
+    value_and_grad = value_and_grad_fn(loss_fn, has_aux=has_aux, skip_nonfinite=skip_nonfinite)
     masked = skip_nonfinite or num_steps is not None
 
-    def step(carry, xs):
+    def apply_step(carry, k, w, value, grads):
+        """Step k from its loss and gradient at the carried parameters."""
         params, state, skipped = carry
-        k, w = xs
-        value, grads = value_and_grad(params, slow, batch)
         loss, aux = value if has_aux else (value, None)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
@@ -271,12 +281,24 @@ def adapt(
         out = (loss, grad_norm, update_norm, active, aux)
         return (new_params, new_state, skipped), out
 
+    def step(carry, xs):
+        k, w = xs
+        return apply_step(carry, k, w, *value_and_grad(carry[0], slow, batch))
+
     if remat:
         step = jax.checkpoint(step)
-    init = (fast, opt_state, jnp.zeros((), jnp.int32))
+    carry = (fast, opt_state, jnp.zeros((), jnp.int32))
+    first = 0
+    if first_value_and_grad is not None and max_steps > 0:
+        carry, out0 = apply_step(carry, jnp.asarray(0), weights[0], *first_value_and_grad)
+        first = 1
     (params, state, skipped), outs = jax.lax.scan(
-        step, init, (jnp.arange(max_steps), weights), length=max_steps
+        step, carry, (jnp.arange(first, max_steps), weights[first:]), length=max_steps - first
     )
+    if first:
+        outs = jax.tree.map(
+            lambda a, b: jnp.concatenate([jnp.asarray(a)[None].astype(b.dtype), b]), out0, outs
+        )
     losses, grad_norms, update_norms, active, aux = outs
     return InnerResult(params, state, losses, grad_norms, update_norms, active, skipped, aux)
 

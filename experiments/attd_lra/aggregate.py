@@ -79,11 +79,13 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
             entry["k_hist_id"] = np.sum([r["k_hist_id"] for r in rows], axis=0).tolist()
             entry["max_rho"] = max(max(r["max_rho_id"], r["max_rho_shift"]) for r in rows)
             entry["max_abs_path_diff"] = max(r["timing_max_abs_diff"] for r in rows)
-            ex = {
+            keys = ("k", "difficulty", "correct", "lint_drop", "dlogp")
+            ex = {  # dlogp: not in cells cached before 2026-12-07
                 key: np.concatenate(
                     [r[f"examples_{t}"][key] for r in rows for t in ("id", "shift")]
                 )
-                for key in ("k", "difficulty", "correct", "lint_drop")
+                for key in keys
+                if all(key in r[f"examples_{t}"] for r in rows for t in ("id", "shift"))
             }
             entry["examples"] = {k: v.tolist() for k, v in ex.items()}
             adapted = ex["k"] > 0
@@ -104,6 +106,16 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
                 else None
             )
             entry["spearman_drop_correct"] = None if drop_ci is None else drop_ci._asdict()
+            # Does a larger L_int drop go with a larger gain in log p(true class)?
+            if "dlogp" in ex:
+                gain_ci = (
+                    stats.spearman_ci(
+                        ex["lint_drop"], ex["dlogp"], num_resamples=cfg.eval.bootstrap
+                    )
+                    if drop_ci is not None
+                    else None
+                )
+                entry["spearman_drop_dlogp"] = None if gain_ci is None else gain_ci._asdict()
             if task_name in SHIFT_TASKS:
                 entry.update(mixture_and_bands(rows, cfg.eval.id_share, cfg.data[task_name]))
             table[name] = entry

@@ -72,6 +72,38 @@ def _uniform(t: dict[str, Any], k_max: int) -> dict[int, str]:
     return out
 
 
+def _overshoot(task_name: str, t: dict[str, Any], uniform: dict[int, str]) -> str:
+    """Do more inner steps ever cost accuracy? The largest paired loss from K to K + 1 steps
+    of uniform TTT (K = 0 is the fixed model) over the in-distribution split and each band."""
+    steps = {0: "fixed", **uniform}
+    ks = sorted(steps)
+    worst = None
+    for split in ["id", *t["fixed"]["band_acc"]]:
+        for a, b in zip(ks, ks[1:], strict=False):
+            d = paired_difference(t, steps[b], steps[a], split)
+            if worst is None or d.mean < worst[0].mean:
+                worst = (d, split, a, b)
+    d, split, a, b = worst
+    where = "in-distribution" if split == "id" else f"band ×{split}"
+    head = (
+        f"- {task_name}: more inner steps vs fewer (uniform K → K + 1, in distribution and per "
+        "band): "
+    )
+    if d.mean >= 0:
+        return (
+            head + f"no split loses accuracy (smallest paired change {fmt_diff(d)}, {where}, "
+            f"K = {a} → {b}; the target: no overshoot)."
+        )
+    return head + (
+        f"the largest paired loss is {fmt_diff(d)} ({where}, K = {a} → {b}): "
+        + (
+            "an overshoot (its interval is below 0)."
+            if d.high < 0
+            else "no overshoot the seeds can resolve (the target: none)."
+        )
+    )
+
+
 def verdicts(results: dict[str, Any]) -> list[str]:
     """One line per target of issue 17, computed from the numbers, met or not."""
     lines: list[str] = []
@@ -87,6 +119,8 @@ def verdicts(results: dict[str, Any]) -> list[str]:
                 f"- {task_name}: TTT (K = {k_max}) vs the fixed model on shifted inputs: "
                 f"{fmt_diff(g)} ({met}: the target is an interval above 0)."
             )
+        if len(uniform) > 1:
+            lines.append(_overshoot(task_name, t, uniform))
         if "attd" in t:
             splits = ["id", "shift", *t["attd"]["band_acc"]]
             worst = min(paired_difference(t, "attd", "fixed", s).mean for s in splits)

@@ -71,6 +71,12 @@ def reading(results: dict[str, Any]) -> list[str]:
                     f"correctness {_droprho(e)} (both test splits; does lowering L_int go "
                     "with a right answer?)."
                 )
+            if e.get("spearman_drop_dlogp"):  # measured by runs from 2026-12-07 on
+                lines.append(
+                    f"  - {method_label(name)}: Spearman of the per-input L_int drop with the "
+                    f"change of log p(true class) from ψ₀ {rho(e['spearman_drop_dlogp'])} "
+                    "(both test splits; does the self-supervised progress carry to the task?)."
+                )
         for name, e in t.items():
             if parse_method(name).base not in CONTROLLED:
                 continue

@@ -181,6 +181,7 @@ class Compiled(NamedTuple):
     signal: Any
     adapted_signal: Any
     radius: Any
+    classify: Any
 
 
 def compile_method(
@@ -199,6 +200,7 @@ def compile_method(
         jax.jit(method.signal),
         jax.jit(adapted_signal),
         jax.jit(method.transition_radius),
+        jax.jit(method.classify),
     )
 
 
@@ -209,19 +211,34 @@ def _padded_batches(n: int, batch: int):
 
 
 def evaluate_split(c: Compiled, params: ATTDParams, split: Split, batch: int) -> dict[str, Any]:
-    """Per-example correctness, K, L_int before/after adaptation and ρ(Ā) (masked path)."""
+    """Per-example correctness, K, L_int before/after adaptation, the change of the true
+    class's log-probability from ψ₀ to the adapted ψ (``dlogp``) and ρ(Ā) (masked path)."""
     n = len(split.labels)
-    out = {k: np.zeros(n) for k in ("correct", "k", "lint_before", "lint_after", "rho")}
+    keys = ("correct", "k", "lint_before", "lint_after", "dlogp", "rho")
+    out = {k: np.zeros(n) for k in keys}
     for keep, idx in _padded_batches(n, batch):
         tokens, mask = jnp.asarray(split.tokens[idx]), jnp.asarray(split.mask[idx])
         o = c.method.predict(params, tokens, mask)
         r = len(keep)
-        out["correct"][keep] = (np.argmax(o.logits, -1) == split.labels[idx])[:r]
+        labels = split.labels[idx]
+        out["correct"][keep] = (np.argmax(o.logits, -1) == labels)[:r]
+        out["dlogp"][keep] = (
+            true_class_log_prob(o.logits, labels)
+            - true_class_log_prob(c.classify(params, tokens, mask), labels)
+        )[:r]
         out["k"][keep] = np.asarray(o.hard_steps)[:r]
         out["lint_before"][keep] = np.asarray(o.signal)[:r]
         out["lint_after"][keep] = np.asarray(c.adapted_signal(params, o.psi, tokens, mask))[:r]
         out["rho"][keep] = np.asarray(c.radius(params, tokens, o.psi))[:r]
     return out
+
+
+def true_class_log_prob(logits, labels) -> np.ndarray:
+    """log p(label) of each row of ``logits`` (B, C), in float64: (B,)."""
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+    return logits[np.arange(len(labels)), np.asarray(labels)] - log_z
 
 
 def _probe_signal(c: Compiled, params: ATTDParams, split: Split, batch: int) -> np.ndarray:
@@ -295,6 +312,7 @@ def run_cell(
             "difficulty": np.asarray(split.difficulty).astype(float).tolist(),
             "correct": ev["correct"].astype(int).tolist(),
             "lint_drop": (ev["lint_before"] - ev["lint_after"]).tolist(),
+            "dlogp": ev["dlogp"].tolist(),
         }
     shift = task.test_shift
     b = min(cfg.eval.batch, len(shift.labels))

@@ -138,6 +138,19 @@ def test_fixed_mamba_baseline_is_the_base_model(attd):
     assert out.inner_losses.shape == (BATCH, 0)
 
 
+def test_classify_is_the_model_under_psi0_and_equals_the_unadapted_inputs(attd):
+    """classify applies θ edited by ψ₀ (the model itself, no step); for the K = 0 input of
+    the masked path the two agree, for adapted ones they differ."""
+    apply, method, params, out = attd
+    logits = jax.jit(method.classify)(params, TOKENS, MASK)
+    theta = jax.tree.map(jnp.asarray, params.theta)
+    expected = jax.jit(apply)(theta, TOKENS, mask=MASK, a_log_delta=a_log_delta(params.psi))
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    hard = np.asarray(out.hard_steps)
+    np.testing.assert_allclose(logits[hard == 0], out.logits[hard == 0], rtol=1e-5, atol=1e-6)
+    assert np.all(np.abs(np.asarray(logits - out.logits))[hard > 0].max(axis=-1) > 1e-6)
+
+
 def test_masked_reconstruction_signal_is_seeded(attd):
     apply, _, params, _ = attd
     method = make_attd(apply, CFG, gate_controller(K_MAX), objective="masked", mask_rate=0.3)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 
 from attd.dynamics import ADAPTERS
@@ -32,9 +33,9 @@ def frozen():
 
 
 @pytest.mark.slow
-def test_tiny_run_end_to_end_caches_its_cells_and_feeds_the_demo(tmp_path, monkeypatch):
+def test_tiny_run_end_to_end_caches_its_cells(tmp_path, monkeypatch):
     cfg = attd_config.get_config("tiny")
-    workdir = tmp_path / "attd_lra"  # where demo_rows looks too
+    workdir = tmp_path / "attd_lra"
     results = attd_lra.run(cfg, str(workdir))
     table = results["tasks"]["listops"]
     assert set(table) == set(cfg.methods) == {"fixed", "attd"}
@@ -53,6 +54,7 @@ def test_tiny_run_end_to_end_caches_its_cells_and_feeds_the_demo(tmp_path, monke
         assert e["max_abs_path_diff"] < 1e-4  # masked and grouped paths agree
     fixed = table["fixed"]
     assert fixed["mean_k_shift"]["mean"] == 0.0 and fixed["inner_steps_shift"]["mean"] == 0.0
+    assert np.max(np.abs(fixed["examples"]["dlogp"])) < 1e-4  # K = 0: log p does not move
     assert fixed["lint_after_shift"]["mean"] == pytest.approx(fixed["lint_before_shift"]["mean"])
     cell = json.loads((workdir / "listops" / "seed_0" / "attd.json").read_text())
     assert cell["inner_steps_shift"] == sum(cell["examples_shift"]["k"])
@@ -68,11 +70,6 @@ def test_tiny_run_end_to_end_caches_its_cells_and_feeds_the_demo(tmp_path, monke
     monkeypatch.setattr(training, "run_cell", refuse)
     again = attd_lra.run(cfg, str(workdir))["tasks"]["listops"]
     assert json.dumps(again, sort_keys=True) == json.dumps(table, sort_keys=True)  # NaN-safe
-    monkeypatch.setattr(attd_config, "get_config", lambda arg=None: cfg)  # the cached run
-    [(system, method, metric, before, after, seconds)] = attd_lra.demo_rows(str(tmp_path))
-    assert (system, method) == ("ATTD on Mamba (ListOps)", "ATTD") and "accuracy" in metric
-    assert (before, after) == (fixed["acc_shift"]["mean"], table["attd"]["acc_shift"]["mean"])
-    assert seconds > 0
 
 
 def test_summary_table_rows_follow_the_per_input_results(frozen):
@@ -362,12 +359,21 @@ def _fake_cell(rng, name, k_max, n=12):
         "difficulty": rng.integers(1, 5, n).astype(float).tolist(),
         "correct": rng.integers(0, 2, n).tolist(),
         "lint_drop": (rng.normal(0.01, 0.01, n) * adapted).tolist(),
+        "dlogp": (rng.normal(0.0, 0.2, n) * adapted).tolist(),
     }
     cell = {k: float(rng.uniform()) for k in attd_lra.SCALARS}
     hist = [0] * k_max + [n] if adapted else [n]
     cell.update(k_hist_id=hist, k_hist_shift=hist, max_rho_id=0.9, max_rho_shift=0.95)
     cell.update(timing_max_abs_diff=0.0, thresholds=[], examples_id=ex(), examples_shift=ex())
     return cell
+
+
+def test_true_class_log_prob_matches_scipy_on_large_logits():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 30, (9, 5)).astype(np.float32)  # exp overflows float32 unshifted
+    labels = rng.integers(0, 5, 9)
+    expected = scipy.special.log_softmax(logits.astype(np.float64), axis=-1)[np.arange(9), labels]
+    np.testing.assert_allclose(training.true_class_log_prob(logits, labels), expected, atol=1e-10)
 
 
 def test_aggregate_keeps_ablation_seeds_and_paired_differences_match_a_loop():
@@ -392,6 +398,11 @@ def test_aggregate_keeps_ablation_seeds_and_paired_differences_match_a_loop():
     rho = out["ttt+so"]["spearman_drop_correct"]["estimate"]
     assert rho == pytest.approx(brute_force_spearman(drop, correct), abs=1e-12)
     assert out["fixed"]["spearman_drop_correct"] is None  # nothing adapted
+    gain = [v for r in rows for v in r["dlogp"]]
+    rho = out["ttt+so"]["spearman_drop_dlogp"]["estimate"]
+    assert rho == pytest.approx(brute_force_spearman(drop, gain), abs=1e-12)
+    assert out["fixed"]["spearman_drop_dlogp"] is None
+    assert out["ttt+so+sgd"]["spearman_drop_dlogp"] is None
     diffs = [
         cells["text"][s]["attd+so"]["acc_shift"] - cells["text"][s]["attd"]["acc_shift"]
         for s in cfg.seeds
@@ -549,6 +560,41 @@ def test_dynamics_report_of_a_frozen_tiny_run_reads_the_per_input_results(tmp_pa
         assert f"| {bands[0]:.3f} | {bands[1]:.3f} | " in line
 
 
+def test_demo_row_reads_the_mixture_accuracies_and_attds_mean_k(tmp_path, monkeypatch):
+    """The `make demo` row on a frozen time-warp run: before/after are the fixed model's and
+    ATTD's accuracy on the 70/30 mixture and the method names ATTD's mean K on it, each
+    recomputed here from the per-input records."""
+    results = json.loads(DYN_FIXTURE.read_text())
+    tiny = dynamics_config.get_config("tiny")
+    seen = {}
+
+    def fake_run(cfg, workdir):
+        seen["cfg"], seen["workdir"] = cfg, workdir
+        return results
+
+    monkeypatch.setattr(attd_lra.main, "run", fake_run)
+    monkeypatch.setattr(dynamics_config, "get_config", lambda arg=None: tiny)
+    [(system, method, metric, before, after, seconds)] = attd_lra.demo_rows(str(tmp_path))
+    assert seen["workdir"] == str(tmp_path / "attd_dynamics") and seconds >= 0
+    n_id = tiny.data.timewarp.num_test
+
+    def mixture(name, key):
+        v = np.asarray(results["tasks"]["timewarp"][name]["examples"][key], float)
+        return 0.7 * v[:n_id].mean() + 0.3 * v[n_id:].mean()
+
+    assert system == "ATTD on Mamba (time warp)"
+    assert method == f"ATTD, mean K {mixture('attd', 'k'):.2f} of {tiny.attd.k_max}"
+    assert metric == "accuracy, 70% in-dist. + 30% warped, K=0 -> adaptive K"
+    assert before == pytest.approx(mixture("fixed", "correct"))
+    assert after == pytest.approx(mixture("attd", "correct"))
+
+
+def test_demo_config_is_the_time_warp_task_with_the_fixed_model_and_attd():
+    cfg = dynamics_config.get_config("demo")
+    assert cfg.tasks == ("timewarp",) and cfg.methods == ("fixed", "attd")
+    assert cfg.seeds == (0,) and not cfg.attd.inner_lr_grid  # no rate search
+
+
 def _entry(seeds_acc, band, k_mix=1.0):
     """A results entry with per-seed accuracies (mix, id, shift) and one band."""
     m, i, s = (np.asarray(seeds_acc[k], float) for k in ("mix", "id", "shift"))
@@ -573,7 +619,7 @@ def test_dynamics_verdicts_follow_the_paired_differences():
         "ttt+k1": _entry({"mix": [0.83, 0.85, 0.84], "id": [0.9] * 3, "shift": [0.6, 0.7, 0.66]},
                          [0.5, 0.6, 0.55], 1.0),
         "ttt": _entry({"mix": [0.85, 0.86, 0.86], "id": [0.9] * 3, "shift": [0.7, 0.75, 0.7]},
-                      [0.6, 0.7, 0.65], 2.0),
+                      [0.45, 0.56, 0.5], 2.0),  # the band loses from K = 1 to 2
         "attd": _entry({"mix": [0.85, 0.86, 0.85], "id": [0.89, 0.9, 0.9],
                         "shift": [0.7, 0.74, 0.7]}, [0.6, 0.7, 0.6], 0.9),
         "ttt+d_skip": _entry({"mix": [0.8] * 3, "id": [0.9] * 3, "shift": [0.55, 0.6, 0.6]},
@@ -582,6 +628,11 @@ def test_dynamics_verdicts_follow_the_paired_differences():
     lines = dynamics.verdicts({"k_max": 2, "tasks": {"timewarp": t}})
     gain = stats_ci([0.2, 0.15, 0.15])
     assert f"{gain.mean:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}] (met" in lines[0]
+    loss = stats_ci([-0.05, -0.04, -0.05])  # ttt+k1 -> ttt on the band, per seed
+    assert lines.pop(1).endswith(
+        f"the largest paired loss is {loss.mean:+.3f} [{loss.low:+.3f}, {loss.high:+.3f}] "
+        "(band ×2.00-3.00, K = 1 → 2): an overshoot (its interval is below 0)."
+    )
     worst = min(np.mean(np.subtract(t["attd"][k], fixed[k])) for k in
                 ("acc_id_seeds", "acc_shift_seeds"))  # fmt: skip
     assert f"is {max(-worst, 0):.3f} (met" in lines[1]  # 0.003 <= 0.005

@@ -251,3 +251,39 @@ def test_a_non_finite_gradient_of_a_finite_loss_is_skipped():
     assert float(result.losses[0]) == 0.0 and np.isnan(float(result.grad_norms[0]))
     assert int(result.num_skipped) == 2
     np.testing.assert_array_equal(result.params["p"], np.zeros(3))
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_a_supplied_first_value_and_grad_is_step_0(problem, first_order):
+    """Passing step 0's (loss, grad) in gives the loop without it: the same steps, losses and
+    masks, and the same meta-gradient wrt the initial and the frozen parameters as the plain
+    loop (whose meta-gradients test_meta checks against finite differences)."""
+    fast, slow, batch = problem
+    opt = optax.adam(0.05, eps_root=1e-16)
+    vg = inner.value_and_grad_fn(loss_fn)
+    kw = dict(opt=opt, max_steps=K_MAX, num_steps=jnp.asarray(3), first_order=first_order)
+
+    def run(f, s, reuse):
+        first = vg(f, s, batch) if reuse else None
+        return inner.adapt(loss_fn, f, s, batch, first_value_and_grad=first, **kw)
+
+    plain, reused = run(fast, slow, False), run(fast, slow, True)
+    chex.assert_trees_all_close(reused.params, plain.params, rtol=1e-5, atol=1e-6)
+    for field in ("losses", "grad_norms", "update_norms"):
+        np.testing.assert_allclose(getattr(reused, field), getattr(plain, field), rtol=1e-5)
+    np.testing.assert_array_equal(reused.active, plain.active)
+    assert float(reused.losses[0]) == float(vg(fast, slow, batch)[0])  # the supplied value
+
+    def meta(f, s, reuse):
+        out = run(f, s, reuse)
+        return loss_fn(P.merge(out.params, s), batch)
+
+    g_plain = jax.grad(meta, argnums=(0, 1))(fast, slow, False)
+    g_reused = jax.grad(meta, argnums=(0, 1))(fast, slow, True)
+    chex.assert_trees_all_close(g_reused, g_plain, rtol=1e-4, atol=1e-6)
+    one = inner.adapt(
+        loss_fn, fast, slow, batch, opt=opt, max_steps=1, first_value_and_grad=vg(fast, slow, batch)
+    )
+    chex.assert_trees_all_close(
+        one.params, python_loop(fast, slow, batch, opt, 1), rtol=1e-5, atol=1e-6
+    )
