@@ -23,6 +23,7 @@ from experiments.tta_protocol.main import (
     validate,
 )
 from experiments.tta_protocol.report import (
+    kept_results,
     plot_rolling,
     ratios,
     reading,
@@ -36,6 +37,7 @@ __all__ = [
     "TEST_SEED",
     "cells",
     "demo_rows",
+    "kept_results",
     "plot_rolling",
     "predictor_config",
     "protocol_from_config",

@@ -67,6 +67,24 @@ def summary_table(results: dict[str, Any]) -> str:
     return "\n".join(parts).strip()
 
 
+def plotted(names) -> tuple[str | None, list[str]]:
+    """``(setting, cells)`` the rolling-loss plot draws: the baseline and the main loss mode's
+    cells of the ``stronger`` setting (of every setting when the run has no ``stronger``)."""
+    main = [n for n in names if n.count("/") == 2]
+    setting = "stronger" if any(n.endswith("/stronger") for n in main) else None
+    return setting, [BASELINE] + [n for n in main if setting is None or n.endswith("/" + setting)]
+
+
+def kept_results(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with only the rolling curves the plot draws: what
+    ``docs/results/tta_protocol.json`` keeps, enough to render the section and its figure."""
+    curves = {
+        shift: {name: by_cell[name] for name in plotted(by_cell)[1]}
+        for shift, by_cell in results["rolling_post"].items()
+    }
+    return {**results, "rolling_post": curves}
+
+
 def plot_rolling(results: dict[str, Any], path: str) -> None:
     """Rolling mean (50 clips) of the post-adapt rollout loss per cell, one panel per shift."""
     import matplotlib
@@ -78,9 +96,7 @@ def plot_rolling(results: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, len(shifts), figsize=(6.0 * len(shifts), 4.0), squeeze=False)
     for ax, shift in zip(axes[0], shifts, strict=True):
         curves = results["rolling_post"][shift]
-        main = [n for n in curves if n.count("/") == 2]
-        setting = "stronger" if any(n.endswith("/stronger") for n in main) else None
-        shown = [BASELINE] + [n for n in main if setting is None or n.endswith("/" + setting)]
+        setting, shown = plotted(curves)
         for name in shown:
             curve = curves[name]
             style = "-" if name == BASELINE or "/reset/" in name else "--"
@@ -228,7 +244,7 @@ def reading(results: dict[str, Any], cfg) -> list[str]:
 
 def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     """Put the table, the plot, the reading and the provenance into BENCHMARKS.md's
-    tta_protocol section (and keep ``results`` as ``docs/results/tta_protocol.json``)."""
+    tta_protocol section, and keep :func:`kept_results` as ``docs/results/tta_protocol.json``."""
     del workdir
     root = report.BENCHMARKS.parent
     figure = root / "docs" / "figures" / "tta_protocol_rolling.png"
@@ -277,4 +293,4 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
             *reading(results, cfg),
         ]
     )
-    report.publish("tta_protocol", body, results)
+    report.publish("tta_protocol", body, kept_results(results))
