@@ -203,8 +203,7 @@ def _mode_lines(tables: dict[str, Any], cfg, mode: str) -> list[str]:
             f"- **Loss mode {mode} vs {other}** (reset, {setting} setting; post / baseline, "
             "mean over adapted-layer sets): "
             + ", ".join(parts)
-            + f"; {mode} is lower on {lower} of "
-            f"{len(tables)} shift(s)."
+            + f"; {mode} is lower on {lower} of {len(tables)} shift(s)."
         )
     return lines
 

@@ -204,6 +204,20 @@ def test_reading_names_the_best_layers_and_counts_cumulative_wins(frozen):
         for s in cfg.ablation.settings
     )
     assert f"Cumulative is lower in {wins} of 8 " in cumulative
+    for shift, t in tables.items():
+        diffs = [
+            np.mean(
+                [
+                    _ratio(t, f"{x}/cumulative/{s}") - _ratio(t, f"{x}/reset/{s}")
+                    for x in cfg.ablation.adapt_layers
+                ]
+            )
+            for s in cfg.ablation.settings
+        ]
+        listed = ", ".join(
+            f"{s} {d:+.3f}" for s, d in zip(cfg.ablation.settings, diffs, strict=True)
+        )
+        assert f"{shift}: {listed}" in cumulative
     modes = next(x for x in lines if x.startswith("- **Loss mode rollout vs one_step**"))
     for shift, t in tables.items():
         main = np.mean([_ratio(t, f"{x}/reset/stronger") for x in cfg.ablation.adapt_layers])
