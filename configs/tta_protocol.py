@@ -1,7 +1,7 @@
 """The configurable TTA protocol on an action-conditioned transformer dynamics predictor.
 
-Command (full ablation, 3 seeds, ~20 min on the 2-core CPU: 22 min on 2026-12-07, the first
-seed compiling the runners for ~12 of them):
+Command (full ablation, 3 seeds, 15-22 min on the shared 2-core CPU on 2026-12-07, the first
+seed compiling the 22 runners for most of it):
     python -m experiments.run --config configs/tta_protocol.py --workdir runs/tta_protocol
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/tta_protocol.py:tiny --workdir runs/tta_tiny
