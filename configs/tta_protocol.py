@@ -1,6 +1,7 @@
 """The configurable TTA protocol on an action-conditioned transformer dynamics predictor.
 
-Command (full ablation, 3 seeds, ~6 min on the 2-core CPU):
+Command (full ablation, 3 seeds, 15-22 min on the shared 2-core CPU on 2026-12-07, the first
+seed compiling the 22 runners for most of it):
     python -m experiments.run --config configs/tta_protocol.py --workdir runs/tta_protocol
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/tta_protocol.py:tiny --workdir runs/tta_tiny
@@ -11,7 +12,8 @@ opposite directions. The ablation matrix is adapted layers (baseline, LayerNorm,
 LayerNorm+attention-projection, LayerNorm+MLP-out) x reset/cumulative x settings
 (conservative: 1 step, lr 1e-4, clip 1.0; stronger: 5 steps, lr 5e-4, clip 5.0).
 
-Expected result: see the tta_protocol section of BENCHMARKS.md (the run writes it).
+Expected result: see the tta_protocol section of BENCHMARKS.md, rendered from the finished run
+by ``python -m experiments.run --report --workdir runs/tta_protocol``.
 """
 
 import ml_collections
