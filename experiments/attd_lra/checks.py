@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from attd.mamba import MambaConfig
 from attd.method import OBJECTIVES
+from experiments import harness
 from experiments.attd_lra.methods import INNER_RULES, METHODS, SHIFT_TASKS, TASKS, parse_method
 
 
@@ -80,16 +81,7 @@ def model_config(cfg, vocab_size: int, num_classes: int) -> MambaConfig:
     m = cfg.model
     if not isinstance(m.psi_rank, int) or m.psi_rank < 1:
         raise ValueError(f"model.psi_rank must be a positive int, got {m.psi_rank!r}")
-    return MambaConfig(
-        vocab_size=vocab_size,
-        d_model=m.d_model,
-        n_layers=m.n_layers,
-        d_state=m.d_state,
-        expand=m.expand,
-        num_classes=num_classes,
-        scan_chunk_size=m.scan_chunk_size,
-        lean_backward=m.lean_backward,
-    )
+    return harness.section_to(MambaConfig, m, vocab_size=vocab_size, num_classes=num_classes)
 
 
 # ------------------------------------------------------------------------------------ data

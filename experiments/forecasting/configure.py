@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from experiments import harness
 from metattt import meta, train
 from metattt.data import sessions as S
 from metattt.data.session_tasks import Recording, make_recordings
@@ -15,19 +16,9 @@ _EMB = "unit_emb|session_emb"
 
 def perceiver_config(cfg) -> M.PerceiverConfig:
     """The model section as a validated :class:`~metattt.models.perceiver.PerceiverConfig`."""
-    m = cfg.model
-    return M.PerceiverConfig(
-        context=m.context,
-        horizon=m.horizon,
-        max_units=m.max_units,
-        max_sessions=m.max_sessions,
-        dim=m.dim,
-        num_latents=m.num_latents,
-        num_heads=m.num_heads,
-        num_layers=m.num_layers,
-        mlp_ratio=m.mlp_ratio,
-        query_context=bool(m.query_context),
-    ).validate()
+    return harness.section_to(
+        M.PerceiverConfig, cfg.model, query_context=bool(cfg.model.query_context)
+    )
 
 
 def session_config(cfg, drift: float = 0.0) -> S.SessionConfig:

@@ -4,13 +4,14 @@
   a rerun: JSON cells (written atomically) and parameter cells (through the same verified
   orbax checkpoints as :func:`metattt.train.fit`), each with its wall time.
 * :mod:`~experiments.harness.config_checks`: the conventions every config meets (positive
-  rates and counts, a finite clip, distinct seeds), checked before anything runs.
+  rates and counts, a finite clip, distinct seeds), checked before anything runs, and a
+  config section read into a library dataclass (:func:`section_to`).
 * :mod:`~experiments.harness.workdir`: which experiment and which resolved config own a
   workdir; a rerun with another experiment or config is refused in one line.
 """
 
 from experiments.harness.cells import cell_seconds, json_cell, params_cell
-from experiments.harness.config_checks import check_config
+from experiments.harness.config_checks import check_config, section_to
 from experiments.harness.workdir import WorkdirMismatch, claim_workdir, config_digest
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "config_digest",
     "json_cell",
     "params_cell",
+    "section_to",
 ]

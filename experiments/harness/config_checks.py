@@ -9,12 +9,13 @@ is 0 / None (no clipping) or finite and positive; ``seeds`` is non-empty and wit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_config"]
+__all__ = ["check_config", "section_to"]
 
 POSITIVE_COUNTS = frozenset(
     {
@@ -71,3 +72,12 @@ def check_config(config: Mapping[str, Any], prefix: str = "") -> None:
             check_config(value, prefix=f"{path}.")
         else:
             _check(path, key, value)
+
+
+def section_to(cls: type, section: Mapping[str, Any], **overrides: Any) -> Any:
+    """A config section as the library dataclass ``cls``: each of its fields from the key of
+    the same name (a field the section lacks keeps its default), ``overrides`` last; the
+    result's ``validate()`` runs when ``cls`` has one, so a bad value fails here, by name."""
+    values = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
+    out = cls(**{**values, **overrides})
+    return out.validate() if hasattr(out, "validate") else out

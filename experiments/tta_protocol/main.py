@@ -25,17 +25,7 @@ TEST_SEED = 10_000  # the test clips come from keys no training step uses
 
 def predictor_config(cfg) -> dyn.PredictorConfig:
     """The model section of the config as a :class:`~metattt.models.dynamics.PredictorConfig`."""
-    m = cfg.model
-    return dyn.PredictorConfig(
-        state_dim=m.state_dim,
-        action_dim=m.action_dim,
-        dim=m.dim,
-        num_heads=m.num_heads,
-        num_layers=m.num_layers,
-        mlp_ratio=m.mlp_ratio,
-        window=m.window,
-        horizon=m.horizon,
-    ).validate()
+    return harness.section_to(dyn.PredictorConfig, cfg.model)
 
 
 def validate(cfg) -> None:

@@ -76,3 +76,26 @@ def test_the_entry_point_refuses_a_foreign_workdir_and_an_empty_one(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --workdir is empty: name a directory for the run's results"
     )
+
+
+def test_section_to_reads_the_fields_it_knows_keeps_defaults_and_validates():
+    import dataclasses
+
+    import ml_collections
+
+    @dataclasses.dataclass(frozen=True)
+    class Sizes:
+        width: int = 4
+        depth: int = 2
+        name: str = "net"
+
+        def validate(self):
+            if self.width <= 0:
+                raise ValueError(f"width must be positive, got {self.width}")
+            return self
+
+    section = ml_collections.ConfigDict({"width": 7, "depth": 3, "unrelated": 1.5})
+    assert harness.section_to(Sizes, section) == Sizes(width=7, depth=3)
+    assert harness.section_to(Sizes, section, depth=9, name="x") == Sizes(7, 9, "x")
+    with pytest.raises(ValueError, match="width must be positive, got -1"):
+        harness.section_to(Sizes, {"width": -1})
