@@ -48,7 +48,7 @@ def get_config(arg=None):
         c.train.batch = 16
         c.train.steps_per_call = 50
         c.train.log_every = 50
-        c.train.checkpoint_every = 100
+        c.train.checkpoint_every = 50  # a checkpoint mid-run: the resume test kills after it
         c.eval.num_examples = 128
     elif arg is not None:
         raise ValueError(f"unknown variant {arg!r} of configs/selective_copy.py (known: tiny)")

@@ -10,30 +10,7 @@ import logging
 import tempfile
 import time
 
-from configs import sinusoid as sinusoid_config
 from experiments import attd_lra, drift_adapters, energy_moe, forecasting, sinusoid, tta_protocol
-
-
-def sinusoid_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
-    """MAML, FOMAML, Meta-SGD and the pretrained baseline on sinusoid regression."""
-    cfg = sinusoid_config.get_config("demo")
-    rows = []
-    for method in cfg.methods:
-        one = cfg.copy_and_resolve_references()
-        one.methods = (method,)
-        start = time.perf_counter()
-        curve = sinusoid.run(one, f"{workdir}/sinusoid_{method}")[method]["curve_mean"]
-        rows.append(
-            (
-                "sinusoid (MAML 2017)",
-                method,
-                "query MSE, K=10, 0 -> 1 step",
-                curve[0],
-                curve[1],
-                time.perf_counter() - start,
-            )
-        )
-    return rows
 
 
 def format_table(rows) -> str:
@@ -52,7 +29,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="metattt_demo_") as workdir:
         rows = []
         systems = (
-            sinusoid_rows,
+            sinusoid.demo_rows,
             drift_adapters.demo_rows,
             tta_protocol.demo_rows,
             attd_lra.demo_rows,

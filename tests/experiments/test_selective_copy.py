@@ -1,42 +1,172 @@
-"""Selective-copying data against a brute-force reading, and the tiny run end to end."""
+"""The selective-copying report on a frozen tiny run, its checks, and the tiny run end to end."""
+
+import dataclasses
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import selective_copy as config
-from experiments import selective_copy
+from experiments import report, selective_copy
+from metattt.data import CopyBatch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# results.json of `python -m experiments.run --config configs/selective_copy.py:tiny`.
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "selective_copy" / "results.json"
 
 
-def test_answers_are_the_data_tokens_in_order():
-    length, k, vocab = 40, 5, 12
-    inputs, targets, answer = map(
-        np.asarray, selective_copy.sample(jax.random.key(3), 64, length, k, vocab)
-    )
-    for x, t, a in zip(inputs, targets, answer, strict=True):
-        data = [int(v) for v in x[: length - k] if v != 0]  # brute force: scan the prefix
-        assert len(data) == k and all(1 <= v < vocab for v in data)
-        assert list(x[length - k :]) == [vocab] * k
-        assert list(t[a]) == data and not a[: length - k].any()
+@pytest.fixture
+def frozen():
+    return json.loads(FIXTURE.read_text())
 
 
-@pytest.mark.slow
-def test_tiny_run_learns_above_chance(tmp_path):
+def _row(text, first):
+    line = next(x for x in text.splitlines() if x.startswith(f"| {first} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_report_step_renders_the_frozen_run(frozen, tmp_path, monkeypatch):
+    """Each table cell is the variant's raw number; the reading is the numbers' arithmetic; the
+    kept results render the same section again."""
+    from experiments import run
+
+    monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "repo" / "BENCHMARKS.md")
     cfg = config.get_config("tiny")
-    results = selective_copy.run(cfg, str(tmp_path))
-    chance = 1.0 / (cfg.task.vocab - 1)
-    assert results["selective"]["accuracy"] > 1.5 * chance
-    assert 0.0 <= results["time_invariant"]["accuracy"] <= 1.0
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    run_info = {"config": cfg.to_dict(), "timestamp_utc": "2026-02-03T04:05:06+00:00"}
+    (workdir / "run_info.json").write_text(json.dumps(run_info))
+    (workdir / "results.json").write_text(json.dumps(frozen))
+    assert run.report_workdir(str(workdir)) == "selective_copy"
+    text = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
+    assert "- Date: 2026-02-03;" in text and f"length {cfg.task.length}, " in text
+    for variant, r in frozen.items():
+        accuracy, seconds = _row(text, variant)[1:]
+        assert accuracy == f"{r['accuracy']:.3f}" and seconds == f"{r['train_seconds']:.0f}"
+    s6, lti = frozen["selective"]["accuracy"], frozen["time_invariant"]["accuracy"]
+    slowest = max(r["train_seconds"] for r in frozen.values())
+    assert f"Selective {s6 * 100:.1f}% (≥ 90% asked: not met)" in text
+    assert f"{(s6 - lti) * 100:.1f} points lower (≥ 30 asked: not met)" in text
+    assert f"trained in {slowest / 60:.1f} min (< 10 asked: met)" in text
+    kept = json.loads((tmp_path / "repo" / "docs" / "results" / "selective_copy.json").read_text())
+    assert kept == frozen
+    (tmp_path / "repo" / "BENCHMARKS.md").unlink()
+    selective_copy.write_report(kept, cfg, str(workdir))
+    again = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
+    assert again.split("- Command:")[1] == text.split("- Command:")[1]  # all but the date
 
 
 def test_reading_states_each_check_from_the_numbers():
     met = {"selective": {"accuracy": 0.95, "train_seconds": 300.0}}
     met["time_invariant"] = {"accuracy": 0.6, "train_seconds": 420.0}
-    (line,) = selective_copy._reading(met)
+    (line,) = selective_copy.reading(met)
     assert "Selective 95.0% (≥ 90% asked: met)" in line
     assert "35.0 points lower (≥ 30 asked: met)" in line and "7.0 min (< 10 asked: met)" in line
     met["time_invariant"] = {"accuracy": 0.7, "train_seconds": 660.0}
-    (line,) = selective_copy._reading(met)
+    (line,) = selective_copy.reading(met)
     assert "25.0 points lower (≥ 30 asked: not met)" in line
     assert "11.0 min (< 10 asked: not met)" in line
-    assert selective_copy._reading({"selective": met["selective"]}) == []
+    assert selective_copy.reading({"selective": met["selective"]}) == []
+
+
+def test_answer_accuracy_counts_only_the_answer_slots():
+    """Against a Python loop over sequences and slots, on random logits and targets."""
+    rng = np.random.default_rng(0)
+    b, length, k, vocab = 6, 12, 3, 5
+    logits = rng.normal(size=(b, length, vocab + 1)).astype(np.float32)
+    targets = rng.integers(0, vocab, size=(b, length))
+    targets[:, -k:] = np.argmax(logits[:, -k:], -1) * (rng.random((b, k)) < 0.5)  # some right
+    answer = np.broadcast_to(np.arange(length) >= length - k, (b, length))
+    hits = sum(
+        int(np.argmax(logits[i, t]) == targets[i, t])
+        for i in range(b)
+        for t in range(length)
+        if answer[i, t]
+    )
+    batch = CopyBatch(jax.numpy.asarray(targets), jax.numpy.asarray(targets), answer)
+    got = selective_copy.answer_accuracy(jax.numpy.asarray(logits), batch)
+    assert got == pytest.approx(hits / (b * k), abs=1e-7) and 0 < hits < b * k
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("variants", ("selective", "lti"), "unknown variant 'lti'"),
+        ("task.num_tokens", 12, "task.num_tokens must be positive and below half the length"),
+        ("train.checkpoint_every", 30, "checkpoint_every"),
+    ],
+)
+def test_bad_config_values_are_rejected(key, value, message):
+    cfg = config.get_config("tiny")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        selective_copy.validate(cfg)
+
+
+def test_model_variants_differ_only_in_selectivity():
+    cfg = config.get_config("tiny")
+    s6, lti = (selective_copy.model_config(v, cfg) for v in selective_copy.VARIANTS)
+    assert s6.selective and not lti.selective
+    assert dataclasses.replace(s6, selective=False) == lti and s6.vocab_size == cfg.task.vocab + 1
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("selective_copy")
+    cfg = config.get_config("tiny")
+    return cfg, selective_copy.run(cfg, str(workdir)), workdir
+
+
+def _accuracies(results):
+    return {v: r["accuracy"] for v, r in results.items()}
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_above_chance_and_matches_the_fixture(tiny, frozen):
+    cfg, results, workdir = tiny
+    chance = 1.0 / (cfg.task.vocab - 1)
+    assert results["selective"]["accuracy"] > 1.5 * chance
+    assert results["selective"]["accuracy"] > results["time_invariant"]["accuracy"]
+    assert json.loads((workdir / "results.json").read_text()) == results
+    # The frozen fixture is this very run (same program, same RNG streams) on the CPU.
+    assert _accuracies(results) == _accuracies(frozen)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, caplog):
+    """SIGKILL inside the selective model's training, after its first checkpoint (step 50 of
+    100); the restarted run resumes there and ends with the uninterrupted run's accuracies."""
+    cfg, reference, _ = tiny
+    cfg = cfg.copy_and_resolve_references()
+    cfg.variants = ("selective",)  # the time-invariant model's training is the same code path
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "--config=configs/selective_copy.py:tiny"]
+        + ["--config.variants=('selective',)", "--workdir", str(workdir)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = workdir / "selective" / "ckpt" / str(cfg.train.checkpoint_every)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert not (workdir / "results.json").exists()
+    with caplog.at_level("INFO"):
+        resumed = selective_copy.run(cfg, str(workdir))
+    assert f"at step {cfg.train.checkpoint_every} of {cfg.train.steps}" in caplog.text
+    want = reference["selective"]["accuracy"]
+    assert resumed["selective"]["accuracy"] == want  # bit-identical: the same program resumed
