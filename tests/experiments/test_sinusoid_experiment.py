@@ -86,6 +86,33 @@ def test_the_frozen_run_is_consistent(frozen):
     assert frozen["pretrained_tuned_lr"]["train_seconds"] == frozen["pretrained"]["train_seconds"]
 
 
+def test_reading_states_the_ratio_first_orders_cost_and_meta_sgds_overshoot(frozen):
+    """The reading's numbers are the curves' (recomputed here); the reproduction verdict
+    follows the 3x criterion both ways; Meta-SGD's rise after its trained step is named."""
+    from experiments.sinusoid.report import reading
+
+    cfg = _fixture_config()
+    results = copy.deepcopy(frozen)
+    maml, base = results["maml"], results["pretrained"]
+    results["fomaml"] = copy.deepcopy(maml)
+    results["fomaml"]["seed_means"] = [[5.5] + row[1:] for row in maml["seed_means"]]
+    results["meta_sgd"] = copy.deepcopy(maml)
+    results["meta_sgd"]["curve_mean"][2:] = [4.5] + [float("nan")] * 8
+    lines = reading(results, cfg)
+    ratio = np.mean(base["seed_means"], axis=0)[1] / np.mean(maml["seed_means"], axis=0)[1]
+    verdict = "met" if ratio >= 3 else "not met"
+    assert f": {ratio:.1f}x lower ({verdict}: the criterion is at least 3x;" in lines[0]
+    assert f"MAML {maml['curve_mean'][10]:.3f} ± {maml['curve_ci'][10]:.3f}" in lines[0]
+    assert "per-seed means 5.5, 5.5)" in lines[1]
+    assert "one step more raises the error to 4.5 and it diverges by step 10" in lines[2]
+    tuned = results["pretrained_tuned_lr"]
+    assert f"tasks: {', '.join(f'{lr:g}' for lr in tuned['lrs'])}): after one step" in lines[3]
+    base["curve_mean"][1] = 2.5 * maml["curve_mean"][1]
+    assert "2.5x lower (not met" in reading(results, cfg)[0]
+    results["meta_sgd"]["curve_mean"][2:] = list(np.linspace(0.1, 0.01, 9))
+    assert reading(results, cfg)[2].endswith("further steps keep lowering it.")
+
+
 def test_table_reports_a_diverged_curve_as_such(frozen):
     edited = copy.deepcopy(frozen)
     edited["maml"]["curve_mean"][1] = float("nan")
