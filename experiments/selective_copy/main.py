@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from attd.mamba import MambaConfig, init_mamba
-from metattt import objectives, runlog, train
+from metattt import objectives, runlog, stats, train
 from metattt.data import selective_copy
 
 VARIANTS = ("selective", "time_invariant")
@@ -48,20 +48,21 @@ def answer_accuracy(logits: jax.Array, batch: selective_copy.CopyBatch) -> float
     return float(jnp.sum(correct) / jnp.sum(batch.answer))
 
 
-def train_and_eval(variant: str, cfg, workdir: str) -> dict[str, float]:
+def train_and_eval(variant: str, cfg, seed: int, workdir: str) -> dict[str, float]:
     """Train one model variant with AdamW on fresh batches; its answer-slot accuracy and timing.
 
-    Step s trains on the batch drawn from ``(cfg.seed, s)``; :func:`metattt.train.fit`
-    checkpoints in ``workdir``, so a killed run resumes bit-identically.
+    The initial parameters come from ``seed`` and step s trains on the batch drawn from
+    ``(seed, s)``; :func:`metattt.train.fit` checkpoints in ``workdir``, so a killed run resumes
+    bit-identically.
     """
-    apply, params = init_mamba(model_config(variant, cfg), seed=cfg.seed)
+    apply, params = init_mamba(model_config(variant, cfg), seed=seed)
     draw = functools.partial(
         selective_copy.sample,
         length=cfg.task.length,
         num_tokens=cfg.task.num_tokens,
         vocab=cfg.task.vocab,
     )
-    key = jax.random.key(cfg.seed)
+    key = jax.random.key(seed)
 
     def loss_fn(p, batch):
         inputs, targets, weight = batch
@@ -83,15 +84,20 @@ def train_and_eval(variant: str, cfg, workdir: str) -> dict[str, float]:
             writer=writer,
         )
     seconds = time.perf_counter() - start
-    test = draw(jax.random.key(EVAL_SEED + cfg.seed), cfg.eval.num_examples)
+    test = draw(jax.random.key(EVAL_SEED + seed), cfg.eval.num_examples)
     logits = jax.jit(lambda p, x: apply(p, x, head="lm"))(state.params, test.inputs)
     return {"accuracy": answer_accuracy(logits, test), "train_seconds": seconds}
 
 
 def run(cfg, workdir: str) -> dict[str, Any]:
-    """Train and score every variant (each in ``workdir/VARIANT``); write ``results.json``."""
+    """Train and score every variant on every seed (in ``workdir/VARIANT/seed_S``); write
+    ``results.json``: per variant, the accuracy and the training seconds as
+    :func:`metattt.stats.seed_summary` records (mean, 95% t-interval, per seed)."""
     validate(cfg)
-    results = {v: train_and_eval(v, cfg, os.path.join(workdir, v)) for v in cfg.variants}
+    results = {}
+    for v in cfg.variants:
+        runs = [train_and_eval(v, cfg, s, os.path.join(workdir, v, f"seed_{s}")) for s in cfg.seeds]
+        results[v] = {k: stats.seed_summary([r[k] for r in runs]) for k in runs[0]}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results

@@ -17,7 +17,8 @@ from experiments import report, selective_copy
 from metattt.data import CopyBatch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# results.json of `python -m experiments.run --config configs/selective_copy.py:tiny`.
+# results.json of `python -m experiments.run --config configs/selective_copy.py:tiny
+# --config.seeds='(0,1)'` (two seeds, so that the intervals are exercised).
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "selective_copy" / "results.json"
 
 
@@ -31,13 +32,19 @@ def _row(text, first):
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+def _fixture_config():
+    cfg = config.get_config("tiny")
+    cfg.seeds = (0, 1)
+    return cfg
+
+
 def test_report_step_renders_the_frozen_run(frozen, tmp_path, monkeypatch):
-    """Each table cell is the variant's raw number; the reading is the numbers' arithmetic; the
-    kept results render the same section again."""
+    """Each table cell is recomputed from the per-seed numbers (t-interval by hand); the reading
+    is the numbers' arithmetic; the kept results render the same section again."""
     from experiments import run
 
     monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "repo" / "BENCHMARKS.md")
-    cfg = config.get_config("tiny")
+    cfg = _fixture_config()
     workdir = tmp_path / "w"
     workdir.mkdir()
     run_info = {"config": cfg.to_dict(), "timestamp_utc": "2026-02-03T04:05:06+00:00"}
@@ -46,32 +53,50 @@ def test_report_step_renders_the_frozen_run(frozen, tmp_path, monkeypatch):
     assert run.report_workdir(str(workdir)) == "selective_copy"
     text = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
     assert "- Date: 2026-02-03;" in text and f"length {cfg.task.length}, " in text
+    assert "seeds (0, 1) (initial parameters and training batches)" in text
+    t_975_1 = 12.706204736174698  # Student t, 1 degree of freedom, 97.5%
     for variant, r in frozen.items():
-        accuracy, seconds = _row(text, variant)[1:]
-        assert accuracy == f"{r['accuracy']:.3f}" and seconds == f"{r['train_seconds']:.0f}"
-    s6, lti = frozen["selective"]["accuracy"], frozen["time_invariant"]["accuracy"]
-    slowest = max(r["train_seconds"] for r in frozen.values())
-    assert f"Selective {s6 * 100:.1f}% (≥ 90% asked: not met)" in text
-    assert f"{(s6 - lti) * 100:.1f} points lower (≥ 30 asked: not met)" in text
-    assert f"trained in {slowest / 60:.1f} min (< 10 asked: met)" in text
+        acc = r["accuracy"]["per_seed"]
+        half = t_975_1 * np.std(acc, ddof=1) / np.sqrt(2)
+        accuracy, per_seed, seconds = _row(text, variant)[1:]
+        assert accuracy == f"{np.mean(acc):.3f} ± {half:.3f}"
+        assert per_seed == ", ".join(f"{a:.3f}" for a in acc)
+        assert seconds == f"{np.mean(r['train_seconds']['per_seed']):.0f}"
+    s6, lti = (
+        np.asarray(frozen[v]["accuracy"]["per_seed"]) for v in ("selective", "time_invariant")
+    )
+    gap = s6 - lti
+    half = t_975_1 * np.std(gap, ddof=1) / np.sqrt(2)
+    slowest = max(np.mean(r["train_seconds"]["per_seed"]) for r in frozen.values())
+    assert f"Selective {s6.mean() * 100:.1f}% (≥ 90% asked: not met)" in text
+    interval = f"[{100 * (gap.mean() - half):.1f}, {100 * (gap.mean() + half):.1f}]"
+    assert f"{gap.mean() * 100:.1f} {interval} points lower (≥ 30 asked: not met)" in text
+    assert f"trained in {slowest / 60:.1f} min on average (< 10 asked: met)" in text
     kept = json.loads((tmp_path / "repo" / "docs" / "results" / "selective_copy.json").read_text())
-    assert kept == frozen
+    assert json.dumps(kept) == json.dumps(frozen)  # NaN-safe
     (tmp_path / "repo" / "BENCHMARKS.md").unlink()
     selective_copy.write_report(kept, cfg, str(workdir))
     again = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
     assert again.split("- Command:")[1] == text.split("- Command:")[1]  # all but the date
 
 
+def _entry(per_seed):
+    from metattt import stats
+
+    return stats.seed_summary(per_seed)
+
+
 def test_reading_states_each_check_from_the_numbers():
-    met = {"selective": {"accuracy": 0.95, "train_seconds": 300.0}}
-    met["time_invariant"] = {"accuracy": 0.6, "train_seconds": 420.0}
+    met = {"selective": {"accuracy": _entry([0.95]), "train_seconds": _entry([300.0])}}
+    met["time_invariant"] = {"accuracy": _entry([0.6]), "train_seconds": _entry([420.0])}
     (line,) = selective_copy.reading(met)
     assert "Selective 95.0% (≥ 90% asked: met)" in line
-    assert "35.0 points lower (≥ 30 asked: met)" in line and "7.0 min (< 10 asked: met)" in line
-    met["time_invariant"] = {"accuracy": 0.7, "train_seconds": 660.0}
+    assert "35.0 points lower (≥ 30 asked: met)" in line  # one seed: no interval
+    assert "7.0 min on average (< 10 asked: met)" in line
+    met["time_invariant"] = {"accuracy": _entry([0.7]), "train_seconds": _entry([660.0])}
     (line,) = selective_copy.reading(met)
     assert "25.0 points lower (≥ 30 asked: not met)" in line
-    assert "11.0 min (< 10 asked: not met)" in line
+    assert "11.0 min on average (< 10 asked: not met)" in line
     assert selective_copy.reading({"selective": met["selective"]}) == []
 
 
@@ -127,18 +152,18 @@ def tiny(tmp_path_factory):
     return cfg, selective_copy.run(cfg, str(workdir)), workdir
 
 
-def _accuracies(results):
-    return {v: r["accuracy"] for v, r in results.items()}
+def _accuracies(results, seed_index=0):
+    return {v: r["accuracy"]["per_seed"][seed_index] for v, r in results.items()}
 
 
 @pytest.mark.slow
 def test_tiny_run_learns_above_chance_and_matches_the_fixture(tiny, frozen):
     cfg, results, workdir = tiny
     chance = 1.0 / (cfg.task.vocab - 1)
-    assert results["selective"]["accuracy"] > 1.5 * chance
-    assert results["selective"]["accuracy"] > results["time_invariant"]["accuracy"]
-    assert json.loads((workdir / "results.json").read_text()) == results
-    # The frozen fixture is this very run (same program, same RNG streams) on the CPU.
+    acc = _accuracies(results)
+    assert acc["selective"] > 1.5 * chance and acc["selective"] > acc["time_invariant"]
+    assert json.dumps(json.loads((workdir / "results.json").read_text())) == json.dumps(results)
+    # The frozen fixture's seed 0 is this very run (same program, same RNG streams) on the CPU.
     assert _accuracies(results) == _accuracies(frozen)
 
 
@@ -157,7 +182,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    checkpoint = workdir / "selective" / "ckpt" / str(cfg.train.checkpoint_every)
+    checkpoint = workdir / "selective" / "seed_0" / "ckpt" / str(cfg.train.checkpoint_every)
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -168,5 +193,5 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
     with caplog.at_level("INFO"):
         resumed = selective_copy.run(cfg, str(workdir))
     assert f"at step {cfg.train.checkpoint_every} of {cfg.train.steps}" in caplog.text
-    want = reference["selective"]["accuracy"]
-    assert resumed["selective"]["accuracy"] == want  # bit-identical: the same program resumed
+    want = _accuracies(reference)["selective"]
+    assert _accuracies(resumed)["selective"] == want  # bit-identical: the same program resumed
