@@ -108,6 +108,22 @@ def test_reading_of_the_frozen_run_states_no_adaptation(frozen):
     assert len(lines) == 2  # no full TTT, no second order: no conclusions
 
 
+def test_reading_names_the_drop_to_gain_correlation_where_it_was_measured(frozen):
+    """A run that measured Spearman(L_int drop, Δ log p) states it with its interval; a kept
+    run from before it was measured (no such field) renders without it."""
+    ttt = _with_entry(frozen, "ttt", "attd")["tasks"]["listops"]["ttt"]
+    ttt["spearman_drop_correct"] = {"estimate": 0.1, "low": -0.2, "high": 0.4}
+    ttt["spearman_drop_dlogp"] = {"estimate": 0.32, "low": 0.05, "high": 0.55}
+    lines = attd_lra.reading(frozen)
+    assert (
+        "  - full TTT (K=K_max): Spearman of the per-input L_int drop with the change of "
+        "log p(true class) from ψ₀ +0.32 [+0.05, +0.55] (both test splits; does the "
+        "self-supervised progress carry to the task?)."
+    ) in lines
+    del ttt["spearman_drop_dlogp"]
+    assert not any("log p(true class)" in line for line in attd_lra.reading(frozen))
+
+
 def _with_entry(results, name, like, **changes):
     """``results`` with a method ``name`` copied from ``like`` and some fields replaced."""
     table = results["tasks"]["listops"]
