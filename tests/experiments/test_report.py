@@ -41,9 +41,10 @@ def test_report_step_renders_a_finished_workdir_without_training(tmp_path, monke
         "devices": {"platform": "cpu", "device_kind": "cpu"},
     }
     (workdir / "run_info.json").write_text(json.dumps(run_info))
+    one = lambda v: {"mean": v, "ci": float("nan"), "per_seed": [v]}  # noqa: E731
     results = {
-        "selective": {"accuracy": 0.987, "train_seconds": 12.0},
-        "time_invariant": {"accuracy": 0.431, "train_seconds": 11.0},
+        "selective": {"accuracy": one(0.987), "train_seconds": one(12.0)},
+        "time_invariant": {"accuracy": one(0.431), "train_seconds": one(11.0)},
     }
     (workdir / "results.json").write_text(json.dumps(results))
     assert run.report_workdir(str(workdir)) == "selective_copy"
@@ -53,7 +54,7 @@ def test_report_step_renders_a_finished_workdir_without_training(tmp_path, monke
     assert "2026-01-02" in text and "Some CPU, 7 cores; JAX 0.0.1 on cpu (cpu)" in text
     assert report.today() != "2026-01-02" and "Some CPU" not in report.machine()
     kept = json.loads((tmp_path / "repo" / "docs" / "results" / "selective_copy.json").read_text())
-    assert kept == results
+    assert json.dumps(kept) == json.dumps(results)  # NaN-safe
 
 
 RESULTS = report.BENCHMARKS.parent / "docs" / "results"
