@@ -2,16 +2,13 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from configs import drift_adapters as config
 from experiments import drift_adapters
+from tests.experiments.killing import kill_after
 
 
 @pytest.fixture(scope="module")
@@ -125,21 +122,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
     """SIGKILL after the backbone's first checkpoint; the restarted run equals the fixture's."""
     cfg, reference, _ = tiny
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "--config=configs/drift_adapters.py:tiny"]
-        + ["--workdir", str(workdir)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     checkpoint = workdir / "backbone" / "seed_0" / "ckpt" / "100"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
-    assert not (workdir / "results.json").exists()
+    kill_after(["--config=configs/drift_adapters.py:tiny"], workdir, checkpoint)
     with caplog.at_level("INFO"):
         resumed = drift_adapters.run(cfg, str(workdir))
     assert "Resumed from" in caplog.text

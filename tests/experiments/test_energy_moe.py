@@ -6,10 +6,6 @@ import json
 import logging
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +14,7 @@ from configs import energy_moe as energy_config
 from experiments import energy_moe
 from experiments.energy_moe import runtime, serving
 from metattt.energy import SimulatedDevice, edp
+from tests.experiments.killing import kill_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "energy_moe", "lm", "results.json")
@@ -273,21 +270,8 @@ def tiny_run(tmp_path_factory):
     ``(config, workdir, results, log messages of the restarted run)``."""
     cfg = energy_config.get_config("tiny")
     workdir = tmp_path_factory.mktemp("energy_moe") / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "--config=configs/energy_moe.py:tiny"]
-        + ["--workdir", str(workdir)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     checkpoint = workdir / "params" / "seed_0" / "run" / "ckpt" / str(cfg.train.checkpoint_every)
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    killed = proc.poll() is None
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL and killed, "the run ended before it could be killed"
-    assert not (workdir / "results.json").exists()
+    kill_after(["--config=configs/energy_moe.py:tiny"], workdir, checkpoint)
     handler = _Messages()
     logging.getLogger().addHandler(handler)
     level = logging.getLogger().level

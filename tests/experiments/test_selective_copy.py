@@ -3,10 +3,6 @@
 import dataclasses
 import json
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -15,6 +11,7 @@ import pytest
 from configs import selective_copy as config
 from experiments import report, selective_copy
 from metattt.data import CopyBatch
+from tests.experiments.killing import kill_after
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # results.json of `python -m experiments.run --config configs/selective_copy.py:tiny
@@ -175,21 +172,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
     cfg = cfg.copy_and_resolve_references()
     cfg.variants = ("selective",)  # the time-invariant model's training is the same code path
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "--config=configs/selective_copy.py:tiny"]
-        + ["--config.variants=('selective',)", "--workdir", str(workdir)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     checkpoint = workdir / "selective" / "seed_0" / "ckpt" / str(cfg.train.checkpoint_every)
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
-    assert not (workdir / "results.json").exists()
+    args = ["--config=configs/selective_copy.py:tiny", "--config.variants=('selective',)"]
+    kill_after(args, workdir, checkpoint)
     with caplog.at_level("INFO"):
         resumed = selective_copy.run(cfg, str(workdir))
     assert f"at step {cfg.train.checkpoint_every} of {cfg.train.steps}" in caplog.text

@@ -6,10 +6,8 @@ import json
 import math
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import scipy.stats
 
 from configs import sinusoid as sinusoid_config
 from experiments import report, sinusoid
+from tests.experiments.killing import kill_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # results.json of `python -m experiments.run --config configs/sinusoid.py:tiny
@@ -248,22 +247,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
     restarted run takes over the dead run's lock, resumes there and ends bit-identical."""
     cfg, reference, _ = tiny
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "--config=configs/sinusoid.py:tiny"]
-        + ["--workdir", str(killed)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     run_dir = killed / "maml" / "seed_0"
     checkpoint = run_dir / "ckpt" / str(cfg.train.checkpoint_every)
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.kill()  # SIGKILL: no handler runs, the lock file stays behind
-    assert proc.wait() == -signal.SIGKILL
-    assert (run_dir / "fit.lock").exists() and not (killed / "results.json").exists()
+    kill_after(["--config=configs/sinusoid.py:tiny"], killed, checkpoint)
+    assert (run_dir / "fit.lock").exists()  # SIGKILL: no handler ran, the lock stays behind
     with caplog.at_level("INFO"):
         resumed = sinusoid.run(cfg, str(killed))
     assert "Taking over the lock" in caplog.text

@@ -4,10 +4,6 @@ config end to end and its resume after SIGKILL."""
 import copy
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import ml_collections
 import numpy as np
@@ -16,6 +12,7 @@ import pytest
 from configs import tta_protocol as tta_config
 from experiments import report, tta_protocol
 from metattt import stats
+from tests.experiments.killing import kill_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tta_protocol")
@@ -72,21 +69,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
     uninterrupted one bit for bit, and a cell's partial log is replaced, not appended to."""
     cfg, reference, _ = tiny
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "--config=configs/tta_protocol.py:tiny"]
-        + ["--workdir", str(workdir)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     checkpoint = workdir / "source" / "seed_0" / "ckpt" / str(cfg.train.checkpoint_every)
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL
-    assert not (workdir / "results.json").exists()
+    kill_after(["--config=configs/tta_protocol.py:tiny"], workdir, checkpoint)
     # A cell killed while logging its clips leaves a partial log and no cell record.
     path = workdir / "representational" / "baseline" / "seed_0" / "metrics.jsonl"
     path.parent.mkdir(parents=True)
