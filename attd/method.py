@@ -313,7 +313,7 @@ def make_attd(
         if k_max == 0:
             s = signal(params, tokens, mask)
             hard = controller.hard_steps(params.controller, jax.lax.stop_gradient(s))
-            logits = jax.vmap(lambda x, m: classify(params.theta, params.psi, x, m))(tokens, mask)
+            logits = classify_unadapted(params, tokens, mask)
             zeros = jnp.zeros((batch,), logits.dtype)
             psi = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), params.psi)
             return Outputs(logits, s, zeros, hard, zeros, jnp.zeros((batch, 0), logits.dtype), psi)
