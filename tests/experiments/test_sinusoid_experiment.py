@@ -15,6 +15,7 @@ import scipy.stats
 
 from configs import sinusoid as sinusoid_config
 from experiments import report, sinusoid
+from tests.experiments.compare import assert_close_tree
 from tests.experiments.killing import kill_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -236,9 +237,11 @@ def test_tiny_config_adapted_beats_unadapted(tiny, frozen):
     assert os.path.getsize(workdir / "sinusoid_curves.png") > 1000
     assert (workdir / "maml" / "seed_0" / "metrics.jsonl").read_text().count("meta_loss") >= 2
     assert json.loads((workdir / "results.json").read_text()) == results
-    # The frozen fixture's seed 0 is this very run (same program, same RNG streams).
+    # The frozen fixture's seed 0 is this run (same RNG streams; another compiled program).
     for method in cfg.methods:
-        assert results[method]["seed_means"][0] == frozen[method]["seed_means"][0], method
+        assert_close_tree(
+            results[method]["seed_means"][0], frozen[method]["seed_means"][0], rtol=1e-2
+        )
 
 
 @pytest.mark.slow
