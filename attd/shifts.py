@@ -12,6 +12,13 @@ timescales, so adapting an SSM's dynamics cannot be expected to fix them. These 
   produced a sequence. The shift multiplies the modes' decay time (``shift="decay"``: the
   spectral peaks sharpen or broaden, the frequencies stay) or their frequencies
   (``shift="frequency"``).
+- **recorded** (:func:`recorded_split`): which class a real recording of the UCR archive shows
+  (GunPoint by default: a hand drawing a gun or pointing, filmed at 30 frames/s; see
+  :mod:`metattt.data.ucr`), resampled to ``seq_len`` samples at factor 1 and to ``seq_len * w``
+  samples under the shift: the same motion sampled at a ``w`` times higher rate (w < 1: lower),
+  so it unfolds over ``w`` times as many steps. The sequences of a split are padded on the right
+  to its longest (``mask`` marks the samples). The recordings are split by seed into training
+  and held-out ones; the test splits draw only held-out recordings.
 
 A split draws each example's shift factor from ``bands``, a tuple of ``(lo, hi)`` intervals:
 an interval is picked uniformly, then the factor log-uniformly inside it (``((1, 1),)`` is the
@@ -23,11 +30,13 @@ shares them; the examples of a split depend on ``(seed, offset)`` as in :mod:`at
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
 
 from attd.lra.tasks import Split, data_seed
+from metattt.data import ucr
 
 CLASS_OFFSET = 9_973  # the data-seed offset of a run seed's class definitions
 IN_DISTRIBUTION = ((1.0, 1.0),)
@@ -188,7 +197,79 @@ def oscillator_split(
     )
 
 
-_SPLITS = {"timewarp": timewarp_split, "oscillator": oscillator_split}
+#: The offsets of :func:`shift_task`'s in-distribution and shifted test splits: the splits a
+#: recorded task draws from held-out recordings (the others draw training recordings).
+TEST_OFFSETS = (1, 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _recordings(dataset: str, data_dir: str | None) -> ucr.UCRSeries:
+    """The dataset's recordings (TRAIN and TEST pooled), each z-normalised."""
+    data = ucr.load_dataset(dataset, data_dir)
+    x = data.series - data.series.mean(1, keepdims=True)
+    return data._replace(series=x / np.maximum(x.std(1, keepdims=True), 1e-8))
+
+
+def recorded_signals(
+    num: int,
+    seed: int,
+    *,
+    offset: int,
+    dataset: str = "GunPoint",
+    data_dir: str | None = None,
+    seq_len: int = 64,
+    held_out: float = 0.4,
+    crop: float = 0.05,
+    bands=IN_DISTRIBUTION,
+    noise: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``num`` resampled recordings (N, L) padded on the right, their mask (N, L), labels and
+    sampling-rate factors w (N,); L is the longest, ``round(seq_len * max w)``.
+
+    Example i takes a recording (a share ``held_out`` of them, chosen by ``seed``, is kept for
+    the splits at :data:`TEST_OFFSETS`), crops up to ``crop`` of its length at each end,
+    samples the rest by linear interpolation at ``round(seq_len * w)`` evenly spaced times and
+    scales it by a factor uniform in [0.8, 1.2], plus Gaussian noise."""
+    if not 0 < held_out < 1 or not 0 <= crop < 0.5:
+        raise ValueError(f"need 0 < held_out < 1 and 0 <= crop < 0.5, got {held_out}, {crop}")
+    data = _recordings(dataset, data_dir)
+    order = np.random.default_rng(data_seed(seed, CLASS_OFFSET + 2)).permutation(len(data.labels))
+    cut = int(round(held_out * len(order)))
+    pool = order[:cut] if offset in TEST_OFFSETS else order[cut:]
+    rng = np.random.default_rng(data_seed(seed, offset))
+    pick = pool[rng.integers(len(pool), size=num)]
+    warp = sample_factors(rng, num, bands)
+    lengths = np.maximum(np.round(seq_len * warp).astype(int), 2)
+    span = data.series.shape[1] - 1
+    starts = rng.uniform(0, crop * span, num)
+    ends = rng.uniform((1 - crop) * span, span, num)
+    scale = rng.uniform(0.8, 1.2, num)
+    width = int(round(seq_len * max(hi for _, hi in _check_bands(bands))))
+    x, mask = np.zeros((num, width)), np.zeros((num, width), bool)
+    for i, n in enumerate(lengths):
+        t = np.linspace(starts[i], ends[i], n)
+        x[i, :n] = scale[i] * np.interp(t, np.arange(span + 1), data.series[pick[i]])
+        mask[i, :n] = True
+    x = np.where(mask, x + noise * rng.standard_normal(x.shape), 0.0)
+    return x, mask, data.labels[pick], warp
+
+
+def recorded_split(
+    num: int, seed: int, *, offset: int, vocab_size: int = 32, clip: float = 2.5, **kw
+) -> ShiftSplit:
+    """:func:`recorded_signals` as ``vocab_size`` tokens (difficulty ``|log w|``)."""
+    x, mask, labels, warp = recorded_signals(num, seed, offset=offset, **kw)
+    tokens = np.where(mask, quantise(x, vocab_size, clip), 0)
+    return ShiftSplit(Split(tokens, mask, labels, np.abs(np.log(warp))), warp)
+
+
+def _num_classes(kind: str, kw) -> int:
+    if kind == "recorded":
+        return len(_recordings(kw.get("dataset", "GunPoint"), kw.get("data_dir")).classes)
+    return kw.get("num_classes", 4)
+
+
+_SPLITS = {"timewarp": timewarp_split, "oscillator": oscillator_split, "recorded": recorded_split}
 
 
 def shift_task(
@@ -221,6 +302,6 @@ def shift_task(
         make(num_test, offset=1, **common),
         make(num_test, offset=2, bands=shift_bands, **common),
         vocab_size,
-        kw.get("num_classes", 4),
+        _num_classes(kind, kw),
         make(num_outer, offset=3, bands=outer_bands, **common) if num_outer else None,
     )

@@ -5,6 +5,9 @@ Command (3 seeds; see the attd_dynamics section of BENCHMARKS.md for its time):
 Latent-timescale task instead (damped modes whose decay time is scaled):
     python -m experiments.run --config configs/attd_dynamics.py:oscillator \
         --workdir runs/attd_dynamics_osc
+Real recordings (UCR GunPoint, `pip install metattt[ucr]`) under a sampling-rate shift:
+    python -m experiments.run --config configs/attd_dynamics.py:recorded \
+        --workdir runs/attd_dynamics_rec
 Tiny smoke run (seconds; what the tests run), and what `make demo` runs:
     python -m experiments.run --config configs/attd_dynamics.py:tiny --workdir runs/attd_dyn_tiny
     python -m experiments.run --config configs/attd_dynamics.py:demo --workdir runs/attd_dyn_demo
@@ -86,8 +89,17 @@ def get_config(arg=None):
             "python -m experiments.run --config configs/attd_dynamics.py:oscillator "
             "--workdir runs/attd_dynamics_osc"
         )
+    elif arg == "recorded":
+        c.section = "attd_dynamics_recorded"
+        c.figure_prefix = "attd_dyn_rec"
+        c.tasks = ("recorded",)
+        c.command = (
+            "python -m experiments.run --config configs/attd_dynamics.py:recorded "
+            "--workdir runs/attd_dynamics_rec"
+        )
     elif arg is not None:
         raise ValueError(
-            f"unknown variant {arg!r} of configs/attd_dynamics.py (known: tiny, demo, oscillator)"
+            f"unknown variant {arg!r} of configs/attd_dynamics.py "
+            "(known: tiny, demo, oscillator, recorded)"
         )
     return c

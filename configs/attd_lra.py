@@ -114,6 +114,18 @@ def get_config(arg=None):
         c.data[kind].seq_len = 128
         c.data[kind].num_classes = 4
     c.data.timewarp.period = 24.0
+    # Real recordings under a sampling-rate shift (UCR GunPoint; needs `pip install metattt[ucr]`
+    # or data_dir = a folder with GunPoint/GunPoint_{TRAIN,TEST}.ts).
+    c.data.recorded = ml_collections.ConfigDict()
+    c.data.recorded.dataset = "GunPoint"
+    c.data.recorded.data_dir = ""  # empty: the copy the aeon package ships
+    c.data.recorded.held_out = 0.4  # share of the recordings kept for the test splits
+    c.data.recorded.num_train = 2048
+    c.data.recorded.num_test = 480
+    c.data.recorded.num_outer = 1024
+    c.data.recorded.outer_bands = c.data.timewarp.outer_bands
+    c.data.recorded.shift_bands = c.data.timewarp.shift_bands
+    c.data.recorded.seq_len = 64
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.steps = 120
@@ -239,6 +251,8 @@ def get_config(arg=None):
             c.data[kind].num_train, c.data[kind].num_test = 64, 16
             c.data[kind].num_outer, c.data[kind].seq_len = 32, 24
         c.data.timewarp.period = 8.0
+        c.data.recorded.num_train, c.data.recorded.num_test = 64, 16
+        c.data.recorded.num_outer, c.data.recorded.seq_len = 32, 16
         c.attd.k_max = 2
         c.pretrain.steps = 20
         c.pretrain.batch = 8

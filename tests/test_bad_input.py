@@ -17,7 +17,7 @@ import metattt as mt
 from attd.lra import listops, pathfinder
 from configs import energy_moe, forecasting, sinusoid, tta_protocol
 from experiments import harness
-from metattt.data import sessions
+from metattt.data import sessions, ucr
 
 CONFIG_CASES = [
     (sinusoid, "train.meta_lr", 0.0, "config.train.meta_lr must be a finite learning rate > 0"),
@@ -137,7 +137,46 @@ def _session_transposed(tmp_path):
     return lambda: sessions.load_sessions(tmp_path), "s.npy: 2000 neurons but only 50 time"
 
 
+_TS_HEAD = "@problemName P\n@univariate true\n@classLabel true a b\n@data\n"
+
+
+def _ts(tmp_path, text):
+    path = tmp_path / "P_TRAIN.ts"
+    path.write_text(text)
+    return path
+
+
+def _ucr_header_only(tmp_path):
+    path = _ts(tmp_path, _TS_HEAD)
+    return lambda: ucr.read_ts(path), f"{path}: no series after the header"
+
+
+def _ucr_unknown_label(tmp_path):
+    path = _ts(tmp_path, _TS_HEAD + "1,2,3:a\n4,5,6:c\n")
+    return lambda: ucr.read_ts(path), r"labels \['c'\] are not in @classLabel"
+
+
+def _ucr_multivariate(tmp_path):
+    path = _ts(tmp_path, _TS_HEAD + "1,2,3:4,5,6:a\n")
+    return lambda: ucr.read_ts(path), f"{path}:5: 2 dimensions; only univariate"
+
+
+def _ucr_missing_value(tmp_path):
+    path = _ts(tmp_path, _TS_HEAD + "1,?,3:a\n")
+    return lambda: ucr.read_ts(path), f"{path}:5: a value is not a number"
+
+
+def _ucr_unequal_lengths(tmp_path):
+    path = _ts(tmp_path, _TS_HEAD + "1,2,3:a\n1,2:b\n")
+    return lambda: ucr.read_ts(path), r"series of unequal lengths \[2, 3\]"
+
+
 LOADER_CASES = [
+    _ucr_header_only,
+    _ucr_unknown_label,
+    _ucr_multivariate,
+    _ucr_missing_value,
+    _ucr_unequal_lengths,
     _listops_header_only,
     _pathfinder_empty,
     _pathfinder_label_7,

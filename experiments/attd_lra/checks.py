@@ -6,6 +6,7 @@ from attd.mamba import MambaConfig
 from attd.method import OBJECTIVES
 from experiments import harness
 from experiments.attd_lra.methods import INNER_RULES, METHODS, SHIFT_TASKS, TASKS, parse_method
+from metattt.data import ucr
 
 
 def validate(cfg) -> None:
@@ -74,6 +75,8 @@ def validate(cfg) -> None:
                     f"data.{task}.{key} must be (lo, hi) factor intervals, 0 < lo <= hi; "
                     f"got {bands}"
                 )
+    if "recorded" in cfg.tasks:  # the recordings exist (one line saying how to get them)
+        ucr.find_dataset(cfg.data.recorded.dataset, cfg.data.recorded.data_dir or None)
 
 
 def model_config(cfg, vocab_size: int, num_classes: int) -> MambaConfig:

@@ -18,7 +18,7 @@ from attd.controller import fixed_controller, gate_controller, threshold_control
 from attd.dynamics import ADAPTERS
 
 LRA_TASKS = ("listops", "pathfinder", "text")
-SHIFT_TASKS = ("timewarp", "oscillator")  # attd.shifts: shifts in the temporal dynamics
+SHIFT_TASKS = ("timewarp", "oscillator", "recorded")  # attd.shifts: temporal-dynamics shifts
 TASKS = LRA_TASKS + SHIFT_TASKS
 INNER_RULES = ("adam", "sgd")
 #: Per task: the difficulty the K-vs-difficulty plot and correlation use, and its label.
@@ -28,6 +28,7 @@ DIFFICULTY = {
     "text": "length (bytes)",
     "timewarp": "|log warp|",
     "oscillator": "|log timescale factor|",
+    "recorded": "|log sampling-rate factor|",
 }
 ADAPTER_LABELS = {
     "low_rank": "low-rank ψ on A_log",

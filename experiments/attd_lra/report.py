@@ -153,14 +153,24 @@ def _shift_text(cfg) -> list[str]:
         )
     for task in set(cfg.tasks) & set(SHIFT_TASKS):
         t = d[task]
-        what = (
-            f"which of {t.num_classes} periodic templates (3 harmonics, random phase, "
-            f"amplitude ×0.8-1.2, noise 0.05) a sequence of {t.seq_len} tokens shows, period "
-            f"{t.period:g} ± 15%; the shift plays it w times slower (w < 1: faster)"
-            if task == "timewarp"
-            else f"which of {t.num_classes} latent linear systems (2 damped modes each) drove a "
-            f"sequence of {t.seq_len} tokens; the shift scales the modes' decay time"
-        )
+        if task == "timewarp":
+            what = (
+                f"which of {t.num_classes} periodic templates (3 harmonics, random phase, "
+                f"amplitude ×0.8-1.2, noise 0.05) a sequence of {t.seq_len} tokens shows, period "
+                f"{t.period:g} ± 15%; the shift plays it w times slower (w < 1: faster)"
+            )
+        elif task == "oscillator":
+            what = (
+                f"which of {t.num_classes} latent linear systems (2 damped modes each) drove a "
+                f"sequence of {t.seq_len} tokens; the shift scales the modes' decay time"
+            )
+        else:
+            what = (
+                f"which class a real recording of the UCR archive's {t.dataset} shows (TRAIN and "
+                f"TEST pooled, then {t.held_out:.0%} of the recordings held out by seed for the "
+                f"test splits), resampled to {t.seq_len} tokens; the shift samples it w times "
+                f"as densely ({t.seq_len}·w tokens, padded)"
+            )
         bands = ", ".join(f"×{np.exp(lo):.2f}-{np.exp(hi):.2f}" for lo, hi in shift_bands(t))
         outer = ", ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in t.outer_bands)
         lines.append(

@@ -9,7 +9,8 @@ Modules: :mod:`~metattt.data.sinusoid` (MAML's regression tasks),
 :mod:`~metattt.data.session_tasks` (those sessions as padded recordings, support/query tasks and
 sampled task batches), :mod:`~metattt.data.session_metrics` (MSE, R² and POCO score of a
 session's forecasts; steps to a level along an adaptation curve) and
-:mod:`~metattt.data.text_corpora` (byte-level corpora from Python's own standard library).
+:mod:`~metattt.data.text_corpora` (byte-level corpora from Python's own standard library) and
+:mod:`~metattt.data.ucr` (univariate problems of the UCR archive in its ``.ts`` format).
 """
 
 from metattt.data import (
@@ -21,6 +22,7 @@ from metattt.data import (
     sessions,
     sinusoid,
     text_corpora,
+    ucr,
     windows,
 )
 from metattt.data.controlled import Clip, DynamicsSystem, Regime, Trajectories
@@ -84,5 +86,6 @@ __all__ = [
     "steps_to_level",
     "support_query_split",
     "text_corpora",
+    "ucr",
     "windows",
 ]

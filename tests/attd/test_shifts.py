@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from attd import shifts
+from tests.metattt.test_ucr import write_problem
 
 
 def test_factors_lie_in_their_bands_and_are_log_uniform_inside():
@@ -136,3 +137,70 @@ def test_the_time_warp_defeats_a_classifier_fit_without_it():
         return (d.argmin(1) == s.split.labels).mean()
 
     assert accuracy(task.test_id) > 0.8 and accuracy(task.test_shift) < 0.4
+
+
+# --- real recordings under a sampling-rate shift -------------------------------------------------
+
+T_REC, N_REC = 120, 10
+
+
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory):
+    """A UCR problem written here: recording r is a sine of r + 1 cycles over its T samples,
+    of class r % 2, so an example's recording can be read back from its sign changes."""
+    root = tmp_path_factory.mktemp("ucr")
+    t = np.arange(T_REC)
+    cycles = np.arange(1, N_REC + 1)
+    series = np.sin(2 * np.pi * cycles[:, None] * (t + 0.5) / T_REC)
+    write_problem(root, "Sines", series, (cycles % 2 == 0).astype(int))  # class of r: r % 2
+    return str(root)
+
+
+def _recording_of(x):
+    """Recording r of an example (noise off): r + 1 cycles give 2 (r + 1) - 1 sign changes."""
+    return (np.count_nonzero(np.diff(np.sign(x))) + 1) // 2 - 1
+
+
+@pytest.mark.parametrize("bands", [((1.0, 1.0),), ((1.0, 2.0),)])
+def test_a_recorded_example_is_its_recording_sampled_at_round_l_w_times(recordings, bands):
+    kw = dict(dataset="Sines", data_dir=recordings, seq_len=64, crop=0.0, noise=0.0, bands=bands)
+    x, mask, labels, warp = shifts.recorded_signals(300, 2, offset=0, **kw)
+    lengths = np.round(64 * warp).astype(int)
+    np.testing.assert_array_equal(mask.sum(1), lengths)
+    assert x.shape[1] == round(64 * bands[0][1]) and np.all(x[~mask] == 0.0)
+    for i in range(40):
+        xi = x[i, : lengths[i]]
+        r = _recording_of(xi)
+        assert labels[i] == r % 2
+        # evenly spaced over the whole recording (crop 0): the analytic sine up to the
+        # example's amplitude factor and linear interpolation's error
+        t = np.linspace(0, T_REC - 1, lengths[i])
+        expected = np.sin(2 * np.pi * (r + 1) * (t + 0.5) / T_REC)
+        assert np.corrcoef(xi, expected)[0, 1] > 0.995, (i, r)
+        assert 0.8 * np.sqrt(2) - 0.05 < np.abs(xi).max() < 1.2 * np.sqrt(2) + 0.05  # z-scored
+
+
+def test_test_splits_draw_only_held_out_recordings(recordings):
+    kw = dict(dataset="Sines", data_dir=recordings, seq_len=64, crop=0.0, noise=0.0)
+    seen = {}
+    for offset in (0, 1, 2, 3):
+        x, mask, *_ = shifts.recorded_signals(200, 5, offset=offset, held_out=0.4, **kw)
+        seen[offset] = {_recording_of(xi) for xi in x}
+    held_out = seen[1] | seen[2]
+    assert len(held_out) == 4 and seen[1] == seen[2]  # 40% of 10, every one drawn
+    assert not held_out & (seen[0] | seen[3]) and len(seen[0] | seen[3]) == 6
+    other_seed = shifts.recorded_signals(200, 6, offset=1, held_out=0.4, **kw)[0]
+    assert {_recording_of(xi) for xi in other_seed} != held_out  # the split follows the seed
+
+
+def test_a_recorded_task_is_padded_tokens_with_the_problems_classes(recordings):
+    task = shifts.shift_task(
+        "recorded", 0, num_train=50, num_test=40, shift_bands=((1 / 3, 1 / 2), (2.0, 3.0)),
+        dataset="Sines", data_dir=recordings, seq_len=32,
+    )  # fmt: skip
+    assert task.num_classes == 2
+    assert task.train.split.tokens.shape == (50, 32) and task.train.split.mask.all()
+    shifted = task.test_shift.split
+    assert shifted.tokens.shape == (40, 96) and np.all(shifted.tokens[~shifted.mask] == 0)
+    np.testing.assert_array_equal(shifted.mask.sum(1), np.round(32 * task.test_shift.factor))
+    np.testing.assert_allclose(shifted.difficulty, np.abs(np.log(task.test_shift.factor)))

@@ -665,3 +665,10 @@ def stats_ci(values):
     from metattt import stats
 
     return stats.mean_ci(values)
+
+
+def test_recorded_task_without_its_files_is_refused_before_any_work(tmp_path):
+    cfg = dynamics_config.get_config("recorded")
+    cfg.data.recorded.data_dir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no file {tmp_path}/GunPoint/GunPoint_TRAIN.ts"):
+        attd_lra.validate(cfg)
