@@ -16,7 +16,10 @@ update is not enough for second order, because the backward pass of the masked s
 multiplies a zero cotangent by the step's NaN intermediates (0 * NaN = NaN). The per-step
 value-and-grad is therefore wrapped in a ``custom_vjp`` whose backward zeroes every cotangent
 of a non-finite step before it reaches the inputs -- the "double where" applied where the NaN
-is made -- and the gradient itself is sanitised before the optimizer sees it.
+is made -- and, in second order, the gradient itself is sanitised before the optimizer sees
+it (the optimizer's own backward would meet it). Under ``first_order`` the gradient is a
+constant of the outer derivative, so a non-finite one needs no sanitising: its update and
+optimizer state are discarded by the mask, and nothing differentiates through them.
 
 Numerically safe forms for second order: global norms use a safe square root (finite
 derivative at zero), and differentiating through Adam needs ``optax.adam(..., eps_root>0)``.
@@ -258,7 +261,8 @@ def adapt(
         grad_norm = safe_global_norm(grads)
         if skip_nonfinite:
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+            if not first_order:  # the optimizer's backward would multiply 0 by a NaN
+                grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
             norm = jnp.where(finite, grad_norm, 0.0)
         else:
             finite, norm = jnp.array(True), grad_norm

@@ -116,14 +116,18 @@ def test_vmapped_per_example_adaptation_equals_python_loop(problem):
         chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_non_finite_step_is_skipped_counted_and_meta_gradient_stays_finite(problem):
+@pytest.mark.parametrize("first_order", [False, True])
+def test_non_finite_step_is_skipped_counted_and_meta_gradient_stays_finite(problem, first_order):
+    """Also under first order, where the gradient is not sanitised (nothing differentiates
+    through it); the applied inner losses enter the meta-loss as in E2E-TTT."""
     fast, slow, (x, y) = problem
     bad = (x.at[3, 0].set(jnp.nan), y)
     opt = optax.adam(0.05, eps_root=1e-8)
 
     def meta_loss(f):
-        r = inner.adapt(loss_fn, f, slow, bad, opt=opt, max_steps=3)
-        return loss_fn(P.merge(r.params, slow), (x, y)), r
+        r = inner.adapt(loss_fn, f, slow, bad, opt=opt, max_steps=3, first_order=first_order)
+        applied = jnp.sum(jnp.where(r.active, r.losses, 0.0))
+        return loss_fn(P.merge(r.params, slow), (x, y)) + applied, r
 
     (value, result), grads = jax.value_and_grad(meta_loss, has_aux=True)(fast)
     assert int(result.num_skipped) == 3
