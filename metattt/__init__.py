@@ -7,7 +7,8 @@ Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the
 :mod:`~metattt.meta` (MAML, FOMAML, E2E-TTT, Meta-SGD and the meta-step),
 :mod:`~metattt.online` (delayed-label streams), :mod:`~metattt.tta` (clip-wise TTA),
 :mod:`~metattt.objectives`, :mod:`~metattt.adapters` (dynamic-rank LoRA),
-:mod:`~metattt.drift` (drift detectors), the training contract :mod:`~metattt.train`
+:mod:`~metattt.drift` (drift detectors), :mod:`~metattt.compiled` (``make_adapt_fn``: adaptation
+compiled once, for notebooks), the training contract :mod:`~metattt.train`
 (``Step``, ``supervised``, ``fit``), and the run plumbing :mod:`~metattt.ckpt`,
 :mod:`~metattt.runlog`, :mod:`~metattt.stats`.
 """
@@ -15,6 +16,7 @@ Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the
 from metattt import (
     adapters,
     ckpt,
+    compiled,
     data,
     drift,
     energy,
@@ -29,8 +31,10 @@ from metattt import (
     train,
     tta,
 )
+from metattt.compiled import make_adapt_fn
 from metattt.inner import InnerConfig, InnerResult, adapt, adapt_merged, adaptation_curve
 from metattt.meta import Task
+from metattt.models.functional import functionalize
 from metattt.params import count, merge, select, split
 from metattt.train import Step, TrainState, fit, supervised
 from metattt.tta import TTAProtocol, run_protocol
@@ -49,12 +53,15 @@ __all__ = [
     "adaptation_curve",
     "adapters",
     "ckpt",
+    "compiled",
     "count",
     "data",
     "drift",
     "energy",
     "fit",
+    "functionalize",
     "inner",
+    "make_adapt_fn",
     "merge",
     "meta",
     "models",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -234,7 +235,13 @@ def adapt(
         ValueError: bad ``max_steps`` or ``step_weights`` shape.
     """
     if not isinstance(max_steps, int) or max_steps < 0:
-        raise ValueError(f"max_steps must be a non-negative Python int, got {max_steps!r}")
+        hint = (
+            " (under jax.jit it must be static: fix it with functools.partial, or use "
+            "metattt.make_adapt_fn)"
+            if isinstance(max_steps, jax.core.Tracer)
+            else ""
+        )
+        raise ValueError(f"max_steps must be a non-negative Python int, got {max_steps!r}{hint}")
     if step_weights is not None and jnp.shape(step_weights) != (max_steps,):
         raise ValueError(
             f"step_weights must have shape (max_steps,) = ({max_steps},), "
@@ -245,6 +252,8 @@ def adapt(
     check_clip_norm(clip_norm)
     if not jax.tree.leaves(fast):
         raise ValueError("adapt() got no fast parameters to adapt")
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(fast)):
+        _warn_eager_once()
     if opt_state is None:
         opt_state = opt.init(fast)
     limit = max_steps if num_steps is None else num_steps
@@ -305,6 +314,23 @@ def adapt(
         )
     losses, grad_norms, update_norms, active, aux = outs
     return InnerResult(params, state, losses, grad_norms, update_norms, active, skipped, aux)
+
+
+_warned_eager = False
+
+
+def _warn_eager_once() -> None:
+    """Warn (once per process) that an eager ``adapt`` compiles its scan on every call."""
+    global _warned_eager
+    if not _warned_eager:
+        _warned_eager = True
+        warnings.warn(
+            "metattt.adapt ran outside jax.jit: it traces and compiles its loop on every call. "
+            "Use metattt.make_adapt_fn(loss_fn, opt, max_steps=..., selector=...), or call adapt "
+            "inside your own jitted function (jax.jit(metattt.adapt) cannot take the loss "
+            "function: jit a functools.partial that fixes it).",
+            stacklevel=3,
+        )
 
 
 def per_param_sgd(learning_rates: PyTree) -> optax.GradientTransformation:

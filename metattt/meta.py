@@ -18,16 +18,24 @@ outer optimizer; with a ``mesh`` the task batch is sharded over its devices, and
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from metattt.inner import InnerConfig, adapt_merged, check_clip_norm, per_param_sgd
+from metattt.inner import (
+    InnerConfig,
+    adapt_merged,
+    adaptation_curve,
+    check_clip_norm,
+    per_param_sgd,
+)
 from metattt.params import split
+from metattt.stats import MeanCI, mean_ci
 from metattt.train import Step, TrainState
 
 PyTree = Any
@@ -173,6 +181,53 @@ def batch_meta_loss(meta_loss: Callable, meta_params: PyTree, tasks: Any):
     """Mean of ``meta_loss(meta_params, task)`` over a task batch (leading axis), by ``vmap``."""
     losses, aux = jax.vmap(meta_loss, in_axes=(None, 0))(meta_params, tasks)
     return jnp.mean(losses), aux
+
+
+def evaluate_after_steps(
+    loss_fn: Callable,
+    params: PyTree,
+    tasks: Task,
+    *,
+    mask: PyTree,
+    inner: InnerConfig,
+    steps: Sequence[int],
+    query_loss_fn: Callable | None = None,
+    confidence: float = 0.95,
+) -> dict[int, MeanCI]:
+    """A meta-learner's query loss after each of ``steps`` inner steps, mean over tasks with a
+    Student-t interval: how good is the initialisation after 0, 1, 5 ... steps?
+
+    One inner loop of ``max(steps)`` steps per task gives every point (the loss after k steps is
+    the loss after the first k of them), vmapped over the task batch.
+
+    Args:
+        loss_fn: the inner loss, as for :func:`maml_loss`.
+        params: the meta-learned parameters.
+        tasks: a :class:`Task` whose leaves have a leading task axis (at least 2 tasks for
+            an interval).
+        mask, inner: which leaves adapt and how (``inner.max_steps`` is replaced by
+            ``max(steps)``).
+        steps: the step counts to report, each >= 0.
+        query_loss_fn: loss on the query set (default ``loss_fn``).
+        confidence: the intervals' coverage.
+
+    Returns:
+        ``{k: MeanCI}`` over tasks, for each k in ``steps``.
+    """
+    steps = [int(k) for k in steps]
+    if not steps or min(steps) < 0:
+        raise ValueError(f"steps must be non-empty step counts >= 0, got {steps}")
+    cfg = inner._replace(max_steps=max(steps))._asdict()
+    query = query_loss_fn or loss_fn
+
+    @jax.jit
+    def curves(p, t):
+        return jax.vmap(
+            lambda task: adaptation_curve(loss_fn, query, p, mask, task.support, task.query, **cfg)
+        )(t)
+
+    per_task = np.asarray(curves(params, tasks))
+    return {k: mean_ci(per_task[:, k], confidence) for k in steps}
 
 
 def make_meta_step(
