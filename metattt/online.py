@@ -6,7 +6,11 @@ is re-indexed before the scan so that step t receives ``(x_t, y_{t-H})`` and not
 prediction can never see its own target or any later one, by construction rather than by
 care. Inputs wait in a ring buffer of H slots until their target arrives.
 
-With H = 0 the target of x_t arrives right after its prediction.
+With H = 0 the target of x_t arrives right after its prediction. With a replay window of M
+pairs the update at t fits the last M pairs that have arrived (those of x_{t-H-M+1} .. x_{t-H}),
+the mean of their losses, rather than the newest alone: more data per update on a stream whose
+elements are small. A stream element may itself be a batch (x_t of shape (B, ...)): ``loss_fn``
+sees it whole; independent streams run side by side under ``jax.vmap``.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def online_adapt(
     steps_per_update: int = 1,
     clip_norm: float | None = None,
     opt_state: PyTree = None,
+    replay: int = 1,
 ) -> OnlineResult:
     """Predict-then-update over a stream with targets that arrive ``delay`` steps late.
 
@@ -86,9 +91,12 @@ def online_adapt(
         steps_per_update: inner steps taken on each arrived pair.
         clip_norm: per-step gradient clipping.
         opt_state: initial optimizer state (default ``opt.init(fast)``), carried along the stream.
+        replay: M >= 1, static: each update fits the mean loss of the last M arrived pairs
+            (fewer while fewer have arrived). A non-finite pair skips the updates of the M
+            steps whose window holds it (counted in ``num_skipped``).
 
     Returns:
-        An :class:`OnlineResult`.
+        An :class:`OnlineResult` (``update_losses`` is the window's mean loss when M > 1).
     """
     lengths = {x.shape[0] for x in jax.tree.leaves(inputs)} | {
         y.shape[0] for y in jax.tree.leaves(targets)
@@ -98,14 +106,25 @@ def online_adapt(
     length = lengths.pop()
     if not isinstance(delay, int) or not 0 <= delay < length:
         raise ValueError(f"delay must be an int in [0, T={length}), got {delay!r}")
+    if not isinstance(replay, int) or replay < 1:
+        raise ValueError(f"replay must be an int >= 1 (pairs per update), got {replay!r}")
     if opt_state is None:
         opt_state = opt.init(fast)
     arrived, valid = delay_targets(targets, delay)
     slots = max(delay, 1)
     buffer = jax.tree.map(lambda x: jnp.zeros((slots,) + x.shape[1:], x.dtype), inputs)
+    window = (
+        jax.tree.map(lambda x: jnp.zeros((replay,) + x.shape[1:], x.dtype), (inputs, targets)),
+        jnp.zeros((replay,), bool),
+    )
+
+    def window_loss(params, pairs):
+        (xs, ys), ok = pairs
+        losses = jax.vmap(lambda x, y: loss_fn(params, (x, y)))(xs, ys)
+        return jnp.sum(jnp.where(ok, losses, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
 
     def step(carry, xs):
-        params, state, buf = carry
+        params, state, buf, win = carry
         t, x_t, y_old, has_target = xs
         prediction = predict_fn(merge(params, slow), x_t)
         slot = t % slots
@@ -114,11 +133,21 @@ def online_adapt(
         else:
             x_old = jax.tree.map(lambda b: b[slot], buf)
             buf = jax.tree.map(lambda b, x: b.at[slot].set(x), buf, x_t)
+        if replay == 1:
+            fit_loss, data = loss_fn, (x_old, y_old)
+        else:  # the arrived pair joins the window in the slot of the oldest one
+            (wx, wy), ok = win
+            put = jnp.where(has_target, t % replay, replay)  # out of range: dropped
+            win = (
+                jax.tree.map(lambda w, v: w.at[put].set(v, mode="drop"), (wx, wy), (x_old, y_old)),
+                ok.at[put].set(True, mode="drop"),
+            )
+            fit_loss, data = window_loss, win
         result = adapt(
-            loss_fn,
+            fit_loss,
             params,
             slow,
-            (x_old, y_old),
+            data,
             opt=opt,
             max_steps=steps_per_update,
             num_steps=jnp.where(has_target, steps_per_update, 0),
@@ -127,9 +156,9 @@ def online_adapt(
         )
         update_loss = jnp.where(has_target, result.losses[0], 0.0)
         outs = (prediction, update_loss, result.num_skipped)
-        return (result.params, result.opt_state, buf), outs
+        return (result.params, result.opt_state, buf, win), outs
 
-    (params, state, _), (predictions, update_losses, skipped) = jax.lax.scan(
-        step, (fast, opt_state, buffer), (jnp.arange(length), inputs, arrived, valid)
+    (params, state, *_), (predictions, update_losses, skipped) = jax.lax.scan(
+        step, (fast, opt_state, buffer, window), (jnp.arange(length), inputs, arrived, valid)
     )
     return OnlineResult(params, state, predictions, update_losses, valid, skipped)

@@ -32,15 +32,27 @@ def stream():
     return fast, slow, xs, ys
 
 
-def run_online(fast, slow, xs, ys, delay=H):
+def run_online(fast, slow, xs, ys, delay=H, replay=1):
     return online.online_adapt(
-        pair_loss, predict, fast, slow, xs, ys, delay=delay, opt=optax.sgd(0.2), steps_per_update=2
+        pair_loss,
+        predict,
+        fast,
+        slow,
+        xs,
+        ys,
+        delay=delay,
+        opt=optax.sgd(0.2),
+        steps_per_update=2,
+        replay=replay,
     )
 
 
-def test_prediction_never_depends_on_a_target_before_it_arrives(stream):
+@pytest.mark.parametrize("replay", [1, 3])
+def test_prediction_never_depends_on_a_target_before_it_arrives(stream, replay):
     fast, slow, xs, ys = stream
-    jac = jax.jit(jax.jacrev(lambda y: run_online(fast, slow, xs, y).predictions))(ys)
+    jac = jax.jit(jax.jacrev(lambda y: run_online(fast, slow, xs, y, replay=replay).predictions))(
+        ys
+    )
     # jac[t, ..., s, ...]: sensitivity of prediction t to target s; reduce to (T, T).
     sens = np.asarray(jnp.abs(jac).sum(axis=(1, 2, 4, 5)))
     for t in range(T):
@@ -66,6 +78,45 @@ def test_online_equals_python_reference(stream):
                 params = optax.apply_updates(params, u)
     chex.assert_trees_all_close(result.params, params, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(result.updated, np.arange(T) >= H)
+
+
+def test_a_replay_window_fits_the_last_m_arrived_pairs_like_a_python_loop(stream):
+    fast, slow, xs, ys = stream
+    m, opt = 3, optax.sgd(0.2)
+    result = jax.jit(
+        lambda f: online.online_adapt(
+            pair_loss, predict, f, slow, xs, ys, delay=H, opt=opt, steps_per_update=2, replay=m
+        )
+    )(fast)
+    params, state = fast, opt.init(fast)
+    for t in range(T):
+        pred = predict(P.merge(params, slow), xs[t])
+        np.testing.assert_allclose(result.predictions[t], pred, rtol=1e-5, atol=1e-6)
+        pairs = [(xs[s], ys[s]) for s in range(max(t - H - m + 1, 0), t - H + 1)]
+        if pairs:
+
+            def window(f, pairs=pairs):
+                return sum(pair_loss(P.merge(f, slow), p) for p in pairs) / len(pairs)
+
+            np.testing.assert_allclose(result.update_losses[t], window(params), rtol=1e-5)
+            for _ in range(2):
+                g = jax.grad(window)(params)
+                u, state = opt.update(g, state, params)
+                params = optax.apply_updates(params, u)
+    chex.assert_trees_all_close(result.params, params, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="replay must be an int >= 1"):
+        online.online_adapt(pair_loss, predict, fast, slow, xs, ys, delay=H, opt=opt, replay=0)
+
+
+def test_independent_streams_run_side_by_side_under_vmap(stream):
+    fast, slow, xs, ys = stream
+    streams = (jnp.stack([xs, -xs, 2 * xs]), jnp.stack([ys, ys, -ys]))
+    batched = jax.jit(jax.vmap(lambda x, y: run_online(fast, slow, x, y)))(*streams)
+    for i in range(3):
+        one = run_online(fast, slow, streams[0][i], streams[1][i])
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda a, i=i: a[i], batched.params), one.params, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_online_rejects_bad_delay(stream):
