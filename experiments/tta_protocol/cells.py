@@ -12,6 +12,8 @@ from typing import NamedTuple
 from metattt import tta
 
 BASELINE = "baseline"
+#: The predictor's adaptation losses (:func:`metattt.models.dynamics.clip_losses`).
+MODES = ("rollout", "one_step")
 
 
 class Cell(NamedTuple):
@@ -49,6 +51,9 @@ def cell_name(layers: str, reset: bool, setting: str, other_mode: str | None = N
 
 def cells(cfg) -> dict[str, tta.TTAProtocol]:
     """``{name: protocol}``: the baseline, layers x reset x setting, then the other mode."""
+    for mode in (cfg.protocol.mode, cfg.ablation.other_mode or MODES[0]):
+        if mode not in MODES:
+            raise ValueError(f"unknown TTA mode {mode!r}; known modes: {MODES}")
     out = {BASELINE: protocol_from_config(cfg, "none", True, next(iter(cfg.ablation.settings)))}
     for layers in cfg.ablation.adapt_layers:
         for reset in cfg.ablation.resets:
