@@ -17,7 +17,7 @@ def run(name, tmp_path, monkeypatch):
 
 
 def test_every_tutorial_is_tested():
-    tested = {"tent_own_model", "online_delayed_labels", "maml_own_tasks"}
+    tested = {"tent_own_model", "online_delayed_labels", "maml_own_tasks", "attd_mamba"}
     assert {p.stem for p in TUTORIALS.glob("*.py")} == tested
 
 
@@ -46,3 +46,11 @@ def test_maml_on_your_own_tasks_with_fit(tmp_path, monkeypatch):
     workdir = pathlib.Path(ns["workdir"])
     assert sorted(p.name for p in (workdir / "ckpt").iterdir()) == ["400", "600"]  # resumed
     assert any((workdir / "tb").iterdir())  # TensorBoard events
+
+
+@pytest.mark.slow
+def test_attd_on_a_mamba(tmp_path, monkeypatch):
+    ns = run("attd_mamba", tmp_path, monkeypatch)
+    in_dist, warped = ns["rows"]["in-dist."], ns["rows"]["warped"]
+    assert in_dist[0] > warped[0] + 0.2  # the warp hurts the fixed model
+    assert warped[2].mean() > in_dist[2].mean()  # and ATTD spends more steps on warped inputs
