@@ -1,26 +1,31 @@
 """The forecasting experiment: its report on a frozen two-seed tiny run (tables, reading, demo
 rows and the BENCHMARKS.md section, checked against the run's raw per-seed numbers without
-training), config checks, the no-early-target property of its online stream, a meta-training
-cell killed mid-training that resumes bit-identically, and one slow end-to-end tiny run."""
+training), config checks, the memory table's rows, and one slow end-to-end tiny run whose
+compiled programs two more slow tests reuse (compiling is nearly all of their time): the
+no-early-target property of its online stream, and a meta-training cell killed mid-training
+that resumes bit-identically to the run's own cell."""
 
 import copy
 import json
 import math
 import pathlib
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 
 from configs import forecasting as fc
 from experiments import forecasting as F
-from experiments import report
+from experiments import harness, report
 from experiments.forecasting import cells, main
 from metattt.data import steps_to_fraction
 
 # results.json of `python -m experiments.run --config configs/forecasting.py:tiny
-# --config.seeds='(0,1)'`: two seeds, so every table cell has an interval.
+# --config.seeds='(0,1)' --config.memory.inner_steps='(1,)'`: two seeds, so every table cell has
+# an interval, and the memory table (which the tiny config leaves out).
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "forecasting" / "results.json"
 
 
@@ -181,16 +186,35 @@ def test_demo_rows_are_the_seed_means_before_and_after_k_steps(frozen, monkeypat
         assert seconds >= 0
 
 
-def test_online_never_sees_a_target_early():
-    """Changing the recording at time tau changes no prediction whose context ends before tau,
-    although the stream does adapt (later predictions differ from the frozen model's)."""
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run, shared by the end-to-end and resume tests, with the programs it compiled:
+    the resume test reruns one of its cells with the very same compiled programs."""
     cfg = fc.get_config("tiny")
-    cfg.online.lr = 0.05
-    programs = F.Programs(cfg)
+    workdir = tmp_path_factory.mktemp("forecasting")
+    built = []
+
+    def recorded(cfg):
+        built.append(F.Programs(cfg))
+        return built[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(main, "Programs", recorded)
+        results = F.run(cfg, str(workdir))
+    return types.SimpleNamespace(cfg=cfg, workdir=workdir, results=results, programs=built[0])
+
+
+@pytest.mark.slow
+def test_online_never_sees_a_target_early(tiny_run):
+    """Changing the recording at time tau changes no prediction whose context ends before tau,
+    although the stream does adapt (later predictions differ from the frozen model's). With
+    the tiny run's programs, on a stream of the online cell's shape (the query half): the
+    cell compiled them."""
+    cfg, programs = tiny_run.cfg, tiny_run.programs
     params = programs.init_params(3)
     rec = F.recordings(cfg, 0, test=True)[0]
     c, p = cfg.model.context, cfg.model.horizon
-    start = 40
+    start = int(cfg.data.num_steps * cfg.data.support_fraction)
     preds, windows = F.stream_predictions(programs, params, rec, cfg.adapt, delay=p, start=start)
     frozen = F.frozen_predictions(programs, params, windows)
     # No target has arrived yet, so the stream predicts with the initial parameters. The stream
@@ -244,17 +268,69 @@ def test_unknown_variant_and_default_config_validate():
     F.validate(fc.get_config("gpu"))
 
 
-def test_meta_training_killed_mid_cell_resumes_bit_identically(tmp_path, monkeypatch, caplog):
-    """Killed at step 7 of 8, after the checkpoint of step 4: the rerun resumes from step 4
-    and ends with the uninterrupted run's parameters, loss curve and query loss."""
-    cfg = fc.get_config("tiny")  # 8 meta-steps, a checkpoint every 4
-    assert (cfg.meta.steps, cfg.meta.checkpoint_every) == (8, 4)
+def test_memory_rows_measure_each_compiled_meta_gradient(monkeypatch):
+    """One row per (dtype, K, remat), in that order, from XLA's memory analysis of the compiled
+    meta-gradient of E2E-TTT's meta-loss on one task micro-batch: its arguments are the
+    parameters and the micro-batch, its output the parameters' gradient. A cheap stand-in
+    meta-loss that reads every input keeps the compilations short; the Perceiver's own
+    second-order program and remat's saving are tested in tests/metattt/test_perceiver.py."""
+    cfg = fc.get_config("tiny")
+    cfg.memory.inner_steps = (1, 3)
+    cfg.memory.dtypes = ("bfloat16",)
     programs = F.Programs(cfg)
-    sessions = F.recordings(cfg, 0, test=False)
     params = programs.init_params(0)
-    whole, info = F.meta_train(
-        programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "a")
+    built = []
+
+    def meta_loss(method, mask, *, inner_steps, remat, dtype):
+        built.append((method, inner_steps, remat, dtype))
+
+        def loss(p, task):  # every parameter times every task leaf: the gradient reads both
+            squares = [jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(task)]
+            return inner_steps * sum(jnp.sum(x**2) for x in jax.tree.leaves(p)) * sum(squares), None
+
+        return loss
+
+    monkeypatch.setattr(programs, "meta_loss", meta_loss)
+    rows = cells.memory_rows(programs, params, F.recordings(cfg, 0, test=False), cfg)
+    expected = [("bfloat16", k, r) for k in (1, 3) for r in (False, True)]
+    assert built == [("e2e_ttt", k, r, d) for d, k, r in expected]
+    assert [(r["dtype"], r["inner_steps"], r["remat"]) for r in rows] == expected
+    per = cfg.meta.tasks_per_step // cfg.meta.micro_batches
+    windows = (per, cfg.meta.support_windows) + (per, cfg.meta.query_windows)
+    param_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+    task = F.recordings(cfg, 0, test=False)[0].task
+    window_bytes = [  # bytes of one window of the support and of the query leaves
+        sum(np.asarray(x).nbytes // x.shape[0] for x in jax.tree.leaves(b))
+        for b in (task.support, task.query)
+    ]
+    key_bytes = per * jax.random.key_data(jax.random.key(0)).nbytes
+    task_bytes = (
+        windows[0] * windows[1] * window_bytes[0] + windows[2] * windows[3] * window_bytes[1]
     )
+    for r in rows:
+        assert r["argument_bytes"] == param_bytes + task_bytes + key_bytes, r
+        # The output holds the gradient of every parameter (and XLA's tuple of pointers).
+        assert param_bytes <= r["output_bytes"] < 2 * param_bytes and r["temp_bytes"] >= 0, r
+
+
+@pytest.mark.slow
+def test_meta_training_killed_mid_cell_resumes_bit_identically(
+    tiny_run, tmp_path, monkeypatch, caplog
+):
+    """Killed at step 7 of 8, after the checkpoint of step 4: the rerun resumes from step 4
+    and ends with the parameters, loss curve and query loss of the tiny run's uninterrupted
+    FOMAML cell, computed by the same jitted functions (the run's programs)."""
+    cfg, programs = tiny_run.cfg, tiny_run.programs  # 8 meta-steps, a checkpoint every 4
+    assert (cfg.meta.steps, cfg.meta.checkpoint_every) == (8, 4)
+    seed_dir = tiny_run.workdir / "seed_0"
+    template = programs.init_params(0)
+
+    def refuse(run_dir):
+        raise AssertionError(f"the tiny run left {run_dir} incomplete")
+
+    params, _ = harness.params_cell(seed_dir / "pretrain", template, refuse)
+    whole, info = harness.params_cell(seed_dir / f"meta_fomaml_{cfg.adapt}", template, refuse)
+    sessions = F.recordings(cfg, 0, test=False)
 
     real = cells.sample_tasks
     calls = []
@@ -267,13 +343,13 @@ def test_meta_training_killed_mid_cell_resumes_bit_identically(tmp_path, monkeyp
 
     monkeypatch.setattr(cells, "sample_tasks", dies_at_step_7)
     with pytest.raises(KeyboardInterrupt):
-        F.meta_train(programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "b"))
-    saved = sorted(int(p.name) for p in (tmp_path / "b" / "ckpt").iterdir() if p.name.isdigit())
+        F.meta_train(programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path))
+    saved = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
     assert saved == [4]  # killed inside training, after one checkpoint
     monkeypatch.setattr(cells, "sample_tasks", real)
     with caplog.at_level("INFO"):
         resumed, info_b = F.meta_train(
-            programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path / "b")
+            programs, "fomaml", cfg.adapt, params, sessions, 0, str(tmp_path)
         )
     assert "at step 4 of 8" in caplog.text
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
@@ -287,10 +363,8 @@ def _finite(tree):
 
 
 @pytest.mark.slow
-def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
-    cfg = fc.get_config("tiny")
-    workdir = tmp_path / "forecasting"
-    results = F.run(cfg, str(workdir))
+def test_tiny_run_end_to_end_and_cached_rerun(tiny_run, monkeypatch):
+    cfg, workdir, results = tiny_run.cfg, tiny_run.workdir, tiny_run.results
     assert list(results["methods"]) == ["finetune", "fomaml", "e2e_ttt"]
     assert _finite({k: v for k, v in results.items() if k not in ("memory", "unadapted_gap")})
     ft = results["methods"]["finetune"]
@@ -311,8 +385,7 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
         m = results["meta"][name]
         assert m["query_after"]["mean"] < m["query_before"]["mean"], name
     assert list(results["online"]) == [str(d) for d in cfg.online.drifts]
-    assert {r["remat"] for r in results["memory"]} == {False, True}
-    assert all(r["temp_bytes"] > 0 for r in results["memory"])
+    assert results["memory"] == [] and "Compiled memory" not in F.summary(results, cfg)
     assert (workdir / "summary.md").read_text() == F.summary(results, cfg) + "\n"
     assert json.loads((workdir / "results.json").read_text())["seeds"] == [0]
     for name in ("forecasting_curves.png", "forecasting_online.png"):
