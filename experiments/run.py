@@ -14,7 +14,8 @@ experiment module is ``experiments.<config.experiment>`` and must define
 ``run(config, workdir) -> results`` and may define ``validate(config)``, which raises
 ``ValueError`` for bad values before anything runs, and ``summary(results, config) -> str``,
 printed at the end. The resolved config, git commit, package
-versions and devices are written to ``workdir/run_info.json``; a run that is started again on
+versions and devices are written to ``workdir/run_info.json``, and at the end the backends the
+kernels' ``"auto"`` resolved to (and why); a run that is started again on
 the same workdir resumes from its checkpoints. A workdir belongs to one experiment and one
 resolved config (``workdir/owner.json``): a run with another is refused in one line.
 """
@@ -63,13 +64,22 @@ def main(module) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
     init_distributed(config)
-    from metattt import runlog
-
-    workdir = os.path.abspath(_WORKDIR.value)
-    runlog.write_run_info(workdir, config.to_dict())
-    results = module.run(config, workdir)
+    results = run_recorded(module, config, os.path.abspath(_WORKDIR.value))
     if hasattr(module, "summary"):
         print(module.summary(results, config))
+
+
+def run_recorded(module, config, workdir: str):
+    """``module.run(config, workdir)`` between two writes of ``workdir/run_info.json``: the
+    provenance first, and at the end (also of a failed run) the kernel backends the run's
+    ``"auto"`` choices resolved to (:func:`metattt.runlog.record_kernel_backends`)."""
+    from metattt import runlog
+
+    runlog.write_run_info(workdir, config.to_dict())
+    try:
+        return module.run(config, workdir)
+    finally:
+        runlog.record_kernel_backends(workdir)
 
 
 def report_workdir(workdir: str) -> str:

@@ -4,7 +4,9 @@ Everything here runs outside ``jit``. A training or evaluation loop hands host-s
 :class:`MetricWriter`; :func:`create_writer` gives the standard pair for a work directory
 (JSON lines for scripts, tensorboardX events for eyes). :func:`progress` is a tqdm bar on stderr
 that ``METATTT_NO_PROGRESS=1`` silences, and :func:`write_run_info` records what produced a run
-(config, git commit, package versions, devices) in ``run_info.json`` beside its results.
+(config, git commit, package versions, devices, the kernel backends ``"auto"`` resolved to) in
+``run_info.json`` beside its results; :func:`record_kernel_backends` refreshes that last field
+at the end of a run, once the model has been traced.
 
 Example:
     >>> with create_writer("/tmp/run") as writer:  # doctest: +SKIP
@@ -39,6 +41,7 @@ __all__ = [
     "create_writer",
     "progress",
     "read_metrics",
+    "record_kernel_backends",
     "write_run_info",
 ]
 
@@ -411,6 +414,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _kernel_backends() -> list[dict[str, str]]:
+    """What each Pallas-backed function's ``backend`` resolved to in this process, and why
+    (:func:`kernels_pallas.selftest.resolutions`; empty before any such function is traced)."""
+    from kernels_pallas import selftest
+
+    return selftest.resolutions()
+
+
+def _write_json(path: str, record: Mapping[str, Any]) -> None:
+    """Replaces ``path`` atomically with ``record`` as indented, key-sorted strict JSON."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def write_run_info(workdir: str | os.PathLike[str], config: Mapping[str, Any]) -> dict[str, Any]:
     """Writes ``workdir/run_info.json``: what produced this run, to report it and to reproduce it.
 
@@ -418,7 +438,9 @@ def write_run_info(workdir: str | os.PathLike[str], config: Mapping[str, Any]) -
     ``str``), the git commit of the checkout this code lives in with a ``dirty`` flag (both None
     outside a git checkout or without git), the Python version, the versions of jax, jaxlib,
     flax, optax, orbax-checkpoint, chex and numpy (None when not installed), the JAX devices, the
-    CPU model and core count, and a UTC timestamp. The file is replaced atomically.
+    CPU model and core count, a UTC timestamp, and ``kernel_backends``: the backends the
+    selective scan and MoE dispatch resolved to so far, with the reason (see
+    :func:`record_kernel_backends`). The file is replaced atomically.
 
     Args:
       workdir: the run's directory; created if missing.
@@ -440,11 +462,28 @@ def write_run_info(workdir: str | os.PathLike[str], config: Mapping[str, Any]) -
         "hostname": platform.node(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "kernel_backends": _kernel_backends(),
     }
-    path = os.path.join(workdir, "run_info.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    _write_json(os.path.join(workdir, "run_info.json"), info)
     return info
+
+
+def record_kernel_backends(workdir: str | os.PathLike[str]) -> list[dict[str, str]] | None:
+    """Rewrites the ``kernel_backends`` field of ``workdir/run_info.json`` with every backend
+    resolution this process has made (call it at the end of a run: the backends are resolved
+    when the model is first traced, after the record was written at the start). Each entry
+    names the kernel, the backend asked for and the one that ran, the reason (e.g. "not proven
+    on 'cpu'", "self-test failed: ..."), the device kind, the JAX version, the dtype and the
+    block config. Other fields are kept.
+
+    Returns:
+      The list written, or None when the workdir has no ``run_info.json`` (nothing is written).
+    """
+    path = os.path.join(os.fspath(workdir), "run_info.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    info["kernel_backends"] = _kernel_backends()
+    _write_json(path, info)
+    return info["kernel_backends"]

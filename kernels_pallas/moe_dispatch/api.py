@@ -11,18 +11,28 @@ Backends (same result up to float rounding, forward and gradients):
   (:func:`.pallas.dispatch_pallas`, :func:`.pallas.gmm_pallas`); compiled on a GPU, run in the
   Pallas interpreter elsewhere (slow: for tests). Reverse mode to any order works; forward mode
   does not -- use ``"reference"``.
-* ``"auto"`` -- ``"pallas"`` when JAX's default backend is a GPU; elsewhere ``"ragged"`` where
-  ``jax.lax.ragged_dot`` exists, else ``"reference"``.
+* ``"auto"`` -- ``"ragged"`` where ``jax.lax.ragged_dot`` exists, else ``"reference"``, unless
+  the kernels are proven on this device kind and pass their one-time self-test
+  (:mod:`kernels_pallas.selftest`: an allow-list, empty today, then a small dispatch compiled,
+  run and compared with the dense reference, values and gradients, per JAX version, device
+  kind, dtype, tile config and ``precision``); then ``"pallas"``. A failed self-test falls
+  back with one warning.
+
+Every call reports what it resolved to, and why, to :func:`kernels_pallas.selftest.record`
+(written into each run's ``run_info.json``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kernels_pallas.moe_dispatch.pallas import dispatch_pallas
+from kernels_pallas import selftest
+from kernels_pallas.moe_dispatch.pallas import DEFAULT_CONFIG, GmmConfig, dispatch_pallas
 from kernels_pallas.moe_dispatch.reference import dispatch_dense, dispatch_ragged
 from kernels_pallas.moe_dispatch.routing import (
     DROP_PRIORITIES,
@@ -32,6 +42,7 @@ from kernels_pallas.moe_dispatch.routing import (
 )
 
 BACKENDS = ("reference", "ragged", "pallas", "auto")
+KERNEL = "moe_dispatch"  # its name in kernels_pallas.selftest
 
 
 class DispatchResult(NamedTuple):
@@ -60,25 +71,79 @@ def ragged_dot_available() -> bool:
     )
 
 
-def resolve_backend(backend: str) -> str:
-    """The concrete backend ``backend`` stands for on this installation.
+def _self_test(dtype, config: GmmConfig, precision) -> None:
+    """The Pallas dispatch against the dense reference on a small dropless top-2 case (every
+    tile at least 16 wide, one expert left empty): outputs and gradients wrt x, the three
+    weights and the gates. Raises :class:`kernels_pallas.selftest.SelfTestError` on a failure."""
+    rng = np.random.default_rng(0)
+    tokens, dim, hidden, experts, top_k = 48, 32, 64, 4, 2
 
-    Raises:
-        ValueError: unknown ``backend``.
-        RuntimeError: ``"ragged"`` asked for and ``jax.lax.ragged_dot`` is missing.
-    """
+    def draw(shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+
+    # Routing in NumPy (this may run while a caller's function is traced): each token's top 2
+    # of experts 0-2 (expert 3 stays empty), softmax gates, all kept, ranks in flat order.
+    logits = rng.standard_normal((tokens, experts)).astype(np.float32)
+    logits[:, 3] = -np.inf
+    expert_ids = np.argsort(-logits, axis=1, kind="stable")[:, :top_k].astype(np.int32)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    gates = np.take_along_axis(probs, expert_ids, axis=1)
+    keep = np.ones((tokens, top_k), bool)
+    flat = expert_ids.reshape(-1)
+    position = np.array([np.sum(flat[:i] == e) for i, e in enumerate(flat)], np.int32)
+    position = position.reshape(tokens, top_k)
+    args = (draw((tokens, dim)), draw((experts, dim, hidden), dim**-0.5))
+    args += (draw((experts, dim, hidden), dim**-0.5), draw((experts, hidden, dim), hidden**-0.5))
+    weights = rng.standard_normal((tokens, dim)).astype(np.float32)
+
+    def loss(dispatch):
+        def total(x, w_gate, w_up, w_down, gates):
+            out = dispatch(x, w_gate, w_up, w_down, expert_ids, gates, keep)
+            return jnp.sum(out.astype(jnp.float32) * weights), out
+
+        return jax.value_and_grad(total, argnums=(0, 1, 2, 3, 4), has_aux=True)
+
+    kernel = functools.partial(dispatch_pallas, precision=precision, config=config)
+
+    def dense(*a):
+        return dispatch_dense(*a, position, tokens, precision)
+
+    got = selftest.run_compiled(loss(kernel), *args, gates)
+    want = selftest.run_compiled(loss(dense), *args, gates)
+    names = ("loss", "out", "dx", "dw_gate", "dw_up", "dw_down", "dgates")
+    selftest.check_close(names, got, want, dtype)
+
+
+def _resolve(backend: str, dtype, precision) -> tuple[str, str]:
+    """``(concrete backend, why)``; raises as :func:`resolve_backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if jax.default_backend() == "gpu":
-            return "pallas"
-        return "ragged" if ragged_dot_available() else "reference"
     if backend == "ragged" and not ragged_dot_available():
         raise RuntimeError(
             f"backend='ragged' needs jax.lax.ragged_dot, which JAX {jax.__version__} lacks; "
             "upgrade JAX or use backend='reference' (or 'auto')"
         )
-    return backend
+    if backend != "auto":
+        return backend, "asked for"
+    config = (DEFAULT_CONFIG, precision)
+    test = functools.partial(_self_test, dtype, DEFAULT_CONFIG, precision)
+    use_kernel, reason = selftest.verdict(KERNEL, test, dtype=dtype, config=config)
+    if use_kernel:
+        return "pallas", reason
+    return ("ragged" if ragged_dot_available() else "reference"), reason
+
+
+def resolve_backend(backend: str, *, dtype=jnp.float32, precision=None) -> str:
+    """The concrete backend ``backend`` stands for on this installation, for ``dtype`` inputs.
+
+    ``"auto"`` may run the kernels' one-time self-test (see the module docstring).
+
+    Raises:
+        ValueError: unknown ``backend``.
+        RuntimeError: ``"ragged"`` asked for and ``jax.lax.ragged_dot`` is missing.
+    """
+    return _resolve(backend, jnp.dtype(dtype), precision)[0]
 
 
 def _check_float(name: str, a) -> None:
@@ -174,7 +239,12 @@ def moe_dispatch(
     num_tokens, _, num_experts, _ = _validate_weights(x, w_gate, w_up, w_down)
     if drop_priority not in DROP_PRIORITIES:
         raise ValueError(f"drop_priority must be one of {DROP_PRIORITIES}, got {drop_priority!r}")
-    concrete = resolve_backend(backend)
+    dtype = jnp.dtype(jnp.result_type(x, w_gate, w_up, w_down))
+    concrete, reason = _resolve(backend, dtype, precision)
+    selftest.record(
+        KERNEL, backend, concrete, reason, dtype=dtype.name, config=DEFAULT_CONFIG,
+        precision=precision,
+    )  # fmt: skip
     if router_logits is not None:
         if expert_ids is not None or gates is not None:
             raise ValueError("give router_logits or (expert_ids, gates), not both")

@@ -11,16 +11,26 @@ Backends:
   elsewhere) inside a ``custom_vjp`` that saves only the inputs and whose backward is the
   ``jnp`` lean backward (chunk size ``chunk_size``), so second order works; forward mode
   (``jax.jvp``) is refused, as for any ``custom_vjp``. Block sizes: ``pallas_config``.
-* ``"auto"`` -- ``"pallas"`` when JAX's default backend is a GPU and ``lean_backward`` is True;
-  ``"reference"`` otherwise (the fastest form on the CPU, where Pallas only interprets; and
-  ``lean_backward=False`` asks for plain autodiff, which keeps forward mode working).
+* ``"auto"`` -- ``"reference"`` unless the kernel is proven on this device kind and passes its
+  one-time self-test (:mod:`kernels_pallas.selftest`: an allow-list, empty today, then a
+  small case compiled, run and compared with the ``lax.scan`` reference per JAX version,
+  device kind, dtype and :class:`PallasConfig`); then ``"pallas"``. A failed self-test falls
+  back to ``"reference"`` with one warning. ``lean_backward=False`` (plain autodiff, which
+  keeps forward mode working) always stays on ``"reference"``.
+
+Every call reports what it resolved to, and why, to :func:`kernels_pallas.selftest.record`
+(written into each run's ``run_info.json``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kernels_pallas import selftest
 from kernels_pallas.selective_scan.lean import auto_chunk_size, lean_scan_states
 from kernels_pallas.selective_scan.pallas import DEFAULT_CONFIG, PallasConfig, pallas_scan
 from kernels_pallas.selective_scan.reference import (
@@ -32,6 +42,7 @@ from kernels_pallas.selective_scan.reference import (
 )
 
 BACKENDS = ("reference", "associative", "pallas", "auto")
+KERNEL = "selective_scan"  # its name in kernels_pallas.selftest
 
 
 def _check_float(name: str, a) -> None:
@@ -75,11 +86,79 @@ def _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size, pallas_c
         raise ValueError(f"pallas_config must be a PallasConfig or None, got {pallas_config!r}")
 
 
-def resolve_backend(backend: str, lean_backward: bool = True) -> str:
-    """The backend ``"auto"`` stands for on this machine (other names are returned unchanged)."""
+def _jnp_scan(x, delta, A, B, C, D, z, delta_bias, softplus, backend, lean_backward, chunk_size):
+    """``(out, h_last)`` by one of the ``jnp`` backends (``"associative"`` or ``"reference"``)."""
+    dtype = compute_dtype(x, delta, A, B, C, D, z, delta_bias)
+    d_eff = prepare_delta(delta, delta_bias, softplus, dtype)
+    args = (x.astype(dtype), d_eff, A.astype(dtype), B.astype(dtype), C.astype(dtype))
+    if backend == "associative":
+        y, h_last = associative_states(*args)
+    elif lean_backward:
+        y, h_last = lean_scan_states(*args, chunk_size=chunk_size)
+    else:
+        y, h_last = scan_states(*args)
+    return finish(y, x, D, z, x.dtype), h_last
+
+
+def _self_test(dtype, config: PallasConfig) -> None:
+    """The kernel against plain autodiff of ``lax.scan`` on a small case with every option (D,
+    z, bias, softplus; a ragged L, a padded channel block, N not a power of two): outputs, last
+    state and gradients. Raises :class:`kernels_pallas.selftest.SelfTestError` on a failure."""
+    rng = np.random.default_rng(0)
+    batch, length, dim, state = 2, 19, config.block_d + 3, 5
+    seq, per_step, f32 = (batch, length, dim), (batch, length, state), np.float32
+
+    def draw(shape, dt=dtype):
+        return rng.standard_normal(shape).astype(dt)
+
+    A = -np.exp(0.5 * draw((dim, state), f32))
+    args = (draw(seq), draw(seq), A, draw(per_step), draw(per_step), draw((dim,), f32))
+    args += (draw(seq), draw((dim,), f32))
+    w_out, w_h = draw(seq, f32), draw((batch, dim, state), f32)
+
+    def loss(scan):
+        def total(*a):
+            out, h_last = scan(*a)
+            value = jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(h_last * w_h)
+            return value, (out, h_last)
+
+        return jax.value_and_grad(total, argnums=(0, 1, 2, 3, 4), has_aux=True)
+
+    kernel = functools.partial(pallas_scan, delta_softplus=True, config=config, lean_chunk=8)
+    plain = functools.partial(
+        _jnp_scan, softplus=True, backend="reference", lean_backward=False, chunk_size=None
+    )
+    got = selftest.run_compiled(loss(kernel), *args)
+    want = selftest.run_compiled(loss(plain), *args)
+    names = ("loss", "out", "h_last", "dx", "ddelta", "dA", "dB", "dC")
+    selftest.check_close(names, got, want, dtype)
+
+
+def _resolve(backend: str, lean_backward: bool, dtype, config: PallasConfig) -> tuple[str, str]:
+    """``(concrete backend, why)``."""
     if backend != "auto":
-        return backend
-    return "pallas" if jax.default_backend() == "gpu" and lean_backward else "reference"
+        return backend, "asked for"
+    if not lean_backward:
+        return "reference", "lean_backward=False asks for plain autodiff (forward mode works)"
+    test = functools.partial(_self_test, dtype, config)
+    use_kernel, reason = selftest.verdict(KERNEL, test, dtype=dtype, config=config)
+    return ("pallas" if use_kernel else "reference"), reason
+
+
+def resolve_backend(
+    backend: str,
+    lean_backward: bool = True,
+    *,
+    dtype=jnp.float32,
+    pallas_config: PallasConfig | None = None,
+) -> str:
+    """The backend ``backend`` stands for here, for inputs ``x`` of ``dtype``.
+
+    Names other than ``"auto"`` are returned unchanged. ``"auto"`` may run the kernel's
+    one-time self-test (see the module docstring).
+    """
+    config = DEFAULT_CONFIG if pallas_config is None else pallas_config
+    return _resolve(backend, lean_backward, jnp.dtype(dtype), config)[0]
 
 
 def selective_scan(
@@ -145,7 +224,11 @@ def selective_scan(
         ...                      delta_bias=dt_bias, delta_softplus=True)
     """
     _validate(x, delta, A, B, C, D, z, delta_bias, backend, chunk_size, pallas_config)
-    backend = resolve_backend(backend, lean_backward)
+    config = DEFAULT_CONFIG if pallas_config is None else pallas_config
+    dtype = jnp.dtype(jnp.result_type(x))
+    requested = backend
+    backend, reason = _resolve(backend, lean_backward, dtype, config)
+    selftest.record(KERNEL, requested, backend, reason, dtype=dtype.name, config=config)
     if chunk_size is None:
         batch, length, dim = jnp.shape(x)
         itemsize = compute_dtype(x, delta, A, B, C, D, z, delta_bias).itemsize
@@ -153,19 +236,11 @@ def selective_scan(
     if backend == "pallas":
         out, h_last = pallas_scan(
             x, delta, A, B, C, D, z, delta_bias,
-            delta_softplus=delta_softplus,
-            config=DEFAULT_CONFIG if pallas_config is None else pallas_config,
-            lean_chunk=chunk_size,
+            delta_softplus=delta_softplus, config=config, lean_chunk=chunk_size,
         )  # fmt: skip
-        return (out, h_last) if return_last_state else out
-    dtype = compute_dtype(x, delta, A, B, C, D, z, delta_bias)
-    d_eff = prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    args = (x.astype(dtype), d_eff, A.astype(dtype), B.astype(dtype), C.astype(dtype))
-    if backend == "associative":
-        y, h_last = associative_states(*args)
-    elif lean_backward:
-        y, h_last = lean_scan_states(*args, chunk_size=chunk_size)
     else:
-        y, h_last = scan_states(*args)
-    out = finish(y, x, D, z, x.dtype)
+        out, h_last = _jnp_scan(
+            x, delta, A, B, C, D, z, delta_bias,
+            delta_softplus, backend, lean_backward, chunk_size,
+        )  # fmt: skip
     return (out, h_last) if return_last_state else out

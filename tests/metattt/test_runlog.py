@@ -164,3 +164,53 @@ def test_write_run_info_without_git(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no git executable on the PATH
     info = runlog.write_run_info(tmp_path, {"a": 1})
     assert info["git"] == {"commit": None, "dirty": None}
+
+
+def _small_scan_inputs():
+    rng = np.random.default_rng(3)
+    shapes = ((2, 5, 4), (2, 5, 4), (4, 3), (2, 5, 3), (2, 5, 3))
+    args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+    args[2] = -jnp.exp(args[2])
+    return args
+
+
+def test_run_info_records_the_kernel_backends_and_refreshes_them(tmp_path):
+    from kernels_pallas import selftest
+    from kernels_pallas.moe_dispatch import moe_dispatch
+    from kernels_pallas.selective_scan import selective_scan
+
+    selftest.reset()
+    selective_scan(*_small_scan_inputs(), delta_softplus=True, backend="auto")
+    info = runlog.write_run_info(tmp_path, {"a": 1})
+    kind = jax.devices()[0].device_kind
+    assert info["kernel_backends"] == [
+        {
+            "kernel": "selective_scan",
+            "requested": "auto",
+            "backend": "reference",
+            "reason": f"the selective_scan kernel is not proven on {kind!r} "
+            "(kernels_pallas.selftest)",
+            "device_kind": kind,
+            "jax": jax.__version__,
+            "dtype": "float32",
+            "config": "PallasConfig(block_d=32, chunk=8, lean_chunk=None, num_warps=4)",
+        }
+    ]
+    rng = np.random.default_rng(4)
+    x, wg, wu, wd, logits = (
+        jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+        for s in ((6, 4), (3, 4, 5), (3, 4, 5), (3, 5, 4), (6, 3))
+    )
+    moe_dispatch(x, wg, wu, wd, logits.astype(jnp.float32), top_k=2, backend="reference")
+    written = runlog.record_kernel_backends(tmp_path)
+    on_disk = json.loads((tmp_path / "run_info.json").read_text())
+    assert on_disk["kernel_backends"] == written and written[0] == info["kernel_backends"][0]
+    assert [(e["kernel"], e["backend"], e["reason"], e["dtype"]) for e in written[1:]] == [
+        ("moe_dispatch", "reference", "asked for", "bfloat16")
+    ]
+    assert {k: v for k, v in on_disk.items() if k != "kernel_backends"} == {
+        k: v for k, v in info.items() if k != "kernel_backends"
+    }  # the rest of the record is kept
+    assert runlog.record_kernel_backends(tmp_path / "no_run") is None
+    assert not (tmp_path / "no_run").exists()
+    selftest.reset()

@@ -1,0 +1,141 @@
+"""Scale-out, proven on one machine: the sharded meta-step across two JAX processes.
+
+Two processes (``two_process_meta_step.py``) start JAX's distributed runtime on a localhost
+coordinator with CPU collectives (gloo), two CPU devices each, and run one meta-step with the
+task batch sharded over a mesh of all four devices. Their new parameters and metrics must equal
+one process's (one device), and the meta-gradient they imply must equal ``jax.grad`` of the
+batch meta-loss, within float32 rounding. A hang or a crash fails in one line with the tail of
+each process's log, never wedging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from metattt import meta
+from tests.metattt import two_process_meta_step as helper
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TIMEOUT_S = 120  # the pair normally ends in 10-25 s on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    """This environment with two CPU devices per process (conftest asks for 8)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=2"])
+    return env
+
+
+def tail(path: pathlib.Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return " | ".join(text[-lines:])
+
+
+def start_pair(out_dir: pathlib.Path) -> list[subprocess.Popen]:
+    """Start both processes (logs in ``out_dir``)."""
+    port, env = free_port(), child_env()
+    cmd = [sys.executable, "-m", "tests.metattt.two_process_meta_step"]
+    procs = []
+    for i in range(helper.NUM_PROCESSES):
+        with open(out_dir / f"process_{i}.log", "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [*cmd, str(i), str(port), str(out_dir)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return procs
+
+
+def wait_pair(procs: list[subprocess.Popen], out_dir: pathlib.Path, started: float):
+    """Both processes' results; fails in one line on a crash or past TIMEOUT_S."""
+    deadline = started + TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(c not in (None, 0) for c in codes):
+                break  # all done, or a crash that leaves the other waiting on it: stop both
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    codes = [p.returncode for p in procs]
+    if codes != [0] * len(procs):
+        what = f"timed out after {TIMEOUT_S} s" if time.monotonic() >= deadline else "failed"
+        logs = "; ".join(
+            f"process {i}: {tail(out_dir / f'process_{i}.log')}" for i in range(len(procs))
+        )
+        pytest.fail(f"two-process meta-step {what} (exit codes {codes}); {logs}", False)
+    return [dict(np.load(out_dir / f"process_{i}.npz")) for i in range(len(procs))]
+
+
+@pytest.mark.slow
+def test_meta_step_across_two_processes_equals_one_process(tmp_path):
+    started = time.monotonic()
+    procs = start_pair(tmp_path)
+    # The one-process reference, while the pair starts up.
+    params, tasks, meta_loss = helper.problem()
+    single = meta.make_meta_step(meta_loss, optax.sgd(helper.OUTER_LR))
+    state, metrics = single.update(single.init(params), tasks)
+    grads = jax.jit(jax.grad(lambda p: meta.batch_meta_loss(meta_loss, p, tasks)[0]))(params)
+    results = wait_pair(procs, tmp_path, started)
+    want_params, want_grads, before = (helper.flat(t) for t in (state.params, grads, params))
+    for result in results:
+        np.testing.assert_array_equal(result["devices"], [4, 2, 2])  # global, local, processes
+        for name, want in want_params.items():
+            np.testing.assert_allclose(result[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+            implied = (before[name] - result[name]) / helper.OUTER_LR  # SGD: the meta-gradient
+            scale = np.abs(want_grads[name]).max()
+            np.testing.assert_allclose(implied, want_grads[name], atol=1e-5 * scale + 1e-6)
+        np.testing.assert_allclose(result["meta_loss"], metrics.meta_loss, rtol=1e-6)
+        np.testing.assert_allclose(result["grad_norm"], metrics.grad_norm, rtol=1e-5)
+    for name in results[0]:  # the update is replicated: both processes hold the same values
+        np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
+
+
+def test_a_crash_or_a_hang_of_the_pair_fails_in_one_line(tmp_path, monkeypatch):
+    """The waiting logic on stand-in processes: a crash stops the partner at once; a hang is
+    killed at the deadline; either failure names the exit codes and the logs' last lines."""
+
+    def pair(*codes_and_sleeps):
+        procs = []
+        for i, (code, sleep) in enumerate(codes_and_sleeps):
+            (tmp_path / f"process_{i}.log").write_text(f"line one\nprocess {i} last words\n")
+            script = f"import sys, time; time.sleep({sleep}); sys.exit({code})"
+            procs.append(subprocess.Popen([sys.executable, "-c", script]))
+        return procs
+
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as crash:
+        wait_pair(pair((0, 60), (3, 0)), tmp_path, started)
+    assert time.monotonic() - started < 30  # the hanging partner was not waited for
+    message = str(crash.value)
+    assert "\n" not in message and "failed (exit codes [-9, 3])" in message
+    assert "process 1: line one | process 1 last words" in message
+    monkeypatch.setattr(sys.modules[__name__], "TIMEOUT_S", 1)
+    with pytest.raises(
+        pytest.fail.Exception, match=r"timed out after 1 s \(exit codes \[-9, -9\]\)"
+    ):
+        wait_pair(pair((0, 60), (0, 60)), tmp_path, time.monotonic())

@@ -1,0 +1,99 @@
+"""One of the two processes of ``test_multiprocess.py``: the sharded meta-step, multi-process.
+
+    python -m tests.metattt.two_process_meta_step PROCESS_ID PORT OUT_DIR
+
+Starts JAX's distributed runtime with a coordinator on ``localhost:PORT`` (process 0 hosts it),
+two processes, CPU collectives over gloo and the local CPU devices ``XLA_FLAGS`` asks for; builds
+a mesh over every process's devices; runs one :func:`metattt.meta.make_meta_step` update on the
+sinusoid MAML problem of :func:`problem`; and writes the new parameters and metrics to
+``OUT_DIR/process_<ID>.npz``. The test runs the same problem in one process and compares.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import numpy as np
+
+NUM_PROCESSES = 2
+META_BATCH = 8  # tasks: 2 per device with 2 devices per process
+OUTER_LR = 0.5  # plain SGD, so new params = params - OUTER_LR * meta-gradient
+
+
+def problem():
+    """``(params, tasks, meta_loss)``: a 1-5-1 tanh MLP's parameters (NumPy, random), a batch of
+    sinusoid tasks (NumPy) and the MAML meta-loss with 2 inner SGD steps on every leaf."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from metattt import meta
+    from metattt import params as P
+    from metattt.data import sinusoid
+    from metattt.inner import InnerConfig
+
+    rng = np.random.default_rng(11)
+    width = 5
+    params = {
+        "l0": {"kernel": rng.standard_normal((1, width)), "bias": 0.3 * rng.standard_normal(width)},
+        "l1": {
+            "kernel": rng.standard_normal((width, 1)) / np.sqrt(width),
+            "bias": 0.3 * rng.standard_normal(1),
+        },
+    }
+    params = jax.tree.map(lambda a: a.astype(np.float32), params)
+    tasks = jax.tree.map(np.asarray, sinusoid.sample_tasks(jax.random.key(12), META_BATCH, 5, 5))
+
+    def loss_fn(p, batch):
+        x, y = batch
+        h = jnp.tanh(x @ p["l0"]["kernel"] + p["l0"]["bias"])
+        return jnp.mean((h @ p["l1"]["kernel"] + p["l1"]["bias"] - y) ** 2)
+
+    inner = InnerConfig(optax.sgd(0.05), max_steps=2)
+    meta_loss = functools.partial(
+        meta.maml_loss, loss_fn, mask=P.select(params, "re:."), inner=inner
+    )
+    return params, tasks, meta_loss
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """``{"l0/kernel": array, ...}``: a params tree as named NumPy arrays (for ``np.savez``)."""
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(k.key for k in path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def main(process_id: int, port: int, out_dir: str) -> None:
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"localhost:{port}",
+        num_processes=NUM_PROCESSES,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
+    import optax
+
+    from metattt import meta
+
+    params, tasks, meta_loss = problem()  # after initialize: no JAX computation before it
+    mesh = jax.make_mesh((jax.device_count(),), ("tasks",))
+    step = meta.make_meta_step(meta_loss, optax.sgd(OUTER_LR), mesh=mesh)
+    state, metrics = step.update(step.init(params), tasks)
+    np.savez(
+        os.path.join(out_dir, f"process_{process_id}.npz"),
+        meta_loss=np.asarray(metrics.meta_loss),
+        grad_norm=np.asarray(metrics.grad_norm),
+        devices=np.array([jax.device_count(), jax.local_device_count(), jax.process_count()]),
+        **flat(state.params),
+    )
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
