@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast lint bench bench-deps clean
+.PHONY: demo test test-fast lint docs bench bench-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ PYTEST_WORKERS := -n auto --maxprocesses 4 --dist loadfile
 test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_WORKERS)
 
+# The API reference from the docstrings, offline; a warning is an error (tests/test_docs.py
+# builds it too, so `make test` checks it).
+docs: $(STAMP)
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs/api docs/_build
+
 # Inner loop: skips the few slow end-to-end tests (CI still runs them through `make test`).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_WORKERS) -m "not slow"
@@ -43,4 +48,4 @@ bench: bench-deps
 	$(PY) -m experiments.bench.scan_mambapy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache docs/_build

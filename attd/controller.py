@@ -26,7 +26,7 @@ even with a first-order inner loop, and it trades the task gain of step k agains
 
 Why this estimator: it is deterministic and low-variance (no sampling, unlike REINFORCE on a
 stochastic K), and it needs no extra forward passes. Its bias is that training sees fractional
-steps while evaluation uses the hard count; τ bounds the gap (only inputs with |s − t_k| ≲ τ
+steps while evaluation uses the hard count; τ bounds the gap (only inputs with ``|s − t_k|`` ≲ τ
 see a fractional step k). The straight-through alternative (forward the hard 1(s > t_k),
 backward σ'((s − t_k)/τ)/τ) removes the train/test mismatch in the forward pass but its
 gradient is then the relaxed one evaluated at the wrong point (a step that was not taken gets

@@ -11,11 +11,11 @@ applied in log space (dimension names: D inner channels, N state size, r rank)::
 so the discretised transition of every channel and state is a contraction for *any* ψ: the
 adapter cannot make the recurrence unstable, whatever the inner optimiser does. (In float32
 the extremes round: a huge U Vᵀ gives A = -inf and Ā = 0, a hugely negative one gives A → -0
-and Ā = 1; |Ā| ≤ 1 still holds and the scan stays finite.) ``a_log_delta(psi)`` is what
+and Ā = 1; ``|Ā| ≤ 1`` still holds and the scan stays finite.) ``a_log_delta(psi)`` is what
 :func:`attd.mamba.Mamba.__call__` takes as its ``a_log_delta`` hook; with U = 0 it is zero and
 the model is the base model exactly.
 
-``max_transition`` reports ρ(Ā) = max |exp(Δ_t A)| over the batch, time, layers, channels and
+``max_transition`` reports ρ(Ā) = ``max |exp(Δ_t A)|`` over the batch, time, layers, channels and
 states seen on an input: the spectral radius of the (diagonal) transition, the stability
 diagnostic the experiment logs during adaptation.
 """

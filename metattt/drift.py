@@ -30,10 +30,10 @@ the signal is smoothed by a fast EMA s_t = (1 - beta) s_{t-1} + beta x_t, and
     z_t = (s_t - mu_{t-1}) / (sigma_{t-1} sqrt(beta / (2 - beta)))
 
 is s_t's deviation in units of its own stationary standard deviation (an EMA of i.i.d. noise
-of variance sigma^2 has variance sigma^2 beta / (2 - beta)). Alarm when |z_t| > ``threshold``
+of variance sigma^2 has variance sigma^2 beta / (2 - beta)). Alarm when ``|z_t|`` > ``threshold``
 for ``consecutive`` steps in a row. ``smoothing=1`` gives the raw z-score of x_t, which does
 poorly on a one-sigma shift because one step carries little evidence about it: by the
-run-length formula, |z| > 0.5 for 9 steps in a row gives about 0.35 false alarms per 10,000
+run-length formula, ``|z|`` > 0.5 for 9 steps in a row gives about 0.35 false alarms per 10,000
 steps but a mean delay near 90 steps. Smoothing accumulates the evidence.
 
 Defaults and what they achieve
@@ -117,7 +117,7 @@ class DetectorOutput(NamedTuple):
 
     Attributes:
         alarm: the statistic crossed its threshold on this step (bool).
-        statistic: the detector's statistic before any reset (PH: max(U, D); EMA: |z|);
+        statistic: the detector's statistic before any reset (PH: max(U, D); EMA: ``|z|``);
             0 during the warm-up and on non-finite samples.
         ready: the warm-up is over, so this step was tested (bool).
     """
@@ -167,7 +167,7 @@ class EMAZScoreState(NamedTuple):
         mean: baseline mean (EMA; exact running mean during the warm-up).
         var: baseline variance (EMA; running population variance during the warm-up).
         fast: s_t, the fast EMA of the signal.
-        run: consecutive tested steps with |z| above the threshold (int32).
+        run: consecutive tested steps with ``|z|`` above the threshold (int32).
     """
 
     count: jax.Array
@@ -269,14 +269,14 @@ def ema_zscore(
     mu_t, var_t: EMA of x_t and of its squared deviation (rate 1/t while t <= warmup, then
     ``baseline_rate``); s_t = (1 - beta) s_{t-1} + beta x_t;
     z_t = (s_t - mu_{t-1}) / (sigma_{t-1} sqrt(beta / (2 - beta)));
-    alarm when |z| > ``threshold`` on ``consecutive`` tested steps in a row, then the run
+    alarm when ``|z|`` > ``threshold`` on ``consecutive`` tested steps in a row, then the run
     counter resets and s is set back to the baseline mean.
 
     Args:
         warmup: samples averaged exactly into the first baseline; no alarm before the next one.
         baseline_rate: EMA rate of the baseline after the warm-up (time constant 1/rate steps).
         smoothing: beta, the fast EMA rate of the tested signal (1: no smoothing).
-        threshold: the |z| level.
+        threshold: the ``|z|`` level.
         consecutive: m, the number of consecutive steps above the level that raise an alarm.
 
     Returns:
@@ -360,7 +360,7 @@ class RecoveryRule(NamedTuple):
 def recovery_rule(*, k: float = 2.0, patience: int = 20, smoothing: float = 0.1) -> RecoveryRule:
     """Signal back within ``k`` standard deviations of its baseline for ``patience`` steps.
 
-    s_t = (1 - beta) s_{t-1} + beta x_t; "within" means |s_t - mean| <= k * std *
+    s_t = (1 - beta) s_{t-1} + beta x_t; "within" means ``|s_t - mean|`` <= k * std *
     sqrt(beta / (2 - beta)), the band s_t stays in about 95% of the time (k = 2) when the
     signal is back at its baseline. ``smoothing=1`` tests the raw signal.
 

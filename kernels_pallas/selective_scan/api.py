@@ -7,10 +7,11 @@ Backends:
   and still supports second order); ``lean_backward=False`` is plain autodiff of the scan.
 * ``"associative"`` -- ``lax.associative_scan`` (parallel prefix, O(B·L·D·N) memory), plain
   autodiff.
-* ``"pallas"`` -- the fused Pallas kernel of :mod:`.pallas` (compiled on a GPU, interpreted
-  elsewhere) inside a ``custom_vjp`` that saves only the inputs and whose backward is the
-  ``jnp`` lean backward (chunk size ``chunk_size``), so second order works; forward mode
-  (``jax.jvp``) is refused, as for any ``custom_vjp``. Block sizes: ``pallas_config``.
+* ``"pallas"`` -- the fused Pallas kernel of :mod:`~kernels_pallas.selective_scan.pallas`
+  (compiled on a GPU, interpreted elsewhere) inside a ``custom_vjp`` that saves only the
+  inputs and whose backward is the ``jnp`` lean backward (chunk size ``chunk_size``), so
+  second order works; forward mode (``jax.jvp``) is refused, as for any ``custom_vjp``. Block
+  sizes: ``pallas_config``.
 * ``"auto"`` -- ``"reference"`` unless the kernel is proven on this device kind and passes its
   one-time self-test (:mod:`kernels_pallas.selftest`: an allow-list, empty today, then a
   small case compiled, run and compared with the ``lax.scan`` reference per JAX version,

@@ -12,14 +12,14 @@ cut into L/T chunks of T steps and
   then forms every input gradient from the stacked (T, B, N, D) states and adjoints in a few
   chunk-wide ops, so the sequential loops carry only the two recurrences.
 
-A call that is not differentiated runs one flat scan (no entry states). Peak memory of the
-gradient is O(B·L·D + (L/T + T)·B·D·N) instead of O(B·L·D·N); T ≈ √L minimises it. Compute is
-one extra forward pass. States are kept state-major, (B, N, D), as in :mod:`.reference`. The
-backward rule is ordinary differentiable ``jnp``/``lax.scan``, so ``jax.grad`` of a function of
-``jax.grad`` (second order) works through it; that outer derivative is plain autodiff of both
-rules, so it is not memory-lean itself. Forward mode (``jax.jvp``, ``jax.jacfwd``,
-``jax.hessian``) is refused by any ``custom_vjp``: use the plain scan (``lean_backward=False``)
-for it.
+A call that is not differentiated runs one flat scan (no entry states). Peak memory of the gradient
+is O(B·L·D + (L/T + T)·B·D·N) instead of O(B·L·D·N); T ≈ √L minimises it. Compute is one extra
+forward pass. States are kept state-major, (B, N, D), as in
+:mod:`~kernels_pallas.selective_scan.reference`. The backward rule is ordinary differentiable
+``jnp``/``lax.scan``, so ``jax.grad`` of a function of ``jax.grad`` (second order) works through
+it; that outer derivative is plain autodiff of both rules, so it is not memory-lean itself. Forward
+mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is refused by any ``custom_vjp``: use the plain
+scan (``lean_backward=False``) for it.
 
 Adjoint recurrence. With a_t = exp(Δ_t A), b_t = Δ_t x_t B_t, h_t = a_t h_{t-1} + b_t and
 y_t = Σ_n C_t[n] h_t[·, n], write g_t for the total cotangent of h_t:
