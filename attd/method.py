@@ -279,7 +279,7 @@ def make_attd(
         return apply(edit(theta, psi), x[None], mask=m[None], head="classify")[0]
 
     no_slow = lambda psi: jax.tree.map(lambda _: None, psi)
-    value_and_grad = inner.value_and_grad_fn(inner_loss)
+    value_and_grad = inner.value_and_grad_fn(inner_loss, first_order=first_order)
 
     def adapt_one(theta, psi0, x, m, num_steps, weights, max_steps, first=None):
         """Adapt ψ on one input, then classify: returns (logits, InnerResult). ``first``:

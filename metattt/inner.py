@@ -136,22 +136,34 @@ def _zero_if(bad: jax.Array, x: Any) -> Any:
 
 
 def value_and_grad_fn(
-    loss_fn: LossFn, *, has_aux: bool = False, skip_nonfinite: bool = True
+    loss_fn: LossFn,
+    *,
+    has_aux: bool = False,
+    skip_nonfinite: bool = True,
+    first_order: bool = False,
 ) -> Callable:
     """``(fast, slow, batch) -> (value, grads)``: what one step of :func:`adapt` evaluates
     (wrt ``fast``; NaN-safe backward when ``skip_nonfinite``). A caller that needs the loss
-    at psi_0 before the loop passes the pair back as ``adapt(..., first_value_and_grad=)``."""
+    at psi_0 before the loop passes the pair back as ``adapt(..., first_value_and_grad=)``
+    (with the same ``first_order``)."""
     if skip_nonfinite:
-        return _guarded_value_and_grad(loss_fn, has_aux)
+        return _guarded_value_and_grad(loss_fn, has_aux, first_order)
     return jax.value_and_grad(lambda f, s, b: loss_fn(merge(f, s), b), has_aux=has_aux)
 
 
-def _guarded_value_and_grad(loss_fn: LossFn, has_aux: bool) -> Callable:
+def _guarded_value_and_grad(loss_fn: LossFn, has_aux: bool, first_order: bool) -> Callable:
     """``value_and_grad`` of ``loss(fast, slow, batch)`` wrt ``fast`` whose VJP is NaN-safe.
 
     The forward is the plain value-and-grad. The backward (used when an outer ``jax.grad``
     differentiates through this step) applies the saved VJP and zeroes all cotangents when the
     step's outputs were not finite, so a skipped step cannot poison a meta-gradient.
+
+    Under ``first_order`` (without ``has_aux``) the gradient is a constant of the outer
+    derivative (its cotangent is zero: :func:`adapt` stops it), so only the loss value is
+    differentiated: the forward keeps the loss's own pullback, whose cotangent-1 call is the
+    gradient, and the backward applies it to the value's cotangent. That is one forward and
+    two backward passes of the loss, where the general rule keeps the residuals of the
+    gradient's own derivative and runs a second-order backward pass on a zero cotangent.
     """
 
     def inner_loss(fast, slow, batch):
@@ -163,17 +175,26 @@ def _guarded_value_and_grad(loss_fn: LossFn, has_aux: bool) -> Callable:
     def guarded(fast, slow, batch):
         return vg(fast, slow, batch)
 
+    cheap = first_order and not has_aux  # an aux output keeps the general rule
+
     def fwd(fast, slow, batch):
-        out, vjp_fn = jax.vjp(vg, fast, slow, batch)
+        if cheap:
+            value, pullback = jax.vjp(inner_loss, fast, slow, batch)
+            out = (value, pullback(jnp.ones_like(value))[0])
+        else:
+            out, pullback = jax.vjp(vg, fast, slow, batch)
         (value, grads) = out
         loss = value[0] if has_aux else value
         ok = jnp.isfinite(loss) & tree_all_finite(grads)
-        return out, (vjp_fn, ok)
+        return out, (pullback, ok)
 
     def bwd(res, cotangent):
-        vjp_fn, ok = res
-        cot = jax.tree.map(lambda c: _zero_if(~ok, c), cotangent)
-        return jax.tree.map(lambda c: _zero_if(~ok, c), vjp_fn(cot))
+        pullback, ok = res
+        if cheap:  # the gradient's cotangent is zero: only the value's reaches the inputs
+            cot = _zero_if(~ok, cotangent[0])
+        else:
+            cot = jax.tree.map(lambda c: _zero_if(~ok, c), cotangent)
+        return jax.tree.map(lambda c: _zero_if(~ok, c), pullback(cot))
 
     guarded.defvjp(fwd, bwd)
     return guarded
@@ -258,7 +279,9 @@ def adapt(
         opt_state = opt.init(fast)
     limit = max_steps if num_steps is None else num_steps
     weights = jnp.ones((max_steps,), jnp.float32) if step_weights is None else step_weights
-    value_and_grad = value_and_grad_fn(loss_fn, has_aux=has_aux, skip_nonfinite=skip_nonfinite)
+    value_and_grad = value_and_grad_fn(
+        loss_fn, has_aux=has_aux, skip_nonfinite=skip_nonfinite, first_order=first_order
+    )
     masked = skip_nonfinite or num_steps is not None
 
     def apply_step(carry, k, w, value, grads):

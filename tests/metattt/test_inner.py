@@ -291,3 +291,22 @@ def test_a_supplied_first_value_and_grad_is_step_0(problem, first_order):
     chex.assert_trees_all_close(
         one.params, python_loop(fast, slow, batch, opt, 1), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("opt", [optax.sgd(0.1), optax.adam(0.05)], ids=["sgd", "adam"])
+def test_first_order_guard_gives_autodiffs_meta_gradient(problem, opt):
+    """The guard's cheap first-order VJP (only the loss value is differentiated) equals plain
+    autodiff with the inner gradients stopped (the guard off), inner losses in the meta-loss
+    as in E2E-TTT, for both the fast and the frozen half."""
+    fast, slow, (x, y) = problem
+
+    def meta_loss(f, s, guard):
+        r = inner.adapt(
+            loss_fn, f, s, (x, y), opt=opt, max_steps=3, first_order=True, skip_nonfinite=guard
+        )
+        return loss_fn(P.merge(r.params, s), (x[::-1], y[::-1])) + jnp.mean(r.losses)
+
+    grad = jax.jit(jax.grad(meta_loss, argnums=(0, 1)), static_argnums=2)
+    chex.assert_trees_all_close(
+        grad(fast, slow, True), grad(fast, slow, False), rtol=1e-5, atol=1e-6
+    )
