@@ -80,6 +80,8 @@ _NORM_LEAF = r"/(?:scale|bias)$"
 _ATTN = r"[^/]*(?:attn|attention)[^/]*"
 _MLP = r"(?:[^/]*(?:mlp|ffn|expert)[^/]*|feed_forward)"
 
+# Each preset's path pattern; ``norm`` also takes the indexed norms of ``_INDEXED_NORM``, which
+# need the other leaves' paths (``_term_predicate``).
 PRESETS: dict[str, str] = {
     **{kind: rf"(?:^|/){name}{_NORM_LEAF}" for kind, name in _NORM_NAMES.items()},
     "norm": rf"(?:^|/)(?:{'|'.join(_NORM_NAMES.values())}){_NORM_LEAF}",
