@@ -35,7 +35,7 @@ from metattt.compiled import make_adapt_fn
 from metattt.inner import InnerConfig, InnerResult, adapt, adapt_merged, adaptation_curve
 from metattt.meta import Task
 from metattt.models.functional import functionalize
-from metattt.params import count, merge, select, split
+from metattt.params import count, explain, merge, select, split
 from metattt.train import Step, TrainState, fit, supervised
 from metattt.tta import TTAProtocol, run_protocol
 
@@ -58,6 +58,7 @@ __all__ = [
     "data",
     "drift",
     "energy",
+    "explain",
     "fit",
     "functionalize",
     "inner",

@@ -36,6 +36,7 @@ def test_readme_usage_example_runs(capsys):
     assert int(result.num_skipped) == 0
     out = capsys.readouterr().out
     assert "ParamCount(trainable=" in out
+    assert "selected:\n  enc_ln  bias, scale  (2 leaves, 32 parameters)\nnot selected:" in out
     loss, held_out = namespace["loss_fn"], namespace["held_out"]
     trained, initial = namespace["state"].params, namespace["model"].params
     mean = lambda p: sum(float(loss(p, b)) for b in held_out) / len(held_out)  # noqa: E731

@@ -4,8 +4,8 @@
 # A classifier you wrote yourself, trained on one distribution, then adapted at test time on
 # unlabelled batches of a shifted one: TENT (Wang et al., 2021) lowers the entropy of its own
 # predictions by moving only the LayerNorm's scale and bias. Everything here is public API:
-# `mt.functionalize`, `mt.supervised` + `mt.fit`, `mt.make_adapt_fn`, `mt.explain`-free
-# selectors. Run it as a script (`python docs/tutorials/tent_own_model.py`) or open it as a
+# `mt.functionalize`, `mt.supervised` + `mt.fit`, `mt.explain`, `mt.make_adapt_fn`.
+# Run it as a script (`python docs/tutorials/tent_own_model.py`) or open it as a
 # notebook with jupytext. It writes `tutorial_output/tent_own_model.png`.
 
 # %%
@@ -77,8 +77,10 @@ source = state.params
 
 # %% [markdown]
 # ## Adapt on shifted, unlabelled batches
-# `make_adapt_fn` compiles split -> adapt -> merge once; every batch of the stream (same shape)
-# reuses the program. Each batch is adapted from the source parameters (episodic TENT).
+# The `layernorm` preset knows `enc_ln` by its name; `mt.explain` shows what it takes and what
+# it leaves before anything runs. `make_adapt_fn` compiles split -> adapt -> merge once; every
+# batch of the stream (same shape) reuses the program. Each batch is adapted from the source
+# parameters (episodic TENT).
 
 
 # %%
@@ -86,7 +88,8 @@ def entropy(params, x):
     return mt.objectives.entropy(net.apply(params, x))
 
 
-tent = mt.make_adapt_fn(entropy, optax.sgd(0.3), max_steps=10, selector="re:enc_ln")
+print(mt.explain(source, "layernorm"))
+tent = mt.make_adapt_fn(entropy, optax.sgd(0.3), max_steps=10, selector="layernorm")
 shift = dict(scale=1.0, offset=jnp.array([1.5, -1.0]))
 before, after, curves = [], [], []
 for b in range(8):

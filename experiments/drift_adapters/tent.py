@@ -26,7 +26,7 @@ def make_tent_eval(net, cfg):
     opt = optax.adam(cfg.tent.lr)
 
     def evaluate(params, norm, xs, ys):
-        mask = P.select(params, "layernorm")
+        mask = P.select(params, "norm")  # the batch norm's scale and bias
         fast, slow = P.split(params, mask)
 
         def logits(p, x, batch_stats):

@@ -13,8 +13,8 @@ and returns them as an output, so the three ways of using them are plain functio
   ``stats' = momentum * stats + (1 - momentum) * batch`` (unbiased batch variance, as PyTorch
   does);
 * TENT: ``batch_stats=True`` and gradients of the prediction entropy with respect to the
-  normalisation layer's affine parameters ``norm/scale`` and ``norm/bias`` (the
-  ``"layernorm"`` preset of :mod:`metattt.params` selects exactly these).
+  normalisation layer's affine parameters ``norm/scale`` and ``norm/bias`` (the ``"norm"``
+  preset of :mod:`metattt.params` selects exactly these; its name does not say "batch").
 
 Parameters are a nested dict ``{"hidden": {"kernel", "bias"}, "norm": {"scale", "bias"},
 "head": {"kernel", "bias"}}``, following the naming contract of :mod:`metattt.params`. The

@@ -14,7 +14,8 @@ of one forward pass in ``aux``.
 
 Parameter names follow :mod:`metattt.params`: ``embedding``/``pos_embedding`` (preset
 ``emb``), ``blocks/i/attn/out`` (``attn_proj``), ``blocks/i/norm1``, ``norm2``, ``final_norm``
-(``layernorm``), ``blocks/i/ffn/router`` (``router``), ``blocks/i/ffn/experts/{gate,up,down}``
+(``layernorm`` and ``norm``: names of no stated kind, so also when they are the default
+RMSNorms), ``blocks/i/ffn/router`` (``router``), ``blocks/i/ffn/experts/{gate,up,down}``
 (``down`` is ``mlp_out``) and, with ``lora_rank > 0``, ``blocks/i/ffn/experts/lora_*`` (``lora``).
 
 Routing losses (per layer, averaged over layers):

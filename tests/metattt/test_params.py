@@ -59,11 +59,12 @@ def test_presets_on_linen():
             return nn.Dense(3)(nn.RMSNorm()(x))
 
     variables = Net().init(jax.random.key(0), jnp.ones((1, 2, 4)))
+    # linen's default names say the kind: LayerNorm and RMSNorm are separate presets.
     assert _selected(variables, "layernorm") == [
         "params/layernorm_0/bias",
         "params/layernorm_0/scale",
-        "params/rmsnorm_0/scale",
     ]
+    assert _selected(variables, "rmsnorm") == ["params/rmsnorm_0/scale"]
     assert _selected(variables, "attn_proj") == [
         "params/multiheaddotproductattention_0/out/bias",
         "params/multiheaddotproductattention_0/out/kernel",
