@@ -17,7 +17,13 @@ def run(name, tmp_path, monkeypatch):
 
 
 def test_every_tutorial_is_tested():
-    tested = {"tent_own_model", "online_delayed_labels", "maml_own_tasks", "attd_mamba"}
+    tested = {
+        "tent_own_model",
+        "online_delayed_labels",
+        "maml_own_tasks",
+        "attd_mamba",
+        "energy_moe_budget",
+    }
     assert {p.stem for p in TUTORIALS.glob("*.py")} == tested
 
 
@@ -57,3 +63,12 @@ def test_attd_on_a_mamba(tmp_path, monkeypatch):
     in_dist, warped = ns["rows"]["in-dist."], ns["rows"]["warped"]
     assert in_dist[0] > warped[0] + 0.2  # the warp hurts the fixed model
     assert warped[2].mean() > in_dist[2].mean()  # and ATTD spends more steps on warped inputs
+
+
+@pytest.mark.slow
+def test_energy_aware_moe_under_a_power_budget(tmp_path, monkeypatch):
+    ns = run("energy_moe_budget", tmp_path, monkeypatch)
+    assert ns["budget_w"] < ns["unadapted"]  # the budget binds on the unadapted routing
+    assert ns["late"] <= 1.02 * ns["budget_w"]  # adapted routing meets it by the end
+    lams = ns["log"]["lam"]
+    assert all(ns["controller"].lam_min <= lam <= ns["controller"].lam_max for lam in lams)
