@@ -110,6 +110,10 @@ def get_config(arg=None):
         c.pretrain.steps = 30
         c.pretrain.batch = 4
         c.pretrain.lr = 1e-2
+        # One meta method: E2E-TTT's second-order meta-step was the tiny run's longest
+        # compilation; its loss, meta-step and second-order Perceiver gradients are tested in
+        # tests/metattt (test_meta, test_perceiver), and full runs compare both methods.
+        c.meta.methods = ("fomaml",)
         c.meta.steps = 8
         c.meta.checkpoint_every = 4
         c.meta.tasks_per_step = 2
