@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -112,6 +113,20 @@ def _abstract(leaf: Any) -> Any:
     data = jax.eval_shape(jax.random.key_data, leaf)
     # The key's sharding also lays out its data: the trailing key dimension is replicated.
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(leaf, "sharding", None))
+
+
+def _placed_like(template: Any, restored: Any) -> Any:
+    """Restored arrays uncommitted where the template's are (fresh ``jnp`` arrays, NumPy).
+
+    orbax returns arrays committed to a device; a jitted step traced on the fresh, uncommitted
+    state would then compile again for the resumed one (the placement is part of its cache
+    key). Templates placed on purpose (committed or sharded arrays) keep their placement."""
+
+    def place(t, r):
+        placed = t.committed if isinstance(t, jax.Array) else getattr(t, "sharding", None)
+        return r if placed else jnp.asarray(np.asarray(r))
+
+    return jax.tree.map(place, template, restored)
 
 
 def _decode(template: Any, restored: Any) -> Any:
@@ -217,7 +232,7 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step}: its arrays do not match the SHA-256 "
                 "digest saved with them"
             )
-        return _decode(template, restored["state"])
+        return _decode(template, _placed_like(template, restored["state"]))
 
     def restore_verified(
         self, template: T, check: Callable[[int, T], str | None] | None = None

@@ -71,6 +71,29 @@ def test_round_trip_optax_state_and_typed_keys(tmp_path):
     )
 
 
+def test_a_restored_state_reuses_the_programs_compiled_for_the_fresh_one(tmp_path):
+    """Restored arrays are placed like the template's (uncommitted fresh arrays stay
+    uncommitted), so a jitted step traced on the fresh state is not traced again on resume."""
+    state = {"w": jax.random.normal(jax.random.key(0), (4,)), "key": jax.random.key(1)}
+    traces = []
+
+    @jax.jit
+    def step(s):
+        traces.append(1)
+        return {"w": s["w"] * 2.0, "key": jax.random.split(s["key"])[0]}
+
+    step(state)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, state)
+    ckpt.close()
+    restored = Checkpointer(tmp_path / "ckpt").restore(state)
+    assert not restored["w"].committed
+    step(restored)
+    assert len(traces) == 1
+    placed = jax.device_put(state, jax.devices()[0])  # a template placed on purpose stays so
+    assert Checkpointer(tmp_path / "ckpt").restore(placed)["w"].committed
+
+
 def test_restore_missing_raises(tmp_path):
     template = {"w": jnp.ones(3)}
     with pytest.raises(FileNotFoundError, match="does not exist"):
