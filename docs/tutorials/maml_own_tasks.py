@@ -71,31 +71,26 @@ meta_step = mt.meta.make_meta_step(
 )
 workdir = os.path.abspath("tutorial_output/maml_run")
 writer = mt.runlog.create_writer(workdir)  # metrics.jsonl + TensorBoard events
-state = mt.fit(
-    meta_step,
-    meta_step.init(net.params),
-    lambda s: sample_tasks(jax.random.fold_in(jax.random.key(1), s), 16),
-    num_steps=400,
-    steps_per_call=100,
-    workdir=workdir,  # checkpoints (and resume)
-    checkpoint_every=200,
-    log_every=100,
-    writer=writer,
-    show_progress=False,
-)
-# Started again with a larger num_steps, fit resumes from the step-400 checkpoint:
-state = mt.fit(
-    meta_step,
-    meta_step.init(net.params),
-    lambda s: sample_tasks(jax.random.fold_in(jax.random.key(1), s), 16),
-    num_steps=600,
-    steps_per_call=100,
-    workdir=workdir,
-    checkpoint_every=200,
-    log_every=100,
-    writer=writer,
-    show_progress=False,
-)
+
+
+def meta_train(num_steps):
+    """Meta-train up to ``num_steps`` in ``workdir``, resuming from its newest checkpoint."""
+    return mt.fit(
+        meta_step,
+        meta_step.init(net.params),
+        lambda s: sample_tasks(jax.random.fold_in(jax.random.key(1), s), 16),
+        num_steps=num_steps,
+        steps_per_call=100,
+        workdir=workdir,  # checkpoints (and resume)
+        checkpoint_every=200,
+        log_every=100,
+        writer=writer,
+        show_progress=False,
+    )
+
+
+state = meta_train(400)
+state = meta_train(600)  # started again: resumes from the step-400 checkpoint
 writer.close()
 logged = mt.runlog.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 print("logged steps:", [r["step"] for r in logged if "meta_loss" in r])
