@@ -34,6 +34,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# float32 comparisons with references are meant at float32: on a GPU, default-precision f32
+# matmuls run as TF32 (10-bit mantissa) and would fail a 1e-5 tolerance for that reason alone.
+# On the CPU this changes nothing.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 @pytest.fixture
 def x64():

@@ -40,6 +40,7 @@ import abc
 import collections
 import contextlib
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -258,14 +259,52 @@ _THROTTLE_REASONS = {
 }
 
 
+def visible_gpu(device_index: int) -> int | str:
+    """The NVML device behind CUDA's ``device_index``: an NVML index or a ``GPU-`` UUID.
+
+    ``CUDA_VISIBLE_DEVICES`` (``"2,3"``, ``"GPU-<uuid>,..."``) renumbers the GPUs a process
+    sees, so that JAX's GPU 0 is the first listed; NVML ignores it and numbers every GPU of the
+    machine. Unset, the two numberings agree; set but empty, no GPU is visible.
+
+    Raises:
+        NvmlUnavailableError: ``device_index`` is not among the visible GPUs, an entry is
+            neither an index nor a ``GPU-`` UUID, or it names a MIG instance (NVML reads power
+            per GPU, not per MIG instance).
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return device_index
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if not 0 <= device_index < len(entries):
+        raise NvmlUnavailableError(
+            f"NVML unavailable: device_index={device_index} but CUDA_VISIBLE_DEVICES="
+            f"{visible!r} makes {len(entries)} GPU(s) visible"
+        )
+    entry = entries[device_index]
+    if entry.isdigit():
+        return int(entry)
+    if entry.startswith("GPU-"):
+        return entry
+    raise NvmlUnavailableError(
+        f"NVML unavailable: CUDA_VISIBLE_DEVICES entry {entry!r} is "
+        + (
+            "a MIG instance; NVML reads power per GPU (give the GPU's index or UUID)"
+            if entry.startswith("MIG-")
+            else "neither a GPU index nor a GPU- UUID"
+        )
+    )
+
+
 def load_nvml(device_index: int = 0) -> tuple[Any, Any]:
-    """Import ``pynvml``, initialise NVML and return ``(module, device handle)``.
+    """Import ``pynvml``, initialise NVML and return ``(module, device handle)`` of the GPU
+    that CUDA (and so JAX) calls ``device_index`` (see :func:`visible_gpu`).
 
     Raises:
         NvmlUnavailableError: nvidia-ml-py is not installed, NVML cannot start (no driver or
             library: ``NVMLError_LibraryNotFound``, ``NVMLError_DriverNotLoaded``, ...), or
-            there is no GPU ``device_index``.
+            there is no such GPU.
     """
+    target = visible_gpu(device_index)
     try:
         import pynvml
     except ImportError as err:
@@ -281,12 +320,16 @@ def load_nvml(device_index: int = 0) -> tuple[Any, Any]:
             "kind='auto' with allow_simulated=True)."
         ) from err
     try:
-        count = pynvml.nvmlDeviceGetCount()
-        if not 0 <= device_index < count:
-            raise NvmlUnavailableError(
-                f"NVML unavailable: device_index={device_index} but NVML sees {count} GPU(s)"
-            )
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        if isinstance(target, str):
+            handle = pynvml.nvmlDeviceGetHandleByUUID(target)
+        else:
+            count = pynvml.nvmlDeviceGetCount()
+            if not 0 <= target < count:
+                raise NvmlUnavailableError(
+                    f"NVML unavailable: GPU {target} (device_index={device_index}) but NVML "
+                    f"sees {count} GPU(s)"
+                )
+            handle = pynvml.nvmlDeviceGetHandleByIndex(target)
     except (pynvml.NVMLError, NvmlUnavailableError) as err:
         pynvml.nvmlShutdown()
         if isinstance(err, NvmlUnavailableError):
@@ -305,7 +348,8 @@ class NvmlMonitor(AbstractMonitor):
     ``nvmlDeviceGetPowerUsage`` is an average over about one second.
 
     Args:
-        device_index: which GPU.
+        device_index: which GPU, numbered as CUDA and JAX number them (after
+            ``CUDA_VISIBLE_DEVICES``; see :func:`visible_gpu`).
         interval_s: background sampling period in seconds.
         use_energy_counter: use the energy counter when present (False forces the trapezoid).
         max_records: size of the record buffer (oldest dropped first).

@@ -33,6 +33,13 @@ from metattt.energy import (
 )
 from metattt.energy import monitor as monitor_module
 
+
+@pytest.fixture(autouse=True)
+def _all_gpus_visible(monkeypatch):
+    """NVML tests see every fake GPU unless they set CUDA_VISIBLE_DEVICES themselves."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
 # --- a fake pynvml ----------------------------------------------------------------------------
 
 
@@ -67,8 +74,9 @@ def fake_pynvml(*, energy_counter=True, library_found=True, temperature=True):
 
     mod.nvmlInit = nvml_init
     mod.nvmlShutdown = lambda: state.__setitem__("shutdown", state["shutdown"] + 1)
-    mod.nvmlDeviceGetCount = lambda: 1
+    mod.nvmlDeviceGetCount = lambda: state.get("count", 1)
     mod.nvmlDeviceGetHandleByIndex = lambda i: f"handle{i}"
+    mod.nvmlDeviceGetHandleByUUID = lambda u: f"handle-{u}"
     mod.nvmlDeviceGetName = lambda h: b"Fake GPU"
     mod.nvmlDeviceGetPowerUsage = lambda h: state["power_mw"]
     mod.nvmlDeviceGetTotalEnergyConsumption = (
@@ -398,3 +406,36 @@ def test_measure_costs_with_and_without_a_monitor():
     np.testing.assert_allclose(total, mon.sample().energy_j, rtol=1e-9)  # all energy accounted
     # each expert's energy includes idle power over its (measured) run time
     assert all(c.joules_per_token > 40.0 * DEV.joules_per_flop for c in measured.experts)
+
+
+@pytest.mark.parametrize(
+    "visible, index, handle",
+    [(None, 1, "handle1"), ("2,3", 1, "handle3"), (" 3 ,0", 0, "handle3"),
+     ("GPU-8f3c,1", 0, "handle-GPU-8f3c")],
+)  # fmt: skip
+def test_nvml_finds_the_gpu_cuda_calls_device_index(monkeypatch, visible, index, handle):
+    """CUDA_VISIBLE_DEVICES renumbers the GPUs JAX sees; NVML numbers all of them."""
+    nvml = fake_pynvml()
+    nvml.state["count"] = 4
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert monitor_module.load_nvml(index)[1] == handle
+
+
+@pytest.mark.parametrize(
+    "visible, index, message",
+    [("", 0, "CUDA_VISIBLE_DEVICES='' makes 0 GPU"), ("2,3", 2, "makes 2 GPU"),
+     ("7", 0, "GPU 7 \\(device_index=0\\) but NVML sees 4"), ("MIG-1a2b", 0, "a MIG instance"),
+     ("gpu0", 0, "neither a GPU index nor a GPU- UUID")],
+)  # fmt: skip
+def test_a_gpu_outside_cuda_visible_devices_is_one_line(monkeypatch, visible, index, message):
+    nvml = fake_pynvml()
+    nvml.state["count"] = 4
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(monitor_module.NvmlUnavailableError, match=message) as info:
+        monitor_module.load_nvml(index)
+    assert "\n" not in str(info.value)
