@@ -7,6 +7,8 @@ never reads a config object (ml_collections belongs to configs/ and experiments/
 import ast
 import importlib
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +63,12 @@ def test_the_public_api_is_reachable_from_the_top():
             if isinstance(obj, type):
                 other = seen.setdefault(name, f"{obj.__module__}.{obj.__qualname__}")
                 assert other == f"{obj.__module__}.{obj.__qualname__}", (name, other)
+
+
+def test_importing_metattt_leaves_the_slow_scipy_modules_for_later():
+    """scipy.signal and scipy.stats cost ~1.2 s of every process that imports metattt (every
+    subprocess a resume or CLI test starts); the functions that need them import them."""
+    slow = "('scipy.signal', 'scipy.stats')"
+    code = f"import sys, metattt; print(sorted(m for m in {slow} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

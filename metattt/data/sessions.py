@@ -67,7 +67,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy import signal
 
 from metattt.data.windows import sliding_windows
 from metattt.meta import Task
@@ -357,6 +356,8 @@ def _generate_one(cfg: SessionConfig, seed: int, session_id: int, system: np.nda
 
     decay = math.exp(-1.0 / cfg.calcium_tau) if cfg.calcium_tau > 0 else 0.0
     # c_t = a c_{t-1} + (1 - a) r_t, started at c_0 = r_0 and run through the burn-in.
+    from scipy import signal  # here, not at the top: importing scipy.signal takes ~0.8 s
+
     calcium = signal.lfilter([1.0 - decay], [1.0, -decay], rates, axis=1, zi=decay * rates[:, :1])[
         0
     ]
