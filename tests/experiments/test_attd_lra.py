@@ -609,6 +609,11 @@ def test_demo_config_is_the_time_warp_task_with_the_fixed_model_and_attd():
     cfg = dynamics_config.get_config("demo")
     assert cfg.tasks == ("timewarp",) and cfg.methods == ("fixed", "attd")
     assert cfg.seeds == (0,) and not cfg.attd.inner_lr_grid  # no rate search
+    assert cfg.eval.timing_repeats == 0  # its row shows no wall time per example: none taken
+    attd_lra.validate(cfg)
+    cfg.eval.timing_repeats = -1
+    with pytest.raises(ValueError, match=r"eval.timing_repeats >= 0 \(0: no timing\)"):
+        attd_lra.validate(cfg)
 
 
 def _entry(seeds_acc, band, k_mix=1.0):
