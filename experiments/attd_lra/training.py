@@ -20,6 +20,9 @@ from attd.method import ATTD, ATTDParams, benchmark_eval_paths, make_attd
 from experiments.attd_lra.methods import BASES, CONTROLLED, parse_method
 from metattt import objectives, runlog, train
 
+#: What :func:`attd.method.benchmark_eval_paths` counts besides the times, kept per cell.
+_TIMING_KEYS = ("inner_steps", "executed_steps", "masked_steps", "max_abs_diff")
+
 
 def _batches(seed: int, n: int, steps: int, batch: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, (steps, batch))
@@ -318,8 +321,7 @@ def run_cell(
     if cfg.eval.timing_repeats == 0:  # no wall-time measurement (the demo): NaN, not a guess
         for key in ("masked_ms_per_example", "grouped_ms_per_example", "timing_batch"):
             cell[key] = math.nan
-        for key in ("inner_steps", "executed_steps", "masked_steps", "max_abs_diff"):
-            cell[f"timing_{key}"] = math.nan
+        cell.update({f"timing_{key}": math.nan for key in _TIMING_KEYS})
         return cell
     shift = task.test_shift
     b = min(cfg.eval.batch, len(shift.labels))
@@ -333,8 +335,7 @@ def run_cell(
     cell["masked_ms_per_example"] = 1e3 * timing["masked_s"] / b
     cell["grouped_ms_per_example"] = 1e3 * timing["grouped_s"] / b
     cell["timing_batch"] = b
-    for key in ("inner_steps", "executed_steps", "masked_steps", "max_abs_diff"):
-        cell[f"timing_{key}"] = timing[key]
+    cell.update({f"timing_{key}": timing[key] for key in _TIMING_KEYS})
     return cell
 
 

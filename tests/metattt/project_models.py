@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 
 from configs import drift_adapters, energy_moe, energy_moe_digits, tta_protocol
+from experiments.energy_moe import runtime
 from metattt.models import digits_net, dynamics, mlp, moe, perceiver
 
 # What configs/ and experiments/ select with (tta.ADAPT_PRESETS, c.ttt.params, tent.py), and
@@ -34,22 +35,9 @@ def _dynamics(variant):
 
 
 def _moe(config_module, variant, num_classes):
+    """The experiment's own model config (the reference dispatch: only the paths matter)."""
     cfg = config_module.get_config(variant)
-    m = cfg.model
-    mcfg = moe.MoEConfig(
-        vocab_size=256,
-        num_classes=num_classes,
-        d_model=m.d_model,
-        num_heads=m.num_heads,
-        num_layers=m.num_layers,
-        num_experts=m.num_experts,
-        d_ff=m.d_ff,
-        top_k=m.top_k,
-        max_len=cfg.data.length,
-        capacity_factor=None,
-        expert_widths=tuple(m.expert_widths),
-        backend="reference",
-    )
+    mcfg = runtime.model_config(cfg, num_classes=num_classes)._replace(backend="reference")
     return moe.init_moe(mcfg).params
 
 
