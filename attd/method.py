@@ -367,7 +367,9 @@ def make_attd(
     predict = jax.jit(functools.partial(forward, train=False))
 
     def train_step(optimizer: optax.GradientTransformation) -> train.Step:
-        return train.supervised(loss, optimizer, has_aux=True)
+        # The outer step differentiates through inner loops that may diverge on some batch
+        # (a large inner rate): such a step is skipped and counted, not applied as NaN.
+        return train.supervised(loss, optimizer, has_aux=True, skip_nonfinite=True)
 
     @jax.jit
     def _signal_and_steps(params, tokens, mask):

@@ -36,7 +36,7 @@ from metattt.inner import (
 )
 from metattt.params import split
 from metattt.stats import MeanCI, mean_ci
-from metattt.train import Step, TrainState
+from metattt.train import Step, TrainState, apply_if_finite
 
 PyTree = Any
 
@@ -307,10 +307,7 @@ def make_meta_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = outer_opt.update(grads, opt_state, meta_params)
         if skip_nonfinite:
-            updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-            new_opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state
-            )
+            updates, new_opt_state = apply_if_finite(finite, updates, new_opt_state, opt_state)
         state = TrainState(optax.apply_updates(meta_params, updates), new_opt_state)
         metrics = MetaMetrics(
             loss,

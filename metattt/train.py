@@ -56,6 +56,7 @@ __all__ = [
     "Step",
     "TrainState",
     "WorkdirInUse",
+    "apply_if_finite",
     "check_counts",
     "fit",
     "supervised",
@@ -107,12 +108,14 @@ def supervised(
     has_aux: bool = False,
     has_state: bool = False,
     clip_norm: float | None = None,
+    skip_nonfinite: bool = False,
     jit: bool = True,
 ) -> Step:
     """The ordinary step: the gradient of ``loss_fn`` fed to an optax rule.
 
     ``state`` is :class:`TrainState`; ``metrics`` holds ``loss``, ``grad_norm`` (the global norm
-    of the gradient before clipping; NaN when the gradient is not finite) and, with
+    of the gradient before clipping; NaN when the gradient is not finite), with
+    ``skip_nonfinite`` ``skipped`` (1 when the step's update was not applied) and, with
     ``has_aux``, the entries of the loss's auxiliary mapping.
 
     Args:
@@ -124,6 +127,11 @@ def supervised(
       has_aux: see ``loss_fn``.
       has_state: see ``loss_fn``.
       clip_norm: clip the gradient to this global norm first (None: no clipping).
+      skip_nonfinite: static; a step whose loss or gradient is not finite is not applied
+        (parameters and optimizer state are kept, see :func:`apply_if_finite`) and is counted
+        in ``metrics["skipped"]``. Off by default: an ordinary run should stop on NaN where a
+        meta-learner's outer step (which differentiates through an inner loop that may
+        diverge on some batches) should skip it.
       jit: compile ``update`` (turn off only to debug).
 
     Returns:
@@ -154,12 +162,32 @@ def supervised(
                 f"with has_aux=True, loss_fn must return (loss, aux) with aux a mapping or "
                 f"NamedTuple of scalars, got an aux of type {type(aux).__name__}"
             )
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, opt_state = apply_if_finite(finite, updates, opt_state, state.opt_state)
+            model_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), model_state, state.model_state
+            )
+            metrics["skipped"] = (~finite).astype(jnp.int32)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        return TrainState(params, opt_state, model_state), metrics
+        return TrainState(params, opt_state, model_state), {**metrics, **aux}
 
     return Step(init, jax.jit(update) if jit else update)
+
+
+def apply_if_finite(
+    finite: jax.Array, updates: PyTree, new_opt_state: PyTree, opt_state: PyTree
+) -> tuple[PyTree, PyTree]:
+    """The updates and optimizer state of a step, or zero updates and the old state when
+    ``finite`` is False: a skipped step leaves parameters and optimizer state as they were
+    (unlike ``optax.apply_if_finite``, no state is added, so checkpoints keep their layout).
+    A NaN update becomes 0 rather than propagating (``where``, not a multiplication)."""
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_opt_state, opt_state)
+    return updates, opt_state
 
 
 def _as_dict(metrics: Any) -> Mapping[str, Any]:

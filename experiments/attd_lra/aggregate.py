@@ -99,6 +99,10 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
             )
             entry["spearman_k_difficulty"] = None if ci is None else ci._asdict()
             entry["thresholds"] = [r["thresholds"] for r in rows]
+            # Outer steps not applied as non-finite, summed over seeds (None: cells cached
+            # before the outer step had the guard, 2026-12-07).
+            skipped = [r.get("skipped_outer_steps") for r in rows]
+            entry["skipped_outer_steps"] = None if None in skipped else int(sum(skipped))
             # Does a larger L_int drop go with a right answer? (methods that adapt every input)
             drop_ci = (
                 stats.spearman_ci(ex["lint_drop"], ex["correct"], num_resamples=cfg.eval.bootstrap)

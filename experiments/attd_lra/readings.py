@@ -89,6 +89,14 @@ def reading(results: dict[str, Any]) -> list[str]:
                 f"split; Spearman of K with {DIFFICULTY[task_name]}: "
                 f"{rho(e['spearman_k_difficulty'])}."
             )
+        skipped = {n: e.get("skipped_outer_steps") for n, e in t.items() if n != "fixed"}
+        if any(skipped.values()):
+            lines.append(
+                "  - Outer steps skipped because their loss or gradient was not finite (summed "
+                "over seeds; the outer step keeps θ, ψ₀ and the thresholds as they were): "
+                + "; ".join(f"{method_label(n)} {c}" for n, c in skipped.items() if c)
+                + "."
+            )
     return lines + _conclusions(results) + _order_conclusions(results) + _joint_conclusions(results)
 
 

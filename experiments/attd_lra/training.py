@@ -43,8 +43,8 @@ def make_pretrain_step(apply, lr: float, lm_weight: float) -> train.Step:
 def fit_on_split(step: train.Step, state, split: Split, idx: np.ndarray, run_dir: str, every: int):
     """``step`` over the batches ``split[idx[i]]``, resumable in ``run_dir``.
 
-    Returns ``(state, the last step's metrics)``; every step is logged, so the last one is read
-    back from ``run_dir/metrics.jsonl`` also when the run resumed at its end.
+    Returns ``(state, every step's metrics)``; every step is logged, so they are read back
+    from ``run_dir/metrics.jsonl`` also when the run resumed at its end.
     """
     with runlog.create_writer(run_dir) as writer:
         state = train.fit(
@@ -58,17 +58,17 @@ def fit_on_split(step: train.Step, state, split: Split, idx: np.ndarray, run_dir
             writer=writer,
             show_progress=False,
         )
-    return state, runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))[-1]
+    return state, runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def pretrain(cfg, theta, split: Split, seed: int, step: train.Step, run_dir: str):
     """Pretrain the base Mamba; returns θ and ``{task_loss, lm_loss, seconds}``."""
     start = time.perf_counter()
     idx = _batches(seed, len(split.labels), cfg.pretrain.steps, cfg.pretrain.batch)
-    state, last = fit_on_split(
+    state, logged = fit_on_split(
         step, step.init(theta), split, idx, run_dir, cfg.pretrain.checkpoint_every
     )
-    info = {"task_loss": last["task_loss"], "lm_loss": last["lm_loss"]}
+    info = {"task_loss": logged[-1]["task_loss"], "lm_loss": logged[-1]["lm_loss"]}
     info["seconds"] = time.perf_counter() - start
     return state.params, info
 
@@ -276,7 +276,7 @@ def run_cell(
     params = c.method.init(theta, psi0, initial_thresholds(name, s_outer, cfg.attd.k_max))
     start = time.perf_counter()
     idx = _batches(seed + 1, len(outer.labels), cfg.finetune.steps, cfg.finetune.batch)
-    state, last = fit_on_split(
+    state, logged = fit_on_split(
         c.train_step,
         c.train_step.init(params),
         outer,
@@ -290,8 +290,9 @@ def run_cell(
     cell: dict[str, Any] = {
         "method": name,
         "finetune_seconds": finetune_s,
-        "final_train_loss": last["loss"],
-        "final_train_accuracy": last["accuracy"],
+        "final_train_loss": logged[-1]["loss"],
+        "final_train_accuracy": logged[-1]["accuracy"],
+        "skipped_outer_steps": int(sum(row["skipped"] for row in logged)),
         "thresholds": thresholds,
     }
     if cfg.attd.recalibrate and parse_method(name).base in CONTROLLED:

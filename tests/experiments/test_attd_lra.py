@@ -124,6 +124,23 @@ def test_reading_names_the_drop_to_gain_correlation_where_it_was_measured(frozen
     assert not any("log p(true class)" in line for line in attd_lra.reading(frozen))
 
 
+def test_reading_names_the_outer_steps_skipped_as_non_finite(frozen):
+    """Skipped outer steps are named per method; none (or cells from before they were
+    counted) adds no line."""
+    before = attd_lra.reading(frozen)
+    _with_entry(frozen, "ttt", "attd", skipped_outer_steps=7)
+    frozen["tasks"]["listops"]["attd"]["skipped_outer_steps"] = 0
+    lines = attd_lra.reading(frozen)
+    assert (
+        "  - Outer steps skipped because their loss or gradient was not finite (summed over "
+        "seeds; the outer step keeps θ, ψ₀ and the thresholds as they were): full TTT "
+        "(K=K_max) 7."
+    ) in lines
+    frozen["tasks"]["listops"]["ttt"]["skipped_outer_steps"] = None
+    assert not any("skipped" in line for line in attd_lra.reading(frozen))
+    assert not any("skipped" in line for line in before)
+
+
 def _with_entry(results, name, like, **changes):
     """``results`` with a method ``name`` copied from ``like`` and some fields replaced."""
     table = results["tasks"]["listops"]

@@ -267,6 +267,36 @@ def test_supervised_sgd_step_matches_the_closed_form_gradient():
         train.supervised(_loss, optax.sgd(0.1), clip_norm=float("nan"))
 
 
+def test_supervised_skip_nonfinite_keeps_params_and_adam_state_on_a_nan_batch():
+    """A planted NaN batch: the guarded step applies nothing and counts it; a finite batch
+    then trains as a step that never saw the bad one (Adam's moments and count kept)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(B, D)).astype(np.float32)
+    y = rng.normal(size=B).astype(np.float32)
+    params = {"w": rng.normal(size=D).astype(np.float32), "b": np.float32(rng.normal())}
+    bad_x = x.copy()
+    bad_x[3, 1] = np.nan
+    guarded = train.supervised(_loss, optax.adam(0.05), skip_nonfinite=True)
+    plain = train.supervised(_loss, optax.adam(0.05))
+
+    state0 = guarded.init(params)
+    skipped_state, metrics = guarded.update(state0, (bad_x, y))
+    assert int(metrics["skipped"]) == 1 and np.isnan(metrics["grad_norm"])
+    for got, want in zip(jax.tree.leaves(skipped_state), jax.tree.leaves(state0), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # The plain step lets the NaN through (what the guard is for).
+    assert np.isnan(plain.update(plain.init(params), (bad_x, y))[0].params["w"]).all()
+
+    after_skip, metrics = guarded.update(skipped_state, (x, y))
+    never_bad, _ = plain.update(plain.init(params), (x, y))
+    assert int(metrics["skipped"]) == 0
+    for got, want in zip(jax.tree.leaves(after_skip), jax.tree.leaves(never_bad), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    # An overflowing loss (finite inputs) is skipped too.
+    _, metrics = guarded.update(state0, (x * np.float32(1e30), y))
+    assert int(metrics["skipped"]) == 1
+
+
 def _pure_batch(step):
     """A traceable batch of the regression task at ``step`` (for steps_per_call > 1)."""
     kx, kn = jax.random.split(jax.random.fold_in(jax.random.key(SEED), step))
