@@ -10,7 +10,8 @@ Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the
 :mod:`~metattt.drift` (drift detectors), :mod:`~metattt.compiled` (``make_adapt_fn``: adaptation
 compiled once, for notebooks), the training contract :mod:`~metattt.train`
 (``Step``, ``supervised``, ``fit``), and the run plumbing :mod:`~metattt.ckpt`,
-:mod:`~metattt.runlog`, :mod:`~metattt.stats`.
+:mod:`~metattt.runlog`, :mod:`~metattt.stats`, and :mod:`~metattt.sharding` (data-parallel and
+FSDP steps over a mesh).
 """
 
 from metattt import (
@@ -27,6 +28,7 @@ from metattt import (
     online,
     params,
     runlog,
+    sharding,
     stats,
     train,
     tta,
@@ -72,6 +74,7 @@ __all__ = [
     "run_protocol",
     "runlog",
     "select",
+    "sharding",
     "split",
     "stats",
     "supervised",

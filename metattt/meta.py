@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from metattt.inner import (
     InnerConfig,
@@ -35,6 +35,7 @@ from metattt.inner import (
     per_param_sgd,
 )
 from metattt.params import split
+from metattt.sharding import shard_step
 from metattt.stats import MeanCI, mean_ci
 from metattt.train import Step, TrainState, apply_if_finite
 
@@ -240,6 +241,7 @@ def make_meta_step(
     micro_batches: int = 1,
     jit: bool = True,
     skip_nonfinite: bool = True,
+    shard_params: bool = False,
 ) -> Step:
     """Build the meta-training step for ``meta_loss(meta_params, task) -> (loss, MetaAux)``.
 
@@ -251,8 +253,9 @@ def make_meta_step(
         meta_loss: per-task meta-loss.
         outer_opt: the optax outer optimizer.
         clip_norm: clip the meta-gradient to this global norm first.
-        mesh: shard the task batch's leading axis over this mesh (meta-parameters replicated).
-            The result equals the single-device one; the batch size must divide evenly.
+        mesh: shard the task batch's leading axis over this mesh (meta-parameters replicated
+            unless ``shard_params``; see :func:`metattt.sharding.shard_step`). The result
+            equals the single-device one; the batch size must divide evenly.
         axis_name: the mesh axis to shard over (default: the mesh's first axis).
         micro_batches: M; the task batch (size a multiple of M) is cut into M equal
             micro-batches whose gradients are computed one after another and averaged (gradient
@@ -261,6 +264,8 @@ def make_meta_step(
         skip_nonfinite: static; False compiles the outer guard out (the update is applied
             whatever its value, as in plain JAX). The inner loop has its own switch,
             :attr:`metattt.inner.InnerConfig.skip_nonfinite`.
+        shard_params: with ``mesh``, shard the meta-parameters and the outer optimizer's
+            state over the mesh axis too (FSDP, :func:`metattt.sharding.param_shardings`).
 
     Returns:
         A :class:`metattt.train.Step`: ``init(meta_params) -> TrainState`` and
@@ -322,24 +327,4 @@ def make_meta_step(
         return Step(init, update)
     if mesh is None:
         return Step(init, jax.jit(update))
-
-    axis = axis_name or mesh.axis_names[0]
-    # Automatic axes: XLA's partitioner shards the vmapped task batch; explicit axes would put
-    # the sharding into every traced type inside the inner loop, which vmap-of-scan rejects.
-    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = NamedSharding(mesh, PartitionSpec(axis))
-    compiled = jax.jit(update, out_shardings=replicated)
-    num_shards = mesh.shape[axis]
-
-    def sharded_update(state, tasks):
-        sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(tasks)}
-        if len(sizes) != 1 or next(iter(sizes)) % num_shards:
-            raise ValueError(
-                f"the task batch's leading axis ({sorted(sizes)}) must be one size divisible "
-                f"by the {num_shards} devices of mesh axis {axis!r}"
-            )
-        tasks = jax.device_put(tasks, sharded)
-        return compiled(jax.device_put(state, replicated), tasks)
-
-    return Step(init, sharded_update)
+    return shard_step(Step(init, update), mesh, axis=axis_name, shard_params=shard_params)
