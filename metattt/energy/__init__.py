@@ -7,7 +7,9 @@ profiles, their JSON files, and the expected energy of routing decisions),
 controller, triggers, expert pruning and graceful degradation under a power budget) and
 :mod:`~metattt.energy.accounting` (the work and energy of serving a MoE: dense and routed work,
 serving rate, fixed power, EDP, Pareto front) and :mod:`~metattt.energy.serving` (prequential
-serving of a stream under a monitor, with adaptation and an optional power-budget policy).
+serving of a stream under a monitor, with adaptation and an optional power-budget policy), and
+:mod:`~metattt.energy.memory` (memory readings, serving levels priced by XLA, and the policy
+that steps down under memory pressure).
 """
 
 from metattt.energy.accounting import (
@@ -54,6 +56,17 @@ from metattt.energy.costs import (
     proxy_costs,
     save_costs,
 )
+from metattt.energy.memory import (
+    MemoryDecision,
+    MemoryPolicy,
+    MemoryReading,
+    ServingLevel,
+    SimulatedMemory,
+    memory_policy,
+    peak_bytes,
+    read_memory,
+    serving_ladder,
+)
 from metattt.energy.monitor import (
     AbstractMonitor,
     NvmlMonitor,
@@ -67,6 +80,15 @@ from metattt.energy.monitor import (
 from metattt.energy.serving import ServedStream, serve_stream
 
 __all__ = [
+    "MemoryDecision",
+    "MemoryPolicy",
+    "MemoryReading",
+    "ServingLevel",
+    "SimulatedMemory",
+    "memory_policy",
+    "peak_bytes",
+    "read_memory",
+    "serving_ladder",
     "ServedStream",
     "serve_stream",
     "Work",
