@@ -9,7 +9,8 @@ controller, triggers, expert pruning and graceful degradation under a power budg
 serving rate, fixed power, EDP, Pareto front) and :mod:`~metattt.energy.serving` (prequential
 serving of a stream under a monitor, with adaptation and an optional power-budget policy), and
 :mod:`~metattt.energy.memory` (memory readings, serving levels priced by XLA, and the policy
-that steps down under memory pressure).
+that steps down under memory pressure), and :mod:`~metattt.energy.explain` (which experts a
+routing avoided and what that saved, activation shares, top-k agreement).
 """
 
 from metattt.energy.accounting import (
@@ -56,6 +57,13 @@ from metattt.energy.costs import (
     proxy_costs,
     save_costs,
 )
+from metattt.energy.explain import (
+    RoutingChanges,
+    activation_shares,
+    explain_token,
+    routing_changes,
+    topk_agreement,
+)
 from metattt.energy.memory import (
     MemoryDecision,
     MemoryPolicy,
@@ -80,6 +88,11 @@ from metattt.energy.monitor import (
 from metattt.energy.serving import ServedStream, serve_stream
 
 __all__ = [
+    "RoutingChanges",
+    "activation_shares",
+    "explain_token",
+    "routing_changes",
+    "topk_agreement",
     "MemoryDecision",
     "MemoryPolicy",
     "MemoryReading",
