@@ -13,6 +13,9 @@ second order, Text and ListOps at second_order's sizes (3 seeds):
 The same with L_int = masked-token reconstruction instead of next-token prediction:
     python -m experiments.run --config configs/attd_lra.py:joint_masked \
         --workdir runs/attd_lra_joint_masked
+Issue 17's protocol on ListOps and Text (θ frozen, SGD inner rule at a rate chosen on the
+training split, thresholds recalibrated after outer training; 3 seeds):
+    python -m experiments.run --config configs/attd_lra.py:protocol --workdir runs/attd_lra_protocol
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/attd_lra.py:tiny --workdir runs/attd_lra_tiny
 
@@ -228,6 +231,21 @@ def get_config(arg=None):
         # fixed+j is the control: the same joint outer loss without any inner step.
         c.methods = ("fixed", "fixed+j", "ttt", "ttt+j", "ttt+so", "ttt+so+j", "attd+so+j")
         c.ablation_methods = ()
+    elif arg == "protocol":  # issue 17's fixed protocol, on LRA
+        c.section = "attd_lra_protocol"
+        c.figure_prefix = "attd_proto"
+        c.command = (
+            "python -m experiments.run --config configs/attd_lra.py:protocol "
+            "--workdir runs/attd_lra_protocol"
+        )
+        # Pathfinder is left out: at these sizes no method leaves chance (0.5) on it.
+        c.tasks = ("listops", "text")
+        c.methods = ("fixed", "ttt+k1", "ttt", "gate", "attd", "attd_nocost")
+        c.finetune.freeze_theta = True  # θ as pretrained; ψ₀ and the thresholds train
+        c.attd.recalibrate = True  # thresholds set again at their quantiles after training
+        c.attd.inner_opt = "sgd"  # keeps the gradient's size; its rate chosen on training data
+        c.attd.inner_lr = 1.0  # unused: inner_lr_grid picks the rate
+        c.attd.inner_lr_grid = (0.3, 1.0, 3.0, 10.0, 30.0)
     elif arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
         c.tasks = ("listops",)  # compiling is what costs here; load_task covers all tasks
@@ -269,6 +287,6 @@ def get_config(arg=None):
     elif arg is not None:
         raise ValueError(
             f"unknown variant {arg!r} of configs/attd_lra.py "
-            "(known: tiny, demo, lra_full, second_order, joint, joint_masked)"
+            "(known: tiny, demo, lra_full, second_order, joint, joint_masked, protocol)"
         )
     return c

@@ -237,6 +237,10 @@ def test_unknown_variant_raises():
         attd_config.get_config("huge")
     attd_lra.validate(attd_config.get_config())  # the default and the GPU sizes are valid
     attd_lra.validate(attd_config.get_config("lra_full"))
+    protocol = attd_config.get_config("protocol")  # issue 17's protocol on LRA
+    attd_lra.validate(protocol)
+    assert protocol.attd.recalibrate and protocol.finetune.freeze_theta
+    assert protocol.attd.inner_opt == "sgd" and protocol.attd.inner_lr_grid
 
 
 def test_shifted_splits_are_shifted():
