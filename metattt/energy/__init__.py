@@ -10,7 +10,9 @@ serving rate, fixed power, EDP, Pareto front) and :mod:`~metattt.energy.serving`
 serving of a stream under a monitor, with adaptation and an optional power-budget policy), and
 :mod:`~metattt.energy.memory` (memory readings, serving levels priced by XLA, and the policy
 that steps down under memory pressure), and :mod:`~metattt.energy.explain` (which experts a
-routing avoided and what that saved, activation shares, top-k agreement).
+routing avoided and what that saved, activation shares, top-k agreement), and
+:mod:`~metattt.energy.schedule` (when to adapt: periodic, on a difficulty signal, or at an
+adaptive frequency).
 """
 
 from metattt.energy.accounting import (
@@ -85,9 +87,27 @@ from metattt.energy.monitor import (
     WindowRecord,
     create_monitor,
 )
+from metattt.energy.schedule import (
+    Schedule,
+    ScheduleState,
+    adaptive_period,
+    calibrate_threshold,
+    on_difficulty,
+    periodic,
+    prediction_entropy,
+    router_margin,
+)
 from metattt.energy.serving import ServedStream, serve_stream
 
 __all__ = [
+    "Schedule",
+    "ScheduleState",
+    "adaptive_period",
+    "calibrate_threshold",
+    "on_difficulty",
+    "periodic",
+    "prediction_entropy",
+    "router_margin",
     "RoutingChanges",
     "activation_shares",
     "explain_token",
