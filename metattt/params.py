@@ -189,8 +189,15 @@ def select(tree: PyTree, selector: Selector) -> PyTree:
     picks = [bool(pred(path, leaf)) for path, (_, leaf) in zip(paths, flat, strict=True)]
     if not any(picks):
         examples = ", ".join(paths[:6])
+        hint = (
+            "; presets go by names: for your own names select by layer type with "
+            "metattt.params.of_type(model, nnx.LayerNorm, ...) or by a 're:' pattern"
+            if isinstance(selector, str) and not selector.startswith("re:")
+            else ""
+        )
         raise ValueError(
-            f"parameter selector {selector!r} selects no leaf; paths look like: {examples}, ..."
+            f"parameter selector {selector!r} selects no leaf; paths look like: {examples}, "
+            f"...{hint}"
         )
     return jax.tree_util.tree_unflatten(treedef, picks)
 

@@ -3,7 +3,10 @@
 The core adapts plain nested dicts with string keys (what :mod:`metattt.params` names, optax
 updates and orbax saves); :func:`functionalize` splits a module once into its graph definition
 and such a dict, and returns an ``apply`` that merges them back inside the traced function.
-Non-parameter state (e.g. batch statistics) stays fixed at its value when functionalised.
+Non-parameter state (e.g. BatchNorm's running statistics) stays fixed at its value when
+functionalised: a layer that updates it in its forward pass updates a copy that each call drops.
+So a BatchNorm in training mode normalises with the batch's own statistics (classic TENT), and
+one in evaluation mode (``model.eval()`` before functionalising) with the stored ones.
 """
 
 from __future__ import annotations
@@ -38,13 +41,22 @@ def _like(template: Any, tree: Any) -> Any:
 
 
 def functionalize(module: nnx.Module) -> Functional:
-    """Split ``module`` into a pure ``apply`` and a string-keyed parameter dict."""
+    """Split ``module`` into a pure ``apply(params, *args, **kwargs)`` and a string-keyed
+    parameter dict (its ``nnx.Param`` leaves); every other state (batch statistics, RNG
+    counters) is fixed at its current value (see the module docstring).
+
+    Example:
+        >>> net = functionalize(model)          # model: any nnx.Module
+        >>> logits = net.apply(net.params, x)   # pure: jit, grad and vmap it
+    """
     graphdef, params_state, rest = nnx.split(module, nnx.Param, ...)
     template = nnx.to_pure_dict(params_state)
 
     def apply(params: PyTree, *args, **kwargs):
         state = jax.tree.map(lambda v: v, params_state)
         nnx.replace_by_pure_dict(state, _like(template, params))
-        return nnx.merge(graphdef, state, rest)(*args, **kwargs)
+        # A fresh copy of the other state too: a layer that updates it in its forward pass
+        # (BatchNorm in training mode) then writes to this call's copy, which is dropped.
+        return nnx.merge(graphdef, state, jax.tree.map(lambda v: v, rest))(*args, **kwargs)
 
     return Functional(apply, _str_keys(template))

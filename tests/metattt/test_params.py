@@ -85,8 +85,10 @@ def test_plain_dict_lora_and_regex():
 def test_unknown_preset_and_empty_selection_raise(nnx_params):
     with pytest.raises(ValueError, match="unknown parameter preset 'layrnorm'"):
         P.select(nnx_params, "layrnorm")
-    with pytest.raises(ValueError, match="selects no leaf"):
-        P.select(nnx_params, "lora")
+    with pytest.raises(ValueError, match="selects no leaf.*metattt.params.of_type"):
+        P.select(nnx_params, "lora")  # a preset: the hint names the selection by type
+    with pytest.raises(ValueError, match=r"selects no leaf; paths look like: [^;]*$"):
+        P.select(nnx_params, "re:nothing")  # a pattern: no hint about presets
     with pytest.raises(ValueError, match="empty term"):
         P.select(nnx_params, "layernorm+")
 
@@ -139,3 +141,42 @@ def test_raw_nnx_state_splits_merges_and_adapts():
     assert float(result.losses[-1]) < float(result.losses[0])
     merged = P.merge(result.params, slow)
     np.testing.assert_array_equal(merged["lin"]["kernel"][...], state["lin"]["kernel"][...])
+
+
+class _BatchNormNet(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 6, rngs=rngs)
+        self.bn = nnx.BatchNorm(6, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.lin(x))
+
+
+def _batchnorm_reference(h, mean, var, scale, bias, eps=1e-5):
+    return (h - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def test_functionalized_batchnorm_uses_batch_statistics_in_training_and_stored_ones_in_eval():
+    """Classic TENT needs a BatchNorm that normalises with the test batch's statistics: in
+    training mode the functionalised model does (jit and grad work, the stored statistics stay
+    as they were); after ``model.eval()`` it uses the stored ones. NumPy is the reference."""
+    rng = np.random.default_rng(0)
+    model = _BatchNormNet(nnx.Rngs(0))
+    model.bn.scale[...] = jnp.asarray(rng.uniform(0.5, 2.0, 6), jnp.float32)
+    model.bn.bias[...] = jnp.asarray(rng.normal(size=6), jnp.float32)
+    stored_mean = rng.normal(size=6).astype(np.float32)
+    stored_var = rng.uniform(0.5, 2.0, 6).astype(np.float32)
+    model.bn.mean[...], model.bn.var[...] = jnp.asarray(stored_mean), jnp.asarray(stored_var)
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    net = functionalize(model)
+    p = net.params
+    h = x.astype(np.float64) @ np.asarray(p["lin"]["kernel"]) + np.asarray(p["lin"]["bias"])
+    scale, bias = np.asarray(p["bn"]["scale"]), np.asarray(p["bn"]["bias"])
+    train = _batchnorm_reference(h, h.mean(0), h.var(0), scale, bias)
+    np.testing.assert_allclose(jax.jit(net.apply)(p, x), train, rtol=1e-4, atol=1e-4)
+    grads = jax.grad(lambda q: jnp.sum(net.apply(q, x) ** 2))(p)
+    assert np.abs(np.asarray(grads["bn"]["scale"])).sum() > 0
+    np.testing.assert_array_equal(model.bn.mean[...], stored_mean)  # never written back
+    model.eval()
+    evaluation = _batchnorm_reference(h, stored_mean, stored_var, scale, bias)
+    np.testing.assert_allclose(functionalize(model).apply(p, x), evaluation, rtol=1e-4, atol=1e-4)
