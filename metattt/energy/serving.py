@@ -14,6 +14,11 @@ counts)`` and ``adapt(params, tokens, lam, mask) -> (params, stats)``, ``stats``
 adaptation step ``joules_per_token``, ``task_loss`` and ``expert_counts`` (see
 :class:`metattt.energy.RoutingStats`); ``work(counts, rows) -> Work`` prices one forward pass.
 Shapes: inputs (S, B, ...), targets (S, B, ...), counts (layers, E), mask (E,).
+
+When to adapt: every ``adapt_every``-th batch, or by a ``schedule``
+(:mod:`metattt.energy.schedule`: on a difficulty signal, at an adaptive frequency); ``infer``
+then returns ``(score, counts, signal)``, the batch's label-free signal (e.g. prediction
+entropy) from the same forward pass, so the decision costs no extra work.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 from metattt.energy.accounting import Work
 from metattt.energy.monitor import AbstractMonitor, SimulatedDevice
+from metattt.energy.schedule import Schedule
 
 
 class ServedStream(NamedTuple):
@@ -48,6 +54,7 @@ class ServedStream(NamedTuple):
         infer_s, adapt_s: wall-clock seconds of inference and of adaptation.
         adapt_calls: how many batches were adapted on.
         top_k, mask: the routing at the end; ``decision``: the policy's last decision or None.
+        signals: (S,) each batch's difficulty signal (empty without a ``schedule``).
     """
 
     scores: list[float]
@@ -71,6 +78,7 @@ class ServedStream(NamedTuple):
     top_k: int
     mask: np.ndarray
     decision: Any
+    signals: tuple[float, ...] = ()
 
 
 def serve_stream(
@@ -93,6 +101,7 @@ def serve_stream(
     adapt_windows: int = 1,
     backward_factor: float = 2.0,
     policy: Any = None,
+    schedule: Schedule | None = None,
 ) -> ServedStream:
     """Serve ``inputs`` batch by batch, prequentially, each batch one monitor window.
 
@@ -110,6 +119,9 @@ def serve_stream(
         ``adapt_every``-th batch.
       backward_factor: an adaptation step costs ``1 + backward_factor`` forward passes.
       policy: a :class:`metattt.energy.PowerBudget` or None.
+      schedule: a :class:`metattt.energy.schedule.Schedule` deciding, from each batch's
+        signal, whether to adapt on it (instead of ``adapt_every``); ``infer`` must then
+        return ``(score, counts, signal)``.
     """
     simulated = hasattr(monitor, "record_work")
     state = policy.init() if policy is not None else None
@@ -122,18 +134,28 @@ def serve_stream(
     energy = dynamic = busy = adapt_dynamic = expert_j = 0.0
     infer_s = adapt_s = 0.0
     adapt_calls = 0
+    signals: list[float] = []
+    when = schedule.init() if schedule is not None else None
     for t in range(steps):
         with monitor.measure() as window:
             k = top_k
             start = time.perf_counter()
-            score, counts = jax.block_until_ready(infer(params, inputs[t], targets[t], k, mask))
+            out = jax.block_until_ready(infer(params, inputs[t], targets[t], k, mask))
             infer_s += time.perf_counter() - start
+            score, counts = out[0], out[1]
+            if schedule is not None:
+                if len(out) != 3:
+                    raise ValueError("with a schedule, infer must return (score, counts, signal)")
+                signals.append(float(out[2]))
+                when, due = schedule.update(when, signals[-1])
+            else:
+                due = t % adapt_every == 0
             counts = np.asarray(counts)
             w = work(counts, inputs.shape[1])
             step_busy = monitor.record_work(*w) if simulated else 0.0
             dynamic += device.work_energy(*w)
             expert_j += device.work_energy(*w) - device.work_energy(*dense)
-            if adapting and t % adapt_every == 0:
+            if adapting and due:
                 sub = inputs[t, :adapt_windows]
                 start = time.perf_counter()
                 params, stats = jax.block_until_ready(adapt(params, sub, lam, mask))
@@ -170,5 +192,5 @@ def serve_stream(
     return ServedStream(
         scores, power, lams, ks, levels, counts_total, counts_late, late, curve_energy,
         curve_loss, energy, dynamic, adapt_dynamic, expert_j, busy, infer_s, adapt_s,
-        adapt_calls, int(top_k), np.asarray(mask), decision,
+        adapt_calls, int(top_k), np.asarray(mask), decision, tuple(signals),
     )  # fmt: skip

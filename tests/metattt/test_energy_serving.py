@@ -133,3 +133,33 @@ def test_a_policy_sets_the_routing_and_adaptation_of_the_next_batch():
     ks = [2, 2, 1, 1, 1]
     counts = [_counts(k, m, int(x[0, 0])) for k, m, x in zip(ks, masks, inputs, strict=True)]
     assert np.array_equal(served.counts, np.sum(counts, axis=0))
+
+
+def test_a_difficulty_schedule_adapts_only_on_hard_batches_and_prices_only_those():
+    """infer returns a signal (here the batch's first token / 10); the schedule adapts on batches
+    whose signal is over 2.5 only, and the adaptation energy is that of exactly those calls."""
+    from metattt.energy import schedule
+
+    def infer_with_signal(params, inputs, targets, top_k, mask):
+        score, counts = infer(params, inputs, targets, top_k, mask)
+        return score, counts, float(inputs[0, 0]) / 10
+
+    inputs, targets = _stream(np.random.default_rng(5), 12)
+    mask = np.ones(E, bool)
+    monitor = SimulatedMonitor(DEVICE)
+    args = dict(work=work, dense=DENSE, device=DEVICE, monitor=monitor, period_s=1e-3, top_k=2)
+    served = serve_stream(
+        infer_with_signal, adapt, np.float32(0.0), inputs, targets, mask=mask, adapting=True,
+        adapt_windows=4, schedule=schedule.on_difficulty(2.5), **args,
+    )  # fmt: skip
+    monitor.close()
+    hard = inputs[:, 0, 0] / 10 > 2.5
+    assert served.signals == tuple(inputs[:, 0, 0] / 10)
+    assert served.adapt_calls == hard.sum() > 0 and not hard.all()
+    # batch t is scored after the adaptations on the hard batches before it
+    assert served.scores == [float(hard[:t].sum()) for t in range(12)]
+    steps = [_counts(1, mask, 4 + s) for s in range(3)]
+    per_call = sum(DEVICE.work_energy(*work(c, 4).scaled(3.0)) for c in steps)
+    np.testing.assert_allclose(served.adapt_dynamic_j, hard.sum() * per_call, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"infer must return \(score, counts, signal\)"):
+        _serve(inputs, targets, mask=mask, adapting=True, schedule=schedule.periodic(2))
