@@ -23,8 +23,11 @@ from kernels_pallas.moe_dispatch.pallas import (
     dispatch_pallas,
     gmm_kernel,
     gmm_pallas,
+    smem_bytes,
+    smem_limit_bytes,
     tgmm_kernel,
     tgmm_pallas,
+    tiles_for,
 )
 from kernels_pallas.moe_dispatch.reference import (
     dispatch_dense,
@@ -68,10 +71,13 @@ __all__ = [
     "priority_order",
     "ragged_dot_available",
     "resolve_backend",
+    "smem_bytes",
+    "smem_limit_bytes",
     "sort_by_expert",
     "swiglu",
     "tgmm",
     "tgmm_kernel",
     "tgmm_pallas",
+    "tiles_for",
     "top_k_routing",
 ]
