@@ -22,8 +22,9 @@ floor of a pass is max(bytes / bandwidth, exponentials / rate) with
   and writing one gradient per input; 2·B·L·D·N exponentials (one recomputation of the states,
   as Mamba's CUDA kernel does).
 
-Reported per row: time, effective bandwidth (floor bytes / time), time / floor, and for the
-forward of ``pallas`` and ``associative`` the relative error of the output against ``scan``'s. A
+Reported per row: time, effective bandwidth (floor bytes / time), time / floor, and for
+``pallas`` and ``associative`` the largest relative error against ``scan``'s over the outputs
+(forward: the output and the last state) or the gradients (forward+backward: one per input). A
 backend that fails (a kernel that does not lower, memory) is reported as failed and the sweep
 goes on. The issue's target for the kernel's forward is within 1.5× of the floor.
 
@@ -139,7 +140,7 @@ def run(args) -> tuple[str, list[dict]]:
             outputs = jax.eval_shape(scan_fn("scan"), *inputs)
             cotangents = tuple(jnp.ones(o.shape, o.dtype) for o in outputs)
             work = floor_work(*size, dtype.itemsize)
-            expected = None  # the scan's forward output, to check the others against
+            expected = {}  # the scan's results per pass, to check the others against
             for backend in sorted(args.backends, key=lambda b: b != "scan"):
                 too_big = backend == "associative" and np.prod(size) > args.assoc_max
                 forward, forward_backward = pass_fns(backend)
@@ -153,12 +154,15 @@ def run(args) -> tuple[str, list[dict]]:
                     else:
                         seconds, result, status = time_or_reason(fn, fn_args, args.repeats)
                     error = None
-                    if name == "fwd" and result is not None:
-                        out = np.asarray(result[0].astype(jnp.float32))
+                    if result is not None:
+                        leaves = [
+                            np.asarray(a.astype(jnp.float32)) for a in jax.tree.leaves(result)
+                        ]
                         if backend == "scan":
-                            expected = out
-                        elif expected is not None:
-                            error = rel_err(out, expected)
+                            expected[name] = leaves
+                        elif name in expected:
+                            pairs = zip(leaves, expected[name], strict=True)
+                            error = max(rel_err(a, b) for a, b in pairs)
                     rows.append(
                         {
                             "size": size,
@@ -177,7 +181,8 @@ def run(args) -> tuple[str, list[dict]]:
         f"Device: {device.platform} ({device.device_kind}); JAX {jax.__version__}; "
         f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; "
         f"dtype {dtype.name}. Measured in this run: copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-        f"exp rate {rate / 1e9:.1f} G/s. Error: ‖out − out_scan‖ / ‖out_scan‖ of the forward."
+        f"exp rate {rate / 1e9:.1f} G/s. Error: the largest ‖a − a_scan‖ / ‖a_scan‖ over the "
+        "outputs (fwd) or the input gradients (fwd+bwd)."
     )
     return header, rows
 
