@@ -15,6 +15,7 @@ from kernels_pallas.moe_dispatch.api import (
     moe_dispatch,
     ragged_dot_available,
     resolve_backend,
+    self_test,
 )
 from kernels_pallas.moe_dispatch.grouped import gmm, tgmm
 from kernels_pallas.moe_dispatch.pallas import (
@@ -71,6 +72,7 @@ __all__ = [
     "priority_order",
     "ragged_dot_available",
     "resolve_backend",
+    "self_test",
     "smem_bytes",
     "smem_limit_bytes",
     "sort_by_expert",

@@ -115,6 +115,17 @@ def _self_test(dtype, config: GmmConfig | None, precision) -> None:
     selftest.check_close(names, got, want, dtype)
 
 
+def self_test(dtype=jnp.float32, precision=None) -> None:
+    """Run the Pallas dispatch's self-test now (default tiles), whatever the allow-list says:
+    what a GPU check reports before a device kind is added to
+    :data:`kernels_pallas.selftest.PROVEN`.
+
+    Raises:
+        kernels_pallas.selftest.SelfTestError: the kernel failed (the message says where).
+    """
+    _self_test(jnp.dtype(dtype), None, precision)
+
+
 def _tiles(dtype) -> dict[str, GmmConfig]:
     """The tiles each product of the Pallas dispatch uses here (``config=None``)."""
     return {product: tiles_for(product, dtype) for product in ("gmm", "tgmm")}

@@ -11,6 +11,7 @@ from kernels_pallas.selective_scan.api import (
     BACKENDS,
     resolve_backend,
     selective_scan,
+    self_test,
 )
 from kernels_pallas.selective_scan.lean import auto_chunk_size
 from kernels_pallas.selective_scan.pallas import (
@@ -35,4 +36,5 @@ __all__ = [
     "selective_scan_associative",
     "selective_scan_kernel",
     "selective_scan_scan",
+    "self_test",
 ]
