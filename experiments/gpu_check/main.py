@@ -1,19 +1,19 @@
 """The GPU check's driver: every section in its own process under its own timeout, one JSON and
 one log.
 
-    python -m experiments.gpu_check --out DIR [--budget 450] [--size auto|gpu|tiny]
+    python -m experiments.gpu_check --out DIR [--budget 460] [--size auto|gpu|tiny]
         [--sections env,selftest,...] [--timeout NAME=SECONDS ...] [--runs all|none|a,b]
 
 Sections, in priority order (what matters most first; later ones get what time is left):
 ``env`` (versions, device, Pallas lowering flag, tiles, what ``"auto"`` resolves to),
-``selftest`` (each kernel's self-test: the allow-list verdict), ``pytest_gpu`` (the tests marked
-``gpu``), ``scan`` and ``dispatch`` (kernels vs their ``jnp`` paths at realistic sizes, errors,
-timings, roofline floor), ``models`` (one loss-and-gradient step of the ATTD Mamba at
-``lra_full`` sizes and of the MoE model, kernel vs ``jnp``), then ``run:NAME``: each config's
-``tiny`` variant end to end through ``experiments.run`` (on a GPU, by default). A section that
-fails, hangs or is killed is recorded as such and the next one starts; a section that would start
-with under 10 s of the budget left is skipped, by name. A killed section keeps the results it had
-written.
+``selftest`` (each kernel's self-test: the allow-list verdict), ``scan`` and ``dispatch``
+(kernels vs their ``jnp`` paths at realistic sizes, errors, timings, roofline floor),
+``pytest_gpu`` (the tests marked ``gpu``), ``models`` (one loss-and-gradient step of the ATTD
+Mamba at ``lra_full`` sizes and of the MoE model, kernel vs ``jnp``), then ``run:NAME``: each
+config's ``tiny`` variant end to end through ``experiments.run`` (on a GPU, by default). A
+section that fails, hangs or is killed is recorded as such and the next one starts; a section
+that would start with under 10 s of the budget left is skipped, by name. A killed section keeps
+the results it had written.
 
 Writes ``DIR/gpu_check.json`` (every section's status, exit code, seconds and results) and
 ``DIR/gpu_check.log`` (all output), and prints a summary. Exit code 0 when every section ran and
@@ -40,7 +40,7 @@ from experiments.gpu_check import summary
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Caps in seconds (tiny sizes on a CPU cost about as much: imports and interpret-mode compiles);
 # the budget caps them all.
-CAPS = {"env": 60, "selftest": 90, "pytest_gpu": 150, "scan": 150, "dispatch": 150, "models": 120}
+CAPS = {"env": 45, "selftest": 60, "scan": 150, "dispatch": 150, "pytest_gpu": 120, "models": 90}
 RUN_CAP = 60
 MARGIN_S = 10  # a section is not started with less of the budget left
 
@@ -174,7 +174,7 @@ def section_record(name, rc, timed_out, seconds, timeout, work: pathlib.Path) ->
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("gpu_check_out"))
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds for all sections")
+    parser.add_argument("--budget", type=float, default=460.0, help="seconds for all sections")
     parser.add_argument("--size", choices=("auto", "gpu", "tiny"), default="auto")
     parser.add_argument("--sections", default=",".join(CAPS))
     parser.add_argument("--runs", default="auto", help="configs run tiny: all, none or a,b")

@@ -28,10 +28,10 @@ def kernel_rows(section):
 
 def test_sections_run_in_their_own_processes_and_a_hang_hides_nothing(tmp_path, capsys):
     code, report, log = run_check(
-        tmp_path, "--sections", "env,selftest,pytest_gpu,scan", "--timeout", "selftest=0.5"
+        tmp_path, "--sections", "env,selftest,scan,pytest_gpu", "--timeout", "selftest=0.5"
     )
     sections = report["sections"]
-    assert list(sections) == ["env", "selftest", "pytest_gpu", "scan"]
+    assert list(sections) == ["env", "selftest", "scan", "pytest_gpu"]
     # The section over its timeout is killed and recorded; the later ones still run.
     assert sections["selftest"]["status"] == "timeout" and code == 1
     for name in ("env", "pytest_gpu", "scan"):
