@@ -20,6 +20,8 @@ import importlib.metadata as metadata
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -127,7 +129,15 @@ def env(rec: Recorder, size: str) -> None:
             "moe_dispatch": moe_dispatch.resolve_backend("auto"),
         }
 
-    for key, fn in (("versions", versions), ("devices", devices)):
+    def nvidia_smi():
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return None
+        query = "name,driver_version,memory.total,clocks.max.sm,power.limit"
+        command = [smi, f"--query-gpu={query}", "--format=csv,noheader"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    for key, fn in (("versions", versions), ("devices", devices), ("nvidia_smi", nvidia_smi)):
         rec.attempt(key, fn)
     for key, fn in (("pallas_gpu_backend", pallas_gpu_backend), ("tiles", tiles), ("auto", auto)):
         rec.attempt(key, fn)
@@ -156,8 +166,14 @@ def selftests(rec: Recorder, size: str) -> None:
             rec.attempt(f"{name}/{jnp.dtype(dtype).name}", verdict, fn, dtype)
 
 
+# The issue's speed targets for the kernels (a GPU's figures; meaningless at tiny sizes).
+SCAN_MAX_X_FLOOR = {"fwd": 1.5, "fwd+bwd": 3.0}  # time / roofline floor
+GMM_MIN_OF_DENSE = 0.85  # grouped matmul rate / dense matmul rate at equal useful FLOPs
+
+
 def _kernel_rows(rows: list[dict], tolerance: float) -> list[dict]:
-    """The benchmark's rows, JSON-ready, with time / floor and a verdict on the error."""
+    """The benchmark's rows, JSON-ready, with time / floor, a verdict on the error and, for the
+    kernel's rows, whether it meets the issue's speed target."""
     out = []
     for row in rows:
         row = {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
@@ -165,6 +181,10 @@ def _kernel_rows(rows: list[dict], tolerance: float) -> list[dict]:
             row["x_floor"] = row["seconds"] / row["floor"]
         if row.get("error") is not None:
             row["error_ok"] = bool(row["error"] <= tolerance)
+        if row["backend"] == "pallas" and row.get("x_floor") is not None:
+            row["meets_target"] = bool(row["x_floor"] <= SCAN_MAX_X_FLOOR[row["pass"]])
+        if row["backend"] == "pallas" and row.get("part") == "gmm" and row.get("of_dense"):
+            row["meets_target"] = bool(row["of_dense"] >= GMM_MIN_OF_DENSE)
         out.append(row)
     return out
 

@@ -26,6 +26,8 @@ def _kernel_lines(name: str, results: dict) -> list[str]:
             if row.get("error") is not None:
                 verdict = "ok" if row.get("error_ok") else "TOO LARGE"
                 cells.append(f"error {_err(row['error'])} ({verdict})")
+            if "meets_target" in row:
+                cells.append("meets the target" if row["meets_target"] else "misses the target")
             if row.get("status"):
                 cells.append(str(row["status"]))
             lines.append("   " + " | ".join(c for c in cells if c))
