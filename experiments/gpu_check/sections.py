@@ -230,8 +230,9 @@ def dispatch(rec: Recorder, size: str) -> None:
 
 
 def models(rec: Recorder, size: str) -> None:
-    """One loss-and-gradient step of the models the kernels serve, kernel vs jnp path: the ATTD
-    Mamba at ``attd_lra:lra_full`` sizes (ListOps, L = 2000) and the ``energy_moe`` MoE model."""
+    """One loss-and-gradient step of each GPU-sized model: the ``forecasting:gpu`` Perceiver
+    (a pretraining batch), and, kernel vs ``jnp`` path, the ``energy_moe`` MoE model and the
+    ATTD Mamba at ``attd_lra:lra_full`` sizes (ListOps, L = 2000)."""
     import jax
     import numpy as np
     import optax
@@ -288,6 +289,29 @@ def models(rec: Recorder, size: str) -> None:
         )
         return {"B_L": list(shape), **out}
 
+    def perceiver():
+        import jax.numpy as jnp
+
+        from configs.forecasting import get_config
+        from experiments.forecasting import configure
+        from metattt.models.perceiver import init_perceiver
+
+        cfg = get_config("gpu" if gpu else "tiny")
+        pcfg = configure.perceiver_config(cfg)
+        apply, params = init_perceiver(pcfg, seed=0)
+        b, n = int(cfg.pretrain.batch), int(cfg.data.max_neurons)
+        keys = jax.random.split(jax.random.key(2), 4)
+        batch = {
+            "context": jax.random.normal(keys[0], (b, n, pcfg.context)),
+            "unit_ids": jax.random.randint(keys[1], (b, n), 0, pcfg.max_units),
+            "session_id": jax.random.randint(keys[2], (b,), 0, pcfg.max_sessions),
+            "mask": jnp.ones((b, n), bool),
+        }
+        target = jax.random.normal(keys[3], (b, n, pcfg.horizon))
+        out = step(lambda p: apply(p, batch), params, lambda y: jnp.mean((y - target) ** 2))
+        return {"B_N": [b, n], **out}
+
+    rec.attempt("forecasting_gpu/pretrain", perceiver)
     for name, fn, backends in (
         ("energy_moe", moe, ("pallas", "ragged")),
         ("attd_lra_full", mamba, ("pallas", "reference")),

@@ -57,7 +57,15 @@ def test_sections_run_in_their_own_processes_and_a_hang_hides_nothing(tmp_path, 
 @pytest.mark.slow
 def test_self_tests_dispatch_model_steps_and_a_tiny_run(tmp_path):
     code, report, _ = run_check(
-        tmp_path, "--sections", "selftest,dispatch,models", "--runs", "sinusoid"
+        tmp_path,
+        "--sections",
+        "selftest,dispatch,models",
+        "--runs",
+        "sinusoid",
+        "--timeout",
+        "run:sinusoid=300",  # a loaded CPU; the default caps are sized for a GPU
+        "--timeout",
+        "models=400",
     )
     sections = report["sections"]
     assert code == 0, {k: v["status"] for k, v in sections.items()}
@@ -71,4 +79,5 @@ def test_self_tests_dispatch_model_steps_and_a_tiny_run(tmp_path):
             assert rows[part, passname, "pallas"]["error_ok"], (part, passname)
     steps = sections["models"]["results"]
     assert steps["energy_moe/agreement"]["ok"] and steps["attd_lra_full/agreement"]["ok"]
+    assert steps["forecasting_gpu/pretrain"]["finite"]
     assert sections["run:sinusoid"]["rc"] == 0

@@ -118,8 +118,7 @@ class KernelVsReference:
         name, dtype, (rows, depth, cols), sizes = case
         dname = jnp.dtype(dtype).name
         lhs, rhs, cot, tcot, sizes = make_case(len(name), rows, depth, cols, sizes, dtype)
-        config = self.CONFIG or pallas_module.DEFAULT_CONFIG
-        out, tout, (d_lhs, d_rhs), (td_lhs, td_rhs) = all_outputs("pallas", config, HIGHEST)(
+        out, tout, (d_lhs, d_rhs), (td_lhs, td_rhs) = all_outputs("pallas", self.CONFIG, HIGHEST)(
             lhs, rhs, cot, tcot, sizes
         )
         assert out.shape == (rows, cols) and out.dtype == dtype
@@ -175,7 +174,9 @@ class TestInterpret(KernelVsReference):
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Pallas)")
 class TestGPU(KernelVsReference):
-    """Compiled on a GPU with the default tiles, at sizes interpret mode cannot afford."""
+    """Compiled on a GPU with the tiles each product chooses for the device (``config=None``:
+    the float32 weight-gradient tiles shrink to fit shared memory), at sizes interpret mode
+    cannot afford."""
 
     CONFIG = None
     CASES = (
