@@ -7,9 +7,11 @@ What it measures. For each size (B, L, D, N) of a sweep (default B = 8, N = 16, 
   softplus (Mamba's configuration), and
 * forward+backward: ``jax.vjp`` of the same and its VJP for every input,
 
-for three backends: ``pallas`` (the fused kernel; backward = the ``jnp`` lean backward),
-``scan`` (the ``lax.scan`` reference with its lean ``custom_vjp``) and ``associative``
-(``lax.associative_scan``, O(B·L·D·N) memory: skipped above ``--assoc-max`` elements).
+for the backends: ``pallas`` (the fused kernel; backward = the ``jnp`` lean backward),
+``pallas_bwd`` (the same kernel with the kernel backward, ``PallasConfig(backward_kernel=True)``;
+not in the default sweep), ``scan`` (the ``lax.scan`` reference with its lean ``custom_vjp``) and
+``associative`` (``lax.associative_scan``, O(B·L·D·N) memory: skipped above ``--assoc-max``
+elements).
 
 The floor. Two ceilings of the device are measured in the same run: the copy bandwidth (a jitted
 ``a + 1`` over a large array: bytes read + written / time) and the special-function rate (a
@@ -61,11 +63,17 @@ from experiments.bench.timing import (
     rel_err,
     time_or_reason,
 )
-from kernels_pallas.selective_scan import selective_scan
+from kernels_pallas.selective_scan import PallasConfig, selective_scan
 
 SECTION = "kernels_selective_scan"
 BENCHMARKS = report.BENCHMARKS
-BACKENDS = {"pallas": "pallas", "scan": "reference", "associative": "associative"}
+BACKENDS = {
+    "pallas": "pallas",
+    "pallas_bwd": "pallas",  # the kernel with its kernel backward (PallasConfig.backward_kernel)
+    "scan": "reference",
+    "associative": "associative",
+}
+CONFIGS = {"pallas_bwd": PallasConfig(backward_kernel=True)}
 
 
 def make_inputs(batch, length, dim, state, dtype, seed=0):
@@ -98,6 +106,7 @@ def scan_fn(backend):
             delta_softplus=True,
             backend=BACKENDS[backend],
             return_last_state=True,
+            pallas_config=CONFIGS.get(backend),
         )
 
     return fn

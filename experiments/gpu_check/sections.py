@@ -181,7 +181,7 @@ def _kernel_rows(rows: list[dict], tolerance: float) -> list[dict]:
             row["x_floor"] = row["seconds"] / row["floor"]
         if row.get("error") is not None:
             row["error_ok"] = bool(row["error"] <= tolerance)
-        if row["backend"] == "pallas" and row.get("x_floor") is not None:
+        if row["backend"].startswith("pallas") and row.get("x_floor") is not None:
             row["meets_target"] = bool(row["x_floor"] <= SCAN_MAX_X_FLOOR[row["pass"]])
         if row["backend"] == "pallas" and row.get("part") == "gmm" and row.get("of_dense"):
             row["meets_target"] = bool(row["of_dense"] >= GMM_MIN_OF_DENSE)
@@ -196,13 +196,15 @@ def _dtypes(size: str) -> tuple[str, ...]:
 
 
 def scan(rec: Recorder, size: str) -> None:
-    """The selective scan at (B, L, D, N) = (8, 2048, 1536, 16): kernel vs ``lax.scan``, fwd and
-    fwd+bwd, with the errors judged by the self-test's bounds (``selftest.TOLERANCE``)."""
+    """The selective scan at (B, L, D, N) = (8, 2048, 1536, 16): the kernel (with the ``jnp``
+    backward, and with the kernel backward: ``pallas_bwd``) vs ``lax.scan``, fwd and fwd+bwd,
+    with the errors judged by the self-test's bounds (``selftest.TOLERANCE``)."""
     from experiments.bench import kernels
     from kernels_pallas import selftest
 
     for dtype in _dtypes(size):
-        argv = SCAN_SIZE.get(size, ["--smoke"]) + ["--dtype", dtype, "--backends", "pallas,scan"]
+        backends = ["--backends", "pallas,pallas_bwd,scan"]
+        argv = SCAN_SIZE.get(size, ["--smoke"]) + ["--dtype", dtype, *backends]
 
         def run(argv=argv, dtype=dtype):
             header, rows = kernels.run(kernels.parse_args(argv))

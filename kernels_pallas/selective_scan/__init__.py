@@ -4,7 +4,8 @@ Modules: :mod:`.api` (the public :func:`selective_scan`, input checks, backend c
 :mod:`.reference` (the ``lax.scan`` and ``lax.associative_scan`` forms, math in comments),
 :mod:`.lean` (the chunk-recomputing ``custom_vjp`` of the ``lax.scan`` form) and :mod:`.pallas`
 (the fused Pallas kernel, backend ``"pallas"``, with its block-size config :class:`PallasConfig`
-and its ``custom_vjp`` whose backward is the lean ``jnp`` one).
+and its ``custom_vjp`` whose backward is the lean ``jnp`` one, or with
+``PallasConfig(backward_kernel=True)`` the backward kernels of :mod:`.pallas_bwd`).
 """
 
 from kernels_pallas.selective_scan.api import (
