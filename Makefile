@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast lint docs bench bench-deps clean
+.PHONY: demo test test-fast lint docs bench bench-deps gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ bench-deps: $(STAMP)
 bench: bench-deps
 	$(PY) -m experiments.bench.maml_torch
 	$(PY) -m experiments.bench.scan_mambapy
+
+# One-call GPU check (issue #14; README.md, "GPU"): every section in its own process under its
+# own timeout, within about 8 minutes; results in $(GPU_CHECK_OUT)/gpu_check.{json,log}. Without
+# a GPU it runs the same sections at tiny sizes (Pallas interpret mode). On a machine whose
+# Python already has the dependencies (a GPU image): `make gpu-check PY=python3`.
+GPU_CHECK_OUT ?= runs/gpu_check
+
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m experiments.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache docs/_build

@@ -84,6 +84,10 @@ def get_config(arg=None):
     c.model.expand = 2
     c.model.scan_chunk_size = 32
     c.model.lean_backward = True  # chunk-recomputing scan backward (False: smaller programs)
+    # The selective scan's backend (kernels_pallas.selective_scan): "reference" (lax.scan),
+    # "associative", "pallas" (the kernel) or "auto" (the kernel only where it is proven and
+    # passes its self-test, else "reference").
+    c.model.scan_backend = "reference"
     c.model.psi_rank = 2  # r of ψ = (U, V)
     c.model.psi_scale = 0.1  # std of V in ψ₀ (U₀ = 0: ψ₀ is the base model exactly)
 
@@ -175,6 +179,7 @@ def get_config(arg=None):
         c.model.n_layers = 4
         c.model.d_state = 16
         c.model.scan_chunk_size = 64
+        c.model.scan_backend = "auto"  # the kernel once proven on the GPU; lax.scan until then
         c.data.listops.train = _listops(96000, 0, 1, 9, 2000, 2000)
         c.data.listops.test_id = _listops(2000, 1000, 1, 9, 2000, 2000)
         c.data.listops.test_shift = _listops(2000, 2000, 8, 9, 2000, 2000)

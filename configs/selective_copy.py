@@ -27,6 +27,9 @@ def get_config(arg=None):
     c.model.d_model = 32
     c.model.n_layers = 2
     c.model.d_state = 16
+    # The selective scan's backend: "reference" (lax.scan), "associative", "pallas" or "auto"
+    # (the kernel only where it is proven and passes its self-test).
+    c.model.scan_backend = "reference"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 4000

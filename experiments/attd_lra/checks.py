@@ -6,6 +6,7 @@ from attd.mamba import MambaConfig
 from attd.method import OBJECTIVES
 from experiments import harness
 from experiments.attd_lra.methods import INNER_RULES, METHODS, SHIFT_TASKS, TASKS, parse_method
+from kernels_pallas.selective_scan import BACKENDS as SCAN_BACKENDS
 from metattt.data import ucr
 
 
@@ -13,6 +14,10 @@ def validate(cfg) -> None:
     """Raise ValueError for config values that would fail later."""
     if not cfg.seeds:
         raise ValueError("config.seeds is empty")
+    if cfg.model.scan_backend not in SCAN_BACKENDS:
+        raise ValueError(
+            f"model.scan_backend must be one of {SCAN_BACKENDS}, got {cfg.model.scan_backend!r}"
+        )
     if not cfg.tasks or any(t not in TASKS for t in cfg.tasks):
         raise ValueError(f"config.tasks must be a non-empty subset of {TASKS}, got {cfg.tasks}")
     if not cfg.methods:

@@ -17,9 +17,10 @@ ragged and some may be empty):
 * the whole SwiGLU dispatch, :func:`moe_dispatch` forward and forward+backward (to x, the
   three weight stacks and the router logits) for ``pallas``, ``ragged`` and ``reference``
   (the capacity-padded einsum, with the capacity set to the busiest expert's load so that
-  nothing is dropped and all three compute the same function), with the error of each
-  output against ``ragged``'s. The einsum's one-hot dispatch tensor is T·k·E·C elements;
-  sizes above ``--dense-max`` skip it (memory).
+  nothing is dropped and all three compute the same function), with the error against
+  ``ragged``'s (the largest relative error over the outputs, or over the gradients of the
+  forward+backward; the grouped matmul's ``pallas`` rows likewise). The einsum's one-hot
+  dispatch tensor is T·k·E·C elements; sizes above ``--dense-max`` skip it (memory).
 
 Reproduce (repository root; on a GPU machine, where the kernels are compiled)::
 
@@ -122,6 +123,12 @@ def dispatch_fns(backend, top_k, capacity_factor):
     return jax.jit(lambda args: fn(*args)), jax.jit(forward_backward)
 
 
+def _max_err(result, expected) -> float:
+    """The largest relative error over the leaves (outputs, or one gradient per input)."""
+    pairs = zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True)
+    return max(rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) for a, b in pairs)
+
+
 def _row(size, part, passname, backend, seconds, status, **extra):
     row = {"size": size, "part": part, "pass": passname, "backend": backend}
     row.update(seconds=seconds, status=status, **extra)
@@ -145,15 +152,15 @@ def bench_gmm(size, inputs, args) -> list[dict]:
             seconds, result, status = time_or_reason(fn, fn_args, args.repeats)
             timings[backend, name] = (seconds, result)
     rows = []
-    expected = timings.get(("ragged", "fwd"), (None, None))[1]
+    expected = {name: timings.get(("ragged", name), (None, None))[1] for name in ("fwd", "fwd+bwd")}
     for (backend, name), (seconds, result) in timings.items():
         flops = useful * (1 if name == "fwd" else 3)
         dense = timings["dense", name][0]
         extra = {"tflops": None if seconds is None else flops / seconds / 1e12}
         extra["of_dense"] = None if seconds is None or dense is None else dense / seconds
         extra["error"] = None
-        if backend == "pallas" and name == "fwd" and result is not None and expected is not None:
-            extra["error"] = rel_err(result.astype(jnp.float32), expected.astype(jnp.float32))
+        if backend == "pallas" and result is not None and expected.get(name) is not None:
+            extra["error"] = _max_err(result, expected[name])
         extra["lowering"] = None
         if backend == "ragged" and name == "fwd":
             ratio = flops_ratio(gmm, (lhs, rhs, sizes), useful)
@@ -177,7 +184,7 @@ def bench_dispatch(size, inputs, args) -> list[dict]:
         tokens * top_k * experts * math.ceil(capacity_factor * tokens * top_k / experts)
     )
     cotangent = jnp.ones((tokens, dim), inputs[0].dtype)
-    rows, expected = [], None
+    rows, expected = [], {}
     for backend in sorted(args.dispatch_backends, key=lambda b: b != "ragged"):
         forward, forward_backward = dispatch_fns(backend, top_k, capacity_factor)
         for name, fn, fn_args in (
@@ -189,12 +196,11 @@ def bench_dispatch(size, inputs, args) -> list[dict]:
             else:
                 seconds, result, status = time_or_reason(fn, fn_args, args.repeats)
             error = None
-            if name == "fwd" and result is not None:
-                out = result.astype(jnp.float32)
+            if result is not None:
                 if backend == "ragged":
-                    expected = out
-                elif expected is not None:
-                    error = rel_err(out, expected)
+                    expected[name] = result
+                elif name in expected:
+                    error = _max_err(result, expected[name])
             rows.append(
                 _row(size, "dispatch", name, backend, seconds, status, error=error, tflops=None)
             )

@@ -7,9 +7,11 @@ What it measures. For each size (B, L, D, N) of a sweep (default B = 8, N = 16, 
   softplus (Mamba's configuration), and
 * forward+backward: ``jax.vjp`` of the same and its VJP for every input,
 
-for three backends: ``pallas`` (the fused kernel; backward = the ``jnp`` lean backward),
-``scan`` (the ``lax.scan`` reference with its lean ``custom_vjp``) and ``associative``
-(``lax.associative_scan``, O(B·L·D·N) memory: skipped above ``--assoc-max`` elements).
+for the backends: ``pallas`` (the fused kernel; backward = the ``jnp`` lean backward),
+``pallas_bwd`` (the same kernel with the kernel backward, ``PallasConfig(backward_kernel=True)``;
+not in the default sweep), ``scan`` (the ``lax.scan`` reference with its lean ``custom_vjp``) and
+``associative`` (``lax.associative_scan``, O(B·L·D·N) memory: skipped above ``--assoc-max``
+elements).
 
 The floor. Two ceilings of the device are measured in the same run: the copy bandwidth (a jitted
 ``a + 1`` over a large array: bytes read + written / time) and the special-function rate (a
@@ -22,8 +24,9 @@ floor of a pass is max(bytes / bandwidth, exponentials / rate) with
   and writing one gradient per input; 2·B·L·D·N exponentials (one recomputation of the states,
   as Mamba's CUDA kernel does).
 
-Reported per row: time, effective bandwidth (floor bytes / time), time / floor, and for the
-forward of ``pallas`` and ``associative`` the relative error of the output against ``scan``'s. A
+Reported per row: time, effective bandwidth (floor bytes / time), time / floor, and for
+``pallas`` and ``associative`` the largest relative error against ``scan``'s over the outputs
+(forward: the output and the last state) or the gradients (forward+backward: one per input). A
 backend that fails (a kernel that does not lower, memory) is reported as failed and the sweep
 goes on. The issue's target for the kernel's forward is within 1.5× of the floor.
 
@@ -60,11 +63,17 @@ from experiments.bench.timing import (
     rel_err,
     time_or_reason,
 )
-from kernels_pallas.selective_scan import selective_scan
+from kernels_pallas.selective_scan import PallasConfig, selective_scan
 
 SECTION = "kernels_selective_scan"
 BENCHMARKS = report.BENCHMARKS
-BACKENDS = {"pallas": "pallas", "scan": "reference", "associative": "associative"}
+BACKENDS = {
+    "pallas": "pallas",
+    "pallas_bwd": "pallas",  # the kernel with its kernel backward (PallasConfig.backward_kernel)
+    "scan": "reference",
+    "associative": "associative",
+}
+CONFIGS = {"pallas_bwd": PallasConfig(backward_kernel=True)}
 
 
 def make_inputs(batch, length, dim, state, dtype, seed=0):
@@ -97,6 +106,7 @@ def scan_fn(backend):
             delta_softplus=True,
             backend=BACKENDS[backend],
             return_last_state=True,
+            pallas_config=CONFIGS.get(backend),
         )
 
     return fn
@@ -139,7 +149,7 @@ def run(args) -> tuple[str, list[dict]]:
             outputs = jax.eval_shape(scan_fn("scan"), *inputs)
             cotangents = tuple(jnp.ones(o.shape, o.dtype) for o in outputs)
             work = floor_work(*size, dtype.itemsize)
-            expected = None  # the scan's forward output, to check the others against
+            expected = {}  # the scan's results per pass, to check the others against
             for backend in sorted(args.backends, key=lambda b: b != "scan"):
                 too_big = backend == "associative" and np.prod(size) > args.assoc_max
                 forward, forward_backward = pass_fns(backend)
@@ -153,12 +163,15 @@ def run(args) -> tuple[str, list[dict]]:
                     else:
                         seconds, result, status = time_or_reason(fn, fn_args, args.repeats)
                     error = None
-                    if name == "fwd" and result is not None:
-                        out = np.asarray(result[0].astype(jnp.float32))
+                    if result is not None:
+                        leaves = [
+                            np.asarray(a.astype(jnp.float32)) for a in jax.tree.leaves(result)
+                        ]
                         if backend == "scan":
-                            expected = out
-                        elif expected is not None:
-                            error = rel_err(out, expected)
+                            expected[name] = leaves
+                        elif name in expected:
+                            pairs = zip(leaves, expected[name], strict=True)
+                            error = max(rel_err(a, b) for a, b in pairs)
                     rows.append(
                         {
                             "size": size,
@@ -177,7 +190,8 @@ def run(args) -> tuple[str, list[dict]]:
         f"Device: {device.platform} ({device.device_kind}); JAX {jax.__version__}; "
         f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; "
         f"dtype {dtype.name}. Measured in this run: copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-        f"exp rate {rate / 1e9:.1f} G/s. Error: ‖out − out_scan‖ / ‖out_scan‖ of the forward."
+        f"exp rate {rate / 1e9:.1f} G/s. Error: the largest ‖a − a_scan‖ / ‖a_scan‖ over the "
+        "outputs (fwd) or the input gradients (fwd+bwd)."
     )
     return header, rows
 

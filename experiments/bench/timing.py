@@ -51,12 +51,14 @@ def interleaved_medians(calls: Sequence[Callable[[], object]], repeats: int) -> 
 
 
 def time_or_reason(fn: Callable, args: tuple, repeats: int):
-    """(median seconds, first result, None), or (None, None, why it did not run)."""
+    """(median seconds, first result, None), or (None, None, why it did not run): the error's
+    type and the first line of its message (a lowering error, shared memory, device memory)."""
     try:
         result = fn(*args)
         return median_seconds(fn, *args, repeats=repeats), result, None
     except Exception as error:  # a kernel that does not lower, or memory: report, go on
-        return None, None, f"failed: {type(error).__name__}"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return None, None, f"failed: {type(error).__name__}: {(lines or [''])[0][:200]}"
 
 
 def rel_err(actual, expected) -> float:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from attd.mamba import MambaConfig, init_mamba
+from kernels_pallas.selective_scan import BACKENDS as SCAN_BACKENDS
 from metattt import objectives, runlog, stats, train
 from metattt.data import selective_copy
 
@@ -25,6 +26,10 @@ def validate(cfg) -> None:
     for variant in cfg.variants:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+    if cfg.model.scan_backend not in SCAN_BACKENDS:
+        raise ValueError(
+            f"model.scan_backend must be one of {SCAN_BACKENDS}, got {cfg.model.scan_backend!r}"
+        )
     if not 0 < cfg.task.num_tokens < cfg.task.length // 2:
         raise ValueError("task.num_tokens must be positive and below half the length")
     t = cfg.train
@@ -39,6 +44,7 @@ def model_config(variant: str, cfg) -> MambaConfig:
         n_layers=cfg.model.n_layers,
         d_state=cfg.model.d_state,
         selective=variant == "selective",
+        scan_backend=cfg.model.scan_backend,
     )
 
 

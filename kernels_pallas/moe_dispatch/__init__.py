@@ -15,6 +15,7 @@ from kernels_pallas.moe_dispatch.api import (
     moe_dispatch,
     ragged_dot_available,
     resolve_backend,
+    self_test,
 )
 from kernels_pallas.moe_dispatch.grouped import gmm, tgmm
 from kernels_pallas.moe_dispatch.pallas import (
@@ -23,8 +24,11 @@ from kernels_pallas.moe_dispatch.pallas import (
     dispatch_pallas,
     gmm_kernel,
     gmm_pallas,
+    smem_bytes,
+    smem_limit_bytes,
     tgmm_kernel,
     tgmm_pallas,
+    tiles_for,
 )
 from kernels_pallas.moe_dispatch.reference import (
     dispatch_dense,
@@ -68,10 +72,14 @@ __all__ = [
     "priority_order",
     "ragged_dot_available",
     "resolve_backend",
+    "self_test",
+    "smem_bytes",
+    "smem_limit_bytes",
     "sort_by_expert",
     "swiglu",
     "tgmm",
     "tgmm_kernel",
     "tgmm_pallas",
+    "tiles_for",
     "top_k_routing",
 ]

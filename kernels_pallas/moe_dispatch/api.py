@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import selftest
-from kernels_pallas.moe_dispatch.pallas import DEFAULT_CONFIG, GmmConfig, dispatch_pallas
+from kernels_pallas.moe_dispatch.pallas import GmmConfig, dispatch_pallas, tiles_for
 from kernels_pallas.moe_dispatch.reference import dispatch_dense, dispatch_ragged
 from kernels_pallas.moe_dispatch.routing import (
     DROP_PRIORITIES,
@@ -71,7 +71,7 @@ def ragged_dot_available() -> bool:
     )
 
 
-def _self_test(dtype, config: GmmConfig, precision) -> None:
+def _self_test(dtype, config: GmmConfig | None, precision) -> None:
     """The Pallas dispatch against the dense reference on a small dropless top-2 case (every
     tile at least 16 wide, one expert left empty): outputs and gradients wrt x, the three
     weights and the gates. Raises :class:`kernels_pallas.selftest.SelfTestError` on a failure."""
@@ -115,6 +115,22 @@ def _self_test(dtype, config: GmmConfig, precision) -> None:
     selftest.check_close(names, got, want, dtype)
 
 
+def self_test(dtype=jnp.float32, precision=None) -> None:
+    """Run the Pallas dispatch's self-test now (default tiles), whatever the allow-list says:
+    what a GPU check reports before a device kind is added to
+    :data:`kernels_pallas.selftest.PROVEN`.
+
+    Raises:
+        kernels_pallas.selftest.SelfTestError: the kernel failed (the message says where).
+    """
+    _self_test(jnp.dtype(dtype), None, precision)
+
+
+def _tiles(dtype) -> dict[str, GmmConfig]:
+    """The tiles each product of the Pallas dispatch uses here (``config=None``)."""
+    return {product: tiles_for(product, dtype) for product in ("gmm", "tgmm")}
+
+
 def _resolve(backend: str, dtype, precision) -> tuple[str, str]:
     """``(concrete backend, why)``; raises as :func:`resolve_backend`."""
     if backend not in BACKENDS:
@@ -126,8 +142,8 @@ def _resolve(backend: str, dtype, precision) -> tuple[str, str]:
         )
     if backend != "auto":
         return backend, "asked for"
-    config = (DEFAULT_CONFIG, precision)
-    test = functools.partial(_self_test, dtype, DEFAULT_CONFIG, precision)
+    config = (_tiles(dtype), precision)
+    test = functools.partial(_self_test, dtype, None, precision)
     use_kernel, reason = selftest.verdict(KERNEL, test, dtype=dtype, config=config)
     if use_kernel:
         return "pallas", reason
@@ -242,7 +258,7 @@ def moe_dispatch(
     dtype = jnp.dtype(jnp.result_type(x, w_gate, w_up, w_down))
     concrete, reason = _resolve(backend, dtype, precision)
     selftest.record(
-        KERNEL, backend, concrete, reason, dtype=dtype.name, config=DEFAULT_CONFIG,
+        KERNEL, backend, concrete, reason, dtype=dtype.name, config=_tiles(dtype),
         precision=precision,
     )  # fmt: skip
     if router_logits is not None:

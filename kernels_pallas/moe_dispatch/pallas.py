@@ -13,14 +13,26 @@ products are those of :mod:`.grouped` (same semantics as ``jax.lax.ragged_dot``)
 Kernels. ``gmm``: the grid is (M / block_m, N / block_n). Row tile i visits only the groups that
 overlap its rows, ``[lo_i, hi_i)`` (computed outside the kernel from the group offsets, the
 idea of megablox's group metadata, without its TPU-only scalar prefetch); per group it runs
-a loop over K in ``block_k`` slices, masks the rows of other groups to zero and accumulates
-``lhs_tile · rhs[g]`` in float32. A tile inside one group (the common case when groups are
-much larger than ``block_m``) makes one pass over K; a tile straddling a group boundary makes
-one pass per group it touches; empty groups cost nothing (their K loop has zero trips), and
-tiles past the last group write zeros. No padding to capacity. ``tgmm`` (the weight
-gradient): the grid is (G, K / block_k, N / block_n); program g loops over the row tiles that
-overlap group g, masks the other rows and accumulates ``lhs_tileᵀ · rhs_tile``; an empty group
-writes zeros. M, K and N are zero-padded to multiples of their tiles (zeros add nothing).
+a loop over K in ``block_k`` slices that only loads and multiplies (``lhs_tile · rhs[g]``
+into a float32 accumulator), and then keeps that group's rows of the product: the group mask
+is applied once per group to the (block_m, block_n) product, never to the lhs tile between
+its load and the dot. A tile inside one group (the common case when groups are much larger
+than ``block_m``) makes one pass over K; a tile straddling a group boundary makes one pass per
+group it touches; empty groups cost nothing (their K loop has zero trips), and tiles past the
+last group write zeros. No padding to capacity. ``tgmm`` (the weight gradient): the grid is
+(G, K / block_k, N / block_n); program g loops over the row tiles of group g, accumulating
+``lhs_tileᵀ · rhs_tile``; the row tiles wholly inside the group run unmasked, and only the at
+most two tiles that straddle the group's first and last row mask the rows of other groups
+(row bounds); an empty group writes zeros. M, K and N are zero-padded to multiples of their
+tiles (zeros add nothing).
+
+Tiles. Triton's dot rejects operand tiles under 16 in any dimension, so a tile is at least
+:data:`MIN_TILE` = 16: a dimension smaller than its tile is padded up to a power of two of at
+least 16, never shrunk below it. Left to ``config=None``, each product chooses its tiles for the
+operands' dtype and the device's shared memory (:func:`tiles_for`): the K loop of a program keeps
+``num_stages`` copies of its operand tiles in shared memory (:func:`smem_bytes`), and float32
+weight-gradient tiles of (128, 64) + (128, 128) at 3 stages need 288 KiB, more than the 227 KiB
+an H100 or H200 gives one program.
 
 Only backend-neutral Pallas (``pl.pallas_call``, ``BlockSpec``, ``lax.fori_loop``, ref loads
 with ``pl.ds``) is used, so ``interpret=True`` runs the same kernels on the CPU; interpret mode
@@ -50,6 +62,8 @@ from jax.experimental.pallas import triton as pl_triton
 
 from kernels_pallas.moe_dispatch.routing import sort_by_expert
 
+MIN_TILE = 16  # Triton's dot rejects operand tiles under 16 in any dimension
+
 
 @dataclasses.dataclass(frozen=True)
 class GmmConfig:
@@ -66,9 +80,11 @@ class GmmConfig:
         num_warps: warps per program on a GPU (4 for a 128 × 128 float32 accumulator).
         num_stages: software-pipelining stages of the K loop on a GPU.
 
-    When a dimension is smaller than its tile, the tile shrinks to the smallest power of two
-    at or above the dimension (Triton's tiles are powers of two). These are defaults chosen by
-    reasoning about an H100, not tuned by measurement: the GPU benchmark is still owed.
+    Tiles are powers of two of at least :data:`MIN_TILE` (Triton's). When a dimension is
+    smaller than its tile, the tile shrinks to the smallest power of two at or above the
+    dimension, but not below :data:`MIN_TILE` (the dimension is zero-padded instead). These
+    are defaults chosen by reasoning about an H100, not tuned by measurement: the GPU
+    benchmark is still owed. :func:`tiles_for` shrinks them where shared memory is short.
     """
 
     block_m: int = 128
@@ -84,8 +100,8 @@ class GmmConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("block_m", "block_k", "block_n"):
             value = getattr(self, name)
-            if value & (value - 1):
-                raise ValueError(f"{name} must be a power of two, got {value}")
+            if value & (value - 1) or value < MIN_TILE:
+                raise ValueError(f"{name} must be a power of two >= {MIN_TILE}, got {value}")
 
 
 DEFAULT_CONFIG = GmmConfig()
@@ -101,7 +117,97 @@ def _next_power_of_2(n: int) -> int:
 
 
 def _tile(block: int, dim: int) -> int:
-    return min(block, _next_power_of_2(dim))
+    """The tile of a dimension: ``block``, or for a smaller dimension the power of two at or
+    above it, but never under MIN_TILE (the dimension is padded up instead)."""
+    return min(block, max(MIN_TILE, _next_power_of_2(dim)))
+
+
+# --- tiles that fit the device's shared memory --------------------------------------------------
+
+KIB = 1024
+# Shared memory one program (thread block) may use, by CUDA compute capability: the opt-in
+# maximum per block of NVIDIA's CUDA C++ Programming Guide (compute capabilities table).
+SMEM_BYTES = {
+    "7.0": 96 * KIB,  # V100
+    "7.5": 64 * KIB,  # T4, RTX 20
+    "8.0": 163 * KIB,  # A100
+    "8.6": 99 * KIB,  # A10, A40, RTX 30
+    "8.7": 163 * KIB,  # Jetson Orin
+    "8.9": 99 * KIB,  # L4, L40S, RTX 40
+    "9.0": 227 * KIB,  # H100, H200, H800
+    "10.0": 227 * KIB,  # B200
+    "12.0": 99 * KIB,  # RTX 50
+}
+UNKNOWN_GPU_SMEM_BYTES = 99 * KIB  # a GPU whose compute capability is not listed above
+HOST_SMEM_BYTES = SMEM_BYTES["9.0"]  # interpret mode: choose the tiles an H100 would get
+
+
+def smem_limit_bytes(device=None) -> int:
+    """Shared memory one program may use on ``device`` (default: JAX's first device).
+
+    GPUs are looked up by ``compute_capability`` in :data:`SMEM_BYTES` (an unlisted one gets
+    the small :data:`UNKNOWN_GPU_SMEM_BYTES`); elsewhere the kernels are interpreted and get
+    :data:`HOST_SMEM_BYTES`, so the CPU runs the tiles an H100 compiles.
+    """
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return HOST_SMEM_BYTES
+    return SMEM_BYTES.get(str(getattr(device, "compute_capability", "")), UNKNOWN_GPU_SMEM_BYTES)
+
+
+def smem_bytes(product: str, config: GmmConfig, itemsize: int) -> int:
+    """Shared memory of one program's software-pipelined K loop: ``num_stages`` copies of the
+    operand tiles one step loads, in bytes (``itemsize`` bytes per element).
+
+    ``"gmm"`` loads lhs (block_m, block_k) and rhs (block_k, block_n) per step; ``"tgmm"``
+    loads lhs (block_m, block_k) and rhs (block_m, block_n). A model of Triton's pipeliner
+    (the accumulator lives in registers; a compiler's own scratch comes on top).
+    """
+    c = config
+    if product == "gmm":
+        elements = c.block_m * c.block_k + c.block_k * c.block_n
+    elif product == "tgmm":
+        elements = c.block_m * c.block_k + c.block_m * c.block_n
+    else:
+        raise ValueError(f"product must be 'gmm' or 'tgmm', got {product!r}")
+    return c.num_stages * elements * itemsize
+
+
+def fit_config(product: str, itemsize: int, limit: int, base: GmmConfig = DEFAULT_CONFIG):
+    """``base`` shrunk until :func:`smem_bytes` is at most ``limit`` bytes.
+
+    In order, while it does not fit: halve the tile the loop steps over (gmm's block_k, tgmm's
+    block_m) down to 32, which keeps the output tile and so the work per loaded byte; then
+    drop ``num_stages`` to 2; then halve the larger output tile; never under MIN_TILE.
+
+    Raises:
+        ValueError: not even the smallest tiles fit ``limit``.
+    """
+    step_over = "block_k" if product == "gmm" else "block_m"
+    outputs = ("block_m", "block_n") if product == "gmm" else ("block_k", "block_n")
+    config = base
+    while smem_bytes(product, config, itemsize) > limit:
+        if getattr(config, step_over) > 32:
+            change = {step_over: getattr(config, step_over) // 2}
+        elif config.num_stages > 2:
+            change = {"num_stages": 2}
+        else:
+            name = max(outputs, key=lambda n: getattr(config, n))
+            if getattr(config, name) <= MIN_TILE:
+                raise ValueError(
+                    f"limit: {limit} bytes of shared memory fit no {product} tiles "
+                    f"(itemsize {itemsize})"
+                )
+            change = {name: getattr(config, name) // 2}
+        config = dataclasses.replace(config, **change)
+    return config
+
+
+def tiles_for(product: str, dtype, device=None) -> GmmConfig:
+    """The tiles ``config=None`` uses: :data:`DEFAULT_CONFIG` fitted (:func:`fit_config`) to the
+    shared memory of ``device`` (:func:`smem_limit_bytes`) for operands of ``dtype``."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return fit_config(product, itemsize, smem_limit_bytes(device))
 
 
 def _pad_to(a: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -140,17 +246,17 @@ def _gmm_kernel(lo_ref, hi_ref, off_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, n
 
     def group_body(g, acc):
         start, end = off_ref[g], off_ref[g + 1]
-        mask = (rows >= start) & (rows < end)  # (tm, 1): rows of group g in this tile
 
-        def k_body(kk, acc):
+        def k_body(kk, part):  # load, multiply, accumulate: no mask on the load path
             k0 = pl.multiple_of(kk * tk, tk)
             a = lhs_ref[:, pl.ds(k0, tk)]
-            a = jnp.where(mask, a, jnp.zeros_like(a))
             b = rhs_ref[g, pl.ds(k0, tk), :]
-            return acc + jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+            return part + jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
         trips = jnp.where(end > start, num_k, 0)  # an empty group costs nothing
-        return lax.fori_loop(0, trips, k_body, acc)
+        part = lax.fori_loop(0, trips, k_body, jnp.zeros_like(acc))
+        mask = (rows >= start) & (rows < end)  # (tm, 1): rows of group g in this tile
+        return acc + jnp.where(mask, part, 0.0)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
     acc = lax.fori_loop(lo_ref[i], hi_ref[i], group_body, acc)
@@ -162,7 +268,7 @@ def gmm_kernel(
     rhs: jax.Array,
     group_sizes: jax.Array,
     *,
-    config: GmmConfig = DEFAULT_CONFIG,
+    config: GmmConfig | None = None,
     precision=None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -175,6 +281,7 @@ def gmm_kernel(
     rows, depth = lhs.shape
     groups, _, cols = rhs.shape
     dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+    config = config or tiles_for("gmm", dtype)
     tm, tk, tn = (
         _tile(config.block_m, rows),
         _tile(config.block_k, depth),
@@ -214,6 +321,26 @@ def gmm_kernel(
 # --- tgmm ---------------------------------------------------------------------------------------
 
 
+def tgmm_row_tiles(start, end, tm: int):
+    """The row tiles of the group of rows ``[start, end)``, as three ranges of tile indices:
+    ``(head, inside, tail)``, each ``(first, one past last)``.
+
+    ``inside`` holds the tiles wholly within the group (no mask needed); ``head`` and ``tail``
+    the at most one tile each that straddles the group's first or last row (masked). Together
+    they cover the tiles ``[start // tm, ceil(end / tm))`` once each; all are empty for an
+    empty group. Works on Python ints and on traced int32 scalars alike.
+    """
+    empty = end <= start
+    first = start // tm
+    last = jnp.where(empty, first, (end + tm - 1) // tm)
+    inside_lo = (start + tm - 1) // tm  # the first tile that starts at or after `start`
+    inside_hi = jnp.maximum(end // tm, inside_lo)  # one past the last tile ending by `end`
+    head_hi = jnp.minimum(inside_lo, last)
+    tail_lo = jnp.where(empty, last, jnp.maximum(inside_hi, head_hi))
+    inside_hi = jnp.where(empty, inside_lo, inside_hi)
+    return (first, head_hi), (inside_lo, inside_hi), (tail_lo, last)
+
+
 def _tgmm_kernel(off_ref, lhs_ref, rhs_ref, out_ref, *, tm, precision):
     """Group ``program_id(0)``, K tile ``program_id(1)``, N tile ``program_id(2)``.
 
@@ -221,22 +348,27 @@ def _tgmm_kernel(off_ref, lhs_ref, rhs_ref, out_ref, *, tm, precision):
     """
     g = pl.program_id(0)
     start, end = off_ref[g], off_ref[g + 1]
-    first = start // tm
-    last = jnp.where(end > start, (end + tm - 1) // tm, first)  # an empty group: no trips
+    dims = (((0,), (0,)), ((), ()))
 
-    def body(t, acc):
-        r0 = pl.multiple_of(t * tm, tm)
-        rows = r0 + lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
-        mask = (rows >= start) & (rows < end)
-        a = lhs_ref[pl.ds(r0, tm), :]
-        a = jnp.where(mask, a, jnp.zeros_like(a))
-        b = rhs_ref[pl.ds(r0, tm), :]
-        dims = (((0,), (0,)), ((), ()))
-        return acc + lax.dot_general(
-            a, b, dims, precision=precision, preferred_element_type=jnp.float32
-        )
+    def body(masked: bool):
+        def step(t, acc):
+            r0 = pl.multiple_of(t * tm, tm)
+            a = lhs_ref[pl.ds(r0, tm), :]
+            b = rhs_ref[pl.ds(r0, tm), :]
+            if masked:  # a tile straddling the group's first or last row
+                rows = r0 + lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+                a = jnp.where((rows >= start) & (rows < end), a, jnp.zeros_like(a))
+            return acc + lax.dot_general(
+                a, b, dims, precision=precision, preferred_element_type=jnp.float32
+            )
 
-    acc = lax.fori_loop(first, last, body, jnp.zeros(out_ref.shape, jnp.float32))
+        return step
+
+    head, inside, tail = tgmm_row_tiles(start, end, tm)
+    acc = jnp.zeros(out_ref.shape, jnp.float32)
+    acc = lax.fori_loop(*head, body(True), acc)
+    acc = lax.fori_loop(*inside, body(False), acc)
+    acc = lax.fori_loop(*tail, body(True), acc)
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
@@ -245,7 +377,7 @@ def tgmm_kernel(
     rhs: jax.Array,
     group_sizes: jax.Array,
     *,
-    config: GmmConfig = DEFAULT_CONFIG,
+    config: GmmConfig | None = None,
     precision=None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -259,6 +391,7 @@ def tgmm_kernel(
     cols = rhs.shape[1]
     groups = group_sizes.shape[0]
     dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+    config = config or tiles_for("tgmm", dtype)
     tm, tk, tn = (
         _tile(config.block_m, rows),
         _tile(config.block_k, depth),
@@ -350,7 +483,7 @@ def gmm_pallas(
     rhs: jax.Array,
     group_sizes: jax.Array,
     *,
-    config: GmmConfig = DEFAULT_CONFIG,
+    config: GmmConfig | None = None,
     precision=None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -361,7 +494,9 @@ def gmm_pallas(
     Differentiable in reverse mode to every order (see the module docstring).
 
     Args:
-        config: the tile sizes (:class:`GmmConfig`).
+        config: the tile sizes (:class:`GmmConfig`), used by every product of the forward
+            and backward alike; ``None`` lets each product choose its own for the dtype and
+            the device's shared memory (:func:`tiles_for`).
         precision: passed to the in-kernel dots.
         interpret: run in the Pallas interpreter; ``None`` does so unless JAX's default
             backend is a GPU.
@@ -386,7 +521,7 @@ def tgmm_pallas(
     rhs: jax.Array,
     group_sizes: jax.Array,
     *,
-    config: GmmConfig = DEFAULT_CONFIG,
+    config: GmmConfig | None = None,
     precision=None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -416,7 +551,7 @@ def dispatch_pallas(
     keep: jax.Array,
     precision=None,
     *,
-    config: GmmConfig = DEFAULT_CONFIG,
+    config: GmmConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """:func:`.reference.dispatch_ragged` with its three grouped matmuls on :func:`gmm_pallas`.

@@ -135,6 +135,16 @@ def _self_test(dtype, config: PallasConfig) -> None:
     selftest.check_close(names, got, want, dtype)
 
 
+def self_test(dtype=jnp.float32, config: PallasConfig = DEFAULT_CONFIG) -> None:
+    """Run the kernel's self-test now, whatever the allow-list says: what a GPU check reports
+    before a device kind is added to :data:`kernels_pallas.selftest.PROVEN`.
+
+    Raises:
+        kernels_pallas.selftest.SelfTestError: the kernel failed (the message says where).
+    """
+    _self_test(jnp.dtype(dtype), config)
+
+
 def _resolve(backend: str, lean_backward: bool, dtype, config: PallasConfig) -> tuple[str, str]:
     """``(concrete backend, why)``."""
     if backend != "auto":

@@ -34,6 +34,12 @@ computed inside an inner ``jax.value_and_grad`` and differentiated again by an o
 ``jax.grad``) the outer derivative of the primal output then meets this ``custom_vjp`` again
 instead of the non-differentiable ``pallas_call``. Forward mode (``jax.jvp``) is refused, as for
 any ``custom_vjp``.
+
+With ``PallasConfig(backward_kernel=True)`` the backward rule instead differentiates the same
+function with its core recurrence on kernels: the forward kernel recomputes the core outputs and
+the backward kernels of :mod:`.pallas_bwd` give its gradients (themselves a ``custom_vjp`` with a
+``jnp`` backward, so second order still works); the elementwise parts (Δ's bias and softplus,
+the D skip and the z gate) stay ``jnp``. Off by default until measured on a GPU.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from kernels_pallas.selective_scan.lean import lean_scan_states
+from kernels_pallas.selective_scan.pallas_bwd import core_grads
 from kernels_pallas.selective_scan.reference import compute_dtype, finish, prepare_delta
 
 
@@ -68,6 +75,12 @@ class PallasConfig:
         lean_chunk: T of the ``jnp`` backward of :mod:`.lean` (steps per recomputed chunk;
             ≈ √L is best); ``None`` uses the public function's ``chunk_size``.
         num_warps: warps per program on a GPU (4: 128 threads share the (block_d, N) tile).
+        backward_kernel: the backward runs as Pallas kernels (:mod:`.pallas_bwd`: chunk
+            checkpoints, then the adjoint walked in reverse with each chunk's states recomputed
+            in registers) instead of the ``jnp`` lean backward. Off by default until a GPU has
+            measured it; second order works either way.
+        bwd_chunk: T of the kernel backward: steps whose states (and transitions) one program
+            keeps in registers, and the spacing of the saved chunk-entry states.
 
     These are defaults chosen by reasoning about an H100, not yet tuned by measurement
     (``experiments/bench/kernels.py`` is the tool for that).
@@ -77,9 +90,13 @@ class PallasConfig:
     chunk: int = 8
     lean_chunk: int | None = None
     num_warps: int = 4
+    backward_kernel: bool = False
+    bwd_chunk: int = 16
 
     def __post_init__(self):
-        for name in ("block_d", "chunk", "num_warps"):
+        if not isinstance(self.backward_kernel, bool):
+            raise ValueError(f"backward_kernel must be a bool, got {self.backward_kernel!r}")
+        for name in ("block_d", "chunk", "num_warps", "bwd_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -281,10 +298,45 @@ def _scan_fwd(x, delta, A, B, C, D, z, delta_bias, softplus, config, lean_chunk,
 
 
 def _scan_bwd(softplus, config, lean_chunk, interpret, residuals, cotangents):
-    del config, interpret
-    fn = functools.partial(_jnp_scan, delta_softplus=softplus, lean_chunk=lean_chunk)
+    if config.backward_kernel:
+        fn = functools.partial(
+            _kernel_core_scan, delta_softplus=softplus, config=config, interpret=interpret
+        )
+    else:
+        fn = functools.partial(_jnp_scan, delta_softplus=softplus, lean_chunk=lean_chunk)
     _, vjp = jax.vjp(fn, *residuals)
     return vjp(cotangents)
+
+
+def _kernel_core_scan(x, delta, A, B, C, D, z, delta_bias, *, delta_softplus, config, interpret):
+    """The function again, with the core recurrence on the kernels (forward and backward) and
+    the elementwise parts (Δ's bias and softplus, D skip, z gate) in ``jnp``: what the kernel
+    backward differentiates (the core's forward is recomputed, as Mamba's backward does)."""
+    dtype = compute_dtype(x, delta, A, B, C, D, z, delta_bias)
+    d_eff = prepare_delta(delta, delta_bias, delta_softplus, dtype)
+    args = (x.astype(dtype), d_eff, A.astype(dtype), B.astype(dtype), C.astype(dtype))
+    y, h_last = _core(*args, config, interpret)
+    return finish(y, x, D, z, x.dtype), h_last
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _core(x, d, A, B, C, config, interpret):
+    """(y, h_last) of the core recurrence (inputs in the compute dtype) by the forward kernel."""
+    return selective_scan_kernel(x, d, A, B, C, config=config, interpret=interpret)
+
+
+def _core_fwd(x, d, A, B, C, config, interpret):
+    return _core(x, d, A, B, C, config, interpret), (x, d, A, B, C)
+
+
+def _core_bwd(config, interpret, residuals, cotangents):
+    dy, dh = cotangents
+    static = (config.bwd_chunk, config.block_d, config.num_warps, interpret)
+    dtype = residuals[0].dtype
+    return core_grads(*residuals, dy.astype(dtype), dh.astype(dtype), *static)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
