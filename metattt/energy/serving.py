@@ -12,7 +12,8 @@ the expert mask and whether to adapt for the next batch.
 The model enters as functions only: ``infer(params, inputs, targets, top_k, mask) -> (score,
 counts)`` and ``adapt(params, tokens, lam, mask) -> (params, stats)``, ``stats`` holding per
 adaptation step ``joules_per_token``, ``task_loss`` and ``expert_counts`` (see
-:class:`metattt.energy.RoutingStats`); ``work(counts, rows) -> Work`` prices one forward pass.
+:class:`metattt.energy.RoutingStats`; (K, layers, E), or (K, P, layers, E) when each step runs P
+forward passes, each then charged); ``work(counts, rows) -> Work`` prices one forward pass.
 Shapes: inputs (S, B, ...), targets (S, B, ...), counts (layers, E), mask (E,).
 """
 
@@ -141,7 +142,8 @@ def serve_stream(
                 adapt_calls += 1
                 curve_energy += np.asarray(stats.joules_per_token).tolist()
                 curve_loss += np.asarray(stats.task_loss).tolist()
-                for step_counts in np.asarray(stats.expert_counts):
+                step_counts_all = np.asarray(stats.expert_counts)
+                for step_counts in step_counts_all.reshape(-1, *step_counts_all.shape[-2:]):
                     step = work(step_counts, sub.shape[0]).scaled(1 + backward_factor)
                     if simulated:
                         step_busy += monitor.record_work(*step)

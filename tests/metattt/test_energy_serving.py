@@ -133,3 +133,28 @@ def test_a_policy_sets_the_routing_and_adaptation_of_the_next_batch():
     ks = [2, 2, 1, 1, 1]
     counts = [_counts(k, m, int(x[0, 0])) for k, m, x in zip(ks, masks, inputs, strict=True)]
     assert np.array_equal(served.counts, np.sum(counts, axis=0))
+
+
+def test_each_forward_pass_of_an_adaptation_step_is_charged():
+    """An adaptation whose steps run two forward passes (a consistency loss: counts
+    (K, 2, layers, E)) is charged 1 + backward_factor forwards for each pass."""
+    inputs, targets = _stream(np.random.default_rng(3), 4)
+    mask = np.ones(E, bool)
+
+    def two_pass_adapt(params, tokens, lam, mask):
+        steps = np.stack([[_counts(1, mask, s), _counts(2, mask, s + 5)] for s in range(3)])
+        return params + 1, Stats(np.full(3, 0.5), np.zeros(3), steps)
+
+    monitor = SimulatedMonitor(DEVICE)
+    served = serve_stream(infer, two_pass_adapt, np.float32(0.0), inputs, targets, work=work,
+                          dense=DENSE, device=DEVICE, monitor=monitor, period_s=1e-3, top_k=2,
+                          mask=mask, adapting=True, adapt_every=2, adapt_windows=4,
+                          backward_factor=2.0)  # fmt: skip
+    monitor.close()
+    per_call = sum(
+        3 * DEVICE.work_energy(*work(_counts(k, mask, s + shift), 4))
+        for s in range(3)
+        for k, shift in ((1, 0), (2, 5))
+    )
+    assert served.adapt_calls == 2
+    assert served.adapt_dynamic_j == pytest.approx(2 * per_call, rel=1e-9)
