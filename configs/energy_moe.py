@@ -81,6 +81,29 @@ def get_config(arg=None):
     c.baselines.prune = (1, 2, 4)  # static pruning: mask this many of the costliest experts
     c.baselines.top_k = (1,)  # smaller top-k, same parameters
 
+    # Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
+    # lora_ttt/<r> (rank-r LoRA on every expert matrix), norm_ttt, bias_ttt, each with the
+    # router and λ_energy = expert.lam; "<method>:<objective>" picks the objective (entropy,
+    # next_token, masked, consistency).
+    c.expert = ml_collections.ConfigDict()
+    c.expert.methods = (
+        "lora_ttt/4",
+        "lora_ttt/16",
+        "norm_ttt",
+        "bias_ttt",
+        "energy_ttt/0.3:masked",
+        "energy_ttt/0.3:consistency",
+        "lora_ttt/4:masked",
+    )
+    c.expert.lam = 0.3  # one of ttt.lambdas: compare with energy_ttt at the same λ
+    c.expert.max_rank = 16  # R_max of the LoRA buffers (ranks are masks: one compilation)
+    c.expert.with_router = True  # the group adapts with ttt.params (False: the group alone)
+    c.expert.mask_rate = 0.15  # masked: share of bytes hidden behind random bytes
+    c.expert.drop_rate = 0.1  # consistency on text: byte dropout and adjacent-swap rates
+    c.expert.swap_rate = 0.1
+    c.expert.max_shift = 1  # consistency on digits: pixel shift and intensity noise
+    c.expert.noise = 1
+
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
         c.model.d_model = 16
@@ -104,11 +127,14 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
+        c.expert.methods = ("lora_ttt/2:consistency", "norm_ttt:masked")
+        c.expert.max_rank = 4
     if arg == "demo":  # one energy-aware λ, adapted more strongly
         c.data.stream_batches = 24
         c.ttt.every = 4
         c.ttt.lr = 5e-2
         c.ttt.lambdas = (3.0,)
+        c.expert.methods = ()
     elif arg is not None and arg != "tiny":
         raise ValueError(f"unknown variant {arg!r} of configs/energy_moe.py (known: tiny, demo)")
     return c
