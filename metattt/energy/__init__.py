@@ -6,8 +6,9 @@ profiles, their JSON files, and the expected energy of routing decisions),
 :mod:`~metattt.energy.adapt` (energy-aware TENT), :mod:`~metattt.energy.budget` (the λ
 controller, triggers, expert pruning and graceful degradation under a power budget) and
 :mod:`~metattt.energy.accounting` (the work and energy of serving a MoE: dense and routed work,
-serving rate, fixed power, EDP, Pareto front) and :mod:`~metattt.energy.serving` (prequential
-serving of a stream under a monitor, with adaptation and an optional power-budget policy).
+serving rate, fixed power, EDP, Pareto front), :mod:`~metattt.energy.serving` (prequential
+serving of a stream under a monitor, with adaptation and an optional power-budget policy) and
+:mod:`~metattt.energy.rank_policy` (adapter ranks from power, temperature and memory headroom).
 """
 
 from metattt.energy.accounting import (
@@ -64,6 +65,13 @@ from metattt.energy.monitor import (
     WindowRecord,
     create_monitor,
 )
+from metattt.energy.rank_policy import (
+    RankLimits,
+    adapter_ranks,
+    fill_ranks,
+    memory_free_bytes,
+    rank_units,
+)
 from metattt.energy.serving import ServedStream, serve_stream
 
 __all__ = [
@@ -93,23 +101,28 @@ __all__ = [
     "PowerBudget",
     "PowerRecord",
     "PruneResult",
+    "RankLimits",
     "RoutingStats",
     "SimulatedDevice",
     "SimulatedMonitor",
     "Trigger",
     "TriggerState",
     "WindowRecord",
+    "adapter_ranks",
     "create_monitor",
     "degrade",
     "energy_per_token_budget",
     "energy_tent",
     "expected_energy",
+    "fill_ranks",
     "lambda_controller",
     "load_costs",
     "measure_costs",
+    "memory_free_bytes",
     "power_budget",
     "predicted_energy_per_token",
     "proxy_costs",
+    "rank_units",
     "prune_experts",
     "save_costs",
     "trigger",

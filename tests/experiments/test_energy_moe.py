@@ -280,7 +280,7 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
         assert cells[5] == str(info["adapted_params"]) and cells[6] == f"{points[name][1]:.3f}"
         ref = f"energy_ttt/{info['lam']:g}"
         assert cells[9] == f"{points[name][1] - points[ref][1]:+.3f}"
-    assert "Expert-level adaptation and objectives (vs no TTT): lora_ttt/2:consistency" in text
+    assert "Expert-level adaptation and objectives (vs no TTT): lora_ttt/2:masked" in text
 
 
 def test_lora_methods_are_charged_each_experts_merge_at_their_rank():
