@@ -93,6 +93,7 @@ def get_config(arg=None):
     c.expert.methods = (
         "lora_ttt/4",
         "lora_ttt/16",
+        "lora_hw/16",
         "norm_ttt",
         "bias_ttt",
         "energy_ttt/0.3:masked",
@@ -107,6 +108,12 @@ def get_config(arg=None):
     c.expert.swap_rate = 0.1
     c.expert.max_shift = 1  # consistency on digits: pixel shift and intensity noise
     c.expert.noise = 1
+    # lora_hw/<R>: ranks from the monitor (metattt.energy.adapter_ranks) after every batch.
+    c.expert.hw_fraction = 0.9  # power budget: this share of no_ttt's dynamic power (as budget)
+    c.expert.hw_margin = 0.5  # ranks shrink over this share of the budget's dynamic headroom
+    c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
+    c.expert.hw_temperature_margin_c = 10.0
+    c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
 
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
@@ -131,7 +138,7 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
-        c.expert.methods = ("lora_ttt/2:masked",)  # one more compilation: seconds
+        c.expert.methods = ("lora_hw/4:masked",)  # one more compilation: seconds
         c.expert.max_rank = 4
     if arg == "demo":  # one energy-aware λ, adapted more strongly
         c.data.stream_batches = 24

@@ -63,6 +63,10 @@ def aggregate(
             for key in ("final_level", "final_top_k", "final_pruned", "budget_kept"):
                 row[key] = [r[key] for r in runs]
             row["plan_budget_met"] = [r["plan_budget_met"] for r in runs]
+        if table[name].kind == "lora_hw":  # the share of the rank buffer the hardware allowed
+            row["rank_share"] = stats.seed_summary(
+                [float(np.mean(r["rank_trace"])) / r["rank_units_max"] for r in runs]
+            )
         red, chg = row["energy_reduction"]["mean"], row[f"{key_m}_change"]["mean"]
         row["meets_energy_target"] = bool(red >= 0.20 and chg < 0.05)
         row["meets_overhead_target"] = (

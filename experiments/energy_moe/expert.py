@@ -7,7 +7,11 @@ adapter in an R_max buffer, :func:`metattt.models.moe.lora_realloc`; the rank ma
 so every rank shares one compiled adaptation), its own adapted parameters (a
 :mod:`metattt.params` selector) and its own objective (:func:`metattt.energy.energy_tent`):
 
-* ``lora_ttt``: the expert LoRA factors (``lora`` preset), ``norm_ttt``: the norm scales and
+* ``lora_ttt``: the expert LoRA factors (``lora`` preset); ``lora_hw/<R>``: the same with
+  the ranks (and which experts keep an adapter) chosen after every batch by
+  :func:`metattt.energy.adapter_ranks` from the monitor's power and temperature and the free
+  memory, applied by the jitted ``lora_realloc`` before the next adaptation (no recompilation;
+  power budget and bands from ``expert.hw_*``); ``norm_ttt``: the norm scales and
   biases (``norm``), ``bias_ttt``: every bias (``bias``: in this model only the LM and class
   heads have biases, after the routing) -- each with the router (``ttt.params``) unless
   ``expert.with_router`` is False, so that the energy term always has the routing to act on;
@@ -38,11 +42,12 @@ import optax
 from experiments.energy_moe.registry import EXPERT, Method, method_names, methods
 from experiments.energy_moe.runtime import Runtime, compile_infer
 from metattt import augment
-from metattt.energy import energy_tent
+from metattt.energy import RankLimits, adapter_ranks, energy_tent, memory_free_bytes
 from metattt.models import moe
 from metattt.params import leaf_paths, select
 
-GROUPS = {"lora_ttt": "lora", "norm_ttt": "norm", "bias_ttt": "bias"}
+GROUPS = {"lora_ttt": "lora", "lora_hw": "lora", "norm_ttt": "norm", "bias_ttt": "bias"}
+LORA = ("lora_ttt", "lora_hw")
 
 
 class Variant(NamedTuple):
@@ -55,6 +60,8 @@ class Variant(NamedTuple):
         objective: the adaptation's L_task.
         infer: jitted ``(params, inputs, targets, mask) -> (score, counts)``.
         adapt: jitted ``(params, tokens, λ, mask, key) -> (params, per-step RoutingStats)``.
+        realloc: jitted ``(params, ranks (layers, E), key) -> params`` of the LoRA model, or
+            None.
     """
 
     mcfg: moe.MoEConfig
@@ -63,6 +70,7 @@ class Variant(NamedTuple):
     objective: str
     infer: Any
     adapt: Any
+    realloc: Any = None
 
 
 def needs_variant(method: Method) -> bool:
@@ -126,6 +134,9 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
             raise ValueError(f"expert.{rate} must be in [0, 1), got {x[rate]}")
     if x.max_shift < 0 or x.noise < 0:
         raise ValueError("expert.max_shift and expert.noise must be >= 0")
+    if not (0 < x.hw_fraction < 1 and 0 < x.hw_margin <= 1 and x.hw_temperature_margin_c > 0):
+        raise ValueError("need expert.hw_fraction in (0, 1), expert.hw_margin in (0, 1] and "
+                         "expert.hw_temperature_margin_c > 0")  # fmt: skip
     params = jax.eval_shape(lambda: moe.init_moe(lora_config(cfg, mcfg)).params)
     for name, method in table.items():
         objective = objective_of(method, head)
@@ -149,7 +160,7 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
     for name, method in methods(cfg).items():
         if not needs_variant(method):
             continue
-        model = lcfg if method.kind == "lora_ttt" else mcfg
+        model = lcfg if method.kind in LORA else mcfg
         selector, objective = selector_of(cfg, method), objective_of(method, head)
         key = (model.lora_rank, repr(selector), objective)
         if key not in compiled:
@@ -162,8 +173,57 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
         if ("infer", model.lora_rank) not in compiled:
             compiled["infer", model.lora_rank] = compile_infer(model, head)
         infer = compiled["infer", model.lora_rank]
-        out[name] = Variant(model, method.rank, selector, objective, infer, compiled[key])
+        if model.lora_rank and "realloc" not in compiled:
+            compiled["realloc"] = jax.jit(partial(moe.lora_realloc, config=model))
+        realloc = compiled.get("realloc") if model.lora_rank else None
+        out[name] = Variant(model, method.rank, selector, objective, infer, compiled[key], realloc)
     return out
+
+
+class HardwareRanks:
+    """``lora_hw``'s rank controller: after each window, ranks from its readings; before each
+    adaptation, the pending ranks applied (kept components unchanged, :func:`lora_realloc`).
+
+    ``active`` (layers, E) are the ranks the parameters hold (what the accounting charges),
+    ``trace`` the active rank units after each window.
+    """
+
+    def __init__(self, variant: Variant, limits: RankLimits):
+        m = variant.mcfg
+        self.variant, self.limits = variant, limits
+        self.active = np.full((m.num_layers, m.num_experts), variant.rank, np.int32)
+        self.pending = self.active
+        self.trace: list[int] = []
+
+    def on_window(self, record, counts) -> None:
+        """Choose the next ranks from a window's power, temperature and the free memory."""
+        ranks = adapter_ranks(
+            record.mean_power_w, record.max_temperature_c, memory_free_bytes(jax.devices()[0]),
+            usage=np.asarray(counts).sum(0), max_rank=self.variant.rank, limits=self.limits,
+        )  # fmt: skip
+        self.pending = np.broadcast_to(ranks, self.active.shape).astype(np.int32)
+        self.trace.append(int(self.active.sum()))
+
+    def apply(self, params: Any, key: jax.Array) -> Any:
+        """The parameters at the pending ranks (unchanged when they are the active ones)."""
+        if np.array_equal(self.pending, self.active):
+            return params
+        self.active = self.pending
+        return self.variant.realloc(params, ranks=jnp.asarray(self.active), key=key)
+
+
+def hardware_limits(cfg, variant: Variant, budget_w: float, fixed_w: float) -> RankLimits:
+    """``lora_hw``'s limits: the power budget with a band ``expert.hw_margin`` of the dynamic
+    headroom below it, the temperature limit and band, and the memory reserve; a rank unit
+    (one rank of one expert in every layer) holds its factors, gradients and Adam's two moments
+    (4 copies of 3·(D + F)·layers float32 numbers)."""
+    x, m = cfg.expert, variant.mcfg
+    unit = 4 * 3 * (m.d_model + m.d_ff) * m.num_layers * 4
+    return RankLimits(
+        power_budget_w=budget_w, power_margin_w=x.hw_margin * (budget_w - fixed_w),
+        temperature_limit_c=x.hw_temperature_c, temperature_margin_c=x.hw_temperature_margin_c,
+        memory_reserve_bytes=x.hw_memory_reserve_gb * 2**30, bytes_per_unit=float(unit),
+    )  # fmt: skip
 
 
 def _adapt(ttt, p, tokens, lam, mask, key):
@@ -183,7 +243,7 @@ def prepare(variant: Variant, params: Any, seed: int) -> Any:
 
 def warm_up(variants: dict[str, Variant], params: Any, stream: Any, *, batch: int,
             windows: int) -> None:  # fmt: skip
-    """Compile every variant's inference and adaptation for the stream's shapes (as
+    """Compile every variant's inference, adaptation and reallocation for the stream's shapes (as
     :func:`.runtime.warm_up` does for the router TTT)."""
     x, y = jnp.asarray(stream.inputs[:batch]), jnp.asarray(stream.targets[:batch])
     for v in variants.values():
@@ -191,6 +251,9 @@ def warm_up(variants: dict[str, Variant], params: Any, stream: Any, *, batch: in
         mask = jnp.ones((v.mcfg.num_experts,), bool)
         jax.block_until_ready(v.infer(p, x, y, mask))
         jax.block_until_ready(v.adapt(p, x[:windows], jnp.float32(0.0), mask, jax.random.key(0)))
+        if v.realloc is not None:
+            ranks = jnp.zeros((v.mcfg.num_layers, v.mcfg.num_experts), jnp.int32)
+            jax.block_until_ready(v.realloc(p, ranks=ranks, key=jax.random.key(0)))
 
 
 def describe(variants: dict[str, Variant], table: dict[str, Method]) -> dict[str, dict]:
@@ -210,6 +273,7 @@ def describe(variants: dict[str, Variant], table: dict[str, Method]) -> dict[str
             "objective": v.objective,
             "lam": table[name].lam,
             "rank": v.rank,
+            "rank_policy": table[name].kind == "lora_hw",
             "adapted_params": int(round(adapted)),
         }
     return out

@@ -102,9 +102,10 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         seeds_info.append(info)
         for name, method in runlog.progress(table.items(), desc=f"methods seed {seed}"):
             budget_w = None
-            if method.kind == "budget":
+            if method.kind in ("budget", "lora_hw"):  # a share of no_ttt's dynamic power
                 p0 = cells["no_ttt"][-1]["mean_power_w"]
-                budget_w = p_fixed + method.fraction * (p0 - p_fixed)
+                share = method.fraction if method.kind == "budget" else cfg.expert.hw_fraction
+                budget_w = p_fixed + share * (p0 - p_fixed)
             cells[name].append(
                 harness.json_cell(
                     cell_path(workdir, seed, name),

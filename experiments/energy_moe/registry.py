@@ -3,10 +3,11 @@
 ``no_ttt`` and ``ttt`` take no value; ``energy_ttt/<λ>`` (λ_energy > 0), ``budget/<f>`` (a
 share in (0, 1) of the unadapted model's dynamic power), ``prune/<n>`` (n costliest experts
 off) and ``top_k/<k>`` (a smaller top-k) take one. The expert-level kinds (issue 15, see
-:mod:`.expert`) are ``lora_ttt/<rank>`` (LoRA of that rank on every expert), ``norm_ttt``
-and ``bias_ttt``; these and ``ttt``, ``energy_ttt`` may end in ``:<objective>`` (``entropy``,
-``next_token``, ``masked``, ``consistency``; without it the task's own objective), and the
-config names them in full (``expert.methods``). :func:`parse_method` turns a name into a
+:mod:`.expert`) are ``lora_ttt/<rank>`` (LoRA of that rank on every expert), ``lora_hw/<R>``
+(ranks up to R chosen per batch from the monitor's power, temperature and memory headroom),
+``norm_ttt`` and ``bias_ttt``; these and ``ttt``, ``energy_ttt`` may end in ``:<objective>``
+(``entropy``, ``next_token``, ``masked``, ``consistency``; without it the task's own objective),
+and the config names them in full (``expert.methods``). :func:`parse_method` turns a name into a
 :class:`Method` and rejects anything else in one line that lists the valid forms;
 :func:`methods` names the config's methods in the order they run.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple
 
-EXPERT = ("lora_ttt", "norm_ttt", "bias_ttt")  # issue 15: λ_energy = config expert.lam > 0
+EXPERT = ("lora_ttt", "lora_hw", "norm_ttt", "bias_ttt")  # issue 15: λ_energy = expert.lam
 ENERGY_AWARE = ("energy_ttt", "budget", *EXPERT)
 BASELINES = ("prune", "top_k")
 ADAPTING = ("ttt", "energy_ttt", "budget", *EXPERT)
@@ -33,7 +34,7 @@ class Method(NamedTuple):
         fraction: the budget's share of the dynamic power (``budget``).
         prune: experts pruned (``prune``).
         top_k: K of the routing (0: the model's).
-        rank: the expert LoRA rank (``lora_ttt``).
+        rank: the expert LoRA rank (``lora_ttt``; the largest, ``lora_hw``).
         objective: the adaptation's objective (``""``: the task's own).
     """
 
@@ -60,6 +61,7 @@ KINDS = {
     "prune": ("prune", int, "prune/<n>"),
     "top_k": ("top_k", int, "top_k/<k>"),
     "lora_ttt": ("rank", int, "lora_ttt/<rank>"),
+    "lora_hw": ("rank", int, "lora_hw/<max rank>"),
     "norm_ttt": (None, None, "norm_ttt"),
     "bias_ttt": (None, None, "bias_ttt"),
 }

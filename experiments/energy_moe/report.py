@@ -116,7 +116,17 @@ def expert_header(results: dict[str, Any], cfg) -> list[str]:
         f"{x.lam}, {'with the router' if x.with_router else 'the group alone'}; LoRA on every "
         f"expert matrix in an R_max = {x.max_rank} buffer (rank = mask, one compilation), "
         "each expert's merge W + A·B charged per forward pass at the active rank; "
-        f"{objectives}; a two-pass objective is charged both passes.",
+        f"{objectives}; a two-pass objective is charged both passes."
+        + (
+            f" lora_hw: after every batch the ranks (and which experts keep an adapter: the "
+            f"busiest) follow the headroom below a power budget of {x.hw_fraction} of no_ttt's "
+            f"dynamic power (band {x.hw_margin} of it), {x.hw_temperature_c} °C (band "
+            f"{x.hw_temperature_margin_c} °C) and {x.hw_memory_reserve_gb} GB of free memory "
+            "(metattt.energy.adapter_ranks), applied by lora_realloc before the next "
+            "adaptation without recompiling."
+            if any(i.get("rank_policy") for i in results["expert"].values())
+            else ""
+        ),
     ]
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.energy_moe.expert import Variant, prepare
+from experiments.energy_moe.expert import HardwareRanks, Variant, hardware_limits, prepare
 from experiments.energy_moe.registry import Method
 from experiments.energy_moe.runtime import Runtime
 from experiments.energy_moe.tasks import Metric
@@ -50,12 +50,18 @@ def batch_dense_work(rt: Runtime, batch: int, length: int) -> Work:
 
 
 def batch_work(
-    rt: Runtime, counts: Any, batch: int, length: int, variant: Variant | None = None
+    rt: Runtime,
+    counts: Any,
+    batch: int,
+    length: int,
+    variant: Variant | None = None,
+    lora_ranks: Any = None,
 ) -> Work:
     """Dense work plus the work of the experts actually used (``counts`` (layers, E)), with
-    the variant's expert LoRA merges at its rank."""
+    the variant's expert LoRA merges at ``lora_ranks`` ((layers, E); None: its rank)."""
     if variant is not None and variant.rank:
-        experts = moe.expert_work(jnp.asarray(counts), variant.mcfg, lora_ranks=variant.rank)
+        ranks = variant.rank if lora_ranks is None else jnp.asarray(lora_ranks)
+        experts = moe.expert_work(jnp.asarray(counts), variant.mcfg, lora_ranks=ranks)
     else:
         experts = moe.expert_work(jnp.asarray(counts), rt.mcfg)
     return forward_work(batch_dense_work(rt, batch, length), experts.flops, experts.bytes)
@@ -133,20 +139,30 @@ def serve(
     inputs = stream.inputs.reshape(-1, b, length)
     infer = lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask))
     adapt = lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask))
+    hw = None
+    if method.kind == "lora_hw":
+        fixed = stream_fixed_power(rt, batch=b, length=length, rate=rate)
+        hw = HardwareRanks(variant, hardware_limits(cfg, variant, budget_w, fixed))
     if variant is not None:
         params = prepare(variant, params, seed)
         infer = lambda p, x, y, k, mask: variant.infer(p, x, y, jnp.asarray(mask))
         calls, base = itertools.count(), jax.random.key(seed)
-        adapt = lambda p, x, lam, mask: variant.adapt(
-            p, x, jnp.float32(lam), jnp.asarray(mask), jax.random.fold_in(base, next(calls))
-        )
+
+        def adapt(p, x, lam, mask):
+            key = jax.random.fold_in(base, next(calls))
+            if hw is not None:  # the ranks the last window's readings chose
+                p = hw.apply(p, jax.random.fold_in(key, 1))
+            return variant.adapt(p, x, jnp.float32(lam), jnp.asarray(mask), key)
+
     served = serve_stream(
         infer,
         adapt,
         params,
         inputs,
         stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:]),
-        work=lambda counts, rows: batch_work(rt, counts, rows, length, variant),
+        work=lambda counts, rows: batch_work(
+            rt, counts, rows, length, variant, None if hw is None else hw.active
+        ),
         dense=batch_dense_work(rt, b, length),
         device=rt.device,
         monitor=monitor,
@@ -159,6 +175,7 @@ def serve(
         adapt_windows=cfg.ttt.windows,
         backward_factor=BACKWARD_FACTOR,
         policy=policy,
+        on_window=None if hw is None else hw.on_window,
     )
     monitor.close()
     steps = len(inputs)
@@ -194,6 +211,13 @@ def serve(
         "monitor": monitor.source,
         "monitor_fallback": monitor.fallback_reason,
     }
+    if hw is not None:
+        out.update(
+            hw_budget_w=budget_w,
+            rank_trace=hw.trace,
+            rank_units_max=int(hw.active.size * variant.rank),
+            final_ranks=hw.active.tolist(),
+        )
     if policy is not None:
         out.update(
             budget_w=budget_w,

@@ -101,6 +101,13 @@ def router_reference(results: dict[str, Any], name: str) -> str | None:
     return ref if ref in results["methods"] and ref != name else None
 
 
+def _rank(info: dict[str, Any], row: dict[str, Any]) -> str:
+    """The LoRA rank: fixed, or up to R with the mean share the hardware allowed."""
+    if info.get("rank_policy"):
+        return f"≤ {info['rank']}, mean {fmt(row['rank_share'], 0, 100)}% of the buffer"
+    return str(info["rank"] or "-")
+
+
 def expert_table(results: dict[str, Any], metric: Metric) -> list[str]:
     """The expert-level methods and objectives (issue 15): what adapts, how many parameters,
     and the change vs no TTT and vs router TTT at the same λ (no lines when none ran)."""
@@ -112,8 +119,8 @@ def expert_table(results: dict[str, Any], metric: Metric) -> list[str]:
         "",
         "**Expert-level adaptation and objectives** (issue 15): each adapts the listed "
         "parameters with the listed objective plus λ_energy · E; a LoRA factor counts its "
-        "active rank only. 'vs router TTT': the same method's mean minus energy_ttt's at the "
-        "same λ.",
+        "active rank only (lora_hw: its largest). 'vs router TTT': the same method's mean minus "
+        "energy_ttt's at the same λ.",
         "",
         f"| method | adapts | objective | λ | LoRA rank | adapted params | {label} | Δ {label} vs "
         f"no TTT | energy reduction | Δ {label} vs router TTT | Δ µJ/token vs router TTT | "
@@ -129,7 +136,7 @@ def expert_table(results: dict[str, Any], metric: Metric) -> list[str]:
             d_energy = f"{r['uj_per_token']['mean'] - rows[ref]['uj_per_token']['mean']:+.4f}"
         lines.append(
             f"| {name} | {info['params']} | {info['objective']} | {info['lam']:g} | "
-            f"{info['rank'] or '-'} | {info['adapted_params']} | {fmt(r[m_key])} | "
+            f"{_rank(info, r)} | {info['adapted_params']} | {fmt(r[m_key])} | "
             f"{change(r[f'{m_key}_change'], metric)} | {fmt(r['energy_reduction'], 1, 100)}% | "
             f"{d_metric} | {d_energy} | {fmt(r['adapt_share_of_energy'], 1, 100)}% | "
             f"{fmt(r['overhead'], 1, 100)}% |"

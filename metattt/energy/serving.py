@@ -94,6 +94,7 @@ def serve_stream(
     adapt_windows: int = 1,
     backward_factor: float = 2.0,
     policy: Any = None,
+    on_window: Callable[[Any, np.ndarray], None] | None = None,
 ) -> ServedStream:
     """Serve ``inputs`` batch by batch, prequentially, each batch one monitor window.
 
@@ -111,6 +112,9 @@ def serve_stream(
         ``adapt_every``-th batch.
       backward_factor: an adaptation step costs ``1 + backward_factor`` forward passes.
       policy: a :class:`metattt.energy.PowerBudget` or None.
+      on_window: called after each batch with its :class:`WindowRecord` and its inference
+        expert counts (layers, E), e.g. to choose adapter ranks from the readings
+        (:func:`metattt.energy.adapter_ranks`) for the next adaptation.
     """
     simulated = hasattr(monitor, "record_work")
     state = policy.init() if policy is not None else None
@@ -164,6 +168,8 @@ def serve_stream(
         counts_total += counts
         if t >= steps - late:
             counts_late += counts
+        if on_window is not None:
+            on_window(rec, counts)
         if policy is not None:
             state, decision = policy.update(state, rec.mean_power_w, rec.max_temperature_c)
             lam, top_k, mask = decision.lambda_energy, decision.top_k, decision.expert_mask

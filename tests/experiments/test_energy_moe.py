@@ -7,6 +7,7 @@ import logging
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -53,6 +54,7 @@ def _cell(workdir, name):
         ("prune/2", energy_moe.Method("prune", prune=2)),
         ("top_k/1", energy_moe.Method("top_k", top_k=1)),
         ("lora_ttt/4", energy_moe.Method("lora_ttt", rank=4)),
+        ("lora_hw/8:masked", energy_moe.Method("lora_hw", rank=8, objective="masked")),
         ("norm_ttt:masked", energy_moe.Method("norm_ttt", objective="masked")),
         ("bias_ttt", energy_moe.Method("bias_ttt")),
         ("energy_ttt/0.3:consistency", energy_moe.Method("energy_ttt", lam=0.3,
@@ -108,6 +110,8 @@ def test_methods_of_the_full_config_in_run_order():
         ("train.num_steps", 30, "multiple of train.steps_per_call"),
         ("data.heldout_windows", 6, "multiple of data.batch"),
         ("expert.methods", ("lora_ttt/5",), r"ranks <= expert.max_rank=4"),
+        ("expert.methods", ("lora_hw/5",), r"ranks <= expert.max_rank=4"),
+        ("expert.hw_fraction", 1.0, "expert.hw_fraction in"),
         ("expert.methods", ("norm_ttt", "norm_ttt"), "must be distinct"),
         ("expert.methods", ("ttt",), "must be distinct new method names"),
         ("expert.methods", ("ttt:bogus",), "unknown method 'ttt:bogus'"),
@@ -280,7 +284,8 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
         assert cells[5] == str(info["adapted_params"]) and cells[6] == f"{points[name][1]:.3f}"
         ref = f"energy_ttt/{info['lam']:g}"
         assert cells[9] == f"{points[name][1] - points[ref][1]:+.3f}"
-    assert "Expert-level adaptation and objectives (vs no TTT): lora_ttt/2:masked" in text
+    assert "Expert-level adaptation and objectives (vs no TTT): lora_hw/4:masked" in text
+    assert "≤ 4, mean" in text  # lora_hw: the share of the buffer the hardware allowed
 
 
 def test_lora_methods_are_charged_each_experts_merge_at_their_rank():
@@ -411,3 +416,39 @@ def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
     inference_j = adapted["dynamic_j"] - adapted["adapt_dynamic_j"]
     assert 0 < adapted["expert_j"] < inference_j
     assert len(adapted["curve_energy_uj"]) == adapted["adapt_calls"] * cfg.ttt.steps
+
+
+def test_lora_hw_ranks_follow_the_readings_and_are_charged_per_expert():
+    """lora_hw: a window's power sets the pending ranks (the busiest experts first); the next
+    adaptation applies them through the compiled realloc; the accounting prices each expert's
+    merge at its own active rank."""
+    from collections import namedtuple
+
+    from experiments.energy_moe import expert
+    from metattt.energy import adapter_ranks, memory_free_bytes
+    from metattt.models import moe
+
+    cfg = energy_config.get_config("tiny")
+    cfg.expert.methods = ("lora_hw/4",)
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    v = expert.build_variants(cfg, rt, "lm")["lora_hw/4"]
+    limits = expert.hardware_limits(cfg, v, budget_w=120.0, fixed_w=100.0)
+    assert limits.power_margin_w == pytest.approx(cfg.expert.hw_margin * 20.0)
+    hw = expert.HardwareRanks(v, limits)
+    params = expert.prepare(v, rt.init(0), 0)
+    np.testing.assert_array_equal(moe.lora_ranks(params, v.mcfg), hw.active)  # full at start
+    record = namedtuple("Record", "mean_power_w max_temperature_c")(115.0, 50.0)
+    counts = np.array([[3, 9, 1, 5]])
+    hw.on_window(record, counts)
+    want = adapter_ranks(115.0, 50.0, memory_free_bytes(), usage=[3, 9, 1, 5], max_rank=4,
+                         limits=limits)  # fmt: skip
+    assert want.tolist() == [0, 4, 0, 4] and hw.pending.tolist() == [want.tolist()]
+    assert hw.trace == [16]
+    adapted = hw.apply(params, jax.random.key(1))
+    np.testing.assert_array_equal(moe.lora_ranks(adapted, v.mcfg), [want])
+    assert hw.apply(adapted, jax.random.key(2)) is adapted  # nothing changed: no realloc
+    m = rt.mcfg
+    plain = serving.batch_work(rt, counts, 4, 16)
+    work = serving.batch_work(rt, counts, 4, 16, v, hw.active)
+    merge = sum(3 * (2 * m.d_model * r * m.d_ff + m.d_model * m.d_ff) for r in want if r)
+    assert work.flops - plain.flops == pytest.approx(merge)

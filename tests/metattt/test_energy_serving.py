@@ -158,3 +158,13 @@ def test_each_forward_pass_of_an_adaptation_step_is_charged():
     )
     assert served.adapt_calls == 2
     assert served.adapt_dynamic_j == pytest.approx(2 * per_call, rel=1e-9)
+
+
+def test_on_window_sees_every_window_and_its_counts():
+    inputs, targets = _stream(np.random.default_rng(4), 5)
+    mask = np.ones(E, bool)
+    seen = []
+    served = _serve(inputs, targets, mask=mask, on_window=lambda rec, c: seen.append((rec, c)))
+    assert [rec.mean_power_w for rec, _ in seen] == served.power_w
+    for (_, counts), x in zip(seen, inputs, strict=True):
+        assert np.array_equal(counts, _counts(2, mask, int(x[0, 0])))
