@@ -100,7 +100,8 @@ def lora_config(cfg, mcfg: moe.MoEConfig) -> moe.MoEConfig:
 
 def corruptions(cfg, mcfg: moe.MoEConfig, head: str) -> dict[str, Any]:
     """``corrupt`` and ``augment`` of :func:`metattt.energy.energy_tent` for the task's tokens
-    (bytes 1..255 for the LM, whose token 0 is padding; a square image of intensities else)."""
+    (random tokens 1..256, the bytes, for the LM, whose token 0 is padding; a square image of
+    intensities else)."""
     x = cfg.expert
     if head == "lm":
         v = mcfg.vocab_size

@@ -11,7 +11,8 @@ The adapted loss on an unlabelled test batch is
   share hidden (``corrupt(key, tokens) -> (corrupted, hidden)``) and its next-token logits
   predict each hidden original from the corrupted prefix (a causal model's form of BERT's
   loss); ``"consistency"`` -- the symmetric KL between the predictions (``head``) on two random
-  augmentations ``augment(key, tokens)`` of the batch; ``"none"``.
+  augmentations ``augment(k_a, tokens)``, ``augment(k_b, tokens)`` of the batch, with
+  ``k_a, k_b = jax.random.split(key)``; ``"none"``.
 * H: mean Shannon entropy of the predictions (LM logits, or the class logits with
   ``head="class"``), weighted by λ_ent (useful on top of ``"next_token"``).
 * Ē: the expected energy of the routing decisions per token, summed over layers, under a
