@@ -12,7 +12,11 @@ token than others) is trained on the English documentation that ships with Pytho
 stream it runs: no TTT; TTT of the router without the energy term (λ_energy = 0);
 energy-aware TTT over a sweep of λ_energy; the power-budget controller at several budgets
 (λ adjusted online from the simulated monitor's readings, escalating to pruning and a smaller
-top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing.
+top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing; and
+the expert-level methods of issue 15 (``expert.methods``): rank-r LoRA on every expert
+(``lora_ttt/<r>``), the norms (``norm_ttt``), the biases (``bias_ttt``), each with the router
+and λ_energy = ``expert.lam``, and router TTT with the masked-byte and two-augmentation
+consistency objectives.
 Energy is the SIMULATED monitor's (a modelled accelerator driven by the FLOPs and bytes of the
 experts actually used); the adaptation's own forward and backward passes are charged to it.
 
@@ -81,6 +85,36 @@ def get_config(arg=None):
     c.baselines.prune = (1, 2, 4)  # static pruning: mask this many of the costliest experts
     c.baselines.top_k = (1,)  # smaller top-k, same parameters
 
+    # Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
+    # lora_ttt/<r> (rank-r LoRA on every expert matrix), norm_ttt, bias_ttt, each with the
+    # router and λ_energy = expert.lam; "<method>:<objective>" picks the objective (entropy,
+    # next_token, masked, consistency).
+    c.expert = ml_collections.ConfigDict()
+    c.expert.methods = (
+        "lora_ttt/4",
+        "lora_ttt/16",
+        "lora_hw/16",
+        "norm_ttt",
+        "bias_ttt",
+        "energy_ttt/0.3:masked",
+        "energy_ttt/0.3:consistency",
+        "lora_ttt/4:masked",
+    )
+    c.expert.lam = 0.3  # one of ttt.lambdas: compare with energy_ttt at the same λ
+    c.expert.max_rank = 16  # R_max of the LoRA buffers (ranks are masks: one compilation)
+    c.expert.with_router = True  # the group adapts with ttt.params (False: the group alone)
+    c.expert.mask_rate = 0.15  # masked: share of bytes hidden behind random bytes
+    c.expert.drop_rate = 0.1  # consistency on text: byte dropout and adjacent-swap rates
+    c.expert.swap_rate = 0.1
+    c.expert.max_shift = 1  # consistency on digits: pixel shift and intensity noise
+    c.expert.noise = 1
+    # lora_hw/<R>: ranks from the monitor (metattt.energy.adapter_ranks) after every batch.
+    c.expert.hw_fraction = 0.9  # power budget: this share of no_ttt's dynamic power (as budget)
+    c.expert.hw_margin = 0.5  # ranks shrink over this share of the budget's dynamic headroom
+    c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
+    c.expert.hw_temperature_margin_c = 10.0
+    c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
         c.model.d_model = 16
@@ -104,11 +138,14 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
+        c.expert.methods = ("lora_hw/4:masked",)  # one more compilation: seconds
+        c.expert.max_rank = 4
     if arg == "demo":  # one energy-aware λ, adapted more strongly
         c.data.stream_batches = 24
         c.ttt.every = 4
         c.ttt.lr = 5e-2
         c.ttt.lambdas = (3.0,)
+        c.expert.methods = ()
     elif arg is not None and arg != "tiny":
         raise ValueError(f"unknown variant {arg!r} of configs/energy_moe.py (known: tiny, demo)")
     return c

@@ -13,7 +13,10 @@ trained on clean digits (train split) and then serves a stream of corrupted test
 (several corruption types at severities 3 and 5) with the same methods as
 ``configs/energy_moe.py`` (the same experiment, ``task="digits"``): no TTT; TENT (label-free
 entropy minimisation of the router and the norms) with λ_energy = 0; energy-aware TENT over a
-λ sweep; the power-budget controller; static pruning; top-1. Energy is the SIMULATED monitor's.
+λ sweep; the power-budget controller; static pruning; top-1; the expert-level methods of issue
+15 (``expert.methods``: LoRA on the experts, the norms, the biases, each with the router; the
+two-augmentation consistency objective; masked reconstruction is refused, the token head being
+never trained). Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
 """
@@ -83,6 +86,35 @@ def get_config(arg=None):
     c.baselines.prune = (1, 2, 4)
     c.baselines.top_k = (1,)
 
+    # Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
+    # lora_ttt/<r> (rank-r LoRA on every expert matrix), norm_ttt, bias_ttt, each with the
+    # router and λ_energy = expert.lam; "<method>:<objective>" picks the objective (entropy,
+    # next_token, masked, consistency).
+    c.expert = ml_collections.ConfigDict()
+    c.expert.methods = (
+        "lora_ttt/4",
+        "lora_ttt/16",
+        "lora_hw/16",
+        "norm_ttt",
+        "bias_ttt",
+        "energy_ttt/1:consistency",
+        "lora_ttt/4:consistency",
+    )
+    c.expert.lam = 1.0  # one of ttt.lambdas: compare with energy_ttt at the same λ
+    c.expert.max_rank = 16  # R_max of the LoRA buffers (ranks are masks: one compilation)
+    c.expert.with_router = True  # the group adapts with ttt.params (False: the group alone)
+    c.expert.mask_rate = 0.15  # masked: share of bytes hidden behind random bytes
+    c.expert.drop_rate = 0.1  # consistency on text: byte dropout and adjacent-swap rates
+    c.expert.swap_rate = 0.1
+    c.expert.max_shift = 1  # consistency on digits: pixel shift and intensity noise
+    c.expert.noise = 1
+    # lora_hw/<R>: ranks from the monitor (metattt.energy.adapter_ranks) after every batch.
+    c.expert.hw_fraction = 0.9  # power budget: this share of no_ttt's dynamic power (as budget)
+    c.expert.hw_margin = 0.5  # ranks shrink over this share of the budget's dynamic headroom
+    c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
+    c.expert.hw_temperature_margin_c = 10.0
+    c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
         c.model.d_model = 16
@@ -106,10 +138,14 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
+        c.expert.methods = ("norm_ttt:consistency",)  # one more compilation: seconds
+        c.expert.max_rank = 4
+        c.expert.lam = 0.3
     if arg == "demo":
         c.data.stream_batches = 16
         c.ttt.lr = 5e-2
         c.ttt.lambdas = (3.0,)
+        c.expert.methods = ()
     elif arg is not None and arg != "tiny":
         raise ValueError(
             f"unknown variant {arg!r} of configs/energy_moe_digits.py (known: tiny, demo)"

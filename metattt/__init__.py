@@ -6,7 +6,8 @@ scheme is built from ``jax.grad``, ``jax.vmap``, ``lax.scan``, ``jax.checkpoint`
 Modules: :mod:`~metattt.params` (which leaves adapt), :mod:`~metattt.inner` (the inner loop),
 :mod:`~metattt.meta` (MAML, FOMAML, E2E-TTT, Meta-SGD and the meta-step),
 :mod:`~metattt.online` (delayed-label streams), :mod:`~metattt.tta` (clip-wise TTA),
-:mod:`~metattt.objectives`, :mod:`~metattt.adapters` (dynamic-rank LoRA),
+:mod:`~metattt.objectives`, :mod:`~metattt.augment` (token corruptions for self-supervised
+objectives), :mod:`~metattt.adapters` (dynamic-rank LoRA),
 :mod:`~metattt.drift` (drift detectors), :mod:`~metattt.compiled` (``make_adapt_fn``: adaptation
 compiled once, for notebooks), the training contract :mod:`~metattt.train`
 (``Step``, ``supervised``, ``fit``), and the run plumbing :mod:`~metattt.ckpt`,
@@ -16,6 +17,7 @@ FSDP steps over a mesh).
 
 from metattt import (
     adapters,
+    augment,
     ckpt,
     compiled,
     data,
@@ -54,6 +56,7 @@ __all__ = [
     "adapt_merged",
     "adaptation_curve",
     "adapters",
+    "augment",
     "ckpt",
     "compiled",
     "count",

@@ -1,4 +1,5 @@
-"""Test-time objectives: prediction entropy (TENT), MSE, next-token CE, masked reconstruction.
+"""Test-time objectives: prediction entropy (TENT), MSE, next-token CE, masked reconstruction,
+and the consistency (symmetric KL) of the predictions on two augmentations of a batch.
 
 Every objective returns a scalar mean over the valid entries; an optional ``mask`` (1 = count)
 excludes padding. Shapes: ``...`` leading batch/time axes, V classes or vocabulary.
@@ -91,6 +92,33 @@ def masked_reconstruction(logits: jax.Array, tokens: jax.Array, masked: jax.Arra
     if jnp.shape(masked) != jnp.shape(tokens):
         raise ValueError(f"masked shape {jnp.shape(masked)} != tokens shape {jnp.shape(tokens)}")
     return cross_entropy(logits, tokens, masked)
+
+
+def kl_divergence(
+    logits_p: jax.Array, logits_q: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Mean KL(p || q) = Σ_v p_v (log p_v - log q_v), p = softmax(logits_p), q likewise,
+    over ``logits[..., V]`` (shapes must match)."""
+    _check_rank("logits_p", logits_p, 1)
+    if jnp.shape(logits_p) != jnp.shape(logits_q):
+        raise ValueError(
+            f"logits_p shape {jnp.shape(logits_p)} != logits_q shape {jnp.shape(logits_q)}"
+        )
+    dtype = jnp.promote_types(_compute_dtype(logits_p), _compute_dtype(logits_q))
+    logp = jax.nn.log_softmax(logits_p.astype(dtype), axis=-1)
+    logq = jax.nn.log_softmax(logits_q.astype(dtype), axis=-1)
+    return _masked_mean(jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1), mask)
+
+
+def consistency(
+    logits_a: jax.Array, logits_b: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Symmetric KL ½·(KL(a || b) + KL(b || a)) between the predictions on two random
+    augmentations of the same inputs; both branches get gradients (neither is the teacher).
+
+    Shapes: ``logits_a``, ``logits_b`` (..., V), ``mask`` (...) -> scalar.
+    """
+    return 0.5 * (kl_divergence(logits_a, logits_b, mask) + kl_divergence(logits_b, logits_a, mask))
 
 
 def random_token_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:

@@ -24,6 +24,12 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
   dynamic power above the fixed (idle + dense layers) power.
 * ``prune/<n>``: static pruning of the n costliest experts; ``top_k/<k>``: a smaller top-k.
   Both keep the trained parameters.
+* expert-level adaptation (issue 15, :mod:`.expert`), named in ``expert.methods``:
+  ``lora_ttt/<r>`` (rank-r LoRA on every expert matrix), ``lora_hw/<R>`` (ranks up to R chosen
+  after every batch from the monitor's power and temperature and the free memory), ``norm_ttt``
+  and ``bias_ttt``, each with the router at λ_energy = ``expert.lam``; any ``ttt``,
+  ``energy_ttt`` or expert-level method may end in ``:<objective>`` (``entropy``,
+  ``next_token``, ``masked``, ``consistency``).
 
 Energy (:mod:`.serving`, :mod:`metattt.energy.accounting`). The monitor is the simulated one
 unless the config asks for NVML (the results record which one ran). Each batch is one measured
@@ -36,9 +42,9 @@ the simulated compute delay, their product (EDP), and the wall-clock TTT overhea
 time / inference time).
 
 Modules: :mod:`.main` (checks and the run), :mod:`.runtime` (model, compiled functions,
-training), :mod:`.lm` / :mod:`.digits` (the tasks' data), :mod:`.serving`, :mod:`.aggregate`
-(results from cells), :mod:`.tables`, :mod:`.plots` and :mod:`.report` (rendered from
-``results.json`` alone).
+training), :mod:`.expert` (the expert-level methods and objectives), :mod:`.lm` /
+:mod:`.digits` (the tasks' data), :mod:`.serving`, :mod:`.aggregate` (results from cells),
+:mod:`.tables`, :mod:`.plots` and :mod:`.report` (rendered from ``results.json`` alone).
 """
 
 from experiments.energy_moe.aggregate import SCALARS, aggregate, figure_data, matched, scalars

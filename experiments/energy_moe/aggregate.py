@@ -63,6 +63,10 @@ def aggregate(
             for key in ("final_level", "final_top_k", "final_pruned", "budget_kept"):
                 row[key] = [r[key] for r in runs]
             row["plan_budget_met"] = [r["plan_budget_met"] for r in runs]
+        if table[name].kind == "lora_hw":  # the share of the rank buffer the hardware allowed
+            row["rank_share"] = stats.seed_summary(
+                [float(np.mean(r["rank_trace"])) / r["rank_units_max"] for r in runs]
+            )
         red, chg = row["energy_reduction"]["mean"], row[f"{key_m}_change"]["mean"]
         row["meets_energy_target"] = bool(red >= 0.20 and chg < 0.05)
         row["meets_overhead_target"] = (
@@ -108,7 +112,7 @@ def figure_data(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[
 
     * ``counts_late``: per method, the expert assignments (layers, E) of the last quarter of
       the stream, summed over seeds (the heatmap);
-    * ``curves``: per adapting method (``ttt``, ``energy_ttt``), the expected routing energy
+    * ``curves``: per adapting method but the budgets, the expected routing energy
       (µJ/token) and the adaptation's task loss (the metric's unit before its scale) after each
       adaptation step, averaged over seeds (the convergence plot);
     * ``traces``: the first seed's power per batch of ``no_ttt`` and of each budget, with the
@@ -120,7 +124,7 @@ def figure_data(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[
             "loss": np.mean([r["curve_loss"] for r in runs], axis=0).tolist(),
         }
         for name, runs in cells.items()
-        if table[name].kind in ("ttt", "energy_ttt") and runs[0]["curve_energy_uj"]
+        if table[name].adapts and table[name].kind != "budget" and runs[0]["curve_energy_uj"]
     }
     traces = {"no_ttt": {"power_w": cells["no_ttt"][0]["power_trace"]}}
     for name, runs in cells.items():

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from experiments import harness
-from experiments.energy_moe import registry, runtime, serving
+from experiments.energy_moe import expert, registry, runtime, serving
 from experiments.energy_moe.aggregate import aggregate, figure_data
 from experiments.energy_moe.plots import plot_all
 from experiments.energy_moe.tables import summary
@@ -27,6 +27,7 @@ def validate(cfg) -> None:
     task = task_of(cfg)
     task.validate_data(cfg)
     validate_methods(cfg, task.model_config(cfg))
+    expert.validate(cfg, task.model_config(cfg), task.head)
 
 
 def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
@@ -82,6 +83,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     validate(cfg)
     task = task_of(cfg)
     rt = runtime.build_runtime(cfg, task.model_config(cfg), head=task.head)
+    variants = expert.build_variants(cfg, rt, task.head)
     b, length = cfg.data.batch, cfg.data.length
     rate = serving.stream_rate(rt, batch=b, length=length, utilization=cfg.monitor.utilization)
     p_fixed = serving.stream_fixed_power(rt, batch=b, length=length, rate=rate)
@@ -93,19 +95,21 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         if pending:  # only then load the data, the parameters and compile
             params, stream, info = task.prepare(cfg, rt, seed, workdir)
             runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows)
+            expert.warm_up(variants, params, stream, batch=b, windows=cfg.ttt.windows)
         else:
             with open(runtime.info_path(workdir, seed)) as f:
                 info = json.load(f)
         seeds_info.append(info)
         for name, method in runlog.progress(table.items(), desc=f"methods seed {seed}"):
             budget_w = None
-            if method.kind == "budget":
+            if method.kind in ("budget", "lora_hw"):  # a share of no_ttt's dynamic power
                 p0 = cells["no_ttt"][-1]["mean_power_w"]
-                budget_w = p_fixed + method.fraction * (p0 - p_fixed)
+                share = method.fraction if method.kind == "budget" else cfg.expert.hw_fraction
+                budget_w = p_fixed + share * (p0 - p_fixed)
             cells[name].append(
                 harness.json_cell(
                     cell_path(workdir, seed, name),
-                    lambda m=method, bw=budget_w: serving.serve(
+                    lambda m=method, bw=budget_w, n=name: serving.serve(
                         cfg,
                         rt,
                         params,
@@ -115,6 +119,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                         seed=seed,
                         budget_w=bw,
                         metric=task.metric,
+                        variant=variants.get(n),
                     ),  # fmt: skip
                 )
             )
@@ -130,6 +135,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         monitor=cells["no_ttt"][0]["monitor"],
         monitor_fallback=cells["no_ttt"][0]["monitor_fallback"],
         kinds={name: m.kind for name, m in table.items()},
+        expert=expert.describe(variants, table),
         figures=figure_data(cells, table),
     )
     with open(os.path.join(workdir, "results.json"), "w") as f:

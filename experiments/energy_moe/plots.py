@@ -14,7 +14,8 @@ from experiments.energy_moe.tasks import Metric
 
 logger = logging.getLogger(__name__)
 COLORS = {"no_ttt": "k", "ttt": "tab:blue", "energy_ttt": "tab:green", "budget": "tab:purple",
-          "prune": "tab:red", "top_k": "tab:orange"}  # fmt: skip
+          "prune": "tab:red", "top_k": "tab:orange", "lora_ttt": "tab:cyan", "lora_hw": "tab:pink",
+          "norm_ttt": "tab:olive", "bias_ttt": "tab:brown"}  # fmt: skip
 
 
 def _pyplot():
@@ -54,11 +55,12 @@ def plot_pareto(results: dict[str, Any], path: str, metric: Metric) -> None:
 
 
 def heatmap_methods(results: dict[str, Any], metric: Metric) -> list[str]:
-    """no_ttt, ttt and the energy-aware TTT point with the largest saving at < 5% loss."""
+    """no_ttt, ttt and the router energy-aware TTT point with the largest saving at < 5%
+    loss."""
     rows, kinds = results["methods"], results["kinds"]
     change = f"{metric.key}_change"
-    aware = [n for n in rows if kinds[n] == "energy_ttt" and rows[n][change]["mean"] < 0.05]
-    aware = aware or [n for n in rows if kinds[n] == "energy_ttt"]
+    router = [n for n in rows if kinds[n] == "energy_ttt" and n not in results.get("expert", {})]
+    aware = [n for n in router if rows[n][change]["mean"] < 0.05] or router
     pick = max(aware, key=lambda n: rows[n]["energy_reduction"]["mean"])
     return ["no_ttt", "ttt", pick]
 

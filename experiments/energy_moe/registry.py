@@ -2,7 +2,12 @@
 
 ``no_ttt`` and ``ttt`` take no value; ``energy_ttt/<λ>`` (λ_energy > 0), ``budget/<f>`` (a
 share in (0, 1) of the unadapted model's dynamic power), ``prune/<n>`` (n costliest experts
-off) and ``top_k/<k>`` (a smaller top-k) take one. :func:`parse_method` turns a name into a
+off) and ``top_k/<k>`` (a smaller top-k) take one. The expert-level kinds (issue 15, see
+:mod:`.expert`) are ``lora_ttt/<rank>`` (LoRA of that rank on every expert), ``lora_hw/<R>``
+(ranks up to R chosen per batch from the monitor's power, temperature and memory headroom),
+``norm_ttt`` and ``bias_ttt``; these and ``ttt``, ``energy_ttt`` may end in ``:<objective>``
+(``entropy``, ``next_token``, ``masked``, ``consistency``; without it the task's own objective),
+and the config names them in full (``expert.methods``). :func:`parse_method` turns a name into a
 :class:`Method` and rejects anything else in one line that lists the valid forms;
 :func:`methods` names the config's methods in the order they run.
 """
@@ -12,9 +17,12 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple
 
-ENERGY_AWARE = ("energy_ttt", "budget")
+EXPERT = ("lora_ttt", "lora_hw", "norm_ttt", "bias_ttt")  # issue 15: λ_energy = expert.lam
+ENERGY_AWARE = ("energy_ttt", "budget", *EXPERT)
 BASELINES = ("prune", "top_k")
-ADAPTING = ("ttt", "energy_ttt", "budget")
+ADAPTING = ("ttt", "energy_ttt", "budget", *EXPERT)
+OBJECTIVES = ("entropy", "next_token", "masked", "consistency")
+OBJECTIVE_KINDS = ("ttt", "energy_ttt", *EXPERT)  # the kinds that may name an objective
 
 
 class Method(NamedTuple):
@@ -26,6 +34,8 @@ class Method(NamedTuple):
         fraction: the budget's share of the dynamic power (``budget``).
         prune: experts pruned (``prune``).
         top_k: K of the routing (0: the model's).
+        rank: the expert LoRA rank (``lora_ttt``; the largest, ``lora_hw``).
+        objective: the adaptation's objective (``""``: the task's own).
     """
 
     kind: str
@@ -33,6 +43,8 @@ class Method(NamedTuple):
     fraction: float = 0.0
     prune: int = 0
     top_k: int = 0
+    rank: int = 0
+    objective: str = ""
 
     @property
     def adapts(self) -> bool:
@@ -48,26 +60,38 @@ KINDS = {
     "budget": ("fraction", float, "budget/<fraction>"),
     "prune": ("prune", int, "prune/<n>"),
     "top_k": ("top_k", int, "top_k/<k>"),
+    "lora_ttt": ("rank", int, "lora_ttt/<rank>"),
+    "lora_hw": ("rank", int, "lora_hw/<max rank>"),
+    "norm_ttt": (None, None, "norm_ttt"),
+    "bias_ttt": (None, None, "bias_ttt"),
 }
 
 
 def parse_method(name: str) -> Method:
-    """``"energy_ttt/0.3"`` -> ``Method("energy_ttt", lam=0.3)``.
+    """``"energy_ttt/0.3"`` -> ``Method("energy_ttt", lam=0.3)``; ``"lora_ttt/4:masked"`` ->
+    ``Method("lora_ttt", rank=4, objective="masked")``.
 
     Raises:
-        ValueError: an unknown kind, a missing, extra or unparsable value (one line listing
-            the valid forms).
+        ValueError: an unknown kind, a missing, extra or unparsable value, or an objective
+            that is unknown or on a kind that does not adapt (one line listing the valid forms).
     """
-    kind, slash, value = str(name).partition("/")
-    if kind in KINDS:
+    head, colon, objective = str(name).partition(":")
+    kind, slash, value = head.partition("/")
+    ok_objective = not colon or (objective in OBJECTIVES and kind in OBJECTIVE_KINDS)
+    if kind in KINDS and ok_objective:
         field, cast, _ = KINDS[kind]
         if field is None and not slash:
-            return Method(kind)
+            return Method(kind, objective=objective)
         if field is not None and slash:
             with contextlib.suppress(ValueError):
-                return Method(kind, **{field: cast(value)})
+                method = Method(kind, objective=objective, **{field: cast(value)})
+                if field != "rank" or method.rank >= 1:
+                    return method
     valid = ", ".join(form for _, _, form in KINDS.values())
-    raise ValueError(f"unknown method {name!r}; valid: {valid}")
+    raise ValueError(
+        f"unknown method {name!r}; valid: {valid}; {', '.join(OBJECTIVE_KINDS)} may end in "
+        f":<objective> ({', '.join(OBJECTIVES)})"
+    )
 
 
 def method_names(cfg) -> list[str]:
@@ -80,7 +104,13 @@ def method_names(cfg) -> list[str]:
         *(f"budget/{f:g}" for f in cfg.budget.fractions),
         *(f"prune/{n}" for n in cfg.baselines.prune),
         *(f"top_k/{k}" for k in cfg.baselines.top_k),
+        *extra_names(cfg),
     ]
+
+
+def extra_names(cfg) -> list[str]:
+    """The methods the config names in full (``expert.methods``, issue 15), if any."""
+    return list(cfg.expert.methods) if "expert" in cfg else []
 
 
 def methods(cfg) -> dict[str, Method]:
@@ -93,10 +123,15 @@ def methods(cfg) -> dict[str, Method]:
         *(float(f) for f in cfg.budget.fractions),
         *(int(n) for n in cfg.baselines.prune),
         *(int(k) for k in cfg.baselines.top_k),
+        *(None for _ in extra_names(cfg)),
     ]
     out = {}
     for name, value in zip(method_names(cfg), values, strict=True):
         method = parse_method(name)
         field = KINDS[method.kind][0]
-        out[name] = method if field is None else method._replace(**{field: value})
+        if value is not None:
+            method = method._replace(**{field: value})
+        if method.kind in EXPERT:
+            method = method._replace(lam=float(cfg.expert.lam))
+        out[name] = method
     return out

@@ -13,7 +13,7 @@ from experiments.energy_moe import digits
 from experiments.energy_moe.plots import PLOTS, plot_all, shown_plots
 from experiments.energy_moe.registry import ENERGY_AWARE
 from experiments.energy_moe.serving import BACKWARD_FACTOR
-from experiments.energy_moe.tables import change, summary
+from experiments.energy_moe.tables import change, router_reference, summary
 from experiments.energy_moe.tasks import BPC, Metric, task_of
 from metattt.models import moe
 
@@ -28,8 +28,9 @@ def reading(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
     base, ttt = rows["no_ttt"], rows["ttt"]
     share = base["expert_share_of_energy"]["mean"]
     routed = base["routed_uj_per_token_late"]["mean"]
+    expert = results.get("expert") or {}
     adapt_share = np.mean([rows[n]["adapt_share_of_energy"]["mean"] for n in rows
-                           if kinds[n] == "energy_ttt"])  # fmt: skip
+                           if kinds[n] == "energy_ttt" and n not in expert])  # fmt: skip
     lines = [
         f"- Without TTT the experts are {100 * share:.0f}% of the dynamic energy (the rest is "
         "attention, projections, router and LM head, which routing cannot change): a 20% "
@@ -52,6 +53,7 @@ def reading(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
         f"{', '.join(hits) or 'none'}; of those also with TTT overhead < 10%: "
         f"{', '.join(both) or 'none'}.",
     ]
+    lines += expert_reading(results, metric)
     for name, m in results["matched"].items():
         if m["best_aware"] is None:
             lines.append(f"- vs {name}: no energy-aware point is as accurate, so no win counts.")
@@ -63,6 +65,69 @@ def reading(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
                 f"({m['aware_uj']:.4f} µJ/tok)."
             )
     return lines
+
+
+def expert_reading(results: dict[str, Any], metric: Metric) -> list[str]:
+    """One line on the expert-level methods (issue 15) vs router TTT at the same λ."""
+    expert = results.get("expert") or {}
+    if not expert:
+        return []
+    rows = results["methods"]
+    m_key, unit = metric.key, "%" if metric.relative else " pp"
+    parts = []
+    for name in expert:
+        r, ref = rows[name], router_reference(results, name)
+        text = (
+            f"{name} {change(r[f'{m_key}_change'], metric)} {metric.label}, "
+            f"{100 * r['energy_reduction']['mean']:+.1f}% energy saved"
+        )
+        if ref is not None:
+            better = r[m_key]["mean"] < rows[ref][m_key]["mean"]
+            cheaper = r["uj_per_token"]["mean"] < rows[ref]["uj_per_token"]["mean"]
+            text += (
+                f" ({'more' if better else 'not more'} accurate and "
+                f"{'cheaper' if cheaper else 'not cheaper'} than {ref})"
+            )
+        parts.append(text)
+    hits = [n for n in expert if rows[n]["meets_energy_target"]]
+    return [
+        "- Expert-level adaptation and objectives (vs no TTT): " + "; ".join(parts) + ". "
+        f"Meeting ≥ 20% energy reduction with < 5{unit} {metric.label} increase: "
+        f"{', '.join(hits) or 'none'}."
+    ]
+
+
+def expert_header(results: dict[str, Any], cfg) -> list[str]:
+    """Provenance of the expert-level methods (issue 15), when any ran."""
+    if not results.get("expert"):
+        return []
+    x = cfg.expert
+    objectives = (
+        f"masked: {x.mask_rate:.0%} of the bytes hidden behind random bytes, each predicted "
+        f"from the corrupted prefix; consistency: symmetric KL between two augmentations "
+        f"(byte dropout {x.drop_rate}, adjacent swaps {x.swap_rate})"
+        if "digits" not in task_of(cfg).section
+        else f"consistency: symmetric KL between two augmentations (pixel shift ±{x.max_shift},"
+        f" intensity noise ±{x.noise}); masked reconstruction is not run on digits (the token "
+        "head is never trained)"
+    )
+    return [
+        f"- Expert-level methods (issue 15): {', '.join(results['expert'])}; λ_energy "
+        f"{x.lam}, {'with the router' if x.with_router else 'the group alone'}; LoRA on every "
+        f"expert matrix in an R_max = {x.max_rank} buffer (rank = mask, one compilation), "
+        "each expert's merge W + A·B charged per forward pass at the active rank; "
+        f"{objectives}; a two-pass objective is charged both passes."
+        + (
+            f" lora_hw: after every batch the ranks (and which experts keep an adapter: the "
+            f"busiest) follow the headroom below a power budget of {x.hw_fraction} of no_ttt's "
+            f"dynamic power (band {x.hw_margin} of it), {x.hw_temperature_c} °C (band "
+            f"{x.hw_temperature_margin_c} °C) and {x.hw_memory_reserve_gb} GB of free memory "
+            "(metattt.energy.adapter_ranks), applied by lora_realloc before the next "
+            "adaptation without recompiling."
+            if any(i.get("rank_policy") for i in results["expert"].values())
+            else ""
+        ),
+    ]
 
 
 def _monitor(results: dict[str, Any]) -> str:
@@ -189,6 +254,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str | None = None) -> No
     body = "\n".join(
         [
             *HEADERS[name](results, cfg, mcfg, n_params),
+            *expert_header(results, cfg),
             "",
             summary(results, cfg),
             "",

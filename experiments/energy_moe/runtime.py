@@ -68,6 +68,25 @@ class Runtime(NamedTuple):
     device: SimulatedDevice
 
 
+def score(out, targets, head: str) -> jax.Array:
+    """A batch's score: mean nats of the next byte (LM) or the error rate (classifier)."""
+    if head == "lm":
+        return objectives.cross_entropy(out.logits, targets)
+    return jnp.mean(jnp.argmax(out.class_logits, axis=-1) != targets)
+
+
+def compile_infer(mcfg: moe.MoEConfig, head: str):
+    """Jitted ``(params, inputs, targets, mask) -> (score, counts)`` of ``mcfg``'s model."""
+    apply = moe.init_moe(mcfg).apply
+
+    @jax.jit
+    def infer(p, inputs, targets, mask):
+        out = apply(p, inputs, expert_mask=mask)
+        return score(out, targets, head), out.aux["expert_counts"]
+
+    return infer
+
+
 def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
     """Compile-once functions for every k the methods use (parameters do not depend on K).
 
@@ -79,11 +98,6 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     apply = moe.init_moe(mcfg).apply
 
-    def score(out, targets):
-        if head == "lm":
-            return objectives.cross_entropy(out.logits, targets)
-        return jnp.mean(jnp.argmax(out.class_logits, axis=-1) != targets)
-
     def train_loss(p, batch):
         inputs, targets = batch
         out = apply(p, inputs)
@@ -94,16 +108,6 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
         return ce + cfg.train.load_balance * lb + cfg.train.z_loss * z
 
     train_step = train.supervised(train_loss, optax.adam(cfg.train.lr), jit=False)
-
-    def make_infer(k):
-        apply_k = moe.init_moe(mcfg._replace(top_k=k)).apply
-
-        @jax.jit
-        def infer(p, inputs, targets, mask):
-            out = apply_k(p, inputs, expert_mask=mask)
-            return score(out, targets), out.aux["expert_counts"]
-
-        return infer
 
     ks = {mcfg.top_k, *(int(k) for k in cfg.baselines.top_k)}
     if cfg.budget.fractions:
@@ -131,7 +135,7 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
         mcfg,
         lambda seed: moe.init_moe(mcfg, seed=seed).params,
         train_step,
-        {k: make_infer(k) for k in sorted(ks)},
+        {k: compile_infer(mcfg._replace(top_k=k), head) for k in sorted(ks)},
         adapt,
         costs.values("joules_per_token"),
         device,

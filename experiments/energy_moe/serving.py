@@ -3,16 +3,22 @@ config, and a cell of results from :func:`metattt.energy.serving.serve_stream` (
 every batch is scored before the method may adapt on it; every batch is one monitor window).
 
 A forward pass costs the dense layers plus :func:`metattt.models.moe.expert_work` of the
-experts actually used; an adaptation step ``1 + BACKWARD_FACTOR`` forward passes.
+experts actually used (with expert LoRA, each expert's merge at its active rank too); an
+adaptation step ``1 + BACKWARD_FACTOR`` forward passes (each of its passes, when the objective
+runs two). Expert-level methods and other objectives are served through their
+:class:`.expert.Variant`.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.energy_moe.expert import HardwareRanks, Variant, hardware_limits, prepare
 from experiments.energy_moe.registry import Method
 from experiments.energy_moe.runtime import Runtime
 from experiments.energy_moe.tasks import Metric
@@ -43,9 +49,21 @@ def batch_dense_work(rt: Runtime, batch: int, length: int) -> Work:
     )  # fmt: skip
 
 
-def batch_work(rt: Runtime, counts: Any, batch: int, length: int) -> Work:
-    """Dense work plus the work of the experts actually used (``counts`` (layers, E))."""
-    experts = moe.expert_work(jnp.asarray(counts), rt.mcfg)
+def batch_work(
+    rt: Runtime,
+    counts: Any,
+    batch: int,
+    length: int,
+    variant: Variant | None = None,
+    lora_ranks: Any = None,
+) -> Work:
+    """Dense work plus the work of the experts actually used (``counts`` (layers, E)), with
+    the variant's expert LoRA merges at ``lora_ranks`` ((layers, E); None: its rank)."""
+    if variant is not None and variant.rank:
+        ranks = variant.rank if lora_ranks is None else jnp.asarray(lora_ranks)
+        experts = moe.expert_work(jnp.asarray(counts), variant.mcfg, lora_ranks=ranks)
+    else:
+        experts = moe.expert_work(jnp.asarray(counts), rt.mcfg)
     return forward_work(batch_dense_work(rt, batch, length), experts.flops, experts.bytes)
 
 
@@ -85,10 +103,13 @@ def serve(
     seed: int,
     metric: Metric,
     budget_w: float | None = None,
+    variant: Variant | None = None,
 ) -> dict[str, Any]:
     """Serve the stream prequentially with ``method``; every batch is a monitor window.
 
-    ``stream`` has ``inputs`` (S·B, L) tokens and ``targets`` (S·B, ...) for the score.
+    ``stream`` has ``inputs`` (S·B, L) tokens and ``targets`` (S·B, ...) for the score;
+    ``variant`` serves an expert-level method or another objective (its adaptation call c
+    draws its corruptions with ``fold_in(key(seed), c)``).
     Returns the cell: the metric, energies, delay, EDP, wall times and per-batch traces.
     """
     mcfg = rt.mcfg
@@ -116,13 +137,32 @@ def serve(
             patience=cfg.budget.patience,
         )
     inputs = stream.inputs.reshape(-1, b, length)
+    infer = lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask))
+    adapt = lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask))
+    hw = None
+    if method.kind == "lora_hw":
+        fixed = stream_fixed_power(rt, batch=b, length=length, rate=rate)
+        hw = HardwareRanks(variant, hardware_limits(cfg, variant, budget_w, fixed))
+    if variant is not None:
+        params = prepare(variant, params, seed)
+        infer = lambda p, x, y, k, mask: variant.infer(p, x, y, jnp.asarray(mask))
+        calls, base = itertools.count(), jax.random.key(seed)
+
+        def adapt(p, x, lam, mask):
+            key = jax.random.fold_in(base, next(calls))
+            if hw is not None:  # the ranks the last window's readings chose
+                p = hw.apply(p, jax.random.fold_in(key, 1))
+            return variant.adapt(p, x, jnp.float32(lam), jnp.asarray(mask), key)
+
     served = serve_stream(
-        lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask)),
-        lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask)),
+        infer,
+        adapt,
         params,
         inputs,
         stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:]),
-        work=lambda counts, rows: batch_work(rt, counts, rows, length),
+        work=lambda counts, rows: batch_work(
+            rt, counts, rows, length, variant, None if hw is None else hw.active
+        ),
         dense=batch_dense_work(rt, b, length),
         device=rt.device,
         monitor=monitor,
@@ -130,11 +170,12 @@ def serve(
         top_k=method.top_k or mcfg.top_k,
         mask=static_mask(rt.joules, method.prune),
         lam=cfg.budget.lam_init if policy is not None else method.lam,
-        adapting=method.kind in ("ttt", "energy_ttt"),
+        adapting=method.adapts and policy is None,
         adapt_every=cfg.ttt.every,
         adapt_windows=cfg.ttt.windows,
         backward_factor=BACKWARD_FACTOR,
         policy=policy,
+        on_window=None if hw is None else hw.on_window,
     )
     monitor.close()
     steps = len(inputs)
@@ -170,6 +211,13 @@ def serve(
         "monitor": monitor.source,
         "monitor_fallback": monitor.fallback_reason,
     }
+    if hw is not None:
+        out.update(
+            hw_budget_w=budget_w,
+            rank_trace=hw.trace,
+            rank_units_max=int(hw.active.size * variant.rank),
+            final_ranks=hw.active.tolist(),
+        )
     if policy is not None:
         out.update(
             budget_w=budget_w,

@@ -1,4 +1,5 @@
-"""Markdown tables of a run's results: every method, the matched-accuracy comparison, budgets."""
+"""Markdown tables of a run's results: every method, the matched-accuracy comparison, budgets,
+and the expert-level adaptation methods against router TTT at the same λ_energy."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def change(entry: dict[str, Any], metric: Metric) -> str:
 
 
 def summary(results: dict[str, Any], cfg) -> str:
-    """Markdown tables: every method, the matched-accuracy comparison, the budgets."""
+    """Markdown tables: every method, the matched-accuracy comparison, the budgets, the
+    expert-level methods."""
     return summary_tables(results, task_of(cfg).metric)
 
 
@@ -87,4 +89,56 @@ def summary_tables(results: dict[str, Any], metric: Metric) -> str:
                 f"{r['final_level']} | {r['final_top_k']} | {r['final_pruned']} | "
                 f"{r['budget_kept']} | {r['plan_budget_met']} | {fmt(r[m_key])} |"
             )
+    lines += expert_table(results, metric)
     return "\n".join(lines)
+
+
+def router_reference(results: dict[str, Any], name: str) -> str | None:
+    """The router-only energy-aware TTT at the same λ_energy (``energy_ttt/<λ>``), if it ran
+    (the objective variants aside)."""
+    info = results["expert"][name]
+    ref = f"energy_ttt/{info['lam']:g}"
+    return ref if ref in results["methods"] and ref != name else None
+
+
+def _rank(info: dict[str, Any], row: dict[str, Any]) -> str:
+    """The LoRA rank: fixed, or up to R with the mean share the hardware allowed."""
+    if info.get("rank_policy"):
+        return f"≤ {info['rank']}, mean {fmt(row['rank_share'], 0, 100)}% of the buffer"
+    return str(info["rank"] or "-")
+
+
+def expert_table(results: dict[str, Any], metric: Metric) -> list[str]:
+    """The expert-level methods and objectives (issue 15): what adapts, how many parameters,
+    and the change vs no TTT and vs router TTT at the same λ (no lines when none ran)."""
+    expert = results.get("expert") or {}
+    if not expert:
+        return []
+    rows, m_key, label = results["methods"], metric.key, metric.label
+    lines = [
+        "",
+        "**Expert-level adaptation and objectives** (issue 15): each adapts the listed "
+        "parameters with the listed objective plus λ_energy · E; a LoRA factor counts its "
+        "active rank only (lora_hw: its largest). 'vs router TTT': the same method's mean minus "
+        "energy_ttt's at the same λ.",
+        "",
+        f"| method | adapts | objective | λ | LoRA rank | adapted params | {label} | Δ {label} vs "
+        f"no TTT | energy reduction | Δ {label} vs router TTT | Δ µJ/token vs router TTT | "
+        "adapt share of energy | TTT overhead (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, info in expert.items():
+        r, ref = rows[name], router_reference(results, name)
+        if ref is None:
+            d_metric = d_energy = "-"
+        else:
+            d_metric = f"{r[m_key]['mean'] - rows[ref][m_key]['mean']:+.3f}"
+            d_energy = f"{r['uj_per_token']['mean'] - rows[ref]['uj_per_token']['mean']:+.4f}"
+        lines.append(
+            f"| {name} | {info['params']} | {info['objective']} | {info['lam']:g} | "
+            f"{_rank(info, r)} | {info['adapted_params']} | {fmt(r[m_key])} | "
+            f"{change(r[f'{m_key}_change'], metric)} | {fmt(r['energy_reduction'], 1, 100)}% | "
+            f"{d_metric} | {d_energy} | {fmt(r['adapt_share_of_energy'], 1, 100)}% | "
+            f"{fmt(r['overhead'], 1, 100)}% |"
+        )
+    return lines

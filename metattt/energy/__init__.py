@@ -6,11 +6,12 @@ profiles, their JSON files, and the expected energy of routing decisions),
 :mod:`~metattt.energy.adapt` (energy-aware TENT), :mod:`~metattt.energy.budget` (the λ
 controller, triggers, expert pruning and graceful degradation under a power budget) and
 :mod:`~metattt.energy.accounting` (the work and energy of serving a MoE: dense and routed work,
-serving rate, fixed power, EDP, Pareto front) and :mod:`~metattt.energy.serving` (prequential
-serving of a stream under a monitor, with adaptation and an optional power-budget policy), and
+serving rate, fixed power, EDP, Pareto front), :mod:`~metattt.energy.serving` (prequential
+serving of a stream under a monitor, with adaptation and an optional power-budget policy),
+:mod:`~metattt.energy.rank_policy` (adapter ranks from power, temperature and memory headroom),
 :mod:`~metattt.energy.memory` (memory readings, serving levels priced by XLA, and the policy
-that steps down under memory pressure), and :mod:`~metattt.energy.explain` (which experts a
-routing avoided and what that saved, activation shares, top-k agreement), and
+that steps down under memory pressure), :mod:`~metattt.energy.explain` (which experts a
+routing avoided and what that saved, activation shares, top-k agreement) and
 :mod:`~metattt.energy.schedule` (when to adapt: periodic, on a difficulty signal, or at an
 adaptive frequency).
 """
@@ -87,6 +88,12 @@ from metattt.energy.monitor import (
     WindowRecord,
     create_monitor,
 )
+from metattt.energy.rank_policy import (
+    RankLimits,
+    adapter_ranks,
+    fill_ranks,
+    rank_units,
+)
 from metattt.energy.schedule import (
     Schedule,
     ScheduleState,
@@ -148,23 +155,27 @@ __all__ = [
     "PowerBudget",
     "PowerRecord",
     "PruneResult",
+    "RankLimits",
     "RoutingStats",
     "SimulatedDevice",
     "SimulatedMonitor",
     "Trigger",
     "TriggerState",
     "WindowRecord",
+    "adapter_ranks",
     "create_monitor",
     "degrade",
     "energy_per_token_budget",
     "energy_tent",
     "expected_energy",
+    "fill_ranks",
     "lambda_controller",
     "load_costs",
     "measure_costs",
     "power_budget",
     "predicted_energy_per_token",
     "proxy_costs",
+    "rank_units",
     "prune_experts",
     "save_costs",
     "trigger",

@@ -7,14 +7,21 @@ The adapted loss on an unlabelled test batch is
 * L_task: ``"entropy"`` -- the mean prediction entropy H (TENT, Wang et al. 2021, "Tent: Fully
   Test-time Adaptation by Entropy Minimization"); ``"next_token"`` -- the self-supervised
   next-token cross-entropy on the test tokens themselves (a language model sees its labels one
-  token late); ``"none"``.
+  token late); ``"masked"`` -- masked reconstruction: the model reads the tokens with a random
+  share hidden (``corrupt(key, tokens) -> (corrupted, hidden)``) and its next-token logits
+  predict each hidden original from the corrupted prefix (a causal model's form of BERT's
+  loss); ``"consistency"`` -- the symmetric KL between the predictions (``head``) on two random
+  augmentations ``augment(k_a, tokens)``, ``augment(k_b, tokens)`` of the batch, with
+  ``k_a, k_b = jax.random.split(key)``; ``"none"``.
 * H: mean Shannon entropy of the predictions (LM logits, or the class logits with
   ``head="class"``), weighted by λ_ent (useful on top of ``"next_token"``).
 * Ē: the expected energy of the routing decisions per token, summed over layers, under a
   per-expert cost profile c (:func:`metattt.energy.costs.expected_energy`), with the costs
   normalised by their mean so that λ_energy is unitless: Ē ∈ [K·min c / mean c, K·max c / mean c].
   Its value is the hard top-k cost and its gradient the straight-through surrogate through the
-  router probabilities, so the router learns to send tokens to cheaper experts.
+  router probabilities, so the router learns to send tokens to cheaper experts. With
+  ``"masked"`` it is the corrupted pass's routing, with ``"consistency"`` the mean of the two
+  passes' (each step then runs two forward passes: ``expert_counts`` has a pass axis).
 
 ψ is the subset of the parameters chosen by a :mod:`metattt.params` selector (``"router"``,
 ``"layernorm"``, ``"lora"`` or a combination). The steps are :func:`metattt.inner.adapt` (a
@@ -42,7 +49,8 @@ from metattt.energy.costs import CostProfile, expected_energy
 from metattt.params import Selector, select
 
 PyTree = Any
-TASKS = ("entropy", "next_token", "none")
+TASKS = ("entropy", "next_token", "masked", "consistency", "none")
+KEYED = ("masked", "consistency")  # the tasks that draw random corruptions (need a key)
 HEADS = ("lm", "class")
 
 
@@ -53,11 +61,14 @@ class EnergyBatch(NamedTuple):
         tokens: (B, L) int test tokens.
         lambda_energy: () float32 weight of the energy term.
         expert_mask: (E,) bool experts allowed (False prunes), or None.
+        key: PRNG key of the corruptions (``"masked"``, ``"consistency"``), or None; the
+            same corruptions serve every step of one adaptation.
     """
 
     tokens: jax.Array
     lambda_energy: jax.Array
     expert_mask: jax.Array | None = None
+    key: jax.Array | None = None
 
 
 class RoutingStats(NamedTuple):
@@ -69,7 +80,8 @@ class RoutingStats(NamedTuple):
         entropy: mean prediction entropy H (nats).
         energy: normalised expected energy per token Ē (the term λ_energy multiplies).
         joules_per_token: expected energy per token in the profile's units (J), all layers.
-        expert_counts: (layers, E) int32 assignments each expert processed.
+        expert_counts: (layers, E) int32 assignments each expert processed; (2, layers, E),
+            one per forward pass, with ``"consistency"``.
     """
 
     loss: jax.Array
@@ -102,10 +114,12 @@ class EnergyTTT(NamedTuple):
 
     Attributes:
         loss_fn: ``loss_fn(params, batch: EnergyBatch) -> (loss, RoutingStats)``.
-        stats: ``stats(params, tokens, lambda_energy=0.0, expert_mask=None) -> RoutingStats``.
+        stats: ``stats(params, tokens, lambda_energy=0.0, expert_mask=None, key=None)
+            -> RoutingStats``.
         adapt: ``adapt(params, tokens, lambda_energy, expert_mask=None, num_steps=None,
-            diagnostics=True) -> EnergyAdaptResult``; ``diagnostics=False`` (static) skips the
-            two extra forward passes of ``before`` / ``after``, as serving would.
+            diagnostics=True, key=None) -> EnergyAdaptResult``; ``diagnostics=False``
+            (static) skips the two extra forward passes of ``before`` / ``after``, as serving
+            would; ``key`` draws the corruptions of ``"masked"`` and ``"consistency"``.
     """
 
     loss_fn: Callable[..., tuple[jax.Array, RoutingStats]]
@@ -137,6 +151,8 @@ def energy_tent(
     max_steps: int = 5,
     clip_norm: float | None = 1.0,
     remat: bool = False,
+    corrupt: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> EnergyTTT:
     """Build energy-aware TENT for a MoE ``apply`` (see the module docstring for the loss).
 
@@ -147,19 +163,25 @@ def energy_tent(
         top_k: K of the model's routing.
         params: which parameters adapt -- a :mod:`metattt.params` selector (``"router"``,
             ``"layernorm"``, ``"lora"``, ``"router+layernorm"``, ...).
-        task: ``"entropy"``, ``"next_token"`` or ``"none"`` (L_task).
+        task: ``"entropy"``, ``"next_token"``, ``"masked"``, ``"consistency"`` or ``"none"``
+            (L_task).
         head: ``"lm"`` (entropy of the next-token logits) or ``"class"`` (class logits).
         lambda_ent: λ_ent, weight of the extra prediction-entropy term.
         opt: optax rule (default ``optax.adam(1e-2)``).
         max_steps: K_max, static; ``adapt(num_steps=k)`` runs k <= K_max of them.
         clip_norm: per-step gradient clipping (None: none).
         remat: checkpoint each inner step.
+        corrupt: ``corrupt(key, tokens) -> (corrupted, hidden)`` (``"masked"``), e.g.
+            ``partial(metattt.augment.corrupt_tokens, rate=0.15, low=1, high=V)``.
+        augment: ``augment(key, tokens) -> tokens`` (``"consistency"``), e.g.
+            ``partial(metattt.augment.drop_swap, ...)``.
 
     Returns:
         An :class:`EnergyTTT` of pure functions.
 
     Raises:
-        ValueError: unknown ``task``/``head`` or bad ``costs``.
+        ValueError: unknown ``task``/``head``, bad ``costs``, or ``"masked"`` without
+            ``corrupt`` / ``"consistency"`` without ``augment``.
 
     Example:
         >>> apply, p = init_moe(cfg)
@@ -171,32 +193,59 @@ def energy_tent(
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if task == "masked" and corrupt is None:
+        raise ValueError("task='masked' needs corrupt(key, tokens) -> (corrupted, hidden)")
+    if task == "consistency" and augment is None:
+        raise ValueError("task='consistency' needs augment(key, tokens) -> tokens")
     joules = cost_vector(costs)
     normalised = joules / joules.mean()
     opt = optax.adam(1e-2) if opt is None else opt
+
+    def predictions(out):
+        pred = out.logits if head == "lm" else out.class_logits
+        if pred is None:
+            raise ValueError("head='class' needs a model with a classification head")
+        return pred
 
     def loss_fn(p: PyTree, batch: EnergyBatch) -> tuple[jax.Array, RoutingStats]:
         tokens = batch.tokens
         if jnp.ndim(tokens) != 2:
             raise ValueError(f"tokens must have shape (B, L), got {jnp.shape(tokens)}")
-        out = apply(p, tokens, expert_mask=batch.expert_mask)
-        pred = out.logits if head == "lm" else out.class_logits
-        if pred is None:
-            raise ValueError("head='class' needs a model with a classification head")
-        ent = objectives.entropy(pred)
+        if task in KEYED and batch.key is None:
+            raise ValueError(f"task={task!r} draws random corruptions: pass a key")
+        run = lambda x: apply(p, x, expert_mask=batch.expert_mask)
+        if task == "masked":
+            corrupted, hidden = corrupt(batch.key, tokens)
+            outs = [run(corrupted)]
+            task_loss = objectives.next_token_cross_entropy(outs[0].logits, tokens, hidden)
+        elif task == "consistency":
+            key_a, key_b = jax.random.split(batch.key)
+            outs = [run(augment(key_a, tokens)), run(augment(key_b, tokens))]
+            task_loss = objectives.consistency(predictions(outs[0]), predictions(outs[1]))
+        else:
+            outs = [run(tokens)]
+        ent = objectives.entropy(predictions(outs[0]))
         if task == "entropy":
             task_loss = ent
         elif task == "next_token":
-            task_loss = objectives.next_token_cross_entropy(out.logits, tokens)
-        else:
+            task_loss = objectives.next_token_cross_entropy(outs[0].logits, tokens)
+        elif task == "none":
             task_loss = jnp.zeros((), jnp.float32)
-        probs = out.aux["router_probs"]
         num_tokens = tokens.shape[0] * tokens.shape[1]
-        energy = expected_energy(probs, normalised, top_k) / num_tokens
+        probs = [out.aux["router_probs"] for out in outs]
+
+        def per_token(costs):  # mean over the forward passes
+            values = [expected_energy(q, costs, top_k) for q in probs]
+            total = values[0] if len(values) == 1 else (values[0] + values[1]) / 2
+            return total / num_tokens
+
+        energy = per_token(normalised)
         lam = jnp.asarray(batch.lambda_energy, jnp.float32)
         loss = task_loss + lambda_ent * ent + lam * energy
-        jpt = jax.lax.stop_gradient(expected_energy(probs, joules, top_k)) / num_tokens
-        stats = RoutingStats(loss, task_loss, ent, energy, jpt, out.aux["expert_counts"])
+        jpt = per_token(joules)
+        counts = [out.aux["expert_counts"] for out in outs]
+        counts = counts[0] if len(outs) == 1 else jnp.stack(counts)
+        stats = RoutingStats(loss, task_loss, ent, energy, jax.lax.stop_gradient(jpt), counts)
         return loss, stats
 
     def stats(
@@ -204,8 +253,9 @@ def energy_tent(
         tokens: jax.Array,
         lambda_energy: float | jax.Array = 0.0,
         expert_mask: jax.Array | None = None,
+        key: jax.Array | None = None,
     ) -> RoutingStats:
-        batch = EnergyBatch(tokens, jnp.asarray(lambda_energy, jnp.float32), expert_mask)
+        batch = EnergyBatch(tokens, jnp.asarray(lambda_energy, jnp.float32), expert_mask, key)
         return loss_fn(p, batch)[1]
 
     def adapt(
@@ -215,8 +265,9 @@ def energy_tent(
         expert_mask: jax.Array | None = None,
         num_steps: int | jax.Array | None = None,
         diagnostics: bool = True,
+        key: jax.Array | None = None,
     ) -> EnergyAdaptResult:
-        batch = EnergyBatch(tokens, jnp.asarray(lambda_energy, jnp.float32), expert_mask)
+        batch = EnergyBatch(tokens, jnp.asarray(lambda_energy, jnp.float32), expert_mask, key)
         before = loss_fn(p, batch)[1] if diagnostics else None
         adapted, res = inner.adapt_merged(
             loss_fn,

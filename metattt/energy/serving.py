@@ -12,7 +12,8 @@ the expert mask and whether to adapt for the next batch.
 The model enters as functions only: ``infer(params, inputs, targets, top_k, mask) -> (score,
 counts)`` and ``adapt(params, tokens, lam, mask) -> (params, stats)``, ``stats`` holding per
 adaptation step ``joules_per_token``, ``task_loss`` and ``expert_counts`` (see
-:class:`metattt.energy.RoutingStats`); ``work(counts, rows) -> Work`` prices one forward pass.
+:class:`metattt.energy.RoutingStats`; (K, layers, E), or (K, P, layers, E) when each step runs P
+forward passes, each then charged); ``work(counts, rows) -> Work`` prices one forward pass.
 Shapes: inputs (S, B, ...), targets (S, B, ...), counts (layers, E), mask (E,).
 
 When to adapt: every ``adapt_every``-th batch, or by a ``schedule``
@@ -102,6 +103,7 @@ def serve_stream(
     backward_factor: float = 2.0,
     policy: Any = None,
     schedule: Schedule | None = None,
+    on_window: Callable[[Any, np.ndarray], None] | None = None,
 ) -> ServedStream:
     """Serve ``inputs`` batch by batch, prequentially, each batch one monitor window.
 
@@ -122,6 +124,9 @@ def serve_stream(
       schedule: a :class:`metattt.energy.schedule.Schedule` deciding, from each batch's
         signal, whether to adapt on it (instead of ``adapt_every``); ``infer`` must then
         return ``(score, counts, signal)``.
+      on_window: called after each batch with its :class:`WindowRecord` and its inference
+        expert counts (layers, E), e.g. to choose adapter ranks from the readings
+        (:func:`metattt.energy.adapter_ranks`) for the next adaptation.
     """
     simulated = hasattr(monitor, "record_work")
     state = policy.init() if policy is not None else None
@@ -163,7 +168,8 @@ def serve_stream(
                 adapt_calls += 1
                 curve_energy += np.asarray(stats.joules_per_token).tolist()
                 curve_loss += np.asarray(stats.task_loss).tolist()
-                for step_counts in np.asarray(stats.expert_counts):
+                step_counts_all = np.asarray(stats.expert_counts)
+                for step_counts in step_counts_all.reshape(-1, *step_counts_all.shape[-2:]):
                     step = work(step_counts, sub.shape[0]).scaled(1 + backward_factor)
                     if simulated:
                         step_busy += monitor.record_work(*step)
@@ -184,6 +190,8 @@ def serve_stream(
         counts_total += counts
         if t >= steps - late:
             counts_late += counts
+        if on_window is not None:
+            on_window(rec, counts)
         if policy is not None:
             state, decision = policy.update(state, rec.mean_power_w, rec.max_temperature_c)
             lam, top_k, mask = decision.lambda_energy, decision.top_k, decision.expert_mask

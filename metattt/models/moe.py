@@ -16,7 +16,8 @@ Parameter names follow :mod:`metattt.params`: ``embedding``/``pos_embedding`` (p
 ``emb``), ``blocks/i/attn/out`` (``attn_proj``), ``blocks/i/norm1``, ``norm2``, ``final_norm``
 (``layernorm`` and ``norm``: names of no stated kind, so also when they are the default
 RMSNorms), ``blocks/i/ffn/router`` (``router``), ``blocks/i/ffn/experts/{gate,up,down}``
-(``down`` is ``mlp_out``) and, with ``lora_rank > 0``, ``blocks/i/ffn/experts/lora_*`` (``lora``).
+(``down`` is ``mlp_out``) and, with ``lora_rank > 0``, ``blocks/i/ffn/experts/lora_*`` (``lora``)
+and the rank mask ``blocks/i/ffn/experts/rank_mask`` (a 0/1 buffer no preset selects).
 
 Routing losses (per layer, averaged over layers):
 
@@ -37,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from kernels_pallas.moe_dispatch import BACKENDS, DROP_PRIORITIES, moe_dispatch, top_k_routing
+from metattt.adapters import LoRA, LoRAFactors, realloc
 from metattt.models.functional import Functional, functionalize
 
 PyTree = Any
@@ -59,8 +61,10 @@ class MoEConfig(NamedTuple):
         drop_priority: ``"score"`` or ``"position"`` (see :mod:`kernels_pallas.moe_dispatch`).
         renormalize: renormalise each token's K gates to sum to 1.
         norm: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm).
-        lora_rank: R; > 0 adds LoRA adapters ``W + (alpha/R)·A·B`` on every expert matrix
-            (B starts at zero, so adding them leaves the function unchanged).
+        lora_rank: R; > 0 adds LoRA adapters ``W + (alpha/R)·(A·diag(m_e))·B`` on every expert
+            matrix (B starts at zero, so adding them leaves the function unchanged). R is a
+            max-rank buffer: the (E, R) 0/1 ``rank_mask`` m (all ones at init) switches each
+            expert's components on, so :func:`lora_realloc` changes ranks at fixed shapes.
         lora_alpha: LoRA scale numerator.
         num_classes: > 0 adds a classification head on the mean-pooled final states.
         backend: dispatch backend, ``"auto"`` (default), ``"reference"`` or ``"ragged"`` (ragged and
@@ -215,6 +219,9 @@ class SwiGLUExperts(nnx.Module):
             self.lora_up_b = nnx.Param(jnp.zeros((e, r, f)))
             self.lora_down_a = nnx.Param(normal((e, f, r), f))
             self.lora_down_b = nnx.Param(jnp.zeros((e, r, d)))
+            # A parameter so that it lives in the functional params (a traced value), never
+            # adapted: no preset selects it; :func:`lora_realloc` sets it.
+            self.rank_mask = nnx.Param(jnp.ones((e, r)))
         self.has_lora = bool(r)
         self.config = config
 
@@ -237,8 +244,9 @@ class SwiGLUExperts(nnx.Module):
             (self.lora_up_a, self.lora_up_b),
             (self.lora_down_a, self.lora_down_b),
         )
+        mask = self.rank_mask[...][:, None, :]
         return tuple(
-            merge_lora(m, a[...], b[...], self.lora_scale)
+            merge_lora(m, a[...] * mask, b[...], self.lora_scale)
             for m, (a, b) in zip(w, pairs, strict=True)
         )
 
@@ -417,29 +425,41 @@ def expert_bytes_per_token(d_model: int, d_ff: int, itemsize: int = 4) -> int:
     return (2 * d_model + 2 * d_ff) * itemsize
 
 
-def expert_work(expert_counts: jax.Array, config: MoEConfig, *, itemsize: int = 4) -> ExpertWork:
+def expert_work(
+    expert_counts: jax.Array,
+    config: MoEConfig,
+    *,
+    itemsize: int = 4,
+    lora_ranks: jax.Array | None = None,
+) -> ExpertWork:
     """FLOPs and bytes of each expert from the token counts of a forward pass (pure, jittable).
 
     flops_e = n_e · flops_per_token + merge_e;  bytes_e = n_e · bytes_per_token
     + [n_e > 0] · 3·D·F·itemsize (each used expert's weights read once) + lora_bytes_e, where
     n_e are the processed assignments (``aux["expert_counts"]``), and with LoRA every expert
-    pays the merge W + A·B each forward: merge_e = 3 · 2·(I·R·O) FLOPs (plus one add per entry)
-    and lora_bytes_e = 3·(I·R + R·O)·itemsize.
+    with rank r_e > 0 pays the merge W + A·B each forward: merge_e = 3 · (2·I·r_e·O + I·O)
+    FLOPs (the product and one add per entry) and lora_bytes_e = 3·(I·r_e + r_e·O)·itemsize.
+    r_e is ``lora_ranks`` (the active ranks of a :func:`lora_realloc` buffer: what a real
+    rank-r_e allocation costs, not the R-wide masked buffer the CPU computes) or, when None,
+    ``config.lora_rank`` for every expert.
 
     With heterogeneous experts (``config.expert_widths``) expert e is priced at its width F_e
     (flops/bytes per token and weight reads); the LoRA merge runs over the whole F buffer.
 
-    Shapes: expert_counts (..., E) (e.g. (layers, E)) -> ExpertWork of (..., E).
+    Shapes: expert_counts (..., E) (e.g. (layers, E)), lora_ranks broadcastable to it ->
+    ExpertWork of (..., E).
     """
-    d, f, r = config.d_model, config.d_ff, config.lora_rank
+    d, f = config.d_model, config.d_ff
     n = jnp.asarray(expert_counts, jnp.float32)
     per_flops, per_bytes = expert_token_costs(config, itemsize=itemsize)
     weight_bytes = np.asarray([3 * d * w * itemsize for w in expert_widths(config)], np.float32)
     flops = n * jnp.asarray(per_flops, jnp.float32)
     used = (n > 0).astype(jnp.float32)
     nbytes = n * jnp.asarray(per_bytes, jnp.float32) + used * weight_bytes
-    if r:
-        flops = flops + 3 * (2 * d * r * f + d * f)
+    r = config.lora_rank if lora_ranks is None else jnp.asarray(lora_ranks, jnp.float32)
+    if lora_ranks is not None or r:
+        on = (jnp.asarray(r) > 0).astype(jnp.float32)
+        flops = flops + 3 * (2 * d * r * f + on * d * f)
         nbytes = nbytes + 3 * (d * r + r * f) * itemsize
     return ExpertWork(flops, nbytes)
 
@@ -471,10 +491,93 @@ def expert_forward(
     w = [p[name][expert] for name in names]
     if config.lora_rank:
         scale = config.lora_alpha / config.lora_rank
+        mask = p["rank_mask"][expert]
         w = [
-            m + scale * p[f"lora_{name}_a"][expert] @ p[f"lora_{name}_b"][expert]
+            m + scale * (p[f"lora_{name}_a"][expert] * mask) @ p[f"lora_{name}_b"][expert]
             for m, name in zip(w, names, strict=True)
         ]
     width = expert_widths(config)[expert]
     gate, up = x @ w[0][:, :width], x @ w[1][:, :width]
     return (jax.nn.silu(gate) * up) @ w[2][:width]
+
+
+# --- dynamic-rank expert LoRA ----------------------------------------------------------------
+
+LORA_MATRICES = ("gate", "up", "down")
+
+
+def with_lora(params: PyTree, config: MoEConfig) -> PyTree:
+    """The parameters of a model without LoRA inside ``config``'s LoRA model, at rank 0.
+
+    Every leaf ``params`` has is kept; the LoRA factors and the rank mask are zero, so the
+    function is exactly the one of ``params`` (then :func:`lora_realloc` sets ranks).
+
+    Raises:
+        ValueError: ``config.lora_rank`` is 0.
+    """
+    if config.lora_rank < 1:
+        raise ValueError(f"config.lora_rank must be >= 1, got {config.lora_rank}")
+    template = jax.eval_shape(lambda: init_moe(config).params)
+
+    def fill(tmpl, src):
+        if isinstance(tmpl, dict):
+            return {k: fill(v, None if src is None else src.get(k)) for k, v in tmpl.items()}
+        return jnp.zeros(tmpl.shape, tmpl.dtype) if src is None else src
+
+    return fill(template, params)
+
+
+def lora_ranks(params: PyTree, config: MoEConfig) -> jax.Array:
+    """(layers, E) int32 active ranks of the expert adapters (sums of the rank masks)."""
+    return jnp.stack(
+        [
+            jnp.sum(params["blocks"][str(i)]["ffn"]["experts"]["rank_mask"] > 0, -1)
+            for i in range(config.num_layers)
+        ]
+    ).astype(jnp.int32)
+
+
+def lora_realloc(params: PyTree, config: MoEConfig, ranks: Any, key: jax.Array) -> PyTree:
+    """Grow or shrink every expert adapter to ``ranks`` active components, at fixed shapes.
+
+    Each expert matrix's (A_e, B_e, m_e) is a :class:`metattt.adapters.LoRA` and goes through
+    :func:`metattt.adapters.realloc` (vmapped over experts): kept components unchanged, new A
+    columns random and B rows zero (the function does not jump), dropped components zeroed.
+    Rank 0 frees an expert's adapter. ``ranks`` may be traced, so one compiled function serves
+    every allocation. The adaptation's optimizer state is rebuilt per adaptation call, so none
+    is carried here.
+
+    Args:
+        params: parameters of ``config`` (which has ``lora_rank`` = R_max >= 1).
+        config: the LoRA model's config.
+        ranks: an int or (layers, E) ints in [0, R_max] (a concrete one out of range raises;
+            a traced one is clipped).
+        key: PRNG key for the new A columns.
+
+    Returns:
+        The parameters with new factors and rank masks.
+    """
+    r_max = config.lora_rank
+    shape = (config.num_layers, config.num_experts)
+    if not isinstance(ranks, jax.core.Tracer):
+        concrete = np.asarray(ranks)
+        if concrete.shape not in ((), shape) or not np.all((concrete >= 0) & (concrete <= r_max)):
+            raise ValueError(
+                f"ranks must be an int or {shape} ints in [0, R_max={r_max}], got {ranks!r}"
+            )
+    ranks = jnp.broadcast_to(jnp.asarray(ranks, jnp.int32), shape)
+    grow = jax.vmap(lambda lora, rank, k: realloc(lora, None, rank, k)[0])
+    blocks = dict(params["blocks"])
+    keys = jax.random.split(key, (config.num_layers, len(LORA_MATRICES)))
+    for i in range(config.num_layers):
+        ex = dict(blocks[str(i)]["ffn"]["experts"])
+        new_mask = None
+        for j, name in enumerate(LORA_MATRICES):
+            a, b = ex[f"lora_{name}_a"], ex[f"lora_{name}_b"]
+            lora = LoRA(LoRAFactors(a, b), ex["rank_mask"], jnp.ones((a.shape[0],), a.dtype))
+            out = grow(lora, ranks[i], jax.random.split(keys[i, j], a.shape[0]))
+            ex[f"lora_{name}_a"], ex[f"lora_{name}_b"] = out.factors
+            new_mask = out.mask
+        ex["rank_mask"] = new_mask
+        blocks[str(i)] = {**blocks[str(i)], "ffn": {**blocks[str(i)]["ffn"], "experts": ex}}
+    return {**params, "blocks": blocks}

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -52,13 +53,23 @@ def _cell(workdir, name):
         ("budget/0.75", energy_moe.Method("budget", fraction=0.75)),
         ("prune/2", energy_moe.Method("prune", prune=2)),
         ("top_k/1", energy_moe.Method("top_k", top_k=1)),
+        ("lora_ttt/4", energy_moe.Method("lora_ttt", rank=4)),
+        ("lora_hw/8:masked", energy_moe.Method("lora_hw", rank=8, objective="masked")),
+        ("norm_ttt:masked", energy_moe.Method("norm_ttt", objective="masked")),
+        ("bias_ttt", energy_moe.Method("bias_ttt")),
+        ("energy_ttt/0.3:consistency", energy_moe.Method("energy_ttt", lam=0.3,
+                                                         objective="consistency")),
     ],
-)
+)  # fmt: skip
 def test_parse_method(name, method):
     assert energy_moe.parse_method(name) == method
 
 
-@pytest.mark.parametrize("name", ["energy", "ttt/1", "energy_ttt", "energy_ttt/x", "prune/1.5"])
+@pytest.mark.parametrize(
+    "name",
+    ["energy", "ttt/1", "energy_ttt", "energy_ttt/x", "prune/1.5", "lora_ttt", "lora_ttt/0",
+     "norm_ttt/1", "ttt:bogus", "prune/1:masked", "budget/0.5:masked"],
+)  # fmt: skip
 def test_unknown_method_names_list_the_valid_forms(name):
     with pytest.raises(ValueError, match=f"unknown method '{name}'; valid: no_ttt, ttt, energy"):
         energy_moe.parse_method(name)
@@ -70,11 +81,16 @@ def test_methods_of_the_full_config_in_run_order():
     expected = ["no_ttt", "ttt"] + [f"energy_ttt/{x:g}" for x in cfg.ttt.lambdas]
     expected += [f"budget/{x:g}" for x in cfg.budget.fractions]
     expected += [f"prune/{n}" for n in cfg.baselines.prune] + ["top_k/1"]
+    expected += list(cfg.expert.methods)
     assert list(table) == expected
-    assert [m.lam for m in table.values() if m.kind == "energy_ttt"] == list(cfg.ttt.lambdas)
-    assert [m.kind for m in table.values() if m.adapts] == ["ttt"] + ["energy_ttt"] * 5 + [
+    router = [m.lam for n, m in table.items() if m.kind == "energy_ttt" and ":" not in n]
+    assert router == list(cfg.ttt.lambdas)
+    assert [m.kind for m in table.values() if m.adapts][:10] == ["ttt"] + ["energy_ttt"] * 5 + [
         "budget"
     ] * 4
+    # the expert-level kinds are energy-aware at expert.lam; an objective keeps its own λ
+    assert table["lora_ttt/16"] == energy_moe.Method("lora_ttt", lam=cfg.expert.lam, rank=16)
+    assert table["energy_ttt/0.3:masked"].lam == 0.3
 
 
 @pytest.mark.parametrize(
@@ -93,6 +109,14 @@ def test_methods_of_the_full_config_in_run_order():
         ("model.num_heads", 3, "num_heads"),
         ("train.num_steps", 30, "multiple of train.steps_per_call"),
         ("data.heldout_windows", 6, "multiple of data.batch"),
+        ("expert.methods", ("lora_ttt/5",), r"ranks <= expert.max_rank=4"),
+        ("expert.methods", ("lora_hw/5",), r"ranks <= expert.max_rank=4"),
+        ("expert.hw_fraction", 1.0, "expert.hw_fraction in"),
+        ("expert.methods", ("norm_ttt", "norm_ttt"), "must be distinct"),
+        ("expert.methods", ("ttt",), "must be distinct new method names"),
+        ("expert.methods", ("ttt:bogus",), "unknown method 'ttt:bogus'"),
+        ("expert.lam", 0.0, "expert.lam must be > 0"),
+        ("expert.mask_rate", 1.0, "expert.mask_rate must be in"),
     ],
 )
 def test_bad_config_values_are_rejected(key, value, message):
@@ -251,6 +275,42 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
         assert path.stat().st_size > 1000
     kept = json.loads((tmp_path / "repo" / "docs" / "results" / "energy_moe.json").read_text())
     assert _same(kept, results)
+    # the expert-level table: one row per method, its last occurrence in the text
+    assert list(results["expert"]) == list(cfg.expert.methods)
+    for name, info in results["expert"].items():
+        line = [x for x in text.splitlines() if x.startswith(f"| {name} | ")][-1]
+        cells = line.split(" | ")
+        assert cells[1:4] == [info["params"], info["objective"], f"{info['lam']:g}"]
+        assert cells[5] == str(info["adapted_params"]) and cells[6] == f"{points[name][1]:.3f}"
+        ref = f"energy_ttt/{info['lam']:g}"
+        assert cells[9] == f"{points[name][1] - points[ref][1]:+.3f}"
+    assert "Expert-level adaptation and objectives (vs no TTT): lora_hw/4:masked" in text
+    assert "≤ 4, mean" in text  # lora_hw: the share of the buffer the hardware allowed
+
+
+def test_lora_methods_are_charged_each_experts_merge_at_their_rank():
+    """Serving a LoRA method prices every forward pass with each expert's merge W + A·B at the
+    active rank r: 3 · (2·D·r·F + D·F) FLOPs and 3 · (D·r + r·F) weights per expert and layer."""
+    from experiments.energy_moe import expert
+
+    cfg = energy_config.get_config("tiny")
+    cfg.expert.methods = ("lora_ttt/3", "norm_ttt")
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    variants = expert.build_variants(cfg, rt, "lm")
+    m = rt.mcfg
+    counts = np.random.default_rng(0).integers(0, 30, (m.num_layers, m.num_experts))
+    plain = serving.batch_work(rt, counts, 4, 16)
+    lora = serving.batch_work(rt, counts, 4, 16, variants["lora_ttt/3"])
+    d, f, r, n = m.d_model, m.d_ff, 3, m.num_layers * m.num_experts
+    assert lora.flops - plain.flops == pytest.approx(n * 3 * (2 * d * r * f + d * f))
+    assert lora.nbytes - plain.nbytes == pytest.approx(n * 3 * (d * r + r * f) * 4)
+    assert serving.batch_work(rt, counts, 4, 16, variants["norm_ttt"]) == plain
+    assert variants["lora_ttt/3"].mcfg.lora_rank == cfg.expert.max_rank
+    info = expert.describe(variants, energy_moe.methods(cfg))
+    # router (D·E) + r/R_max of each factor: 3 matrices x (D·r + r·F) per expert and layer
+    assert info["lora_ttt/3"]["adapted_params"] == m.num_layers * d * m.num_experts + n * 3 * (
+        d * r + r * f
+    )
 
 
 # --- the tiny run end to end (slow) -------------------------------------------------------------
@@ -356,3 +416,39 @@ def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
     inference_j = adapted["dynamic_j"] - adapted["adapt_dynamic_j"]
     assert 0 < adapted["expert_j"] < inference_j
     assert len(adapted["curve_energy_uj"]) == adapted["adapt_calls"] * cfg.ttt.steps
+
+
+def test_lora_hw_ranks_follow_the_readings_and_are_charged_per_expert():
+    """lora_hw: a window's power sets the pending ranks (the busiest experts first); the next
+    adaptation applies them through the compiled realloc; the accounting prices each expert's
+    merge at its own active rank."""
+    from collections import namedtuple
+
+    from experiments.energy_moe import expert
+    from metattt.energy import adapter_ranks, read_memory
+    from metattt.models import moe
+
+    cfg = energy_config.get_config("tiny")
+    cfg.expert.methods = ("lora_hw/4",)
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    v = expert.build_variants(cfg, rt, "lm")["lora_hw/4"]
+    limits = expert.hardware_limits(cfg, v, budget_w=120.0, fixed_w=100.0)
+    assert limits.power_margin_w == pytest.approx(cfg.expert.hw_margin * 20.0)
+    hw = expert.HardwareRanks(v, limits)
+    params = expert.prepare(v, rt.init(0), 0)
+    np.testing.assert_array_equal(moe.lora_ranks(params, v.mcfg), hw.active)  # full at start
+    record = namedtuple("Record", "mean_power_w max_temperature_c")(115.0, 50.0)
+    counts = np.array([[3, 9, 1, 5]])
+    hw.on_window(record, counts)
+    want = adapter_ranks(115.0, 50.0, read_memory().free_bytes, usage=[3, 9, 1, 5], max_rank=4,
+                         limits=limits)  # fmt: skip
+    assert want.tolist() == [0, 4, 0, 4] and hw.pending.tolist() == [want.tolist()]
+    assert hw.trace == [16]
+    adapted = hw.apply(params, jax.random.key(1))
+    np.testing.assert_array_equal(moe.lora_ranks(adapted, v.mcfg), [want])
+    assert hw.apply(adapted, jax.random.key(2)) is adapted  # nothing changed: no realloc
+    m = rt.mcfg
+    plain = serving.batch_work(rt, counts, 4, 16)
+    work = serving.batch_work(rt, counts, 4, 16, v, hw.active)
+    merge = sum(3 * (2 * m.d_model * r * m.d_ff + m.d_model * m.d_ff) for r in want if r)
+    assert work.flops - plain.flops == pytest.approx(merge)

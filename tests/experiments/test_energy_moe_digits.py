@@ -86,6 +86,8 @@ def test_shifted_stream_is_the_corrupted_test_split():
         ("budget.fractions", (1.2,), "budget.fractions"),
         ("baselines.top_k", (2,), "baselines.top_k"),
         ("train.num_steps", 30, "multiple of train.steps_per_call"),
+        ("expert.methods", ("energy_ttt/0.3:masked",), "needs a trained token head"),
+        ("expert.methods", ("lora_ttt/2:next_token",), "needs a trained token head"),
     ],
 )
 def test_bad_config_values_are_rejected(key, value, message):
@@ -125,6 +127,10 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
         assert cells[2] == f"{100 * (row['error']['mean'] - base):.1f} pp"
     per_image = f"no_ttt {64 * rows['no_ttt']['uj_per_token']['mean']:.3f}"
     assert per_image in text
+    assert "masked reconstruction is not run on digits" in text
+    for name in cfg.expert.methods:  # the expert-level table, in accuracy points
+        line = [x for x in text.splitlines() if x.startswith(f"| {name} | ")][-1]
+        assert line.split(" | ")[7] == f"{100 * (rows[name]['error']['mean'] - base):.1f} pp"
     for plot in ("pareto", "heatmap", "convergence", "budget"):
         assert f"![{plot}](docs/figures/energy_moe_digits_{plot}.png)" in text
         path = tmp_path / "repo" / "docs" / "figures" / f"energy_moe_digits_{plot}.png"

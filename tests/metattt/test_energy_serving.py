@@ -163,3 +163,38 @@ def test_a_difficulty_schedule_adapts_only_on_hard_batches_and_prices_only_those
     np.testing.assert_allclose(served.adapt_dynamic_j, hard.sum() * per_call, rtol=1e-9)
     with pytest.raises(ValueError, match=r"infer must return \(score, counts, signal\)"):
         _serve(inputs, targets, mask=mask, adapting=True, schedule=schedule.periodic(2))
+
+
+def test_each_forward_pass_of_an_adaptation_step_is_charged():
+    """An adaptation whose steps run two forward passes (a consistency loss: counts
+    (K, 2, layers, E)) is charged 1 + backward_factor forwards for each pass."""
+    inputs, targets = _stream(np.random.default_rng(3), 4)
+    mask = np.ones(E, bool)
+
+    def two_pass_adapt(params, tokens, lam, mask):
+        steps = np.stack([[_counts(1, mask, s), _counts(2, mask, s + 5)] for s in range(3)])
+        return params + 1, Stats(np.full(3, 0.5), np.zeros(3), steps)
+
+    monitor = SimulatedMonitor(DEVICE)
+    served = serve_stream(infer, two_pass_adapt, np.float32(0.0), inputs, targets, work=work,
+                          dense=DENSE, device=DEVICE, monitor=monitor, period_s=1e-3, top_k=2,
+                          mask=mask, adapting=True, adapt_every=2, adapt_windows=4,
+                          backward_factor=2.0)  # fmt: skip
+    monitor.close()
+    per_call = sum(
+        3 * DEVICE.work_energy(*work(_counts(k, mask, s + shift), 4))
+        for s in range(3)
+        for k, shift in ((1, 0), (2, 5))
+    )
+    assert served.adapt_calls == 2
+    assert served.adapt_dynamic_j == pytest.approx(2 * per_call, rel=1e-9)
+
+
+def test_on_window_sees_every_window_and_its_counts():
+    inputs, targets = _stream(np.random.default_rng(4), 5)
+    mask = np.ones(E, bool)
+    seen = []
+    served = _serve(inputs, targets, mask=mask, on_window=lambda rec, c: seen.append((rec, c)))
+    assert [rec.mean_power_w for rec, _ in seen] == served.power_w
+    for (_, counts), x in zip(seen, inputs, strict=True):
+        assert np.array_equal(counts, _counts(2, mask, int(x[0, 0])))
