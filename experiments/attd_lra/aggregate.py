@@ -99,9 +99,13 @@ def aggregate(cfg, cells, base_info) -> dict[str, Any]:
             )
             entry["spearman_k_difficulty"] = None if ci is None else ci._asdict()
             entry["thresholds"] = [r["thresholds"] for r in rows]
-            # Outer steps not applied as non-finite, summed over seeds (None: cells cached
-            # before the outer step had the guard, 2026-12-07).
-            skipped = [r.get("skipped_outer_steps") for r in rows]
+            # Outer steps not applied as non-finite, summed over seeds. A cell cached before
+            # the outer step had the guard (2026-12-07) lacks the count: with a finite final
+            # loss it took no non-finite step (one would have left NaN parameters), else None.
+            skipped = [
+                r.get("skipped_outer_steps", 0 if np.isfinite(r["final_train_loss"]) else None)
+                for r in rows
+            ]
             entry["skipped_outer_steps"] = None if None in skipped else int(sum(skipped))
             # Does a larger L_int drop go with a right answer? (methods that adapt every input)
             drop_ci = (

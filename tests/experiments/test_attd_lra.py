@@ -402,7 +402,26 @@ def _fake_cell(rng, name, k_max, n=12):
     hist = [0] * k_max + [n] if adapted else [n]
     cell.update(k_hist_id=hist, k_hist_shift=hist, max_rho_id=0.9, max_rho_shift=0.95)
     cell.update(timing_max_abs_diff=0.0, thresholds=[], examples_id=ex(), examples_shift=ex())
+    cell.update(final_train_loss=float(rng.uniform()), skipped_outer_steps=int(rng.integers(3)))
     return cell
+
+
+def test_skipped_outer_steps_sum_over_seeds_and_old_cells_count_by_their_final_loss():
+    """A cell from before the count: a finite final loss means no non-finite step was taken
+    (it would have left NaN parameters), a NaN one means the count is unknown."""
+    cfg = attd_config.get_config("tiny")
+    cfg.seeds = (0, 1, 2)
+    cfg.eval.bootstrap = 50
+    rng = np.random.default_rng(5)
+    cells = {"listops": {s: {"attd": _fake_cell(rng, "attd", 2)} for s in cfg.seeds}}
+    cfg.methods = ("attd",)
+    counts = [cells["listops"][s]["attd"]["skipped_outer_steps"] for s in cfg.seeds]
+    entry = lambda: attd_lra.aggregate(cfg, cells, {})["tasks"]["listops"]["attd"]
+    assert entry()["skipped_outer_steps"] == sum(counts)
+    del cells["listops"][2]["attd"]["skipped_outer_steps"]  # an old, finite cell: none
+    assert entry()["skipped_outer_steps"] == sum(counts[:2])
+    cells["listops"][2]["attd"]["final_train_loss"] = float("nan")  # an old diverged cell
+    assert entry()["skipped_outer_steps"] is None
 
 
 def test_true_class_log_prob_matches_scipy_on_large_logits():
