@@ -1,12 +1,12 @@
 """Weight-only int8 experts: quantize / dequantize an expert's weights, and forwards that use them.
 
 Scheme (static, post-training, weight-only): each (I, O) weight matrix W is stored as int8
-codes q and one float32 scale per output channel o (symmetric, no zero point):
+codes q and one float32 scale per output channel o (symmetric, no zero point)::
 
     s_o = max_i |W_io| / 127,   q_io = clip(round(W_io / s_o), -127, 127),   Ŵ_io = q_io · s_o
 
 (a channel that is all zero gets s_o = 1 and q = 0, so it dequantizes to zeros exactly).
-Rounding is to nearest (half to even), so |W_io - Ŵ_io| <= s_o / 2. Activations stay float:
+Rounding is to nearest (half to even), so ``|W_io - Ŵ_io| <= s_o / 2``. Activations stay float:
 y = x @ Ŵ = (x @ q) · s, the scale factoring out of the sum over i because it depends on o only
 -- which is how a weight-only int8 kernel computes it (:func:`int8_matmul`). Stored bytes per
 weight drop from 4 (float32) to 1, plus 4 bytes per output channel for the scales; the energy
