@@ -12,7 +12,8 @@ token than others) is trained on the English documentation that ships with Pytho
 stream it runs: no TTT; TTT of the router without the energy term (λ_energy = 0);
 energy-aware TTT over a sweep of λ_energy; the power-budget controller at several budgets
 (λ adjusted online from the simulated monitor's readings, escalating to pruning and a smaller
-top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing.
+top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing;
+weight-only int8 experts, static and with (energy-aware) router TTT on top.
 Energy is the SIMULATED monitor's (a modelled accelerator driven by the FLOPs and bytes of the
 experts actually used); the adaptation's own forward and backward passes are charged to it.
 
@@ -81,6 +82,12 @@ def get_config(arg=None):
     c.baselines.prune = (1, 2, 4)  # static pruning: mask this many of the costliest experts
     c.baselines.top_k = (1,)  # smaller top-k, same parameters
 
+    # Weight-only int8 experts (per-output-channel symmetric scales): served static ("int8"),
+    # with router TTT ("int8_ttt") and with energy-aware TTT at each λ ("int8_energy_ttt/<λ>").
+    c.int8 = ml_collections.ConfigDict()
+    c.int8.enabled = True
+    c.int8.lambdas = (0.1, 1.0)
+
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
         c.model.d_model = 16
@@ -104,6 +111,7 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
+        c.int8.lambdas = (3.0,)
     if arg == "demo":  # one energy-aware λ, adapted more strongly
         c.data.stream_batches = 24
         c.ttt.every = 4

@@ -13,7 +13,8 @@ trained on clean digits (train split) and then serves a stream of corrupted test
 (several corruption types at severities 3 and 5) with the same methods as
 ``configs/energy_moe.py`` (the same experiment, ``task="digits"``): no TTT; TENT (label-free
 entropy minimisation of the router and the norms) with λ_energy = 0; energy-aware TENT over a
-λ sweep; the power-budget controller; static pruning; top-1. Energy is the SIMULATED monitor's.
+λ sweep; the power-budget controller; static pruning; top-1; weight-only int8 experts, static
+and with (energy-aware) TENT on top. Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
 """
@@ -83,6 +84,10 @@ def get_config(arg=None):
     c.baselines.prune = (1, 2, 4)
     c.baselines.top_k = (1,)
 
+    c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
+    c.int8.enabled = True
+    c.int8.lambdas = (1.0, 10.0)
+
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
         c.model.d_model = 16
@@ -106,6 +111,7 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
+        c.int8.lambdas = (3.0,)
     if arg == "demo":
         c.data.stream_batches = 16
         c.ttt.lr = 5e-2

@@ -108,7 +108,7 @@ def figure_data(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[
 
     * ``counts_late``: per method, the expert assignments (layers, E) of the last quarter of
       the stream, summed over seeds (the heatmap);
-    * ``curves``: per adapting method (``ttt``, ``energy_ttt``), the expected routing energy
+    * ``curves``: per adapting method but the budgets, the expected routing energy
       (µJ/token) and the adaptation's task loss (the metric's unit before its scale) after each
       adaptation step, averaged over seeds (the convergence plot);
     * ``traces``: the first seed's power per batch of ``no_ttt`` and of each budget, with the
@@ -120,7 +120,7 @@ def figure_data(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[
             "loss": np.mean([r["curve_loss"] for r in runs], axis=0).tolist(),
         }
         for name, runs in cells.items()
-        if table[name].kind in ("ttt", "energy_ttt") and runs[0]["curve_energy_uj"]
+        if table[name].adapts and table[name].kind != "budget" and runs[0]["curve_energy_uj"]
     }
     traces = {"no_ttt": {"power_w": cells["no_ttt"][0]["power_trace"]}}
     for name, runs in cells.items():

@@ -14,7 +14,8 @@ from experiments.energy_moe.tasks import Metric
 
 logger = logging.getLogger(__name__)
 COLORS = {"no_ttt": "k", "ttt": "tab:blue", "energy_ttt": "tab:green", "budget": "tab:purple",
-          "prune": "tab:red", "top_k": "tab:orange"}  # fmt: skip
+          "prune": "tab:red", "top_k": "tab:orange", "int8": "tab:brown", "int8_ttt": "tab:cyan",
+          "int8_energy_ttt": "tab:olive"}  # fmt: skip
 
 
 def _pyplot():

@@ -3,7 +3,8 @@ config, and a cell of results from :func:`metattt.energy.serving.serve_stream` (
 every batch is scored before the method may adapt on it; every batch is one monitor window).
 
 A forward pass costs the dense layers plus :func:`metattt.models.moe.expert_work` of the
-experts actually used; an adaptation step ``1 + BACKWARD_FACTOR`` forward passes.
+experts actually used (int8 methods: their experts' weights read as int8, see
+:mod:`metattt.models.quantize`); an adaptation step ``1 + BACKWARD_FACTOR`` forward passes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from metattt.energy import (
     serving_rate,
 )
 from metattt.energy.serving import serve_stream
-from metattt.models import moe
+from metattt.models import moe, quantize
 
 BACKWARD_FACTOR = 2.0  # a backward pass costs about two forwards (input and weight gradients)
 
@@ -43,9 +44,10 @@ def batch_dense_work(rt: Runtime, batch: int, length: int) -> Work:
     )  # fmt: skip
 
 
-def batch_work(rt: Runtime, counts: Any, batch: int, length: int) -> Work:
-    """Dense work plus the work of the experts actually used (``counts`` (layers, E))."""
-    experts = moe.expert_work(jnp.asarray(counts), rt.mcfg)
+def batch_work(rt: Runtime, counts: Any, batch: int, length: int, weights: str = "float") -> Work:
+    """Dense work plus the work of the experts actually used (``counts`` (layers, E)), their
+    weights stored as ``weights`` (:data:`metattt.models.moe.WEIGHT_FORMATS`)."""
+    experts = moe.expert_work(jnp.asarray(counts), rt.mcfg, weights=weights)
     return forward_work(batch_dense_work(rt, batch, length), experts.flops, experts.bytes)
 
 
@@ -116,13 +118,16 @@ def serve(
             patience=cfg.budget.patience,
         )
     inputs = stream.inputs.reshape(-1, b, length)
+    weights = "int8" if method.int8 else "float"
+    if method.int8:
+        params = quantize.quantize_experts(params)
     served = serve_stream(
         lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask)),
         lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask)),
         params,
         inputs,
         stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:]),
-        work=lambda counts, rows: batch_work(rt, counts, rows, length),
+        work=lambda counts, rows: batch_work(rt, counts, rows, length, weights),
         dense=batch_dense_work(rt, b, length),
         device=rt.device,
         monitor=monitor,
@@ -130,7 +135,7 @@ def serve(
         top_k=method.top_k or mcfg.top_k,
         mask=static_mask(rt.joules, method.prune),
         lam=cfg.budget.lam_init if policy is not None else method.lam,
-        adapting=method.kind in ("ttt", "energy_ttt"),
+        adapting=method.adapts and policy is None,
         adapt_every=cfg.ttt.every,
         adapt_windows=cfg.ttt.windows,
         backward_factor=BACKWARD_FACTOR,

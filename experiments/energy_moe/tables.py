@@ -51,7 +51,8 @@ def summary_tables(results: dict[str, Any], metric: Metric) -> str:
         )
     lines += [
         "",
-        "**Matched accuracy**: the cheapest energy-aware TTT point (energy_ttt or budget) with "
+        "**Matched accuracy**: the cheapest energy-aware TTT point (energy_ttt, budget or "
+        "int8_energy_ttt) with "
         f"{label} no worse than each static baseline.",
         "",
         f"| baseline | {label} | µJ/token | best energy-aware at ≤ {label} | its {label} "
