@@ -7,9 +7,12 @@ profiles, their JSON files, and the expected energy of routing decisions),
 controller, triggers, expert pruning and graceful degradation under a power budget) and
 :mod:`~metattt.energy.accounting` (the work and energy of serving a MoE: dense and routed work,
 serving rate, fixed power, EDP, Pareto front) and :mod:`~metattt.energy.serving` (prequential
-serving of a stream under a monitor, with adaptation and an optional power-budget policy).
+serving of a stream under a monitor, with adaptation and an optional power-budget policy) and
+:mod:`~metattt.energy.kernel_costs` (MoE dispatch backends timed per shape on the device, a
+fitted cost model per backend, and the backend it predicts cheapest).
 """
 
+from metattt.energy import kernel_costs
 from metattt.energy.accounting import (
     Work,
     dense_work,
@@ -68,6 +71,7 @@ from metattt.energy.serving import ServedStream, serve_stream
 
 __all__ = [
     "ServedStream",
+    "kernel_costs",
     "serve_stream",
     "Work",
     "dense_work",
