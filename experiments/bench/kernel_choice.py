@@ -2,6 +2,8 @@
 
     python -m experiments.bench.kernel_choice [--train 36] [--held 16] [--repeats 5] [--write]
 
+(about 12 min on the shared 2-core CPU, mostly compiling two programs per shape.)
+
 Draws distinct dispatch shapes (seeded) from a grid -- T tokens in 32..1024, D in 16..128, F in
 32..256, E in 2..16, top-1 or top-2, dropless or capacity factor 1, 1.25 or 2 -- leaving out
 shapes whose capacity einsum would build a one-hot slot tensor over 2M elements (memory), and
