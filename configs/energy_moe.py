@@ -12,8 +12,9 @@ token than others) is trained on the English documentation that ships with Pytho
 stream it runs: no TTT; TTT of the router without the energy term (λ_energy = 0);
 energy-aware TTT over a sweep of λ_energy; the power-budget controller at several budgets
 (λ adjusted online from the simulated monitor's readings, escalating to pruning and a smaller
-top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing; and
-the expert-level methods of issue 15 (``expert.methods``): rank-r LoRA on every expert
+top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing;
+weight-only int8 experts, static and with (energy-aware) router TTT on top; and the
+expert-level methods of issue 15 (``expert.methods``): rank-r LoRA on every expert
 (``lora_ttt/<r>``), the norms (``norm_ttt``), the biases (``bias_ttt``), each with the router
 and λ_energy = ``expert.lam``, and router TTT with the masked-byte and two-augmentation
 consistency objectives.
@@ -114,6 +115,11 @@ def get_config(arg=None):
     c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
     c.expert.hw_temperature_margin_c = 10.0
     c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+    # Weight-only int8 experts (per-output-channel symmetric scales): served static ("int8"),
+    # with router TTT ("int8_ttt") and with energy-aware TTT at each λ ("int8_energy_ttt/<λ>").
+    c.int8 = ml_collections.ConfigDict()
+    c.int8.enabled = True
+    c.int8.lambdas = (0.1, 1.0)
 
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
@@ -140,6 +146,7 @@ def get_config(arg=None):
         c.baselines.prune = (1,)
         c.expert.methods = ("lora_hw/4:masked",)  # one more compilation: seconds
         c.expert.max_rank = 4
+        c.int8.lambdas = (3.0,)
     if arg == "demo":  # one energy-aware λ, adapted more strongly
         c.data.stream_batches = 24
         c.ttt.every = 4

@@ -13,10 +13,11 @@ trained on clean digits (train split) and then serves a stream of corrupted test
 (several corruption types at severities 3 and 5) with the same methods as
 ``configs/energy_moe.py`` (the same experiment, ``task="digits"``): no TTT; TENT (label-free
 entropy minimisation of the router and the norms) with λ_energy = 0; energy-aware TENT over a
-λ sweep; the power-budget controller; static pruning; top-1; the expert-level methods of issue
-15 (``expert.methods``: LoRA on the experts, the norms, the biases, each with the router; the
-two-augmentation consistency objective; masked reconstruction is refused, the token head being
-never trained). Energy is the SIMULATED monitor's.
+λ sweep; the power-budget controller; static pruning; top-1; weight-only int8 experts, static
+and with (energy-aware) TENT on top; the expert-level methods of issue 15 (``expert.methods``:
+LoRA on the experts, the norms, the biases, each with the router; the two-augmentation
+consistency objective; masked reconstruction is refused, the token head being never trained).
+Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
 """
@@ -114,6 +115,9 @@ def get_config(arg=None):
     c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
     c.expert.hw_temperature_margin_c = 10.0
     c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+    c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
+    c.int8.enabled = True
+    c.int8.lambdas = (1.0, 10.0)
 
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)
@@ -141,6 +145,7 @@ def get_config(arg=None):
         c.expert.methods = ("norm_ttt:consistency",)  # one more compilation: seconds
         c.expert.max_rank = 4
         c.expert.lam = 0.3
+        c.int8.lambdas = (3.0,)
     if arg == "demo":
         c.data.stream_batches = 16
         c.ttt.lr = 5e-2

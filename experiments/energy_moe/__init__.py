@@ -30,6 +30,10 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
   and ``bias_ttt``, each with the router at λ_energy = ``expert.lam``; any ``ttt``,
   ``energy_ttt`` or expert-level method may end in ``:<objective>`` (``entropy``,
   ``next_token``, ``masked``, ``consistency``).
+* ``int8``, ``int8_ttt``, ``int8_energy_ttt/<λ>``: the trained experts quantized to weight-only
+  int8 (per-output-channel symmetric scales, :mod:`metattt.models.quantize`), served static,
+  with TTT and with energy-aware TTT of the same parameters on top (the experts stay int8).
+  Their expert weight reads are priced at 1 byte per weight plus the scales.
 
 Energy (:mod:`.serving`, :mod:`metattt.energy.accounting`). The monitor is the simulated one
 unless the config asks for NVML (the results record which one ran). Each batch is one measured

@@ -67,6 +67,8 @@ def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
     for k in cfg.baselines.top_k:
         if not 1 <= k < mcfg.top_k:
             raise ValueError(f"baselines.top_k entries must be in [1, top_k), got {k}")
+    if "int8" in cfg and any(not lam > 0 for lam in cfg.int8.lambdas):
+        raise ValueError(f"int8.lambdas must be > 0, got {tuple(cfg.int8.lambdas)}")
 
 
 def cell_path(workdir: str, seed: int, name: str) -> str:
@@ -94,7 +96,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         pending = [n for n in table if not os.path.isfile(cell_path(workdir, seed, n))]
         if pending:  # only then load the data, the parameters and compile
             params, stream, info = task.prepare(cfg, rt, seed, workdir)
-            runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows)
+            int8 = any(m.int8 for m in table.values())
+            runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows, int8=int8)
             expert.warm_up(variants, params, stream, batch=b, windows=cfg.ttt.windows)
         else:
             with open(runtime.info_path(workdir, seed)) as f:
@@ -159,6 +162,7 @@ def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
     cfg.budget.fractions = ()
     cfg.baselines.prune = ()
     cfg.baselines.top_k = ()
+    cfg.int8.enabled = False
     start = time.perf_counter()
     results = run(cfg, os.path.join(workdir, "energy_moe"))
     seconds = time.perf_counter() - start

@@ -2,7 +2,9 @@
 
 ``no_ttt`` and ``ttt`` take no value; ``energy_ttt/<λ>`` (λ_energy > 0), ``budget/<f>`` (a
 share in (0, 1) of the unadapted model's dynamic power), ``prune/<n>`` (n costliest experts
-off) and ``top_k/<k>`` (a smaller top-k) take one. The expert-level kinds (issue 15, see
+off) and ``top_k/<k>`` (a smaller top-k) take one. ``int8``, ``int8_ttt`` and
+``int8_energy_ttt/<λ>`` are ``no_ttt``, ``ttt`` and ``energy_ttt`` on weight-only int8 experts
+(:mod:`metattt.models.quantize`). The expert-level kinds (issue 15, see
 :mod:`.expert`) are ``lora_ttt/<rank>`` (LoRA of that rank on every expert), ``lora_hw/<R>``
 (ranks up to R chosen per batch from the monitor's power, temperature and memory headroom),
 ``norm_ttt`` and ``bias_ttt``; these and ``ttt``, ``energy_ttt`` may end in ``:<objective>``
@@ -18,9 +20,10 @@ import contextlib
 from typing import NamedTuple
 
 EXPERT = ("lora_ttt", "lora_hw", "norm_ttt", "bias_ttt")  # issue 15: λ_energy = expert.lam
-ENERGY_AWARE = ("energy_ttt", "budget", *EXPERT)
-BASELINES = ("prune", "top_k")
-ADAPTING = ("ttt", "energy_ttt", "budget", *EXPERT)
+INT8 = ("int8", "int8_ttt", "int8_energy_ttt")
+ENERGY_AWARE = ("energy_ttt", "budget", "int8_energy_ttt", *EXPERT)
+BASELINES = ("prune", "top_k", "int8")
+ADAPTING = ("ttt", "energy_ttt", "budget", "int8_ttt", "int8_energy_ttt", *EXPERT)
 OBJECTIVES = ("entropy", "next_token", "masked", "consistency")
 OBJECTIVE_KINDS = ("ttt", "energy_ttt", *EXPERT)  # the kinds that may name an objective
 
@@ -50,6 +53,11 @@ class Method(NamedTuple):
     def adapts(self) -> bool:
         return self.kind in ADAPTING
 
+    @property
+    def int8(self) -> bool:
+        """Served with weight-only int8 experts."""
+        return self.kind in INT8
+
 
 #: kind -> (the :class:`Method` field its value sets, the value's type, how names write it);
 #: a kind without a field takes no value.
@@ -64,6 +72,9 @@ KINDS = {
     "lora_hw": ("rank", int, "lora_hw/<max rank>"),
     "norm_ttt": (None, None, "norm_ttt"),
     "bias_ttt": (None, None, "bias_ttt"),
+    "int8": (None, None, "int8"),
+    "int8_ttt": (None, None, "int8_ttt"),
+    "int8_energy_ttt": ("lam", float, "int8_energy_ttt/<λ>"),
 }
 
 
@@ -104,6 +115,8 @@ def method_names(cfg) -> list[str]:
         *(f"budget/{f:g}" for f in cfg.budget.fractions),
         *(f"prune/{n}" for n in cfg.baselines.prune),
         *(f"top_k/{k}" for k in cfg.baselines.top_k),
+        *(["int8", "int8_ttt"] if _int8(cfg).enabled else []),
+        *(f"int8_energy_ttt/{lam:g}" for lam in _int8(cfg).lambdas),
         *extra_names(cfg),
     ]
 
@@ -123,6 +136,8 @@ def methods(cfg) -> dict[str, Method]:
         *(float(f) for f in cfg.budget.fractions),
         *(int(n) for n in cfg.baselines.prune),
         *(int(k) for k in cfg.baselines.top_k),
+        *([None, None] if _int8(cfg).enabled else []),
+        *(float(lam) for lam in _int8(cfg).lambdas),
         *(None for _ in extra_names(cfg)),
     ]
     out = {}
@@ -135,3 +150,18 @@ def methods(cfg) -> dict[str, Method]:
             method = method._replace(lam=float(cfg.expert.lam))
         out[name] = method
     return out
+
+
+class Int8Options(NamedTuple):
+    """The config's ``int8`` section (absent: off): serve ``int8`` and ``int8_ttt`` when
+    ``enabled``, and ``int8_energy_ttt/<λ>`` for each of ``lambdas`` (only when enabled)."""
+
+    enabled: bool
+    lambdas: tuple[float, ...]
+
+
+def _int8(cfg) -> Int8Options:
+    section = cfg.get("int8")
+    if section is None or not section.enabled:
+        return Int8Options(False, ())
+    return Int8Options(True, tuple(section.lambdas))

@@ -11,7 +11,7 @@ import numpy as np
 from experiments import report
 from experiments.energy_moe import digits
 from experiments.energy_moe.plots import PLOTS, plot_all, shown_plots
-from experiments.energy_moe.registry import ENERGY_AWARE
+from experiments.energy_moe.registry import ENERGY_AWARE, INT8
 from experiments.energy_moe.serving import BACKWARD_FACTOR
 from experiments.energy_moe.tables import change, router_reference, summary
 from experiments.energy_moe.tasks import BPC, Metric, task_of
@@ -54,6 +54,20 @@ def reading(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
         f"{', '.join(both) or 'none'}.",
     ]
     lines += expert_reading(results, metric)
+    int8 = [n for n in rows if kinds[n] in INT8]
+    if int8:
+        lines.append(
+            "- Weight-only int8 experts (per-output-channel symmetric scales, static; priced "
+            "at 1 byte per weight plus float32 scales and one dequantizing multiply per "
+            "weight, the matmuls' FLOPs unchanged), energy reduction and change in "
+            f"{label} vs no_ttt: "
+            + ", ".join(
+                f"{n} {100 * rows[n]['energy_reduction']['mean']:+.1f}% / "
+                f"{change(rows[n][f'{m_key}_change'], metric)}"
+                for n in int8
+            )
+            + "."
+        )
     for name, m in results["matched"].items():
         if m["best_aware"] is None:
             lines.append(f"- vs {name}: no energy-aware point is as accurate, so no win counts.")
@@ -185,7 +199,7 @@ def _digits_header(results: dict[str, Any], cfg, mcfg: moe.MoEConfig, n_params: 
     per_image = ", ".join(
         f"{n} {pixels * rows[n]['uj_per_token']['mean']:.3f}"
         for n in rows
-        if results["kinds"][n] in ("no_ttt", "ttt", "prune", "top_k")
+        if results["kinds"][n] in ("no_ttt", "ttt", "prune", "top_k", "int8")
     )
     segs = ", ".join(f"{c} s{s}" for _, _, c, s in digits.schedule(cfg))
     return [

@@ -17,7 +17,7 @@ from experiments import harness
 from metattt import objectives, runlog, train
 from metattt.data import text_corpora as tc
 from metattt.energy import SimulatedDevice, energy_tent, proxy_costs
-from metattt.models import moe
+from metattt.models import moe, quantize
 
 HEADS = ("lm", "class")
 
@@ -76,8 +76,9 @@ def score(out, targets, head: str) -> jax.Array:
 
 
 def compile_infer(mcfg: moe.MoEConfig, head: str):
-    """Jitted ``(params, inputs, targets, mask) -> (score, counts)`` of ``mcfg``'s model."""
-    apply = moe.init_moe(mcfg).apply
+    """Jitted ``(params, inputs, targets, mask) -> (score, counts)`` of ``mcfg``'s model; it
+    also takes parameters with int8 experts (:func:`metattt.models.quantize.int8_apply`)."""
+    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
 
     @jax.jit
     def infer(p, inputs, targets, mask):
@@ -96,7 +97,8 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    apply = moe.init_moe(mcfg).apply
+    # Every compiled function also takes parameters with int8 experts (compiled on first use).
+    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
 
     def train_loss(p, batch):
         inputs, targets = batch
@@ -195,11 +197,18 @@ def mean_score(rt: Runtime, params: Any, inputs: np.ndarray, targets: np.ndarray
     return float(np.mean(scores))
 
 
-def warm_up(rt: Runtime, params: Any, stream: Any, *, batch: int, windows: int) -> None:
-    """Compile every inference and the adaptation step for the stream's shapes, so the
+def warm_up(
+    rt: Runtime, params: Any, stream: Any, *, batch: int, windows: int, int8: bool = False
+) -> None:
+    """Compile every inference and the adaptation step for the stream's shapes (and, with
+    ``int8``, the trained top-k's inference and the adaptation on int8 experts), so the
     wall-clock times of serving (and the TTT overhead) exclude compilation."""
     x, y = jnp.asarray(stream.inputs[:batch]), jnp.asarray(stream.targets[:batch])
     mask = jnp.ones((rt.mcfg.num_experts,), bool)
     for infer in rt.infer.values():
         jax.block_until_ready(infer(params, x, y, mask))
     jax.block_until_ready(rt.adapt(params, x[:windows], jnp.float32(0.0), mask))
+    if int8:
+        qparams = quantize.quantize_experts(params)
+        jax.block_until_ready(rt.infer[rt.mcfg.top_k](qparams, x, y, mask))
+        jax.block_until_ready(rt.adapt(qparams, x[:windows], jnp.float32(0.0), mask))

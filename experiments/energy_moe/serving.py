@@ -3,9 +3,10 @@ config, and a cell of results from :func:`metattt.energy.serving.serve_stream` (
 every batch is scored before the method may adapt on it; every batch is one monitor window).
 
 A forward pass costs the dense layers plus :func:`metattt.models.moe.expert_work` of the
-experts actually used (with expert LoRA, each expert's merge at its active rank too); an
-adaptation step ``1 + BACKWARD_FACTOR`` forward passes (each of its passes, when the objective
-runs two). Expert-level methods and other objectives are served through their
+experts actually used (int8 methods: their experts' weights read as int8, see
+:mod:`metattt.models.quantize`; with expert LoRA, each expert's merge at its active rank too);
+an adaptation step ``1 + BACKWARD_FACTOR`` forward passes (each of its passes, when the
+objective runs two). Expert-level methods and other objectives are served through their
 :class:`.expert.Variant`.
 """
 
@@ -35,7 +36,7 @@ from metattt.energy import (
     serving_rate,
 )
 from metattt.energy.serving import serve_stream
-from metattt.models import moe
+from metattt.models import moe, quantize
 
 BACKWARD_FACTOR = 2.0  # a backward pass costs about two forwards (input and weight gradients)
 
@@ -56,14 +57,18 @@ def batch_work(
     length: int,
     variant: Variant | None = None,
     lora_ranks: Any = None,
+    weights: str = "float",
 ) -> Work:
-    """Dense work plus the work of the experts actually used (``counts`` (layers, E)), with
-    the variant's expert LoRA merges at ``lora_ranks`` ((layers, E); None: its rank)."""
+    """Dense work plus the work of the experts actually used (``counts`` (layers, E)), their
+    weights stored as ``weights`` (:data:`metattt.models.moe.WEIGHT_FORMATS`), with the
+    variant's expert LoRA merges at ``lora_ranks`` ((layers, E); None: its rank)."""
     if variant is not None and variant.rank:
         ranks = variant.rank if lora_ranks is None else jnp.asarray(lora_ranks)
-        experts = moe.expert_work(jnp.asarray(counts), variant.mcfg, lora_ranks=ranks)
+        experts = moe.expert_work(
+            jnp.asarray(counts), variant.mcfg, lora_ranks=ranks, weights=weights
+        )
     else:
-        experts = moe.expert_work(jnp.asarray(counts), rt.mcfg)
+        experts = moe.expert_work(jnp.asarray(counts), rt.mcfg, weights=weights)
     return forward_work(batch_dense_work(rt, batch, length), experts.flops, experts.bytes)
 
 
@@ -154,6 +159,9 @@ def serve(
                 p = hw.apply(p, jax.random.fold_in(key, 1))
             return variant.adapt(p, x, jnp.float32(lam), jnp.asarray(mask), key)
 
+    weights = "int8" if method.int8 else "float"
+    if method.int8:
+        params = quantize.quantize_experts(params)
     served = serve_stream(
         infer,
         adapt,
@@ -161,7 +169,7 @@ def serve(
         inputs,
         stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:]),
         work=lambda counts, rows: batch_work(
-            rt, counts, rows, length, variant, None if hw is None else hw.active
+            rt, counts, rows, length, variant, None if hw is None else hw.active, weights
         ),
         dense=batch_dense_work(rt, b, length),
         device=rt.device,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from experiments.energy_moe.registry import ENERGY_AWARE
 from experiments.energy_moe.tasks import Metric, task_of
 
 
@@ -32,6 +33,8 @@ def summary_tables(results: dict[str, Any], metric: Metric) -> str:
     """:func:`summary`'s tables for any metric."""
     rows = results["methods"]
     front = set(results["pareto_front"])
+    kinds = [k for k in ENERGY_AWARE if k in results["kinds"].values()] or list(ENERGY_AWARE)
+    aware = " or ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
     m_key, label = metric.key, metric.label
     lines = [
         f"| method | {label} | Δ {label} vs no TTT | routed expert energy/token, last "
@@ -53,7 +56,7 @@ def summary_tables(results: dict[str, Any], metric: Metric) -> str:
         )
     lines += [
         "",
-        "**Matched accuracy**: the cheapest energy-aware TTT point (energy_ttt or budget) with "
+        f"**Matched accuracy**: the cheapest energy-aware TTT point ({aware}) with "
         f"{label} no worse than each static baseline.",
         "",
         f"| baseline | {label} | µJ/token | best energy-aware at ≤ {label} | its {label} "

@@ -11,11 +11,13 @@ serving of a stream under a monitor, with adaptation and an optional power-budge
 :mod:`~metattt.energy.rank_policy` (adapter ranks from power, temperature and memory headroom),
 :mod:`~metattt.energy.memory` (memory readings, serving levels priced by XLA, and the policy
 that steps down under memory pressure), :mod:`~metattt.energy.explain` (which experts a
-routing avoided and what that saved, activation shares, top-k agreement) and
+routing avoided and what that saved, activation shares, top-k agreement),
 :mod:`~metattt.energy.schedule` (when to adapt: periodic, on a difficulty signal, or at an
-adaptive frequency).
+adaptive frequency) and :mod:`~metattt.energy.kernel_costs` (MoE dispatch backends timed per
+shape on the device, a fitted cost model per backend, and the backend it predicts cheapest).
 """
 
+from metattt.energy import kernel_costs
 from metattt.energy.accounting import (
     Work,
     dense_work,
@@ -130,6 +132,7 @@ __all__ = [
     "read_memory",
     "serving_ladder",
     "ServedStream",
+    "kernel_costs",
     "serve_stream",
     "Work",
     "dense_work",

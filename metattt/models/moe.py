@@ -425,23 +425,53 @@ def expert_bytes_per_token(d_model: int, d_ff: int, itemsize: int = 4) -> int:
     return (2 * d_model + 2 * d_ff) * itemsize
 
 
+#: How expert weights are stored, for :func:`expert_work`: ``"float"`` at the activations'
+#: ``itemsize``; ``"int8"`` weight-only int8 with float32 per-output-channel scales
+#: (:mod:`metattt.models.quantize`).
+WEIGHT_FORMATS = ("float", "int8")
+
+
+def expert_weight_work(
+    d_model: int, width: int, *, itemsize: int = 4, weights: str = "float"
+) -> tuple[int, int]:
+    """(FLOPs, bytes) of reading one expert's three weight matrices once in a forward pass.
+
+    ``"float"``: 3·D·F_e weights of ``itemsize`` bytes, no FLOPs. ``"int8"``: 3·D·F_e bytes of
+    codes plus the float32 scales of the 2·F_e + D output channels (gate, up: F_e each; down:
+    D), and one multiply per weight to dequantize it (the int8-to-float conversion on load is
+    not counted). The matmuls themselves run in float, so the per-token FLOPs do not change.
+
+    Raises:
+        ValueError: ``weights`` not in :data:`WEIGHT_FORMATS`.
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    n = 3 * d_model * width
+    if weights == "float":
+        return 0, n * itemsize
+    return n, n + (2 * width + d_model) * 4
+
+
 def expert_work(
     expert_counts: jax.Array,
     config: MoEConfig,
     *,
     itemsize: int = 4,
+    weights: str = "float",
     lora_ranks: jax.Array | None = None,
 ) -> ExpertWork:
     """FLOPs and bytes of each expert from the token counts of a forward pass (pure, jittable).
 
-    flops_e = n_e · flops_per_token + merge_e;  bytes_e = n_e · bytes_per_token
-    + [n_e > 0] · 3·D·F·itemsize (each used expert's weights read once) + lora_bytes_e, where
-    n_e are the processed assignments (``aux["expert_counts"]``), and with LoRA every expert
-    with rank r_e > 0 pays the merge W + A·B each forward: merge_e = 3 · (2·I·r_e·O + I·O)
-    FLOPs (the product and one add per entry) and lora_bytes_e = 3·(I·r_e + r_e·O)·itemsize.
-    r_e is ``lora_ranks`` (the active ranks of a :func:`lora_realloc` buffer: what a real
-    rank-r_e allocation costs, not the R-wide masked buffer the CPU computes) or, when None,
-    ``config.lora_rank`` for every expert.
+    flops_e = n_e · flops_per_token + [n_e > 0] · weight_flops_e + merge_e;  bytes_e = n_e ·
+    bytes_per_token + [n_e > 0] · weight_bytes_e + lora_bytes_e, where n_e are the processed
+    assignments (``aux["expert_counts"]``), each used expert's weights are read once
+    (:func:`expert_weight_work`: 3·D·F·itemsize bytes for float weights, about a quarter of
+    that for ``weights="int8"``, which also pays 3·D·F dequantizing multiplies), and with LoRA
+    every expert with rank r_e > 0 pays the merge W + A·B each forward: merge_e = 3 ·
+    (2·I·r_e·O + I·O) FLOPs (the product and one add per entry) and lora_bytes_e =
+    3·(I·r_e + r_e·O)·itemsize. r_e is ``lora_ranks`` (the active ranks of a
+    :func:`lora_realloc` buffer: what a real rank-r_e allocation costs, not the R-wide masked
+    buffer the CPU computes) or, when None, ``config.lora_rank`` for every expert.
 
     With heterogeneous experts (``config.expert_widths``) expert e is priced at its width F_e
     (flops/bytes per token and weight reads); the LoRA merge runs over the whole F buffer.
@@ -452,9 +482,12 @@ def expert_work(
     d, f = config.d_model, config.d_ff
     n = jnp.asarray(expert_counts, jnp.float32)
     per_flops, per_bytes = expert_token_costs(config, itemsize=itemsize)
-    weight_bytes = np.asarray([3 * d * w * itemsize for w in expert_widths(config)], np.float32)
-    flops = n * jnp.asarray(per_flops, jnp.float32)
+    read = [
+        expert_weight_work(d, w, itemsize=itemsize, weights=weights) for w in expert_widths(config)
+    ]
+    weight_flops, weight_bytes = (np.asarray(v, np.float32) for v in zip(*read, strict=True))
     used = (n > 0).astype(jnp.float32)
+    flops = n * jnp.asarray(per_flops, jnp.float32) + used * weight_flops
     nbytes = n * jnp.asarray(per_bytes, jnp.float32) + used * weight_bytes
     r = config.lora_rank if lora_ranks is None else jnp.asarray(lora_ranks, jnp.float32)
     if lora_ranks is not None or r:

@@ -15,6 +15,7 @@ from configs import energy_moe as energy_config
 from experiments import energy_moe
 from experiments.energy_moe import runtime, serving
 from metattt.energy import SimulatedDevice, edp
+from metattt.models import moe
 from tests.experiments.compare import assert_same_structure
 from tests.experiments.killing import kill_after
 
@@ -59,6 +60,9 @@ def _cell(workdir, name):
         ("bias_ttt", energy_moe.Method("bias_ttt")),
         ("energy_ttt/0.3:consistency", energy_moe.Method("energy_ttt", lam=0.3,
                                                          objective="consistency")),
+        ("int8", energy_moe.Method("int8")),
+        ("int8_ttt", energy_moe.Method("int8_ttt")),
+        ("int8_energy_ttt/0.3", energy_moe.Method("int8_energy_ttt", lam=0.3)),
     ],
 )  # fmt: skip
 def test_parse_method(name, method):
@@ -68,7 +72,8 @@ def test_parse_method(name, method):
 @pytest.mark.parametrize(
     "name",
     ["energy", "ttt/1", "energy_ttt", "energy_ttt/x", "prune/1.5", "lora_ttt", "lora_ttt/0",
-     "norm_ttt/1", "ttt:bogus", "prune/1:masked", "budget/0.5:masked"],
+     "norm_ttt/1", "ttt:bogus", "prune/1:masked", "budget/0.5:masked", "int8/1",
+     "int8_energy_ttt"],
 )  # fmt: skip
 def test_unknown_method_names_list_the_valid_forms(name):
     with pytest.raises(ValueError, match=f"unknown method '{name}'; valid: no_ttt, ttt, energy"):
@@ -80,17 +85,25 @@ def test_methods_of_the_full_config_in_run_order():
     table = energy_moe.methods(cfg)
     expected = ["no_ttt", "ttt"] + [f"energy_ttt/{x:g}" for x in cfg.ttt.lambdas]
     expected += [f"budget/{x:g}" for x in cfg.budget.fractions]
-    expected += [f"prune/{n}" for n in cfg.baselines.prune] + ["top_k/1"]
+    expected += [f"prune/{n}" for n in cfg.baselines.prune] + ["top_k/1", "int8", "int8_ttt"]
+    expected += [f"int8_energy_ttt/{x:g}" for x in cfg.int8.lambdas]
     expected += list(cfg.expert.methods)
     assert list(table) == expected
     router = [m.lam for n, m in table.items() if m.kind == "energy_ttt" and ":" not in n]
     assert router == list(cfg.ttt.lambdas)
-    assert [m.kind for m in table.values() if m.adapts][:10] == ["ttt"] + ["energy_ttt"] * 5 + [
-        "budget"
-    ] * 4
+    assert [m.lam for m in table.values() if m.kind == "int8_energy_ttt"] == list(cfg.int8.lambdas)
+    adapting = [m.kind for m in table.values() if m.adapts]
+    assert (
+        adapting[:13]
+        == ["ttt"] + ["energy_ttt"] * 5 + ["budget"] * 4 + ["int8_ttt"] + ["int8_energy_ttt"] * 2
+    )
+    int8_names = ["int8", "int8_ttt", *(f"int8_energy_ttt/{x:g}" for x in cfg.int8.lambdas)]
+    assert [n for n, m in table.items() if m.int8] == int8_names
     # the expert-level kinds are energy-aware at expert.lam; an objective keeps its own λ
     assert table["lora_ttt/16"] == energy_moe.Method("lora_ttt", lam=cfg.expert.lam, rank=16)
     assert table["energy_ttt/0.3:masked"].lam == 0.3
+    cfg.int8.enabled = False  # the section off: none of its methods
+    assert not any(m.int8 for m in energy_moe.methods(cfg).values())
 
 
 @pytest.mark.parametrize(
@@ -106,6 +119,7 @@ def test_methods_of_the_full_config_in_run_order():
         ("budget.fractions", (1.2,), "budget.fractions"),
         ("baselines.prune", (3,), "baselines.prune"),
         ("baselines.top_k", (2,), "baselines.top_k"),
+        ("int8.lambdas", (0.0,), "int8.lambdas must be > 0"),
         ("model.num_heads", 3, "num_heads"),
         ("train.num_steps", 30, "multiple of train.steps_per_call"),
         ("data.heldout_windows", 6, "multiple of data.batch"),
@@ -273,6 +287,9 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
         assert f"docs/figures/energy_moe_{plot}.png" in text
         path = tmp_path / "repo" / "docs" / "figures" / f"energy_moe_{plot}.png"
         assert path.stat().st_size > 1000
+    int8 = next(x for x in text.splitlines() if x.startswith("- Weight-only int8 experts"))
+    for name in ("int8", "int8_ttt", "int8_energy_ttt/3"):
+        assert f"{name} {100 * rows[name]['energy_reduction']['mean']:+.1f}% / " in int8
     kept = json.loads((tmp_path / "repo" / "docs" / "results" / "energy_moe.json").read_text())
     assert _same(kept, results)
     # the expert-level table: one row per method, its last occurrence in the text
@@ -409,6 +426,17 @@ def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
         assert cell["edp"] == pytest.approx(
             edp(cell["dynamic_j"], cell["delay_s"], cell["tokens"]), rel=1e-12
         )
+    # int8 experts: one layer, so the router never sees an expert's output and routes as
+    # no_ttt does; the energy falls by the weight bytes saved in each batch an expert was used
+    base, int8 = _cell(workdir, "no_ttt"), _cell(workdir, "int8")
+    assert int8["counts"] == base["counts"] and cfg.model.num_layers == 1
+    mcfg = energy_moe.task_of(cfg).model_config(cfg)
+    saved = 0.0
+    for w in mcfg.expert_widths:
+        saved += dev.work_energy(*moe.expert_weight_work(mcfg.d_model, w))
+        saved -= dev.work_energy(*moe.expert_weight_work(mcfg.d_model, w, weights="int8"))
+    assert 0 < base["dynamic_j"] - int8["dynamic_j"] <= cfg.data.stream_batches * saved * 1.000001
+    assert int8["bpc"] == pytest.approx(base["bpc"], rel=5e-3)
     adapted = _cell(workdir, "energy_ttt/3")
     assert adapted["adapt_calls"] == math.ceil(cfg.data.stream_batches / cfg.ttt.every)
     assert 0 < adapted["adapt_dynamic_j"] < adapted["dynamic_j"]

@@ -85,6 +85,7 @@ def test_shifted_stream_is_the_corrupted_test_split():
         ("ttt.lambdas", (0.0,), "ttt.lambdas must be > 0"),
         ("budget.fractions", (1.2,), "budget.fractions"),
         ("baselines.top_k", (2,), "baselines.top_k"),
+        ("int8.lambdas", (-1.0,), "int8.lambdas must be > 0"),
         ("train.num_steps", 30, "multiple of train.steps_per_call"),
         ("expert.methods", ("energy_ttt/0.3:masked",), "needs a trained token head"),
         ("expert.methods", ("lora_ttt/2:next_token",), "needs a trained token head"),

@@ -225,6 +225,25 @@ def test_expert_work_by_hand():
     np.testing.assert_allclose(lora.bytes - work.bytes, 3 * (4 * 2 + 2 * 8) * 4)
 
 
+def test_int8_expert_work_by_hand():
+    """Weight-only int8: the same per-token work, weights read as 1 byte each plus float32
+    scales of the 2·F + D output channels, one dequantizing multiply per weight."""
+    cfg = MoEConfig(vocab_size=5, d_model=4, num_heads=1, num_experts=2, d_ff=8,
+                    expert_widths=(8, 2))  # fmt: skip
+    counts = jnp.array([[3, 1], [0, 5]])
+    work = expert_work(counts, cfg, weights="int8")
+    # expert 0: F = 8, 240 FLOPs and 96 bytes per token; weights 96 codes + (16 + 4) scales
+    # expert 1: F = 2, 6·8 + 10 + 8 = 66 FLOPs and (8 + 4)·4 = 48 bytes; 24 codes + 8 scales
+    want_flops = [[3 * 240 + 96, 66 + 24], [0, 5 * 66 + 24]]
+    want_bytes = [[3 * 96 + 96 + 20 * 4, 48 + 24 + 8 * 4], [0, 5 * 48 + 24 + 8 * 4]]
+    np.testing.assert_allclose(work.flops, want_flops)
+    np.testing.assert_allclose(work.bytes, want_bytes)
+    float_work = expert_work(counts, cfg)
+    np.testing.assert_allclose(float_work.bytes, [[3 * 96 + 384, 48 + 96], [0, 5 * 48 + 96]])
+    with pytest.raises(ValueError, match="weights must be one of"):
+        expert_work(counts, cfg, weights="int4")
+
+
 def test_model_from_aux_counts_feeds_the_profiler(model):
     apply, params = model
     out = apply(params, tokens(5))
