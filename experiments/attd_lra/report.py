@@ -249,6 +249,9 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
         else "## ATTD on Mamba: second- vs first-order meta-training (does TTT of the dynamics "
         "help when the outer loop differentiates through it?)"
         if second
+        else "## ATTD on Mamba, Long Range Arena tasks, with issue 17's protocol (θ frozen, SGD "
+        "inner rule, thresholds recalibrated after outer training)"
+        if a.recalibrate and f.freeze_theta
         else "## ATTD (adaptive test-time dynamics) on Mamba, Long Range Arena tasks"
     )
     order = (
