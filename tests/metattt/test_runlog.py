@@ -177,7 +177,7 @@ def _small_scan_inputs():
 def test_run_info_records_the_kernel_backends_and_refreshes_them(tmp_path):
     from kernels_pallas import selftest
     from kernels_pallas.moe_dispatch import moe_dispatch
-    from kernels_pallas.selective_scan import selective_scan
+    from kernels_pallas.selective_scan import PallasConfig, selective_scan
 
     selftest.reset()
     selective_scan(*_small_scan_inputs(), delta_softplus=True, backend="auto")
@@ -193,7 +193,7 @@ def test_run_info_records_the_kernel_backends_and_refreshes_them(tmp_path):
             "device_kind": kind,
             "jax": jax.__version__,
             "dtype": "float32",
-            "config": "PallasConfig(block_d=32, chunk=8, lean_chunk=None, num_warps=4)",
+            "config": repr(PallasConfig()),  # the default block config the self-test keys on
         }
     ]
     rng = np.random.default_rng(4)
