@@ -4,8 +4,11 @@ that mean something) cannot be checked here.
 
 The quick test runs the driver with the kernel check of the scan, the GPU-marked tests (skipped
 here) and the environment, and a section forced over its timeout; the slow one runs the rest
-(self-tests, the dispatch, the model steps). The ``run:NAME`` sections start each config's
-tiny run as a subprocess, which the experiments' own tests already cover on the CPU.
+(self-tests and the dispatch). Not run here, to keep ``make test`` short: the ``models``
+section (one step of each GPU-sized model, kernel vs jnp path; the kernels' agreement with
+their references is tested in tests/kernels_pallas) and the ``run:NAME`` sections (each
+config's tiny run, which the experiments' own tests cover). On a GPU they run in their own
+processes, so a failure there is recorded without hiding the other sections.
 """
 
 import json
@@ -56,13 +59,11 @@ def test_sections_run_in_their_own_processes_and_a_hang_hides_nothing(tmp_path, 
 
 
 @pytest.mark.slow
-def test_self_tests_dispatch_and_model_steps(tmp_path):
+def test_self_tests_and_dispatch(tmp_path):
     code, report, _ = run_check(
         tmp_path,
         "--sections",
-        "selftest,dispatch,models",
-        "--timeout",
-        "models=400",  # a loaded CPU; the default caps are sized for a GPU
+        "selftest,dispatch",
     )
     sections = report["sections"]
     assert code == 0, {k: v["status"] for k, v in sections.items()}
@@ -74,6 +75,3 @@ def test_self_tests_dispatch_and_model_steps(tmp_path):
     for part in ("gmm", "dispatch"):
         for passname in ("fwd", "fwd+bwd"):
             assert rows[part, passname, "pallas"]["error_ok"], (part, passname)
-    steps = sections["models"]["results"]
-    assert steps["energy_moe/agreement"]["ok"] and steps["attd_lra_full/agreement"]["ok"]
-    assert steps["forecasting_gpu/pretrain"]["finite"]
