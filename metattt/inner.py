@@ -273,7 +273,7 @@ def adapt(
     check_clip_norm(clip_norm)
     if not jax.tree.leaves(fast):
         raise ValueError("adapt() got no fast parameters to adapt")
-    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(fast)):
+    if not isinstance(jnp.zeros(()), jax.core.Tracer):  # no jit trace (fast may be a constant)
         _warn_eager_once()
     if opt_state is None:
         opt_state = opt.init(fast)

@@ -89,6 +89,7 @@ def test_eager_adapt_warns_once_and_jitted_adapt_does_not(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         jax.jit(run)(fast, slow, batch)
+        jax.jit(lambda b: run(fast, slow, b))(batch)  # parameters closed over: still jitted
         assert not caught
         run(fast, slow, batch)
         run(fast, slow, batch)
