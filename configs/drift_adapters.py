@@ -16,18 +16,7 @@ source on digits-C.
 
 import ml_collections
 
-CORRUPTIONS = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "gaussian_blur",
-    "contrast",
-    "brightness",
-    "rotate",
-    "translate",
-    "pixelate",
-    "elastic",
-)
+from metattt.data.digits_c import CORRUPTIONS
 
 
 def get_config(arg=None):

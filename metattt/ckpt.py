@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from metattt import atomic
+
 __all__ = ["Checkpointer", "CorruptCheckpoint"]
 
 logger = logging.getLogger(__name__)
@@ -331,7 +333,7 @@ def _listing(folder: str) -> dict[str, str]:
         for name in files:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, folder)
-            if rel not in (_MANIFEST, _MANIFEST + ".tmp"):
+            if not rel.startswith(_MANIFEST):  # the manifest and its temporaries
                 out[rel] = f"{os.path.getsize(path)}:{_file_sha256(path)}"
     return out
 
@@ -341,10 +343,7 @@ def _seal(folder: str) -> None:
     target = os.path.join(folder, _MANIFEST)
     if os.path.exists(target) or not os.path.isdir(folder):
         return
-    listing, tmp = _listing(folder), target + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(listing, f)
-    os.replace(tmp, target)
+    atomic.write_json(target, _listing(folder))
 
 
 def _unsealed_damage(folder: str) -> str | None:

@@ -72,7 +72,8 @@ class InnerResult(NamedTuple):
     Attributes:
         params: the adapted (fast) parameters psi_K.
         opt_state: the optimizer state after the last applied step.
-        losses: loss at psi_k, before step k is applied.
+        losses: loss at psi_k, before step k is applied (the loss at the returned psi_K is not
+            computed; evaluate ``loss_fn(result.params, batch)`` where it is needed).
         grad_norms: global norm of step k's raw (unclipped) gradient.
         update_norms: ||Delta psi_k|| actually applied (0 for masked or skipped steps).
         active: whether step k was applied (within ``num_steps`` and finite).

@@ -32,6 +32,8 @@ from typing import Any, final
 import numpy as np
 import tqdm
 
+from metattt import atomic
+
 __all__ = [
     "JsonlWriter",
     "MemoryWriter",
@@ -422,13 +424,8 @@ def _kernel_backends() -> list[dict[str, str]]:
     return selftest.resolutions()
 
 
-def _write_json(path: str, record: Mapping[str, Any]) -> None:
-    """Replaces ``path`` atomically with ``record`` as indented, key-sorted strict JSON."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+#: run_info.json: indented, key-sorted, strict JSON (no NaN).
+_JSON_STYLE = {"indent": 2, "sort_keys": True, "allow_nan": False}
 
 
 def write_run_info(workdir: str | os.PathLike[str], config: Mapping[str, Any]) -> dict[str, Any]:
@@ -464,7 +461,7 @@ def write_run_info(workdir: str | os.PathLike[str], config: Mapping[str, Any]) -
         "cores": os.cpu_count(),
         "kernel_backends": _kernel_backends(),
     }
-    _write_json(os.path.join(workdir, "run_info.json"), info)
+    atomic.write_json(os.path.join(workdir, "run_info.json"), info, **_JSON_STYLE)
     return info
 
 
@@ -485,5 +482,5 @@ def record_kernel_backends(workdir: str | os.PathLike[str]) -> list[dict[str, st
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
     info["kernel_backends"] = _kernel_backends()
-    _write_json(path, info)
+    atomic.write_json(path, info, **_JSON_STYLE)
     return info["kernel_backends"]

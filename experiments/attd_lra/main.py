@@ -52,7 +52,7 @@ from experiments.attd_lra.aggregate import aggregate
 from experiments.attd_lra.checks import model_config, validate
 from experiments.attd_lra.methods import SHIFT_TASKS, parse_method, seed_methods
 from experiments.attd_lra.report import plot_accuracy_vs_k, plot_k_vs_difficulty, summary_table
-from metattt import runlog
+from metattt import atomic, runlog
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +88,6 @@ def load_task(cfg, task: str, seed: int) -> tuple[lra.LRATask, lra.Split]:
     load = {"listops": lra.listops_task, "pathfinder": lra.pathfinder_task}[task]
     task = load(seed, *(_split_args(d[s]) for s in ("train", "test_id", "test_shift")))
     return task, task.train
-
-
-def _dump(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def run(cfg, workdir: str) -> dict[str, Any]:
@@ -167,7 +161,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     bar.close()
     results = aggregate(cfg, cells, base_info)
     results["inner_lr"] = inner_lrs
-    _dump(root / "results.json", results)
+    atomic.write_json(root / "results.json", results, indent=1)
     (root / "summary.md").write_text(summary_table(results) + "\n")
     plot_accuracy_vs_k(results, str(root / f"{cfg.figure_prefix}_accuracy_vs_k.png"))
     plot_k_vs_difficulty(results, str(root / f"{cfg.figure_prefix}_k_vs_difficulty.png"))

@@ -235,9 +235,7 @@ def energy_tent(
         probs = [out.aux["router_probs"] for out in outs]
 
         def per_token(costs):  # mean over the forward passes
-            values = [expected_energy(q, costs, top_k) for q in probs]
-            total = values[0] if len(values) == 1 else (values[0] + values[1]) / 2
-            return total / num_tokens
+            return sum(expected_energy(q, costs, top_k) for q in probs) / len(probs) / num_tokens
 
         energy = per_token(normalised)
         lam = jnp.asarray(batch.lambda_energy, jnp.float32)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metattt import atomic
 from metattt.energy.monitor import AbstractMonitor, SimulatedDevice
 
 COST_PROFILE_FORMAT = "metattt.expert_costs"
@@ -188,7 +189,7 @@ def measure_costs(
 
 
 def save_costs(profile: CostProfile, path: str | os.PathLike) -> None:
-    """Write ``profile`` as versioned JSON (parent directories are created)."""
+    """Write ``profile`` as versioned JSON, atomically (parent directories are created)."""
     payload = {
         "format": COST_PROFILE_FORMAT,
         "version": COST_PROFILE_VERSION,
@@ -197,11 +198,7 @@ def save_costs(profile: CostProfile, path: str | os.PathLike) -> None:
         "device": profile.device,
         "experts": [{"expert": e, **c._asdict()} for e, c in enumerate(profile.experts)],
     }
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    atomic.write_json(path, payload, indent=2)
 
 
 def _parse_expert(index: int, entry: Any, path: str) -> ExpertCost:

@@ -40,6 +40,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from kernels_pallas.moe_dispatch import capacity, moe_dispatch, ragged_dot_available
+from metattt import atomic
 from metattt.energy.monitor import AbstractMonitor
 
 KERNEL_COSTS_FORMAT = "metattt.kernel_costs"
@@ -227,7 +228,7 @@ def save_timings(
 ) -> None:
     """Merge ``timings`` into the JSON file at ``path`` under ``key`` (default
     :func:`device_key`); a (backend, shape) measured again replaces the old entry, entries of
-    other devices or JAX versions are kept."""
+    other devices or JAX versions are kept. The file is replaced atomically."""
     path, key = os.fspath(path), device_key() if key is None else key
     payload = _read(path) if os.path.isfile(path) else {
         "format": KERNEL_COSTS_FORMAT, "version": KERNEL_COSTS_VERSION, "devices": {}
@@ -239,10 +240,7 @@ def save_timings(
             "seconds": t.seconds,
             "joules": None if math.isnan(t.joules) else t.joules,
         }
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.write("\n")
+    atomic.write_json(path, payload, indent=1, sort_keys=True)
 
 
 def load_timings(path: str | os.PathLike, key: str | None = None) -> list[KernelTiming]:
