@@ -53,12 +53,14 @@ def load():
     tokamax = importlib.import_module("tokamax")
     # tokamax 0.0.12 reads its options from absl flags and, on first use, parses all of
     # sys.argv with them, which fails in any program with a command line of its own (pytest,
-    # argparse: "UnrecognizedFlagError"; fixed upstream by openxla/tokamax#957). Parse only the
-    # flags absl knows, as that fix does, unless someone has parsed them already.
+    # argparse: "UnrecognizedFlagError"). As tokamax's later releases do, give absl only the
+    # --tokamax_* arguments (all of sys.argv, even known_only, lets absl's own -v eat the next
+    # argument), unless someone has parsed the flags already.
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv, known_only=True)
+        ours = [a for a in sys.argv[1:] if a.startswith("--tokamax_")]
+        flags.FLAGS([sys.argv[0] if sys.argv else "python", *ours], known_only=True)
     return tokamax
 
 
@@ -93,3 +95,23 @@ def products(precision, impl: tuple[str, ...]) -> tuple:
         )
 
     return raw_gmm, raw_tgmm
+
+
+def accepted(product: str, lhs, rhs, sizes, precision=None, impl=None) -> str | None:
+    """Which of ``impl`` (default :func:`implementation`) tokamax runs for one product, or None.
+
+    ``product`` is ``"gmm"`` or ``"tgmm"`` (operands as in :func:`products`); the first
+    implementation that does not refuse the call (``NotImplementedError``: an unsupported
+    device, dtype, ``precision`` or layout) when traced abstractly (nothing runs) is the one
+    tokamax uses. What a benchmark reports beside a tokamax timing.
+    """
+    if product not in ("gmm", "tgmm"):
+        raise ValueError(f"product must be 'gmm' or 'tgmm', got {product!r}")
+    for name in impl or implementation():
+        raw = products(precision, (name,))[0 if product == "gmm" else 1]
+        try:
+            jax.eval_shape(raw, lhs, rhs, sizes)
+        except NotImplementedError:
+            continue
+        return name
+    return None

@@ -58,6 +58,18 @@ def test_implementation_follows_the_platform():
     assert tokamax_ops.implementation("cpu") == ("xla",)
 
 
+@needs_tokamax
+def test_accepted_names_the_implementation_tokamax_runs():
+    lhs, rhs = jnp.ones((9, 3)), jnp.ones((3, 3, 4))
+    sizes = jnp.asarray([2, 0, 5], jnp.int32)
+    assert tokamax_ops.accepted("gmm", lhs, rhs, sizes) == "xla"
+    assert tokamax_ops.accepted("tgmm", lhs, jnp.ones((9, 4)), sizes) == "xla"
+    # the GPU kernels refuse the CPU (NotImplementedError), as tokamax's fallback expects
+    assert tokamax_ops.accepted("gmm", lhs, rhs, sizes, impl=("mosaic", "triton")) is None
+    with pytest.raises(ValueError, match="product"):
+        tokamax_ops.accepted("dot", lhs, rhs, sizes)
+
+
 class _Spy:
     """Counts the calls (at trace time) of tokamax's two entry points."""
 
