@@ -1,4 +1,4 @@
-"""GPU benchmark of the MoE expert dispatch: grouped matmul kernel vs ``ragged_dot`` vs dense.
+"""GPU benchmark of the MoE expert dispatch: grouped matmul kernels vs ``ragged_dot`` vs dense.
 
 What it measures, for each size (E experts, T tokens, top-k, d_model D, expert width F) of a
 sweep (default E in {8, 64}, top-2, T in {4K, 16K, 64K}, D in {1024, 4096}, F = D, bf16),
@@ -6,8 +6,11 @@ with the routing drawn once from random router logits (softmax then top-k, so th
 ragged and some may be empty):
 
 * the grouped matmul itself, ``out[m] = lhs[m] · W[g(m)]`` over the T·k sorted rows, forward
-  and forward+backward (VJP to both operands), for ``pallas`` (:func:`gmm_pallas`) and
-  ``ragged`` (:func:`gmm` on ``jax.lax.ragged_dot``), against ``dense``: one plain matmul of
+  and forward+backward (VJP to both operands), for ``pallas`` (:func:`gmm_pallas`),
+  ``ragged`` (:func:`gmm` on ``jax.lax.ragged_dot``) and, where the optional tokamax package
+  is installed, ``tokamax`` (:func:`gmm` on ``tokamax.ragged_dot``: its Mosaic GPU kernel,
+  else its Triton one; the "lowering" column names the implementation tokamax accepted for the
+  forward product and for the weight-gradient product), against ``dense``: one plain matmul of
   the same (T·k, D) × (D, F) shape and FLOPs, timed in the same run. "% dense" is the dense
   time over the backend's time: the share of the dense bf16 matmul rate reached. The issue's
   target for the kernel is >= 85% (MegaBlocks reaches ~98% of cuBLAS).
@@ -15,12 +18,14 @@ ragged and some may be empty):
   FLOP count (XLA's cost analysis) over the useful FLOPs 2·T·k·D·F. A native grouped matmul
   is ~1×; the padded expansion (what XLA does on the CPU) is ~E×.
 * the whole SwiGLU dispatch, :func:`moe_dispatch` forward and forward+backward (to x, the
-  three weight stacks and the router logits) for ``pallas``, ``ragged`` and ``reference``
+  three weight stacks and the router logits) for ``pallas``, ``ragged``, ``tokamax`` (where
+  installed) and ``reference``
   (the capacity-padded einsum, with the capacity set to the busiest expert's load so that
   nothing is dropped and all three compute the same function), with the error against
   ``ragged``'s (the largest relative error over the outputs, or over the gradients of the
-  forward+backward; the grouped matmul's ``pallas`` rows likewise). The einsum's one-hot
-  dispatch tensor is T·k·E·C elements; sizes above ``--dense-max`` skip it (memory).
+  forward+backward; the grouped matmul's ``pallas`` and ``tokamax`` rows likewise). The
+  einsum's one-hot dispatch tensor is T·k·E·C elements; sizes above ``--dense-max`` skip it
+  (memory).
 
 Reproduce (repository root; on a GPU machine, where the kernels are compiled)::
 
@@ -48,12 +53,25 @@ import jax.numpy as jnp
 
 from experiments import report
 from experiments.bench.timing import kernel_bench_main, matmul_rate, rel_err, time_or_reason
-from kernels_pallas.moe_dispatch import gmm, gmm_pallas, moe_dispatch, sort_by_expert, top_k_routing
+from kernels_pallas.moe_dispatch import (
+    gmm,
+    gmm_pallas,
+    moe_dispatch,
+    sort_by_expert,
+    tokamax_ops,
+    top_k_routing,
+)
 
 SECTION = "kernels_moe_dispatch"
 BENCHMARKS = report.BENCHMARKS
-GMM_BACKENDS = ("pallas", "ragged")
-DISPATCH_BACKENDS = ("pallas", "ragged", "reference")
+GMM_BACKENDS = ("pallas", "ragged", "tokamax")
+DISPATCH_BACKENDS = ("pallas", "ragged", "tokamax", "reference")
+COMPARED = ("pallas", "tokamax")  # rows whose error is taken against ragged's
+
+
+def available(backends: tuple[str, ...]) -> tuple[str, ...]:
+    """``backends`` less ``tokamax`` where the tokamax package is not installed."""
+    return tuple(b for b in backends if b != "tokamax" or tokamax_ops.available())
 
 
 def make_inputs(experts, tokens, top_k, dim, ffn, dtype, seed=0):
@@ -86,6 +104,9 @@ def gmm_fns(backend):
         fn = gmm_pallas
     elif backend == "ragged":
         fn = gmm
+    elif backend == "tokamax":
+        impl = tokamax_ops.implementation()
+        fn = lambda lhs, rhs, sizes: gmm(lhs, rhs, sizes, tokamax_impl=impl)
     else:
         fn = lambda lhs, rhs, sizes: jnp.dot(
             lhs, rhs[0], preferred_element_type=jnp.float32
@@ -105,6 +126,17 @@ def flops_ratio(fn, args, useful_flops: float) -> float | None:
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return None if not flops else float(flops) / useful_flops
+
+
+def tokamax_lowering(lhs, rhs, sizes) -> str:
+    """The tokamax implementation accepted for the forward product (gmm) and for the weight
+    gradient's (tgmm), e.g. ``"gmm mosaic, tgmm mosaic"`` (``none`` where all refuse)."""
+    cotangent = jnp.zeros((lhs.shape[0], rhs.shape[2]), lhs.dtype)
+    names = {
+        "gmm": tokamax_ops.accepted("gmm", lhs, rhs, sizes),
+        "tgmm": tokamax_ops.accepted("tgmm", lhs, cotangent, sizes),
+    }
+    return ", ".join(f"{product} {name or 'none'}" for product, name in names.items())
 
 
 def dispatch_fns(backend, top_k, capacity_factor):
@@ -159,9 +191,11 @@ def bench_gmm(size, inputs, args) -> list[dict]:
         extra = {"tflops": None if seconds is None else flops / seconds / 1e12}
         extra["of_dense"] = None if seconds is None or dense is None else dense / seconds
         extra["error"] = None
-        if backend == "pallas" and result is not None and expected.get(name) is not None:
+        if backend in COMPARED and result is not None and expected.get(name) is not None:
             extra["error"] = _max_err(result, expected[name])
         extra["lowering"] = None
+        if backend == "tokamax" and name == "fwd":
+            extra["lowering"] = tokamax_lowering(lhs, rhs, sizes)
         if backend == "ragged" and name == "fwd":
             ratio = flops_ratio(gmm, (lhs, rhs, sizes), useful)
             extra["lowering"] = (
@@ -246,14 +280,15 @@ def _fmt(value, spec: str) -> str:
 
 def markdown(header: str, rows: list[dict], command: str, smoke: bool) -> str:
     lines = [
-        "## MoE expert dispatch: Pallas grouped matmul vs `ragged_dot` vs capacity einsum"
+        "## MoE expert dispatch: Pallas grouped matmul vs `ragged_dot` (and tokamax, where "
+        "installed) vs capacity einsum"
         + (" (smoke run: tiny sizes, interpret mode; the numbers mean nothing)" if smoke else ""),
         "",
         header,
         f"Command: `{command}`.",
         "",
         "| E | T | k | D | F | part | pass | backend | time (ms) | TFLOP/s | % dense | error "
-        "| ragged lowering |",
+        "| lowering |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -295,8 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ffn", type=int, default=0, help="expert width F (0: F = d_model)")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--gmm-backends", default=",".join(GMM_BACKENDS))
-    parser.add_argument("--dispatch-backends", default=",".join(DISPATCH_BACKENDS))
+    parser.add_argument("--gmm-backends", default=",".join(available(GMM_BACKENDS)))
+    parser.add_argument("--dispatch-backends", default=",".join(available(DISPATCH_BACKENDS)))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dense-max", type=float, default=2**30, help="max T·k·E·C elements")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
@@ -306,6 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dispatch_backends = _names(
         args.dispatch_backends, DISPATCH_BACKENDS, parser, "--dispatch-backends"
     )
+    if "tokamax" in args.gmm_backends + args.dispatch_backends and not tokamax_ops.available():
+        parser.error("backend tokamax: the tokamax package is not installed (pip install tokamax)")
     if args.smoke and args.write and args.benchmarks == BENCHMARKS:
         parser.error("--smoke numbers mean nothing: --write them only to another --benchmarks")
     if args.smoke:

@@ -29,7 +29,7 @@ import traceback
 PACKAGES = (
     "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
     "jax-cuda13-pjrt", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "ml-collections",
-    "tensorboardX", "nvidia-ml-py", "triton", "pytest",
+    "tensorboardX", "nvidia-ml-py", "triton", "pytest", "tokamax", "pydantic", "qwix",
 )  # fmt: skip
 SCAN_SIZE = {"gpu": ["--batch", "8", "--dims", "1536", "--lengths", "2048", "--state", "16"]}
 DISPATCH_SIZE = {
@@ -83,6 +83,7 @@ def env(rec: Recorder, size: str) -> None:
     import jax.numpy as jnp
 
     from kernels_pallas import moe_dispatch, selective_scan, selftest
+    from kernels_pallas.moe_dispatch import tokamax_ops
 
     def versions():
         out = {"python": platform.python_version(), "executable": sys.executable}
@@ -129,6 +130,11 @@ def env(rec: Recorder, size: str) -> None:
             "moe_dispatch": moe_dispatch.resolve_backend("auto"),
         }
 
+    def tokamax():
+        """The optional dispatch backend under evaluation: its version and the implementations
+        it tries here (it is timed in the dispatch section where installed)."""
+        return {"version": tokamax_ops.version(), "implementation": tokamax_ops.implementation()}
+
     def nvidia_smi():
         smi = shutil.which("nvidia-smi")
         if smi is None:
@@ -139,7 +145,12 @@ def env(rec: Recorder, size: str) -> None:
 
     for key, fn in (("versions", versions), ("devices", devices), ("nvidia_smi", nvidia_smi)):
         rec.attempt(key, fn)
-    for key, fn in (("pallas_gpu_backend", pallas_gpu_backend), ("tiles", tiles), ("auto", auto)):
+    for key, fn in (
+        ("pallas_gpu_backend", pallas_gpu_backend),
+        ("tiles", tiles),
+        ("auto", auto),
+        ("tokamax", tokamax),
+    ):
         rec.attempt(key, fn)
 
 
@@ -213,9 +224,37 @@ def scan(rec: Recorder, size: str) -> None:
         rec.attempt(dtype, run)
 
 
+def tokamax_vs_ours(rows: list[dict]) -> dict:
+    """Per (part, pass) where tokamax was timed: its time over the fastest of ours (``pallas``,
+    ``ragged``) in the same run; ``faster`` when below 1 and its error is within bounds (where
+    its time or ours is missing, ``ratio`` is None)."""
+    out = {}
+    for part in ("gmm", "dispatch"):
+        for passname in ("fwd", "fwd+bwd"):
+            same = [r for r in rows if r.get("part") == part and r["pass"] == passname]
+            theirs = next((r for r in same if r["backend"] == "tokamax"), None)
+            if theirs is None:
+                continue
+            ours = [r for r in same if r["backend"] in ("pallas", "ragged") and r["seconds"]]
+            best = min(ours, key=lambda r: r["seconds"], default=None)
+            ratio = None
+            if best is not None and theirs["seconds"]:
+                ratio = theirs["seconds"] / best["seconds"]
+            out[f"{part}/{passname}"] = {
+                "tokamax_s": theirs["seconds"],
+                "best_ours": None if best is None else best["backend"],
+                "best_ours_s": None if best is None else best["seconds"],
+                "ratio": ratio,
+                "faster": bool(ratio is not None and ratio < 1 and theirs.get("error_ok", True)),
+                "lowering": theirs.get("lowering"),
+            }
+    return out
+
+
 def dispatch(rec: Recorder, size: str) -> None:
     """The expert dispatch (E 8, T 16384, top-2, D 1024, F 4096): grouped matmul and the whole
-    SwiGLU dispatch, kernel vs ``ragged_dot`` vs dense, fwd and fwd+bwd."""
+    SwiGLU dispatch, kernel vs ``ragged_dot`` vs dense, fwd and fwd+bwd; where the optional
+    tokamax package is installed, its ``ragged_dot`` kernels too (:func:`tokamax_vs_ours`)."""
     from experiments.bench import dispatch as bench
     from kernels_pallas import selftest
 
@@ -226,7 +265,11 @@ def dispatch(rec: Recorder, size: str) -> None:
             args = bench.parse_args(argv)
             args.dtype = dtype  # --smoke sets float32
             header, rows = bench.run(args)
-            return {"header": header, "rows": _kernel_rows(rows, selftest.TOLERANCE[dtype])}
+            rows = _kernel_rows(rows, selftest.TOLERANCE[dtype])
+            out = {"header": header, "rows": rows}
+            if "tokamax" in args.gmm_backends + args.dispatch_backends:
+                out["tokamax_vs_ours"] = tokamax_vs_ours(rows)
+            return out
 
         rec.attempt(dtype, run)
 

@@ -31,6 +31,12 @@ def _kernel_lines(name: str, results: dict) -> list[str]:
             if row.get("status"):
                 cells.append(str(row["status"]))
             lines.append("   " + " | ".join(c for c in cells if c))
+        for key, cmp in (block.get("tokamax_vs_ours") or {}).items():
+            ratio = "-" if cmp["ratio"] is None else f"{cmp['ratio']:.2f}x"
+            lines.append(
+                f"   tokamax vs {cmp['best_ours']} ({key}): {ratio} the time"
+                f"{' (faster)' if cmp['faster'] else ''}; {cmp['lowering'] or ''}".rstrip("; ")
+            )
     return lines
 
 

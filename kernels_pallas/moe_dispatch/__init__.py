@@ -6,7 +6,8 @@ Modules: :mod:`.api` (the public :func:`moe_dispatch`, input checks, backend cho
 and :mod:`.reference` (the dense capacity einsum, the ``ragged_dot`` grouped form, and the
 plain loop over experts that tests compare against) and :mod:`.pallas` (the grouped matmuls as
 Pallas kernels with their tile config :class:`GmmConfig` and ``custom_vjp``, backend
-``"pallas"``).
+``"pallas"``) and :mod:`.tokamax_ops` (the optional tokamax package's ``ragged_dot`` kernels as
+the grouped matmuls' primitives, backend ``"tokamax"``).
 """
 
 from kernels_pallas.moe_dispatch.api import (

@@ -11,6 +11,12 @@ Backends (same result up to float rounding, forward and gradients):
   (:func:`.pallas.dispatch_pallas`, :func:`.pallas.gmm_pallas`); compiled on a GPU, run in the
   Pallas interpreter elsewhere (slow: for tests). Reverse mode to any order works; forward mode
   does not -- use ``"reference"``.
+* ``"tokamax"`` -- the ``"ragged"`` form with its grouped matmuls on the optional tokamax
+  package's ``ragged_dot`` kernels (:mod:`.tokamax_ops`: Mosaic GPU, else Triton, on a GPU;
+  its XLA implementation on the CPU), under the same wrappers, so reverse mode to any order
+  and ``vmap`` work as for ``"ragged"``. Needs ``pip install -e '.[tokamax]'``. Under
+  evaluation: ``"auto"`` never picks it (the GPU check times it against ``"pallas"`` and
+  ``"ragged"``).
 * ``"auto"`` -- ``"ragged"`` where ``jax.lax.ragged_dot`` exists, else ``"reference"``, unless
   the kernels are proven on this device kind and pass their one-time self-test
   (:mod:`kernels_pallas.selftest`: an allow-list, empty today, then a small dispatch compiled,
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import selftest
+from kernels_pallas.moe_dispatch import tokamax_ops
 from kernels_pallas.moe_dispatch.pallas import GmmConfig, dispatch_pallas, tiles_for
 from kernels_pallas.moe_dispatch.reference import dispatch_dense, dispatch_ragged
 from kernels_pallas.moe_dispatch.routing import (
@@ -41,7 +48,7 @@ from kernels_pallas.moe_dispatch.routing import (
     top_k_routing,
 )
 
-BACKENDS = ("reference", "ragged", "pallas", "auto")
+BACKENDS = ("reference", "ragged", "pallas", "tokamax", "auto")
 KERNEL = "moe_dispatch"  # its name in kernels_pallas.selftest
 
 
@@ -135,11 +142,13 @@ def _resolve(backend: str, dtype, precision) -> tuple[str, str]:
     """``(concrete backend, why)``; raises as :func:`resolve_backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "ragged" and not ragged_dot_available():
+    if backend in ("ragged", "tokamax") and not ragged_dot_available():
         raise RuntimeError(
-            f"backend='ragged' needs jax.lax.ragged_dot, which JAX {jax.__version__} lacks; "
+            f"backend={backend!r} needs jax.lax.ragged_dot, which JAX {jax.__version__} lacks; "
             "upgrade JAX or use backend='reference' (or 'auto')"
         )
+    if backend == "tokamax":
+        tokamax_ops.load()  # raises ImportError naming the extra
     if backend != "auto":
         return backend, "asked for"
     config = (_tiles(dtype), precision)
@@ -157,7 +166,9 @@ def resolve_backend(backend: str, *, dtype=jnp.float32, precision=None) -> str:
 
     Raises:
         ValueError: unknown ``backend``.
-        RuntimeError: ``"ragged"`` asked for and ``jax.lax.ragged_dot`` is missing.
+        RuntimeError: ``"ragged"`` or ``"tokamax"`` asked for and ``jax.lax.ragged_dot`` is
+            missing.
+        ImportError: ``"tokamax"`` asked for and the tokamax package is not installed.
     """
     return _resolve(backend, jnp.dtype(dtype), precision)[0]
 
@@ -235,8 +246,8 @@ def moe_dispatch(
         renormalize: with ``router_logits``, renormalise each token's K gates to sum to 1.
         capacity_factor: c > 0, or None for dropless.
         drop_priority: ``"score"`` or ``"position"``.
-        backend: ``"reference"``, ``"ragged"``, ``"pallas"`` or ``"auto"`` (see the module
-            docstring).
+        backend: ``"reference"``, ``"ragged"``, ``"pallas"``, ``"tokamax"`` or ``"auto"`` (see
+            the module docstring).
         precision: passed to every matmul.
 
     Returns:
@@ -246,7 +257,9 @@ def moe_dispatch(
         ValueError: an argument has the wrong shape or dtype (the message names it), both or
             neither routing form is given, or ``top_k``, ``capacity_factor``,
             ``drop_priority`` or ``backend`` is invalid.
-        RuntimeError: ``backend="ragged"`` on a JAX without ``jax.lax.ragged_dot``.
+        RuntimeError: ``backend="ragged"`` or ``"tokamax"`` on a JAX without
+            ``jax.lax.ragged_dot``.
+        ImportError: ``backend="tokamax"`` and the tokamax package is not installed.
 
     Example:
         >>> res = moe_dispatch(x, wg, wu, wd, x @ w_router, top_k=2, capacity_factor=1.25)
@@ -257,10 +270,13 @@ def moe_dispatch(
         raise ValueError(f"drop_priority must be one of {DROP_PRIORITIES}, got {drop_priority!r}")
     dtype = jnp.dtype(jnp.result_type(x, w_gate, w_up, w_down))
     concrete, reason = _resolve(backend, dtype, precision)
+    if concrete == "tokamax":
+        config = {"tokamax": tokamax_ops.version(), "implementation": tokamax_ops.implementation()}
+    else:
+        config = _tiles(dtype)
     selftest.record(
-        KERNEL, backend, concrete, reason, dtype=dtype.name, config=_tiles(dtype),
-        precision=precision,
-    )  # fmt: skip
+        KERNEL, backend, concrete, reason, dtype=dtype.name, config=config, precision=precision
+    )
     if router_logits is not None:
         if expert_ids is not None or gates is not None:
             raise ValueError("give router_logits or (expert_ids, gates), not both")
@@ -294,6 +310,11 @@ def moe_dispatch(
         out = dispatch_ragged(x, w_gate, w_up, w_down, expert_ids, gates, slots.keep, precision)
     elif concrete == "pallas":
         out = dispatch_pallas(x, w_gate, w_up, w_down, expert_ids, gates, slots.keep, precision)
+    elif concrete == "tokamax":
+        impl = tokamax_ops.implementation()
+        out = dispatch_ragged(
+            x, w_gate, w_up, w_down, expert_ids, gates, slots.keep, precision, impl
+        )
     else:
         out = dispatch_dense(
             x, w_gate, w_up, w_down, expert_ids, gates, slots.keep, slots.position, cap, precision

@@ -24,6 +24,10 @@ So here:
   properly: gmm with a shared ``rhs`` becomes one bigger gmm (rows of all batch members
   re-sorted group-major, sizes summed over the batch, no copy of the weights); every other
   case broadcasts the unbatched operands and folds the batch into the groups.
+
+The raw products can also be tokamax's ``ragged_dot`` kernels (``tokamax_impl``, see
+:mod:`.tokamax_ops`), under the same wrappers: tokamax's own ``ragged_dot`` has the two gaps
+above too.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import custom_batching
+
+from kernels_pallas.moe_dispatch import tokamax_ops
 
 _TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([0], [0]), ([], [])),
@@ -49,15 +55,26 @@ def _fold(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
-@functools.cache
-def _ops(precision) -> tuple:
-    """(gmm, tgmm) for one ``precision`` (a hashable ``lax.Precision`` value or None)."""
+def _lax_products(precision) -> tuple:
+    """(raw_gmm, raw_tgmm) on ``jax.lax.ragged_dot`` / ``ragged_dot_general``."""
 
     def raw_gmm(lhs, rhs, sizes):
         return jax.lax.ragged_dot(lhs, rhs, sizes, precision=precision)
 
     def raw_tgmm(lhs, rhs, sizes):
         return jax.lax.ragged_dot_general(lhs, rhs, sizes, _TGMM_DIMS, precision=precision)
+
+    return raw_gmm, raw_tgmm
+
+
+@functools.cache
+def _ops(precision, tokamax_impl: tuple[str, ...] | None) -> tuple:
+    """(gmm, tgmm) for one ``precision`` (a hashable ``lax.Precision`` value or None), on
+    ``jax.lax.ragged_dot`` (``tokamax_impl=None``) or on tokamax's implementations."""
+    if tokamax_impl is None:
+        raw_gmm, raw_tgmm = _lax_products(precision)
+    else:
+        raw_gmm, raw_tgmm = tokamax_ops.products(precision, tokamax_impl)
 
     # --- batched forms: every operand carries a leading batch axis B ---------------------------
 
@@ -161,17 +178,28 @@ def _ops(precision) -> tuple:
     return gmm, tgmm
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, precision=None) -> jax.Array:
+def _impl_key(tokamax_impl) -> tuple[str, ...] | None:
+    return None if tokamax_impl is None else tuple(tokamax_impl)
+
+
+def gmm(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, precision=None, tokamax_impl=None
+) -> jax.Array:
     """Grouped matmul: ``out[m] = lhs[m] · rhs[g(m)]``; rows in no group give 0.
 
     Shapes: lhs (M, K), rhs (G, K, N), group_sizes (G,) int32 -> (M, N) in lhs's dtype.
+    ``tokamax_impl``: None for ``jax.lax.ragged_dot``, or a tuple of tokamax implementations
+    (:mod:`.tokamax_ops`) for ``tokamax.ragged_dot``.
     """
-    return _ops(precision)[0](lhs, rhs, group_sizes.astype(jnp.int32))
+    return _ops(precision, _impl_key(tokamax_impl))[0](lhs, rhs, group_sizes.astype(jnp.int32))
 
 
-def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, precision=None) -> jax.Array:
+def tgmm(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, precision=None, tokamax_impl=None
+) -> jax.Array:
     """Transposed grouped matmul: ``out[g] = Σ_{m in g} lhs[m]ᵀ rhs[m]`` (the weight gradient).
 
-    Shapes: lhs (M, K), rhs (M, N), group_sizes (G,) int32 -> (G, K, N).
+    Shapes: lhs (M, K), rhs (M, N), group_sizes (G,) int32 -> (G, K, N). ``tokamax_impl`` as
+    in :func:`gmm`.
     """
-    return _ops(precision)[1](lhs, rhs, group_sizes.astype(jnp.int32))
+    return _ops(precision, _impl_key(tokamax_impl))[1](lhs, rhs, group_sizes.astype(jnp.int32))

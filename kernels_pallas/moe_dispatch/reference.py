@@ -21,7 +21,8 @@ Forms (same inputs, same result):
 * :func:`dispatch_ragged` -- sort the kept assignments by expert, run the three matmuls as
   grouped matmuls over the variable-size groups (:func:`.grouped.gmm` on
   ``jax.lax.ragged_dot``: no padding), and un-permute with the inverse permutation. Rows past
-  the last group (dropped assignments) come out of the grouped matmul as zeros. It vmaps
+  the last group (dropped assignments) come out of the grouped matmul as zeros (optionally on
+  tokamax's ``ragged_dot`` kernels instead: backend ``"tokamax"``). It vmaps
   (shared or per-member weights) and differentiates to any order in reverse mode; forward
   mode (``jax.jvp``) is refused, as for every ``custom_vjp``.
 * :func:`dispatch_loop` -- a Python loop over experts that runs each expert on every token and
@@ -90,20 +91,22 @@ def dispatch_ragged(
     gates: jax.Array,
     keep: jax.Array,
     precision=None,
+    tokamax_impl: tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Sort by expert, grouped matmuls with ``jax.lax.ragged_dot``, un-permute, combine.
 
     Shapes: x (T, D); w_gate, w_up (E, D, F); w_down (E, F, D); expert_ids, gates, keep (T, K)
-    -> (T, D).
+    -> (T, D). ``tokamax_impl``: the grouped matmuls on ``tokamax.ragged_dot`` with these
+    implementations instead (:func:`.grouped.gmm`).
     """
     num_tokens, top_k = expert_ids.shape
     num_experts = w_gate.shape[0]
     grouped = sort_by_expert(expert_ids, num_experts, valid=keep)
     rows = x[grouped.order // top_k]  # (N, D): assignment i reads token i // K
     sizes = grouped.group_sizes
-    gate = gmm(rows, w_gate, sizes, precision)
-    up = gmm(rows, w_up, sizes, precision)
-    out = gmm(jax.nn.silu(gate) * up, w_down, sizes, precision)
+    gate = gmm(rows, w_gate, sizes, precision, tokamax_impl)
+    up = gmm(rows, w_up, sizes, precision, tokamax_impl)
+    out = gmm(jax.nn.silu(gate) * up, w_down, sizes, precision, tokamax_impl)
     per_slot = out[grouped.inverse].reshape(num_tokens, top_k, -1)  # back to (t, k) order
     weights = jnp.where(keep, gates, 0).astype(x.dtype)
     return jnp.einsum("tk,tkd->td", weights, per_slot, precision=precision)
