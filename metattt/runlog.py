@@ -277,12 +277,21 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
 def create_writer(workdir: str | os.PathLike[str]) -> MultiWriter:
     """The standard writer of a run: ``workdir/metrics.jsonl`` plus tensorboard in ``workdir/tb``.
 
+    In a multi-process run only process 0 writes: the others get a writer that discards
+    everything (every process logs the same replicated metrics, and two writers would
+    interleave their lines in one file).
+
     Args:
-      workdir: the run's directory; created if missing.
+      workdir: the run's directory; created if missing (by process 0).
 
     Returns:
-      A :class:`MultiWriter` over a :class:`JsonlWriter` and a :class:`TensorboardWriter`.
+      A :class:`MultiWriter` over a :class:`JsonlWriter` and a :class:`TensorboardWriter`
+      (over no writer on processes other than 0).
     """
+    from metattt import multihost  # deferred: imports jax
+
+    if not multihost.is_primary():
+        return MultiWriter([])
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
     return MultiWriter(

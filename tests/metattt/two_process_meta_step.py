@@ -7,6 +7,8 @@ two processes, CPU collectives over gloo and the local CPU devices ``XLA_FLAGS``
 a mesh over every process's devices; runs one :func:`metattt.meta.make_meta_step` update on the
 sinusoid MAML problem of :func:`problem`; and writes the new parameters and metrics to
 ``OUT_DIR/process_<ID>.npz``. The test runs the same problem in one process and compares.
+Then it records what the processes agree on (:func:`agreement`) in
+``OUT_DIR/agreement_<ID>.npz``.
 """
 
 from __future__ import annotations
@@ -92,7 +94,48 @@ def main(process_id: int, port: int, out_dir: str) -> None:
         devices=np.array([jax.device_count(), jax.local_device_count(), jax.process_count()]),
         **flat(state.params),
     )
+    np.savez(os.path.join(out_dir, f"agreement_{process_id}.npz"), **agreement(mesh, out_dir))
     jax.distributed.shutdown()
+
+
+def agreement(mesh, out_dir: str) -> dict[str, np.ndarray]:
+    """What the processes agree on (:mod:`metattt.multihost`), as seen by this process: a flag
+    raised by process 1 only; the text of a lock that process 0 takes for both, read inside
+    it; the refusal of a lock held by a live process (``OUT_DIR/held/fit.lock``, written by the
+    test); and an array sharded over both processes, checkpointed by both and restored."""
+    import jax
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from metattt import ckpt, multihost, train
+
+    raised = [multihost.any_process(jax.process_index() == 1), multihost.any_process(False)]
+    free = os.path.join(out_dir, "free")
+    with train.workdir_lock(free):
+        with open(os.path.join(free, "fit.lock"), encoding="utf-8") as f:
+            lock_text = f.read()
+        multihost.barrier("tests: every process has read the lock")
+    refused = ""
+    try:
+        with train.workdir_lock(os.path.join(out_dir, "held")):
+            pass
+    except train.WorkdirInUse as error:
+        refused = str(error)
+    rows = np.arange(16, dtype=np.float32).reshape(8, 2) + 0.5
+    sharded = jax.device_put(rows, NamedSharding(mesh, PartitionSpec("tasks")))
+    with ckpt.Checkpointer(os.path.join(out_dir, "ckpt")) as checkpointer:
+        checkpointer.save(3, {"x": sharded})
+        checkpointer.wait()
+        found = checkpointer.restore_verified({"x": sharded})
+    restored = multihost_utils.process_allgather(found[1]["x"], tiled=True)
+    return {
+        "raised": np.array(raised),
+        "lock_text": np.array(lock_text),
+        "refused": np.array(refused),
+        "restored_step": np.array(found[0]),
+        "restored": np.asarray(restored),
+        "restored_is_sharded": np.array(not found[1]["x"].is_fully_addressable),
+    }
 
 
 if __name__ == "__main__":
