@@ -397,7 +397,8 @@ def _package_versions() -> dict[str, str | None]:
 
 
 def _device_info() -> dict[str, Any]:
-    """Platform, kind and count of the JAX devices (never raises)."""
+    """Platform, kind and count of the JAX devices (of all processes), and the process
+    count (never raises)."""
     try:
         import jax
 
@@ -408,6 +409,7 @@ def _device_info() -> dict[str, Any]:
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "count": len(devices),
+        "processes": jax.process_count(),
     }
 
 

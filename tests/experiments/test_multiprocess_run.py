@@ -102,7 +102,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
         np.testing.assert_allclose(results[key], reference[key], rtol=RTOL, err_msg=key)
     run_info = json.loads((workdir / "run_info.json").read_text())
     assert run_info["config"]["distributed"]["process_id"] == 0  # written by process 0
-    assert run_info["devices"]["count"] == 4
+    assert run_info["devices"]["count"] == 4 and run_info["devices"]["processes"] == 2
     written = sorted(files_outside_checkpoints(workdir))
     for name in ("owner.json", "results.json", "sinusoid_curves.png", "maml/seed_0/metrics.jsonl"):
         assert str(workdir / name) in written, name

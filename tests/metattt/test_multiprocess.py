@@ -131,6 +131,7 @@ def test_meta_step_across_two_processes_equals_one_process(tmp_path):
     # process 0 holds the lock for both (the file names it; no process refuses its partner)
     # and releases it; a lock held by a live process refuses both, in one line each; an
     # array sharded over both processes is checkpointed together and restored by both.
+    # (The loop reads agreed[0] while checking agreed[1].)
     agreed = [dict(np.load(tmp_path / f"agreement_{i}.npz")) for i in range(len(procs))]
     for i, seen in enumerate(agreed):
         np.testing.assert_array_equal(seen["raised"], [True, False])
@@ -142,6 +143,12 @@ def test_meta_step_across_two_processes_equals_one_process(tmp_path):
         np.testing.assert_array_equal(
             seen["restored"], np.arange(16, dtype=np.float32).reshape(8, 2) + 0.5
         )
+        # A SIGTERM to process 1 alone stops both after the same step, with a checkpoint
+        # (process 0 learns of it); resumed, the fit ends where one without a stop ends.
+        stopped = "SIGTERM" if i else "a signal to another process"
+        assert str(seen["interrupted"]).startswith(f"{stopped}: stopped after step 3 of 6")
+        np.testing.assert_allclose(seen["resumed"], seen["straight"], rtol=1e-6)
+        np.testing.assert_array_equal(seen["resumed"], agreed[0]["resumed"])
     assert not (tmp_path / "free" / "fit.lock").exists()
     assert (held / "fit.lock").read_text() == f"{socket.gethostname()} {os.getpid()}"
     assert (tmp_path / "ckpt" / "3" / "manifest.sha256.json").exists()  # sealed by process 0

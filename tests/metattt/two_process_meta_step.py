@@ -128,7 +128,11 @@ def agreement(mesh, out_dir: str) -> dict[str, np.ndarray]:
         checkpointer.wait()
         found = checkpointer.restore_verified({"x": sharded})
     restored = multihost_utils.process_allgather(found[1]["x"], tiled=True)
+    message, resumed, straight = interrupted_fit(mesh, out_dir)
     return {
+        "interrupted": np.array(message),
+        "resumed": resumed,
+        "straight": straight,
         "raised": np.array(raised),
         "lock_text": np.array(lock_text),
         "refused": np.array(refused),
@@ -136,6 +140,45 @@ def agreement(mesh, out_dir: str) -> dict[str, np.ndarray]:
         "restored": np.asarray(restored),
         "restored_is_sharded": np.array(not found[1]["x"].is_fully_addressable),
     }
+
+
+def interrupted_fit(mesh, out_dir: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """A data-parallel linear regression fitted for 6 steps, interrupted by a SIGTERM that only
+    process 1 receives (while it makes step 2's batch), then resumed; and the same fit without
+    a stop. Returns this process's ``Interrupted`` message and the two final weights."""
+    import signal
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from metattt import sharding, train
+
+    def loss_fn(w, batch):
+        x, y = batch
+        return jnp.mean((x @ w - y) ** 2)
+
+    def batch_fn(i):  # the global batch of step i, the same in every process
+        data = np.random.default_rng(i).standard_normal((8, 4)).astype(np.float32)
+        return data[:, :3], data[:, 3]
+
+    def signalling_batch_fn(i):
+        if i == 2 and jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch_fn(i)
+
+    step = sharding.shard_step(train.supervised(loss_fn, optax.sgd(0.1)), mesh)
+    w0 = np.random.default_rng(3).standard_normal(3).astype(np.float32)
+    common = {"num_steps": 6, "show_progress": False, "checkpoint_every": 6, "log_every": 6}
+    workdir = os.path.join(out_dir, "fit")
+    message = ""
+    try:
+        train.fit(step, step.init(w0), signalling_batch_fn, workdir=workdir, **common)
+    except train.Interrupted as error:
+        message = str(error)
+    resumed = train.fit(step, step.init(w0), batch_fn, workdir=workdir, **common)
+    straight = train.fit(step, step.init(w0), batch_fn, **common)
+    return message, np.asarray(resumed.params), np.asarray(straight.params)
 
 
 if __name__ == "__main__":
