@@ -219,6 +219,9 @@ def test_distributed_initialisation_follows_the_config(monkeypatch):
     cfg.distributed.enabled = True
     run.init_distributed(cfg)
     assert calls[-1] == {}
+    cfg.train.mesh_devices = 4  # the tiny meta-batch of 10 tasks cannot be split 4 ways
+    with pytest.raises(ValueError, match="mesh_devices=4 must be 0 or divide train.meta_batch"):
+        sinusoid.validate(cfg)
 
 
 @pytest.fixture(scope="module")
