@@ -50,7 +50,7 @@ def get_config(arg=None):
     # validation tasks), so that it is not judged at one rate only; () turns this off.
     c.eval.tune_pretrained_lrs = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
 
-    # Several processes (hosts): see README.md, "Multi-host runs". "" and None are left to JAX,
+    # Several processes (hosts): see README.md, "Multi-host". "" and None are left to JAX,
     # which reads them from JAX_COORDINATOR_ADDRESS or a cluster it detects (SLURM, Open MPI).
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False

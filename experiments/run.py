@@ -24,7 +24,7 @@ process with ``--config.distributed.enabled=True`` and, unless JAX finds them in
 (``JAX_COORDINATOR_ADDRESS``, SLURM, Open MPI), ``--config.distributed.coordinator_address=
 HOST:PORT``, ``--config.distributed.num_processes=N`` and ``--config.distributed.process_id=I``;
 the workdir must be one shared folder. Process 0 claims the workdir and writes every file but
-the checkpoints, which all processes write together; see README.md, "Multi-host runs". The
+the checkpoints, which all processes write together; see README.md, "Multi-host". The
 ``distributed`` section says where a run executes, not what it computes, so it is not part of
 the workdir's config digest: a run restarted with another coordinator or process count resumes.
 """

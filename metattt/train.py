@@ -543,9 +543,11 @@ def _fit(
                 if checkpointer is not None and done % checkpoint_every == 0:
                     save(done)
                 bar.update(steps_per_call)
-                if several and multihost.any_process(flag["signal"] is not None):
-                    flag["signal"] = flag["signal"] or "a signal to another process"
-                if flag["signal"] is not None:
+                received = flag["signal"]  # one reading: a later signal waits for the next call
+                stop = received is not None
+                if several:
+                    stop = multihost.any_process(stop)
+                if stop:
                     if buffer:
                         log(done)
                     where = "no workdir, nothing saved"
@@ -554,8 +556,9 @@ def _fit(
                             save(done)
                         checkpointer.wait()
                         where = f"checkpoint saved in {checkpointer.directory}; rerun to resume"
+                    received = received or "a signal to another process"
                     raise Interrupted(
-                        f"{flag['signal']}: stopped after step {done} of {num_steps} ({where})"
+                        f"{received}: stopped after step {done} of {num_steps} ({where})"
                     )
         if buffer:
             log(num_steps)
