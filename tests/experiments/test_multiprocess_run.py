@@ -96,6 +96,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
         log = (tmp_path / "second" / f"process_{i}.log").read_text()
         resumed = re.search(r"Resumed from \S+ at step (\d+) of 300", log)
         assert resumed and 100 <= int(resumed[1]) < 300, f"process {i} did not resume: {log[-500:]}"
+        assert ("Taking over the lock" in log) == (i == 0)  # the killed launch's, by process 0
 
     results = json.loads((workdir / "results.json").read_text())["maml"]
     for key in ("curve_mean", "curve_ci", "seed_means"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -102,15 +103,21 @@ def agreement(mesh, out_dir: str) -> dict[str, np.ndarray]:
     """What the processes agree on (:mod:`metattt.multihost`), as seen by this process: a flag
     raised by process 1 only; the text of a lock that process 0 takes for both, read inside
     it; the refusal of a lock held by a live process (``OUT_DIR/held/fit.lock``, written by the
-    test); and an array sharded over both processes, checkpointed by both and restored."""
+    test); an array sharded over both processes, checkpointed by both and restored; and a fit
+    stopped by a signal to one process (:func:`interrupted_fit`). Folders go into
+    ``OUT_DIR/agreement/``, emptied first."""
     import jax
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec
 
     from metattt import ckpt, multihost, train
 
+    base = os.path.join(out_dir, "agreement")  # this launch's folders, fresh
+    if multihost.is_primary():
+        shutil.rmtree(base, ignore_errors=True)
+    multihost.barrier("tests: the folders are fresh")
     raised = [multihost.any_process(jax.process_index() == 1), multihost.any_process(False)]
-    free = os.path.join(out_dir, "free")
+    free = os.path.join(base, "free")
     with train.workdir_lock(free):
         with open(os.path.join(free, "fit.lock"), encoding="utf-8") as f:
             lock_text = f.read()
@@ -123,12 +130,12 @@ def agreement(mesh, out_dir: str) -> dict[str, np.ndarray]:
         refused = str(error)
     rows = np.arange(16, dtype=np.float32).reshape(8, 2) + 0.5
     sharded = jax.device_put(rows, NamedSharding(mesh, PartitionSpec("tasks")))
-    with ckpt.Checkpointer(os.path.join(out_dir, "ckpt")) as checkpointer:
+    with ckpt.Checkpointer(os.path.join(base, "ckpt")) as checkpointer:
         checkpointer.save(3, {"x": sharded})
         checkpointer.wait()
         found = checkpointer.restore_verified({"x": sharded})
     restored = multihost_utils.process_allgather(found[1]["x"], tiled=True)
-    message, resumed, straight = interrupted_fit(mesh, out_dir)
+    message, resumed, straight = interrupted_fit(mesh, os.path.join(base, "fit"))
     return {
         "interrupted": np.array(message),
         "resumed": resumed,
@@ -142,7 +149,7 @@ def agreement(mesh, out_dir: str) -> dict[str, np.ndarray]:
     }
 
 
-def interrupted_fit(mesh, out_dir: str) -> tuple[str, np.ndarray, np.ndarray]:
+def interrupted_fit(mesh, workdir: str) -> tuple[str, np.ndarray, np.ndarray]:
     """A data-parallel linear regression fitted for 6 steps, interrupted by a SIGTERM that only
     process 1 receives (while it makes step 2's batch), then resumed; and the same fit without
     a stop. Returns this process's ``Interrupted`` message and the two final weights."""
@@ -170,7 +177,6 @@ def interrupted_fit(mesh, out_dir: str) -> tuple[str, np.ndarray, np.ndarray]:
     step = sharding.shard_step(train.supervised(loss_fn, optax.sgd(0.1)), mesh)
     w0 = np.random.default_rng(3).standard_normal(3).astype(np.float32)
     common = {"num_steps": 6, "show_progress": False, "checkpoint_every": 6, "log_every": 6}
-    workdir = os.path.join(out_dir, "fit")
     message = ""
     try:
         train.fit(step, step.init(w0), signalling_batch_fn, workdir=workdir, **common)
