@@ -18,6 +18,15 @@ versions and devices are written to ``workdir/run_info.json``, and at the end th
 kernels' ``"auto"`` resolved to (and why); a run that is started again on
 the same workdir resumes from its checkpoints. A workdir belongs to one experiment and one
 resolved config (``workdir/owner.json``): a run with another is refused in one line.
+
+Multi-process runs (several hosts, or several processes on one): start the same command once per
+process with ``--config.distributed.enabled=True`` and, unless JAX finds them in its environment
+(``JAX_COORDINATOR_ADDRESS``, SLURM, Open MPI), ``--config.distributed.coordinator_address=
+HOST:PORT``, ``--config.distributed.num_processes=N`` and ``--config.distributed.process_id=I``;
+the workdir must be one shared folder. Process 0 claims the workdir and writes every file but
+the checkpoints, which all processes write together; see README.md, "Multi-host". The
+``distributed`` section says where a run executes, not what it computes, so it is not part of
+the workdir's config digest: a run restarted with another coordinator or process count resumes.
 """
 
 from __future__ import annotations
@@ -44,16 +53,34 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def init_distributed(config) -> None:
-    """Start multi-host JAX when the config asks for it (before any other JAX call)."""
+    """Start multi-process JAX when the config's ``distributed.enabled`` asks for it.
+
+    Called before any other JAX call. ``coordinator_address`` "" and ``num_processes`` /
+    ``process_id`` None are left to JAX: its environment variables (``JAX_COORDINATOR_ADDRESS``)
+    or a cluster it detects (SLURM, Open MPI) fill them in. On CPUs the processes exchange
+    data over gloo (JAX's default CPU collectives).
+    """
     dist = config.get("distributed")
     if dist is None or not dist.enabled:
         return
     import jax
 
-    jax.distributed.initialize(
-        coordinator_address=dist.coordinator_address or None,
-        num_processes=dist.num_processes,
-        process_id=dist.process_id,
+    given = {
+        "coordinator_address": dist.coordinator_address or None,
+        "num_processes": dist.num_processes,
+        "process_id": dist.process_id,
+    }
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+
+
+def claim_workdir(workdir: str, config) -> None:
+    """:func:`experiments.harness.claim_workdir` by process 0; a refusal stops every process
+    of the launch in one line (:func:`metattt.multihost.on_primary`)."""
+    from metattt import multihost
+
+    multihost.on_primary(
+        lambda: harness.claim_workdir(workdir, config.experiment, config.to_dict()),
+        (harness.WorkdirMismatch, OSError),
     )
 
 
@@ -63,7 +90,6 @@ def main(module) -> None:
     # force: importing orbax installs a root handler, which would make basicConfig a no-op.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
-    init_distributed(config)
     results = run_recorded(module, config, os.path.abspath(_WORKDIR.value))
     if hasattr(module, "summary"):
         print(module.summary(results, config))
@@ -73,8 +99,10 @@ def run_recorded(module, config, workdir: str):
     """``module.run(config, workdir)`` between two writes of ``workdir/run_info.json``: the
     provenance first, and at the end (also of a failed run) the kernel backends the run's
     ``"auto"`` choices resolved to (:func:`metattt.runlog.record_kernel_backends`)."""
-    from metattt import runlog
+    from metattt import multihost, runlog
 
+    if not multihost.is_primary():  # the other processes of a multi-process run write nothing
+        return module.run(config, workdir)
     runlog.write_run_info(workdir, config.to_dict())
     try:
         return module.run(config, workdir)
@@ -173,7 +201,8 @@ def cli(argv: list[str] | None = None) -> None:
             module.validate(config)
         if not _WORKDIR.value.strip():
             raise ValueError("--workdir is empty: name a directory for the run's results")
-        harness.claim_workdir(_WORKDIR.value, config.experiment, config.to_dict())
+        init_distributed(config)
+        claim_workdir(_WORKDIR.value, config)
     except ModuleNotFoundError as error:
         print(
             f"error: config.experiment names no module in experiments/ ({error})", file=sys.stderr

@@ -11,8 +11,9 @@ objectives), :mod:`~metattt.adapters` (dynamic-rank LoRA),
 :mod:`~metattt.drift` (drift detectors), :mod:`~metattt.compiled` (``make_adapt_fn``: adaptation
 compiled once, for notebooks), the training contract :mod:`~metattt.train`
 (``Step``, ``supervised``, ``fit``), and the run plumbing :mod:`~metattt.ckpt`,
-:mod:`~metattt.runlog`, :mod:`~metattt.stats`, and :mod:`~metattt.sharding` (data-parallel and
-FSDP steps over a mesh).
+:mod:`~metattt.runlog`, :mod:`~metattt.stats`, :mod:`~metattt.sharding` (data-parallel and
+FSDP steps over a mesh) and :mod:`~metattt.multihost` (what the processes of a multi-process
+run agree on).
 """
 
 from metattt import (
@@ -26,6 +27,7 @@ from metattt import (
     inner,
     meta,
     models,
+    multihost,
     objectives,
     online,
     params,
@@ -71,6 +73,7 @@ __all__ = [
     "merge",
     "meta",
     "models",
+    "multihost",
     "objectives",
     "online",
     "params",

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from metattt import atomic
+from metattt import atomic, multihost
 
 __all__ = ["Checkpointer", "CorruptCheckpoint"]
 
@@ -69,11 +69,21 @@ def _digest(encoded: Any) -> np.ndarray:
     (a garbled file can yield finite, wrong numbers that no finiteness check would catch).
     """
     sha = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(encoded)):
-        array = np.ascontiguousarray(leaf)
+    for leaf in jax.tree.leaves(encoded):
+        array = np.ascontiguousarray(_host(leaf))
         sha.update(f"{array.dtype.str}{array.shape}".encode())
         sha.update(array.tobytes())
     return np.frombuffer(sha.digest(), np.uint8).copy()
+
+
+def _host(leaf: Any) -> np.ndarray:
+    """``leaf`` as one NumPy array; an array sharded over several processes is gathered from
+    all of them (a collective call: every process digests the same leaves in the same order)."""
+    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
 
 
 def _is_key(x: Any) -> bool:
@@ -267,8 +277,9 @@ class Checkpointer:
                     reason = _nonfinite(state) or (check(step, state) if check else None)
                 except Exception as error:  # noqa: BLE001 - any failure to load refuses it
                     reason = _first_line(error)
-            if reason is None:
+            if not multihost.any_process(reason is not None):
                 return step, state
+            reason = reason or "refused by another process of this run"
             moved = self._reject(step)
             logger.warning(
                 "Checkpoint %s/%d is unusable (%s); moved to %s, trying an older one.",
@@ -280,14 +291,17 @@ class Checkpointer:
         return None
 
     def _reject(self, step: int) -> str:
-        """Moves step folder ``step`` into ``<directory>_rejected/`` and returns where it went."""
+        """Moves step folder ``step`` into ``<directory>_rejected/`` and returns where it went
+        (process 0 moves it; the others wait until it has)."""
         self.close()  # the manager caches its step list; it is rebuilt on next use
         rejected = self.directory + "_rejected"
-        os.makedirs(rejected, exist_ok=True)
         target, n = os.path.join(rejected, str(step)), 1
-        while os.path.exists(target):
-            target, n = os.path.join(rejected, f"{step}.{n}"), n + 1
-        shutil.move(os.path.join(self.directory, str(step)), target)
+        if multihost.is_primary():
+            os.makedirs(rejected, exist_ok=True)
+            while os.path.exists(target):
+                target, n = os.path.join(rejected, f"{step}.{n}"), n + 1
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        multihost.barrier(f"metattt.ckpt.reject:{self.directory}/{step}")
         return target
 
     def wait(self) -> None:
@@ -298,6 +312,8 @@ class Checkpointer:
         """
         if self._manager is not None:
             self._manager.wait_until_finished()
+            if not multihost.is_primary():
+                return  # orbax finishes a multi-process save on process 0, which seals it
             for step in self._manager.all_steps():
                 _seal(os.path.join(self.directory, str(step)))
 
@@ -398,7 +414,7 @@ def _nonfinite(state: Any) -> str | None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         if _is_key(leaf):
             continue
-        array = np.asarray(leaf)
+        array = _host(leaf)
         if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
             return f"non-finite values in {jax.tree_util.keystr(path)}"
     return None

@@ -279,12 +279,21 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
 def create_writer(workdir: str | os.PathLike[str]) -> MultiWriter:
     """The standard writer of a run: ``workdir/metrics.jsonl`` plus tensorboard in ``workdir/tb``.
 
+    In a multi-process run only process 0 writes: the others get a writer that discards
+    everything (every process logs the same replicated metrics, and two writers would
+    interleave their lines in one file).
+
     Args:
-      workdir: the run's directory; created if missing.
+      workdir: the run's directory; created if missing (by process 0).
 
     Returns:
-      A :class:`MultiWriter` over a :class:`JsonlWriter` and a :class:`TensorboardWriter`.
+      A :class:`MultiWriter` over a :class:`JsonlWriter` and a :class:`TensorboardWriter`
+      (over no writer on processes other than 0).
     """
+    from metattt import multihost  # deferred: imports jax
+
+    if not multihost.is_primary():
+        return MultiWriter([])
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
     return MultiWriter(
@@ -390,7 +399,8 @@ def _package_versions() -> dict[str, str | None]:
 
 
 def _device_info() -> dict[str, Any]:
-    """Platform, kind and count of the JAX devices (never raises)."""
+    """Platform, kind and count of the JAX devices (of all processes), and the process
+    count (never raises)."""
     try:
         import jax
 
@@ -401,6 +411,7 @@ def _device_info() -> dict[str, Any]:
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "count": len(devices),
+        "processes": jax.process_count(),
     }
 
 

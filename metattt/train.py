@@ -28,6 +28,12 @@ checkpoint (it is refused and moved aside, the one before it is used; see
 :meth:`metattt.ckpt.Checkpointer.restore_verified`); SIGINT or SIGTERM (a checkpoint is saved,
 then :class:`Interrupted` is raised, whose message is one line); a second run on the same
 workdir (refused while the first is alive; the lock of a dead process is taken over).
+
+A run started as several JAX processes (``jax.distributed.initialize``) calls :func:`fit` in
+every process with the same arguments: the steps and the checkpoints are collective, process 0
+alone holds the lock and shows progress, and a signal to any process stops all of them after
+the same step (:mod:`metattt.multihost`). Give process 0 the metric writer
+(:func:`metattt.runlog.create_writer` discards on the others).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import numpy as np
 import optax
 
 from metattt import ckpt as ckpt_lib
-from metattt import runlog
+from metattt import multihost, runlog
 from metattt.inner import check_clip_norm
 
 __all__ = [
@@ -251,17 +257,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[None]:
-    """Holds ``workdir/fit.lock`` for the block; refuses while another live process holds it.
-
-    The lock file records ``host pid``; a lock left by a dead process on this host (a run
-    killed with SIGKILL) is taken over with a warning.
-
-    Raises:
-      WorkdirInUse: a live process holds the lock.
-    """
-    path = os.path.join(workdir, "fit.lock")
+def _acquire(path: str, workdir: str) -> None:
+    """Creates the lock file ``path`` recording ``host pid``, taking over a dead process's."""
     me = f"{socket.gethostname()} {os.getpid()}"
     os.makedirs(workdir, exist_ok=True)
     while True:
@@ -283,12 +280,29 @@ def workdir_lock(workdir: str) -> Iterator[None]:
             ) from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(me)
-        break
+        return
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds ``workdir/fit.lock`` for the block; refuses while another live process holds it.
+
+    The lock file records ``host pid``; a lock left by a dead process on this host (a run
+    killed with SIGKILL) is taken over with a warning. In a multi-process run process 0 takes
+    the lock for the whole launch and every process learns whether it got it (the launch's
+    other processes are not "another run"; a second launch is refused on all its processes).
+
+    Raises:
+      WorkdirInUse: a live process holds the lock.
+    """
+    path = os.path.join(workdir, "fit.lock")
+    multihost.on_primary(lambda: _acquire(path, workdir), (WorkdirInUse,))
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        if multihost.is_primary():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 @contextlib.contextmanager
@@ -487,7 +501,14 @@ def _fit(
     elif steps_per_call > 1:
         call = _chunked(update, batch_fn, steps_per_call, with_data, jit)
     buffer: list[Mapping[str, Any]] = []
-    bar = runlog.progress(total=num_steps, initial=start, desc="fit", disable=not show_progress)
+    # Several processes stop together: a signal to one is shared after each compiled call.
+    several = jax.process_count() > 1
+    bar = runlog.progress(
+        total=num_steps,
+        initial=start,
+        desc="fit",
+        disable=not show_progress or not multihost.is_primary(),
+    )
 
     def log(done: int) -> None:
         means = _mean_metrics(buffer)
@@ -522,7 +543,11 @@ def _fit(
                 if checkpointer is not None and done % checkpoint_every == 0:
                     save(done)
                 bar.update(steps_per_call)
-                if flag["signal"] is not None:
+                received = flag["signal"]  # one reading: a later signal waits for the next call
+                stop = received is not None
+                if several:
+                    stop = multihost.any_process(stop)
+                if stop:
                     if buffer:
                         log(done)
                     where = "no workdir, nothing saved"
@@ -531,8 +556,9 @@ def _fit(
                             save(done)
                         checkpointer.wait()
                         where = f"checkpoint saved in {checkpointer.directory}; rerun to resume"
+                    received = received or "a signal to another process"
                     raise Interrupted(
-                        f"{flag['signal']}: stopped after step {done} of {num_steps} ({where})"
+                        f"{received}: stopped after step {done} of {num_steps} ({where})"
                     )
         if buffer:
             log(num_steps)

@@ -5,7 +5,9 @@ the same config: results computed under another config would be mixed in silentl
 use :func:`claim_workdir` records the experiment's name and a digest of its resolved config in
 ``workdir/owner.json``; a later run with another experiment or another config is refused with a
 one-line :class:`WorkdirMismatch` that says how to proceed. Keys that only choose what is
-printed (``report``) are left out of the digest.
+printed (``report``) or where the run executes (``distributed``: the coordinator, the process
+count and each process's id) are left out of the digest, so that every process of a
+multi-process run, and a restart on other hosts, claims the same workdir.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 __all__ = ["WorkdirMismatch", "claim_workdir", "config_digest"]
 
 OWNER_FILE = "owner.json"
-_NOT_RESULTS = ("report",)
+_NOT_RESULTS = ("report", "distributed")
 
 
 class WorkdirMismatch(ValueError):
@@ -27,7 +29,8 @@ class WorkdirMismatch(ValueError):
 
 
 def config_digest(config: Mapping[str, Any]) -> str:
-    """SHA-256 of the resolved config (keys sorted; ``report`` left out), as hex."""
+    """SHA-256 of the resolved config (keys sorted; ``report`` and ``distributed`` left out),
+    as hex."""
     data = {k: v for k, v in config.items() if k not in _NOT_RESULTS}
     text = json.dumps(data, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()

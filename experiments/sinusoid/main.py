@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from experiments.sinusoid.report import plot_curves
-from metattt import inner, meta, runlog, stats
+from metattt import inner, meta, multihost, runlog, stats
 from metattt import params as P
 from metattt.data import sinusoid
 from metattt.inner import InnerConfig, per_param_sgd
@@ -61,6 +61,11 @@ def validate(cfg) -> None:
         raise ValueError("config.seeds is empty")
     t = cfg.train
     check_counts(t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every, prefix="train.")
+    if t.mesh_devices < 0 or (t.mesh_devices and t.meta_batch % t.mesh_devices):
+        raise ValueError(
+            f"train.mesh_devices={t.mesh_devices} must be 0 or divide train.meta_batch="
+            f"{t.meta_batch} (each device gets an equal share of the tasks)"
+        )
 
 
 def train(method: str, seed: int, cfg, workdir: str, writer=None):
@@ -214,9 +219,10 @@ def run(cfg, workdir: str) -> dict[str, Any]:
             method,
             {k: round(r["curve_mean"][k], 3) for k in cfg.eval.report_steps},
         )
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    plot_curves(results, os.path.join(workdir, "sinusoid_curves.png"))
+    if multihost.is_primary():  # every process of a multi-process run holds the same results
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        plot_curves(results, os.path.join(workdir, "sinusoid_curves.png"))
     return results
 
 

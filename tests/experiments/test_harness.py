@@ -56,6 +56,9 @@ def test_a_workdir_belongs_to_one_experiment_and_config(tmp_path):
     config = {"seeds": [0, 1], "train": {"lr": 0.1}, "report": False}
     harness.claim_workdir(tmp_path, "sinusoid", config)
     harness.claim_workdir(tmp_path, "sinusoid", {**config, "report": True})  # report: no matter
+    for where in ({"process_id": 1, "num_processes": 2}, {"coordinator_address": "h:1"}):
+        # where a run executes is no matter: every process of a launch, and a restart elsewhere
+        harness.claim_workdir(tmp_path, "sinusoid", {**config, "distributed": where})
     with pytest.raises(harness.WorkdirMismatch, match="with another config") as info:
         harness.claim_workdir(tmp_path, "sinusoid", {**config, "train": {"lr": 0.2}})
     assert "\n" not in str(info.value) and "another --workdir" in str(info.value)

@@ -213,7 +213,15 @@ def test_distributed_initialisation_follows_the_config(monkeypatch):
     cfg.distributed.num_processes = 4
     cfg.distributed.process_id = 2
     run.init_distributed(cfg)
-    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}]
+    want = {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
+    assert calls[-1] == want
+    cfg = sinusoid_config.get_config("tiny")  # under SLURM: JAX detects all three
+    cfg.distributed.enabled = True
+    run.init_distributed(cfg)
+    assert calls[-1] == {}
+    cfg.train.mesh_devices = 4  # the tiny meta-batch of 10 tasks cannot be split 4 ways
+    with pytest.raises(ValueError, match="mesh_devices=4 must be 0 or divide train.meta_batch"):
+        sinusoid.validate(cfg)
 
 
 @pytest.fixture(scope="module")

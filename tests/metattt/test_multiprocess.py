@@ -10,6 +10,7 @@ each process's log, never wedging the suite.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import socket
@@ -26,7 +27,7 @@ from metattt import meta
 from tests.metattt import two_process_meta_step as helper
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TIMEOUT_S = 120  # the pair normally ends in 10-25 s on 2 busy cores
+TIMEOUT_S = 240  # the pair normally ends in 15-65 s on 2 busy cores
 
 
 def free_port() -> int:
@@ -48,28 +49,37 @@ def tail(path: pathlib.Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:])
 
 
-def start_pair(out_dir: pathlib.Path) -> list[subprocess.Popen]:
-    """Start both processes (logs in ``out_dir``)."""
+def start_pair(out_dir: pathlib.Path, command=None, *, umasks=(None, None)):
+    """Start both processes, ``python -m *command(process_id, port)`` (default: the meta-step
+    helper), logs in ``out_dir/process_<i>.log``; ``umasks`` gives each process its
+    file-creation mask (None: this one's)."""
     port, env = free_port(), child_env()
-    cmd = [sys.executable, "-m", "tests.metattt.two_process_meta_step"]
+    if command is None:
+
+        def command(i, port):
+            return ["tests.metattt.two_process_meta_step", str(i), str(port), str(out_dir)]
+
     procs = []
-    for i in range(helper.NUM_PROCESSES):
+    for i, umask in zip(range(helper.NUM_PROCESSES), umasks, strict=True):
         with open(out_dir / f"process_{i}.log", "w") as log:
             procs.append(
                 subprocess.Popen(
-                    [*cmd, str(i), str(port), str(out_dir)],
+                    [sys.executable, "-m", *command(i, port)],
                     cwd=ROOT,
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    preexec_fn=None if umask is None else functools.partial(os.umask, umask),
                 )
             )
     return procs
 
 
-def wait_pair(procs: list[subprocess.Popen], out_dir: pathlib.Path, started: float):
-    """Both processes' results; fails in one line on a crash or past TIMEOUT_S."""
-    deadline = started + TIMEOUT_S
+def wait_pair(procs, out_dir, started: float, *, what="two-process meta-step", timeout=None):
+    """Waits for both processes; fails in one line (exit codes, the logs' last lines) on a
+    crash or past ``timeout`` seconds after ``started`` (default TIMEOUT_S)."""
+    timeout = timeout or TIMEOUT_S
+    deadline = started + timeout
     try:
         while time.monotonic() < deadline:
             codes = [p.poll() for p in procs]
@@ -83,16 +93,18 @@ def wait_pair(procs: list[subprocess.Popen], out_dir: pathlib.Path, started: flo
             p.wait()
     codes = [p.returncode for p in procs]
     if codes != [0] * len(procs):
-        what = f"timed out after {TIMEOUT_S} s" if time.monotonic() >= deadline else "failed"
+        how = f"timed out after {timeout} s" if time.monotonic() >= deadline else "failed"
         logs = "; ".join(
             f"process {i}: {tail(out_dir / f'process_{i}.log')}" for i in range(len(procs))
         )
-        pytest.fail(f"two-process meta-step {what} (exit codes {codes}); {logs}", False)
-    return [dict(np.load(out_dir / f"process_{i}.npz")) for i in range(len(procs))]
+        pytest.fail(f"{what} {how} (exit codes {codes}); {logs}", False)
 
 
 @pytest.mark.slow
 def test_meta_step_across_two_processes_equals_one_process(tmp_path):
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "fit.lock").write_text(f"{socket.gethostname()} {os.getpid()}")  # a live run
     started = time.monotonic()
     procs = start_pair(tmp_path)
     # The one-process reference, while the pair starts up.
@@ -100,7 +112,8 @@ def test_meta_step_across_two_processes_equals_one_process(tmp_path):
     single = meta.make_meta_step(meta_loss, optax.sgd(helper.OUTER_LR))
     state, metrics = single.update(single.init(params), tasks)
     grads = jax.jit(jax.grad(lambda p: meta.batch_meta_loss(meta_loss, p, tasks)[0]))(params)
-    results = wait_pair(procs, tmp_path, started)
+    wait_pair(procs, tmp_path, started)
+    results = [dict(np.load(tmp_path / f"process_{i}.npz")) for i in range(len(procs))]
     want_params, want_grads, before = (helper.flat(t) for t in (state.params, grads, params))
     for result in results:
         np.testing.assert_array_equal(result["devices"], [4, 2, 2])  # global, local, processes
@@ -113,6 +126,32 @@ def test_meta_step_across_two_processes_equals_one_process(tmp_path):
         np.testing.assert_allclose(result["grad_norm"], metrics.grad_norm, rtol=1e-5)
     for name in results[0]:  # the update is replicated: both processes hold the same values
         np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
+
+    # What they agree on (metattt.multihost): a flag raised by process 1 reaches process 0;
+    # process 0 holds the lock for both (the file names it; no process refuses its partner)
+    # and releases it; a lock held by a live process refuses both, in one line each; an
+    # array sharded over both processes is checkpointed together and restored by both.
+    # (The loop reads agreed[0] while checking agreed[1].)
+    agreed = [dict(np.load(tmp_path / f"agreement_{i}.npz")) for i in range(len(procs))]
+    for i, seen in enumerate(agreed):
+        np.testing.assert_array_equal(seen["raised"], [True, False])
+        assert str(seen["lock_text"]) == f"{socket.gethostname()} {procs[0].pid}"
+        refused = str(seen["refused"])
+        assert "\n" not in refused and f"in use by process {os.getpid()}" in refused, refused
+        assert refused.startswith("process 0: workdir" if i else "workdir"), refused
+        assert int(seen["restored_step"]) == 3 and bool(seen["restored_is_sharded"])
+        np.testing.assert_array_equal(
+            seen["restored"], np.arange(16, dtype=np.float32).reshape(8, 2) + 0.5
+        )
+        # A SIGTERM to process 1 alone stops both after the same step, with a checkpoint
+        # (process 0 learns of it); resumed, the fit ends where one without a stop ends.
+        stopped = "SIGTERM" if i else "a signal to another process"
+        assert str(seen["interrupted"]).startswith(f"{stopped}: stopped after step 3 of 6")
+        np.testing.assert_allclose(seen["resumed"], seen["straight"], rtol=1e-6)
+        np.testing.assert_array_equal(seen["resumed"], agreed[0]["resumed"])
+    assert not (tmp_path / "agreement" / "free" / "fit.lock").exists()
+    assert (held / "fit.lock").read_text() == f"{socket.gethostname()} {os.getpid()}"
+    assert (tmp_path / "agreement" / "ckpt" / "3" / "manifest.sha256.json").exists()  # sealed
 
 
 def test_a_crash_or_a_hang_of_the_pair_fails_in_one_line(tmp_path, monkeypatch):
