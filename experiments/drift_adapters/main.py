@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ from experiments.drift_adapters.stream import (
     summarize,
 )
 from experiments.drift_adapters.tent import summarize_tent, tent_comparison
-from metattt import objectives, runlog, train
+from metattt import atomic, objectives, runlog, train
 from metattt.data import digits_c
 from metattt.models.digits_net import digits_net
 
@@ -181,8 +180,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "timing": timing,
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
     plot_stream(results, cfg, os.path.join(workdir, "drift_adapters_stream.png"))
     for objective, per_method in results["summary"].items():
         logger.info("objective %s:\n%s", objective, stream_table(per_method))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ from experiments.forecasting.aggregate import summarize_seeds
 from experiments.forecasting.configure import FINETUNE, recordings, validate
 from experiments.forecasting.programs import Programs
 from experiments.forecasting.report import plot_curves, plot_online, summary
+from metattt import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "cell_seconds": harness.cell_seconds(workdir),
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(summary(results, cfg) + "\n")
     plot_curves(results, cfg, os.path.join(workdir, "forecasting_curves.png"))

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from metattt import atomic
 from metattt.ckpt import Checkpointer
 
 __all__ = ["cell_seconds", "json_cell", "params_cell"]
@@ -25,18 +26,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _timed(path: str, compute: Callable[[], T]) -> T:
     start = time.perf_counter()
     value = compute()
-    _write_atomic(path + ".seconds", f"{time.perf_counter() - start:.3f}\n")
+    atomic.write_text(path + ".seconds", f"{time.perf_counter() - start:.3f}\n")
     return value
 
 
@@ -59,7 +52,7 @@ def json_cell(path: str | os.PathLike[str], compute: Callable[[], Any]) -> Any:
     if found:
         return value
     value = _timed(path, compute)
-    _write_atomic(path, json.dumps(value))
+    atomic.write_text(path, json.dumps(value))
     return value
 
 
@@ -94,7 +87,7 @@ def params_cell(
     )
     with Checkpointer(os.path.join(directory, "params"), max_to_keep=1) as ckpt:
         ckpt.save(0, params, force=True)
-    _write_atomic(info_path, json.dumps(info))
+    atomic.write_text(info_path, json.dumps(info))
     return params, info
 
 

@@ -18,6 +18,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from metattt import atomic
+
 __all__ = ["WorkdirMismatch", "claim_workdir", "config_digest"]
 
 OWNER_FILE = "owner.json"
@@ -60,10 +62,7 @@ def claim_workdir(workdir: str | os.PathLike[str], experiment: str, config: Mapp
         with open(path, encoding="utf-8") as f:
             owner = json.load(f)
     except FileNotFoundError:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"experiment": experiment, "config_sha256": digest}, f)
-        os.replace(tmp, path)
+        atomic.write_json(path, {"experiment": experiment, "config_sha256": digest})
         return
     except ValueError:
         raise WorkdirMismatch(

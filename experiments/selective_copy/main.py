@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -14,7 +13,7 @@ import optax
 
 from attd.mamba import MambaConfig, init_mamba
 from kernels_pallas.selective_scan import BACKENDS as SCAN_BACKENDS
-from metattt import objectives, runlog, stats, train
+from metattt import atomic, objectives, runlog, stats, train
 from metattt.data import selective_copy
 
 VARIANTS = ("selective", "time_invariant")
@@ -104,6 +103,5 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     for v in cfg.variants:
         runs = [train_and_eval(v, cfg, s, os.path.join(workdir, v, f"seed_{s}")) for s in cfg.seeds]
         results[v] = {k: stats.seed_summary([r[k] for r in runs]) for k in runs[0]}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
     return results

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import optax
 
 from experiments.sinusoid.report import plot_curves
-from metattt import inner, meta, multihost, runlog, stats
+from metattt import atomic, inner, meta, multihost, runlog, stats
 from metattt import params as P
 from metattt.data import sinusoid
 from metattt.inner import InnerConfig, per_param_sgd
@@ -220,8 +219,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
             {k: round(r["curve_mean"][k], 3) for k in cfg.eval.report_steps},
         )
     if multihost.is_primary():  # every process of a multi-process run holds the same results
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
         plot_curves(results, os.path.join(workdir, "sinusoid_curves.png"))
     return results
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -16,7 +15,7 @@ import optax
 from experiments import harness
 from experiments.tta_protocol.cells import BASELINE, cells
 from experiments.tta_protocol.report import plot_rolling, summary_table
-from metattt import runlog, stats, train, tta
+from metattt import atomic, runlog, stats, train, tta
 from metattt.data import controlled
 from metattt.models import dynamics as dyn
 
@@ -175,8 +174,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         "seeds": list(cfg.seeds),
         "mode": cfg.protocol.mode,
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
     text = summary_table(results)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(text + "\n")
