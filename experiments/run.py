@@ -73,6 +73,10 @@ def init_distributed(config) -> None:
     jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
+#: The lock file a run holds in its workdir (:func:`metattt.train.workdir_lock`).
+RUN_LOCK = "run.lock"
+
+
 def claim_workdir(workdir: str, config) -> None:
     """:func:`experiments.harness.claim_workdir` by process 0; a refusal stops every process
     of the launch in one line (:func:`metattt.multihost.on_primary`)."""
@@ -85,12 +89,17 @@ def claim_workdir(workdir: str, config) -> None:
 
 
 def main(module) -> None:
-    """Run ``module.run(config, workdir)`` after recording the run's provenance."""
+    """Run ``module.run(config, workdir)`` after recording the run's provenance, holding the
+    workdir's :data:`RUN_LOCK` throughout."""
     config = _CONFIG.value
     # force: importing orbax installs a root handler, which would make basicConfig a no-op.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
-    results = run_recorded(module, config, os.path.abspath(_WORKDIR.value))
+    from metattt import train
+
+    workdir = os.path.abspath(_WORKDIR.value)
+    with train.workdir_lock(workdir, RUN_LOCK):  # a second launch is refused before any write
+        results = run_recorded(module, config, workdir)
     if hasattr(module, "summary"):
         print(module.summary(results, config))
 

@@ -284,8 +284,12 @@ def _acquire(path: str, workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[None]:
-    """Holds ``workdir/fit.lock`` for the block; refuses while another live process holds it.
+def workdir_lock(workdir: str, name: str = "fit.lock") -> Iterator[None]:
+    """Holds ``workdir/<name>`` for the block; refuses while another live process holds it.
+
+    :func:`fit` holds ``fit.lock`` in its own workdir; an entry point may hold another name
+    over a whole run (``experiments.run`` holds ``run.lock``, so that a second launch is
+    refused before it writes anything).
 
     The lock file records ``host pid``; a lock left by a dead process on this host (a run
     killed with SIGKILL) is taken over with a warning. In a multi-process run process 0 takes
@@ -295,7 +299,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     Raises:
       WorkdirInUse: a live process holds the lock.
     """
-    path = os.path.join(workdir, "fit.lock")
+    path = os.path.join(workdir, name)
     multihost.on_primary(lambda: _acquire(path, workdir), (WorkdirInUse,))
     try:
         yield

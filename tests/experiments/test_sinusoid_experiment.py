@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -196,6 +197,21 @@ def test_missing_config_file_is_a_one_line_error(tmp_path):
     proc = _run_cli("--config", "configs/no_such.py", "--workdir", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: config file not found: configs/no_such.py"
+
+
+def test_a_second_launch_on_a_busy_workdir_is_refused_before_it_writes(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "run.lock").write_text(f"{socket.gethostname()} {holder.pid}")
+        proc = _run_cli("--config", "configs/sinusoid.py:tiny", "--workdir", str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"is in use by process {holder.pid}" in lines[0]
+    assert not (tmp_path / "run_info.json").exists()  # the busy run's record is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["owner.json", "run.lock"]
 
 
 def test_distributed_initialisation_follows_the_config(monkeypatch):
