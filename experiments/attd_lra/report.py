@@ -137,6 +137,13 @@ _SHIFT_TITLES = {
 }
 
 
+def shift_title(cfg) -> str:
+    """The section title of a dynamics-shift run: it names the run's task(s), so that each
+    variant of ``configs/attd_dynamics.py`` has a title of its own."""
+    names = [_SHIFT_TITLES[t].format(**cfg.data[t]) for t in cfg.tasks if t in _SHIFT_TITLES]
+    return "## ATTD on Mamba where adapting the dynamics can matter: " + "; ".join(names)
+
+
 def _shift_text(cfg) -> list[str]:
     d = cfg.data
     lines = []
@@ -249,8 +256,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     shifted = bool(set(cfg.tasks) & set(SHIFT_TASKS))
     config_file = cfg.command.split("--config ")[1].split()[0].split(":")[0]
     title = (
-        "## ATTD on Mamba where adapting the dynamics can matter: "
-        + "; ".join(_SHIFT_TITLES[t].format(**cfg.data[t]) for t in cfg.tasks if t in _SHIFT_TITLES)
+        shift_title(cfg)
         if shifted
         else "## ATTD on Mamba: joint training with the self-supervised loss (does TTT of the "
         "dynamics help once outer training keeps L_int informative?)"
