@@ -129,6 +129,21 @@ def plot_k_vs_difficulty(results: dict[str, Any], path: str) -> None:
 # --------------------------------------------------------------------------------- report
 
 
+#: What each dynamics-shift task's section is titled by (formatted with its data config).
+_SHIFT_TITLES = {
+    "timewarp": "time-warped periodic waveforms (the shift plays them faster or slower)",
+    "oscillator": "latent damped oscillators (the shift scales their decay time)",
+    "recorded": "real recordings (UCR {dataset}) under a sampling-rate shift",
+}
+
+
+def shift_title(cfg) -> str:
+    """The section title of a dynamics-shift run: it names the run's task(s), so that each
+    variant of ``configs/attd_dynamics.py`` has a title of its own."""
+    names = [_SHIFT_TITLES[t].format(**cfg.data[t]) for t in cfg.tasks if t in _SHIFT_TITLES]
+    return "## ATTD on Mamba where adapting the dynamics can matter: " + "; ".join(names)
+
+
 def _shift_text(cfg) -> list[str]:
     d = cfg.data
     lines = []
@@ -241,7 +256,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str) -> None:
     shifted = bool(set(cfg.tasks) & set(SHIFT_TASKS))
     config_file = cfg.command.split("--config ")[1].split()[0].split(":")[0]
     title = (
-        "## ATTD on Mamba where adapting the dynamics can matter: shifts in the inputs' timescales"
+        shift_title(cfg)
         if shifted
         else "## ATTD on Mamba: joint training with the self-supervised loss (does TTT of the "
         "dynamics help once outer training keeps L_int informative?)"

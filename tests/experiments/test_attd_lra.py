@@ -19,6 +19,7 @@ from configs import attd_dynamics as dynamics_config
 from configs import attd_lra as attd_config
 from experiments import attd_lra, report
 from experiments.attd_lra import methods, readings, training
+from experiments.attd_lra import report as attd_report
 from experiments.attd_lra.aggregate import mixture_and_bands, shift_bands
 from tests.metattt.test_stats import brute_force_spearman
 
@@ -592,6 +593,17 @@ def test_dynamics_methods_parse_and_freezing_theta_keeps_it():
 DYN_FIXTURE = FIXTURE.parents[1] / "attd_dynamics" / "results.json"
 
 
+def test_each_dynamics_variant_has_a_section_title_naming_its_task():
+    """The time-warp, oscillator and recorded sections are told apart by their titles."""
+    titles = {
+        v: attd_report.shift_title(dynamics_config.get_config(v))
+        for v in (None, "oscillator", "recorded")
+    }
+    assert len(set(titles.values())) == 3
+    assert "time-warped" in titles[None] and "oscillators" in titles["oscillator"]
+    assert "recordings (UCR GunPoint)" in titles["recorded"]
+
+
 def test_dynamics_report_of_a_frozen_tiny_run_reads_the_per_input_results(tmp_path, monkeypatch):
     """The attd_dynamics section renders from results.json alone; every mixture and band
     accuracy in its table is recomputed here from the per-input records."""
@@ -600,7 +612,7 @@ def test_dynamics_report_of_a_frozen_tiny_run_reads_the_per_input_results(tmp_pa
     cfg = dynamics_config.get_config("tiny")
     attd_lra.write_report(results, cfg, str(tmp_path / "w"))
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "<!-- attd_dynamics:start -->" in text and "shifts in the inputs' timescales" in text
+    assert "<!-- attd_dynamics:start -->" in text and "time-warped periodic waveforms" in text
     n_id = cfg.data.timewarp.num_test
     for name, e in results["tasks"]["timewarp"].items():
         ex = {k: np.asarray(v) for k, v in e["examples"].items()}
