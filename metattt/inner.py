@@ -6,23 +6,24 @@ w_k scale each applied update (psi_{k+1} = psi_k + w_k * u_k), which is what sof
 controllers need. The loop is differentiable end to end (second order: the meta-gradient flows
 through every inner gradient) unless ``first_order`` stops the inner gradients.
 
-Non-finite steps. A step whose loss, gradient or update is not finite is skipped: parameters
-and optimizer state stay as they were and the step is counted in ``num_skipped``. The test is
-one reduction per step (:func:`nonfinite_probe`: the sum of every entry times 0 over one
-concatenated vector, 0 or NaN), so XLA adds a concatenation and one reduction rather than a
-reduction per leaf. The applied update is ``p + where(active, u, 0)`` with a custom VJP whose
-backward keeps the scalar ``active`` (the identity for ``p``, the masked cotangent for ``u``),
-so the parameter path's derivative is the identity and no broadcast mask is stored for the
-backward pass. Masking the update is not enough for second order, because the backward pass of
-the masked step still multiplies a zero cotangent by the step's NaN intermediates
-(0 * NaN = NaN). The per-step value-and-grad is therefore wrapped in a ``custom_vjp`` whose
-backward zeroes every cotangent of a non-finite step before it reaches the inputs -- the
-"double where" applied where the NaN is made -- and, in second order, the gradient itself is
-sanitised before the optimizer sees it (the optimizer's own backward would meet it). Under
-``first_order`` the gradient is a constant of the outer derivative, so a non-finite one needs
-no sanitising: its update and optimizer state are discarded by the mask, and nothing
-differentiates through them; the gradient and the update are then tested together in one
-probe.
+Non-finite steps. A step whose loss, gradient or update is not finite is skipped: parameters and
+optimizer state stay as they were and the step is counted in ``num_skipped``. The test is one
+reduction per step (:func:`nonfinite_probe`: the sum of every entry times 0 over one concatenated
+vector, 0 or NaN), so XLA adds a concatenation and one reduction rather than a reduction per leaf.
+It tests entries, not norms: a finite gradient whose norm overflows the float type is applied,
+except with ``clip_norm``, where the norm is computed anyway and an infinite one skips the step
+too. The applied update is ``p + where(active, u, 0)`` with a custom VJP whose backward keeps the
+scalar ``active`` (the identity for ``p``, the masked cotangent for ``u``), so the parameter path's
+derivative is the identity and no broadcast mask is stored for the backward pass. Masking the
+update is not enough for second order, because the backward pass of the masked step still
+multiplies a zero cotangent by the step's NaN intermediates (0 * NaN = NaN). The per-step
+value-and-grad is therefore wrapped in a ``custom_vjp`` whose backward zeroes every cotangent of a
+non-finite step before it reaches the inputs -- the "double where" applied where the NaN is made --
+and, in second order, the gradient itself is sanitised before the optimizer sees it (the
+optimizer's own backward would meet it). Under ``first_order`` the gradient is a constant of the
+outer derivative, so a non-finite one needs no sanitising: its update and optimizer state are
+discarded by the mask, and nothing differentiates through them; the gradient and the update are
+then tested together in one probe.
 
 Numerically safe forms for second order: global norms use a safe square root (finite
 derivative at zero), and differentiating through Adam needs ``optax.adam(..., eps_root>0)``.
@@ -140,7 +141,7 @@ def nonfinite_probe(*trees: PyTree) -> jax.Array:
     if not leaves:
         return jnp.zeros((), jnp.float32)
     dtype = jnp.result_type(*leaves)
-    flat = jnp.concatenate([x.astype(dtype) for x in leaves])
+    flat = jax.lax.stop_gradient(jnp.concatenate([x.astype(dtype) for x in leaves]))
     return jnp.sum(flat * jnp.zeros((), dtype))
 
 
