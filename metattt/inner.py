@@ -6,20 +6,24 @@ w_k scale each applied update (psi_{k+1} = psi_k + w_k * u_k), which is what sof
 controllers need. The loop is differentiable end to end (second order: the meta-gradient flows
 through every inner gradient) unless ``first_order`` stops the inner gradients.
 
-Non-finite steps. A step whose loss, gradient or update is not finite is skipped: parameters
-and optimizer state stay as they were and the step is counted in ``num_skipped``. The applied
-update is ``where(active, u, 0)`` added to the parameters, so the parameter path's own
-derivative is the identity (no select between two parameter copies). The test is one per
-step, on the loss and the global norms the step computes anyway: a gradient or update whose
-norm overflows the float type (float32: above ~1.8e19) counts as non-finite too. Masking the
+Non-finite steps. A step whose loss, gradient or update is not finite is skipped: parameters and
+optimizer state stay as they were and the step is counted in ``num_skipped``. The test is one
+reduction per step (:func:`nonfinite_probe`: the sum of every entry times 0 over one concatenated
+vector, 0 or NaN), so XLA adds a concatenation and one reduction rather than a reduction per leaf.
+It tests entries, not norms: a finite gradient whose norm overflows the float type is applied,
+except with ``clip_norm``, where the norm is computed anyway and an infinite one skips the step
+too. The applied update is ``p + where(active, u, 0)`` with a custom VJP whose backward keeps the
+scalar ``active`` (the identity for ``p``, the masked cotangent for ``u``), so the parameter path's
+derivative is the identity and no broadcast mask is stored for the backward pass. Masking the
 update is not enough for second order, because the backward pass of the masked step still
 multiplies a zero cotangent by the step's NaN intermediates (0 * NaN = NaN). The per-step
-value-and-grad is therefore wrapped in a ``custom_vjp`` whose backward zeroes every cotangent
-of a non-finite step before it reaches the inputs -- the "double where" applied where the NaN
-is made -- and, in second order, the gradient itself is sanitised before the optimizer sees
-it (the optimizer's own backward would meet it). Under ``first_order`` the gradient is a
-constant of the outer derivative, so a non-finite one needs no sanitising: its update and
-optimizer state are discarded by the mask, and nothing differentiates through them.
+value-and-grad is therefore wrapped in a ``custom_vjp`` whose backward zeroes every cotangent of a
+non-finite step before it reaches the inputs -- the "double where" applied where the NaN is made --
+and, in second order, the gradient itself is sanitised before the optimizer sees it (the
+optimizer's own backward would meet it). Under ``first_order`` the gradient is a constant of the
+outer derivative, so a non-finite one needs no sanitising: its update and optimizer state are
+discarded by the mask, and nothing differentiates through them; the gradient and the update are
+then tested together in one probe.
 
 Numerically safe forms for second order: global norms use a safe square root (finite
 derivative at zero), and differentiating through Adam needs ``optax.adam(..., eps_root>0)``.
@@ -114,20 +118,73 @@ def safe_global_norm(tree: PyTree) -> jax.Array:
     if not leaves:
         return jnp.zeros((), jnp.float32)
     dtype = jnp.result_type(jnp.float32, *leaves)
-    sq = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
+    flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+    sq = jnp.sum(jnp.square(flat))  # one reduction for the whole tree (see nonfinite_probe)
     nonzero = sq > _TINY
     norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
     return norm + jnp.where(jnp.isfinite(sq), 0.0, sq)  # NaN stays NaN (NaN > tiny is False)
 
 
-def tree_all_finite(tree: PyTree) -> jax.Array:
-    """True when every inexact leaf of ``tree`` is finite."""
-    flags = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
+def nonfinite_probe(*trees: PyTree) -> jax.Array:
+    """0 when every inexact entry of ``trees`` is finite, NaN otherwise.
+
+    One reduction over all leaves at once, ``sum(concat(leaves) * 0)`` (inf * 0 and NaN * 0 are
+    NaN; a finite entry gives exactly 0, so nothing can overflow): XLA:CPU pays per operation
+    at small sizes, and a reduction per leaf costs more than the step's own update. Add it to
+    a scalar (e.g. the loss) to fold that scalar into the same test.
+    """
+    leaves = [
+        jnp.ravel(x)
+        for t in trees
+        for x in jax.tree.leaves(t)
         if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
     ]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    dtype = jnp.result_type(*leaves)
+    flat = jax.lax.stop_gradient(jnp.concatenate([x.astype(dtype) for x in leaves]))
+    return jnp.sum(flat * jnp.zeros((), dtype))
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+    """True when every inexact leaf of ``tree`` is finite (one reduction, see
+    :func:`nonfinite_probe`)."""
+    return jnp.isfinite(nonfinite_probe(tree))
+
+
+@jax.custom_vjp
+def _add_if(active: jax.Array, p: jax.Array, u: jax.Array) -> jax.Array:
+    """``p + where(active, u, 0)``; the VJP keeps only the scalar ``active`` as residual (a
+    plain ``where`` would store its broadcast mask for every step of the scan)."""
+    return p + jnp.where(active, u, jnp.zeros_like(u))
+
+
+def _add_if_fwd(active, p, u):
+    return _add_if(active, p, u), active
+
+
+def _add_if_bwd(active, ct):
+    return None, ct, jnp.where(active, ct, jnp.zeros_like(ct))
+
+
+_add_if.defvjp(_add_if_fwd, _add_if_bwd)
+
+
+@jax.custom_vjp
+def _keep_if(ok: jax.Array, x: jax.Array) -> jax.Array:
+    """``where(ok, x, 0)``; the VJP keeps only the scalar ``ok`` as residual."""
+    return jnp.where(ok, x, jnp.zeros_like(x))
+
+
+def _keep_if_fwd(ok, x):
+    return _keep_if(ok, x), ok
+
+
+def _keep_if_bwd(ok, ct):
+    return None, jnp.where(ok, ct, jnp.zeros_like(ct))
+
+
+_keep_if.defvjp(_keep_if_fwd, _keep_if_bwd)
 
 
 def _zero_if(bad: jax.Array, x: Any) -> Any:
@@ -186,7 +243,7 @@ def _guarded_value_and_grad(loss_fn: LossFn, has_aux: bool, first_order: bool) -
             out, pullback = jax.vjp(vg, fast, slow, batch)
         (value, grads) = out
         loss = value[0] if has_aux else value
-        ok = jnp.isfinite(loss) & tree_all_finite(grads)
+        ok = jnp.isfinite(loss + nonfinite_probe(grads))
         return out, (pullback, ok)
 
     def bwd(res, cotangent):
@@ -287,36 +344,42 @@ def adapt(
 
     def apply_step(carry, k, w, value, grads):
         """Step k from its loss and gradient at the carried parameters."""
-        params, state, skipped = carry
+        params, state = carry
         loss, aux = value if has_aux else (value, None)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
-        grad_norm = safe_global_norm(grads)
-        if skip_nonfinite:
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            if not first_order:  # the optimizer's backward would multiply 0 by a NaN
-                grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        grad_norm = safe_global_norm(grads)  # reported; XLA drops it when nothing reads it
+        norm = grad_norm
+        # Clipping computes the norm anyway: then an overflowing one skips the step too.
+        tested = loss if clip_norm is None else loss + grad_norm
+        if skip_nonfinite and not first_order:  # the optimizer's backward would meet a NaN
+            finite = jnp.isfinite(tested + nonfinite_probe(grads))
+            grads = jax.tree.map(lambda g: _keep_if(finite, g), grads)
             norm = jnp.where(finite, grad_norm, 0.0)
-        else:
-            finite, norm = jnp.array(True), grad_norm
-        if clip_norm is not None:
+        if clip_norm is not None:  # a NaN norm gives scale 1, an infinite one NaN: skipped
             scale = jnp.where(norm > clip_norm, clip_norm / jnp.maximum(norm, _TINY), 1.0)
             grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         updates, new_state = opt.update(grads, state, params)
         updates = jax.tree.map(lambda u, p: (w * u).astype(p.dtype), updates, params)
         update_norm = safe_global_norm(updates)
-        if skip_nonfinite:  # an update can overflow where the gradient did not (float16 Adam)
-            finite = finite & jnp.isfinite(update_norm)
-        in_range = k < limit
-        active = in_range & finite
-        if masked:  # p + where(active, u, 0): the parameter path's own derivative is 1
-            updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), updates)
+        if not skip_nonfinite:
+            finite = jnp.array(True)
+        elif first_order:  # loss, gradient and update in one probe
+            finite = jnp.isfinite(tested + nonfinite_probe(grads, updates))
+        else:  # an update can overflow where the gradient did not (float16 Adam)
+            finite = finite & jnp.isfinite(nonfinite_probe(updates))
+        active = (k < limit) & finite
+        if masked:
             new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
             update_norm = jnp.where(active, update_norm, 0.0)
-        new_params = jax.tree.map(lambda p, u: p + u, params, updates)
-        skipped = skipped + (in_range & ~finite).astype(jnp.int32)
-        out = (loss, grad_norm, update_norm, active, aux)
-        return (new_params, new_state, skipped), out
+        if skip_nonfinite:
+            new_params = jax.tree.map(lambda p, u: _add_if(active, p, u), params, updates)
+        elif masked:
+            updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), updates)
+            new_params = jax.tree.map(jnp.add, params, updates)
+        else:
+            new_params = jax.tree.map(jnp.add, params, updates)
+        return (new_params, new_state), (loss, grad_norm, update_norm, active, aux)
 
     def step(carry, xs):
         k, w = xs
@@ -324,12 +387,12 @@ def adapt(
 
     if remat:
         step = jax.checkpoint(step)
-    carry = (fast, opt_state, jnp.zeros((), jnp.int32))
+    carry = (fast, opt_state)
     first = 0
     if first_value_and_grad is not None and max_steps > 0:
         carry, out0 = apply_step(carry, jnp.asarray(0), weights[0], *first_value_and_grad)
         first = 1
-    (params, state, skipped), outs = jax.lax.scan(
+    (params, state), outs = jax.lax.scan(
         step, carry, (jnp.arange(first, max_steps), weights[first:]), length=max_steps - first
     )
     if first:
@@ -337,6 +400,9 @@ def adapt(
             lambda a, b: jnp.concatenate([jnp.asarray(a)[None].astype(b.dtype), b]), out0, outs
         )
     losses, grad_norms, update_norms, active, aux = outs
+    # Counted after the loop from the stored masks: one operation per call, not per step.
+    in_range = jnp.arange(max_steps) < limit
+    skipped = jnp.sum(in_range & ~active, dtype=jnp.int32)
     return InnerResult(params, state, losses, grad_norms, update_norms, active, skipped, aux)
 
 

@@ -33,6 +33,7 @@ from metattt.inner import (
     adaptation_curve,
     check_clip_norm,
     per_param_sgd,
+    safe_global_norm,
 )
 from metattt.params import split
 from metattt.sharding import shard_step
@@ -308,7 +309,7 @@ def make_meta_step(
             (loss, aux), grads = value_and_grad(meta_params, tasks)
         else:
             (loss, aux), grads = accumulated(meta_params, tasks)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = safe_global_norm(grads)  # one reduction: XLA:CPU pays per operation
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = outer_opt.update(grads, opt_state, meta_params)
         if skip_nonfinite:

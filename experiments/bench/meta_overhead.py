@@ -1,6 +1,6 @@
 """What metattt's meta-step costs over the same MAML step written in plain JAX.
 
-    python -m experiments.bench.meta_overhead [--rounds 30] [--write]
+    python -m experiments.bench.meta_overhead [--rounds 30] [--clock wall|cpu] [--write]
 
 Sinusoid MAML (MLP 1-40-40-1, ReLU; 25 tasks of K = 10 support and 10 query points; inner SGD
 lr 0.01 on every parameter for S steps; outer Adam lr 1e-3; float32), S = 1 and 5, first and
@@ -96,8 +96,21 @@ def metattt_step(steps: int, first_order: bool, guard: bool, params):
     return meta.make_meta_step(loss, optax.adam(OUTER_LR), skip_nonfinite=guard)
 
 
-def measure(steps: int, first_order: bool, rounds: int) -> dict[str, float]:
-    """Median ms per meta-step of each implementation, timed interleaved."""
+def xla_ops(step, state, batch) -> int:
+    """Operations in the compiled step that run as separate kernels on XLA:CPU (fusions, dots,
+    concatenations, copies; a loop body counted once): what the guard adds, without timing."""
+    text = step.lower(state, batch).compile().as_text()
+    return sum(text.count(f" {op}(") for op in ("fusion", "dot", "concatenate", "copy"))
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(steps: int, first_order: bool, rounds: int, clock: str = "wall") -> dict[str, float]:
+    """Median ms per meta-step of each implementation, timed interleaved, and their op counts
+    (under ``"ops <name>"``). ``clock="cpu"`` times the process's CPU time (all threads), which
+    a machine shared with other jobs disturbs less than wall time."""
+    now = CLOCKS[clock]
     params = init_mlp(jax.random.key(0))
     pool = [sinusoid.sample_tasks(jax.random.key(i), TASKS, K, K) for i in range(8)]
     init, plain = plain_step(steps, first_order)
@@ -117,16 +130,18 @@ def measure(steps: int, first_order: bool, rounds: int) -> dict[str, float]:
     for r in range(rounds):
         for name, (update, state) in impls.items():
             batch = pool[r % len(pool)]
-            start = time.perf_counter()
+            start = now()
             out = update(state, batch)
             jax.block_until_ready(out)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * float(np.median(t[2:])) for name, t in times.items()}
+            times[name].append(now() - start)
+    ops = {f"ops {name}": xla_ops(step, state, pool[0]) for name, (step, state) in impls.items()}
+    return {**{name: 1e3 * float(np.median(t[2:])) for name, t in times.items()}, **ops}
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--write", action="store_true", help="write into BENCHMARKS.md")
     args = parser.parse_args(argv)
     lines = [
@@ -134,24 +149,28 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"- Date: {report.today()}; machine: {report.machine()}.",
         f"- Command: `python -m experiments.bench.meta_overhead --rounds {args.rounds}"
-        f"{' --write' if args.write else ''}`.",
+        f"{' --clock cpu' if args.clock == 'cpu' else ''}{' --write' if args.write else ''}`"
+        f" ({'process CPU time, all threads' if args.clock == 'cpu' else 'wall time'}).",
         "- Sizes: MLP 1-40-40-1, 25 tasks x (10 support, 10 query), inner SGD 0.01 on every "
         "parameter for S steps, outer Adam 1e-3, float32; medians of interleaved single steps.",
         "- Each metattt step was first checked against plain JAX on one batch (meta-loss and "
         "new parameters within float32 tolerance).",
+        "- XLA ops: operations of the compiled step that run as separate kernels (fusions, dots, "
+        "concatenations, copies; a loop body counted once), plain / on / off.",
         "",
         "| order | S | plain JAX (ms) | guard on (ms) | guard off (ms) | on / plain "
-        "| off / plain |",
-        "|---|---|---|---|---|---|---|",
+        "| off / plain | XLA ops |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for first_order in (False, True):
         for steps in (1, 5):
-            ms = measure(steps, first_order, args.rounds)
+            ms = measure(steps, first_order, args.rounds, args.clock)
             order = "first" if first_order else "second"
             lines.append(
                 f"| {order} | {steps} | {ms['plain']:.2f} | {ms['guard on']:.2f} | "
                 f"{ms['guard off']:.2f} | {ms['guard on'] / ms['plain']:.2f}x | "
-                f"{ms['guard off'] / ms['plain']:.2f}x |"
+                f"{ms['guard off'] / ms['plain']:.2f}x | {ms['ops plain']} / "
+                f"{ms['ops guard on']} / {ms['ops guard off']} |"
             )
             print(lines[-1], flush=True)
     text = "\n".join(lines)

@@ -310,3 +310,100 @@ def test_first_order_guard_gives_autodiffs_meta_gradient(problem, opt):
     chex.assert_trees_all_close(
         grad(fast, slow, True), grad(fast, slow, False), rtol=1e-5, atol=1e-6
     )
+
+
+def test_nonfinite_probe_is_zero_or_nan_over_all_leaves():
+    """One reduction over every inexact leaf: 0 when all entries are finite (also huge ones,
+    which a sum or a norm would overflow), NaN when any entry of any leaf is NaN or +-inf."""
+    keys = jax.random.split(jax.random.key(70), 3)
+    tree = {
+        "a": jax.random.normal(keys[0], (3, 4)),
+        "b": [jax.random.normal(keys[1], (5,)), jnp.arange(4)],  # an int leaf is not tested
+        "c": 3e38 * jnp.sign(jax.random.normal(keys[2], (2, 2))),
+    }
+    probe = jax.jit(inner.nonfinite_probe)
+    assert float(probe(tree)) == 0.0
+    assert float(probe(tree, {"x": jnp.float32(1.0)})) == 0.0
+    assert float(inner.nonfinite_probe({})) == 0.0
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        for path in ("a", "b", "c"):
+            planted = jax.tree.map(lambda x: x, tree)
+            if path == "b":
+                planted["b"][0] = planted["b"][0].at[2].set(bad)
+            else:
+                planted[path] = planted[path].at[1, 1].set(bad)
+            assert np.isnan(float(probe(planted))), (bad, path)
+            assert not bool(inner.tree_all_finite(planted))
+            assert np.isnan(float(probe(tree, planted)))  # any of several trees
+    assert bool(inner.tree_all_finite(tree))
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf], ids=["nan", "inf"])
+def test_a_planted_fault_leaves_the_state_before_the_step(problem, first_order, bad):
+    """Two clean steps, then three on a batch with a NaN or inf target: the three are skipped
+    and counted, and parameters and Adam state stay exactly those before them. The expectation
+    does not use the guard: a Python loop of two optax steps, and the meta-gradient of a
+    two-step loop on the clean batch."""
+    fast, slow, (x, y) = problem
+    opt = optax.adam(0.05, eps_root=1e-8)
+    poisoned = (x, y.at[5, 0].set(bad))
+    kw = dict(opt=opt, first_order=first_order)
+
+    def meta_loss(f):
+        first = inner.adapt(loss_fn, f, slow, (x, y), max_steps=2, **kw)
+        second = inner.adapt(
+            loss_fn, first.params, slow, poisoned, max_steps=3, opt_state=first.opt_state, **kw
+        )
+        return loss_fn(P.merge(second.params, slow), (x[::-1], y[::-1])), (first, second)
+
+    (value, (first, second)), grads = jax.value_and_grad(meta_loss, has_aux=True)(fast)
+    assert int(first.num_skipped) == 0 and int(second.num_skipped) == 3
+    assert not np.any(np.asarray(second.active))
+    assert not np.isfinite(np.asarray(second.grad_norms)).any()  # reported, not hidden as 0
+    chex.assert_trees_all_equal(second.params, first.params)  # the state before the step
+    chex.assert_trees_all_equal(second.opt_state, first.opt_state)
+    chex.assert_trees_all_close(
+        second.params, python_loop(fast, slow, (x, y), opt, 2), rtol=1e-5, atol=1e-6
+    )
+
+    def clean_meta_loss(f):
+        r = inner.adapt(loss_fn, f, slow, (x, y), max_steps=2, **kw)
+        return loss_fn(P.merge(r.params, slow), (x[::-1], y[::-1]))
+
+    chex.assert_tree_all_finite(grads)
+    chex.assert_trees_all_close(grads, jax.grad(clean_meta_loss)(fast), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(float(value))
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_an_overflowing_update_is_skipped_in_either_order(problem, first_order):
+    """First order tests gradient and update in one probe, second order one after the other:
+    both skip a step whose gradient is finite and whose update is not (SGD with lr inf, as
+    float16 Adam overflows), and keep the parameters."""
+    fast, slow, batch = problem
+    result = inner.adapt(
+        loss_fn, fast, slow, batch, opt=optax.sgd(float("inf")), max_steps=2,
+        first_order=first_order,
+    )  # fmt: skip
+    assert int(result.num_skipped) == 2 and np.isfinite(np.asarray(result.grad_norms)).all()
+    chex.assert_trees_all_equal(result.params, fast)
+
+
+def test_guard_on_equals_guard_off_on_clean_data_second_order(problem):
+    """On finite data the guard changes nothing: second-order meta-gradients (through Adam,
+    the masked update's custom VJP and the sanitised gradient) equal plain autodiff's."""
+    fast, slow, (x, y) = problem
+    opt = optax.adam(0.05, eps_root=1e-8)
+
+    def meta_loss(f, s, guard):
+        r = inner.adapt(
+            loss_fn, f, s, (x, y), opt=opt, max_steps=3, num_steps=jnp.asarray(2),
+            skip_nonfinite=guard, clip_norm=0.5,
+        )  # fmt: skip
+        return loss_fn(P.merge(r.params, s), (x[::-1], y[::-1])) + jnp.mean(r.losses)
+
+    grad = jax.jit(jax.grad(meta_loss, argnums=(0, 1)), static_argnums=2)
+    chex.assert_trees_all_close(
+        grad(fast, slow, True), grad(fast, slow, False), rtol=1e-5, atol=1e-6
+    )
