@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from experiments.energy_moe.registry import EXPERT, Method, method_names, methods
-from experiments.energy_moe.runtime import Runtime, compile_infer
+from experiments.energy_moe.runtime import Runtime, compile_adapt, compile_infer
 from metattt import augment
 from metattt.energy import RankLimits, adapter_ranks, energy_tent, read_memory
 from metattt.models import moe
@@ -170,7 +170,7 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
                 task=objective, head=head, opt=optax.adam(cfg.ttt.lr), max_steps=cfg.ttt.steps,
                 **corruptions(cfg, mcfg, head),
             )  # fmt: skip
-            compiled[key] = jax.jit(partial(_adapt, ttt))
+            compiled[key] = compile_adapt(ttt)
         if ("infer", model.lora_rank) not in compiled:
             compiled["infer", model.lora_rank] = compile_infer(model, head)
         infer = compiled["infer", model.lora_rank]
@@ -225,12 +225,6 @@ def hardware_limits(cfg, variant: Variant, budget_w: float, fixed_w: float) -> R
         temperature_limit_c=x.hw_temperature_c, temperature_margin_c=x.hw_temperature_margin_c,
         memory_reserve_bytes=x.hw_memory_reserve_gb * 2**30, bytes_per_unit=float(unit),
     )  # fmt: skip
-
-
-def _adapt(ttt, p, tokens, lam, mask, key):
-    # Serving runs no diagnostic forward passes before and after the adaptation.
-    res = ttt.adapt(p, tokens, lam, mask, diagnostics=False, key=key)
-    return res.params, res.inner.aux
 
 
 def prepare(variant: Variant, params: Any, seed: int) -> Any:

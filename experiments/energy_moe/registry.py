@@ -106,62 +106,39 @@ def parse_method(name: str) -> Method:
 
 
 def method_names(cfg) -> list[str]:
-    """The config's method names in the order they run (``no_ttt`` first: budgets are set
-    from it)."""
-    return [
-        "no_ttt",
-        "ttt",
-        *(f"energy_ttt/{lam:g}" for lam in cfg.ttt.lambdas),
-        *(f"budget/{f:g}" for f in cfg.budget.fractions),
-        *(f"prune/{n}" for n in cfg.baselines.prune),
-        *(f"top_k/{k}" for k in cfg.baselines.top_k),
-        *(["int8", "int8_ttt"] if _int8(cfg).enabled else []),
-        *(f"int8_energy_ttt/{lam:g}" for lam in _int8(cfg).lambdas),
-        *extra_names(cfg),
-    ]
-
-
-def extra_names(cfg) -> list[str]:
-    """The methods the config names in full (``expert.methods``, issue 15), if any."""
-    return list(cfg.expert.methods) if "expert" in cfg else []
+    """The config's method names in the order they run, repeats kept (see :func:`methods`)."""
+    return [name for name, _ in _listed(cfg)]
 
 
 def methods(cfg) -> dict[str, Method]:
-    """``{name: Method}`` in the order they run, with the config's exact values (a name prints
-    λ and f with ``:g``)."""
-    values = [
-        None,
-        None,
-        *(float(lam) for lam in cfg.ttt.lambdas),
-        *(float(f) for f in cfg.budget.fractions),
-        *(int(n) for n in cfg.baselines.prune),
-        *(int(k) for k in cfg.baselines.top_k),
-        *([None, None] if _int8(cfg).enabled else []),
-        *(float(lam) for lam in _int8(cfg).lambdas),
-        *(None for _ in extra_names(cfg)),
+    """``{name: Method}`` in the order they run (``no_ttt`` first: budgets are set from it),
+    with the config's exact values (a name prints λ and f with ``:g``); the expert-level kinds
+    take λ_energy = ``expert.lam``."""
+    return dict(_listed(cfg))
+
+
+def _listed(cfg) -> list[tuple[str, Method]]:
+    """``(name, Method)`` of every method the config runs: the sweeps, then the methods named in
+    full (``expert.methods``, issue 15)."""
+    int8 = cfg.get("int8")
+    int8_on = int8 is not None and bool(int8.enabled)
+    named = list(cfg.expert.methods) if "expert" in cfg else []
+    return [
+        ("no_ttt", Method("no_ttt")),
+        ("ttt", Method("ttt")),
+        *((f"energy_ttt/{lam:g}", Method("energy_ttt", lam=float(lam))) for lam in cfg.ttt.lambdas),
+        *((f"budget/{f:g}", Method("budget", fraction=float(f))) for f in cfg.budget.fractions),
+        *((f"prune/{n}", Method("prune", prune=int(n))) for n in cfg.baselines.prune),
+        *((f"top_k/{k}", Method("top_k", top_k=int(k))) for k in cfg.baselines.top_k),
+        *([("int8", Method("int8")), ("int8_ttt", Method("int8_ttt"))] if int8_on else []),
+        *(
+            (f"int8_energy_ttt/{lam:g}", Method("int8_energy_ttt", lam=float(lam)))
+            for lam in (int8.lambdas if int8_on else ())
+        ),
+        *((name, _named(name, cfg)) for name in named),
     ]
-    out = {}
-    for name, value in zip(method_names(cfg), values, strict=True):
-        method = parse_method(name)
-        field = KINDS[method.kind][0]
-        if value is not None:
-            method = method._replace(**{field: value})
-        if method.kind in EXPERT:
-            method = method._replace(lam=float(cfg.expert.lam))
-        out[name] = method
-    return out
 
 
-class Int8Options(NamedTuple):
-    """The config's ``int8`` section (absent: off): serve ``int8`` and ``int8_ttt`` when
-    ``enabled``, and ``int8_energy_ttt/<λ>`` for each of ``lambdas`` (only when enabled)."""
-
-    enabled: bool
-    lambdas: tuple[float, ...]
-
-
-def _int8(cfg) -> Int8Options:
-    section = cfg.get("int8")
-    if section is None or not section.enabled:
-        return Int8Options(False, ())
-    return Int8Options(True, tuple(section.lambdas))
+def _named(name: str, cfg) -> Method:
+    method = parse_method(name)
+    return method._replace(lam=float(cfg.expert.lam)) if method.kind in EXPERT else method

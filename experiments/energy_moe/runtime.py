@@ -54,7 +54,7 @@ class Runtime(NamedTuple):
             the load-balancing and z losses) over ``(inputs, targets)`` batches.
         infer: ``{k: jitted (params, inputs, targets, mask) -> (score, counts)}``, the score
             being the batch's mean nats (LM) or error rate (classifier).
-        adapt: jitted ``(params, tokens, λ, mask) -> (params, per-step RoutingStats)``.
+        adapt: :func:`compile_adapt` of the router TTT (no key).
         joules: (E,) dynamic joules per token of each expert (the proxy profile).
         device: the simulated device constants.
     """
@@ -86,6 +86,19 @@ def compile_infer(mcfg: moe.MoEConfig, head: str):
         return score(out, targets, head), out.aux["expert_counts"]
 
     return infer
+
+
+def compile_adapt(ttt):
+    """Jitted ``(params, tokens, λ, mask, key=None) -> (params, per-step RoutingStats)`` of an
+    :func:`metattt.energy.energy_tent`; serving runs no diagnostic forward passes before and
+    after the adaptation (``key`` draws the corruptions of the keyed objectives)."""
+
+    @jax.jit
+    def adapt(p, tokens, lam, mask, key=None):
+        res = ttt.adapt(p, tokens, lam, mask, diagnostics=False, key=key)
+        return res.params, res.inner.aux
+
+    return adapt
 
 
 def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
@@ -127,18 +140,12 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
         max_steps=cfg.ttt.steps,
     )
 
-    @jax.jit
-    def adapt(p, tokens, lam, mask):
-        # Serving runs no diagnostic forward passes before and after the adaptation.
-        res = ttt.adapt(p, tokens, lam, mask, diagnostics=False)
-        return res.params, res.inner.aux
-
     return Runtime(
         mcfg,
         lambda seed: moe.init_moe(mcfg, seed=seed).params,
         train_step,
         {k: compile_infer(mcfg._replace(top_k=k), head) for k in sorted(ks)},
-        adapt,
+        compile_adapt(ttt),
         costs.values("joules_per_token"),
         device,
     )

@@ -97,6 +97,26 @@ def static_mask(joules: np.ndarray, prune: int) -> np.ndarray:
     return mask
 
 
+def _model_fns(rt: Runtime, variant: Variant | None, hw: HardwareRanks | None, seed: int):
+    """``infer(params, inputs, targets, top_k, mask)`` and ``adapt(params, tokens, λ, mask)``
+    of :func:`metattt.energy.serving.serve_stream`: the router TTT's compiled functions, or the
+    variant's, whose adaptation call c draws its corruptions with ``fold_in(key(seed), c)``
+    (``lora_hw``: after applying the ranks the last window's readings chose)."""
+    if variant is None:
+        infer = lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask))
+        adapt = lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask))
+        return infer, adapt
+    calls, base = itertools.count(), jax.random.key(seed)
+
+    def adapt(p, x, lam, mask):
+        key = jax.random.fold_in(base, next(calls))
+        if hw is not None:
+            p = hw.apply(p, jax.random.fold_in(key, 1))
+        return variant.adapt(p, x, jnp.float32(lam), jnp.asarray(mask), key)
+
+    return lambda p, x, y, k, mask: variant.infer(p, x, y, jnp.asarray(mask)), adapt
+
+
 def serve(
     cfg,
     rt: Runtime,
@@ -142,23 +162,13 @@ def serve(
             patience=cfg.budget.patience,
         )
     inputs = stream.inputs.reshape(-1, b, length)
-    infer = lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask))
-    adapt = lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask))
     hw = None
     if method.kind == "lora_hw":
         fixed = stream_fixed_power(rt, batch=b, length=length, rate=rate)
         hw = HardwareRanks(variant, hardware_limits(cfg, variant, budget_w, fixed))
     if variant is not None:
         params = prepare(variant, params, seed)
-        infer = lambda p, x, y, k, mask: variant.infer(p, x, y, jnp.asarray(mask))
-        calls, base = itertools.count(), jax.random.key(seed)
-
-        def adapt(p, x, lam, mask):
-            key = jax.random.fold_in(base, next(calls))
-            if hw is not None:  # the ranks the last window's readings chose
-                p = hw.apply(p, jax.random.fold_in(key, 1))
-            return variant.adapt(p, x, jnp.float32(lam), jnp.asarray(mask), key)
-
+    infer, adapt = _model_fns(rt, variant, hw, seed)
     weights = "int8" if method.int8 else "float"
     if method.int8:
         params = quantize.quantize_experts(params)
