@@ -38,6 +38,12 @@ def get_config(arg=None):
     # The serving rate r (tokens/s) is set so that the unadapted model keeps the simulated
     # device busy this share of the time; a power budget B becomes E_token <= (B - P_idle) / r.
     c.monitor.utilization = 0.5
+    # Memory readings under the simulated monitor (lora_hw's memory headroom) come from a
+    # simulated device of this many GiB (metattt.energy.SimulatedMemory), the other tenants
+    # using memory_others_gb per reading (the last value held), so runs are reproducible on
+    # any machine; under NVML they are the live device's.
+    c.monitor.memory_gb = 16.0
+    c.monitor.memory_others_gb = (0.0,)
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 64

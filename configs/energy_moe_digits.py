@@ -35,6 +35,12 @@ def get_config(arg=None):
     c.monitor.kind = "simulated"  # "simulated" | "auto" (NVML when a GPU is present) | "nvml"
     c.monitor.allow_simulated = True
     c.monitor.utilization = 0.5  # device busy share of the unadapted model at mean-cost routing
+    # Memory readings under the simulated monitor (lora_hw's memory headroom) come from a
+    # simulated device of this many GiB (metattt.energy.SimulatedMemory), the other tenants
+    # using memory_others_gb per reading (the last value held), so runs are reproducible on
+    # any machine; under NVML they are the live device's.
+    c.monitor.memory_gb = 16.0
+    c.monitor.memory_others_gb = (0.0,)
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 32

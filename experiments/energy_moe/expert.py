@@ -31,6 +31,7 @@ every adaptation step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -42,7 +43,7 @@ import optax
 from experiments.energy_moe.registry import EXPERT, Method, method_names, methods
 from experiments.energy_moe.runtime import Runtime, compile_adapt, compile_infer
 from metattt import augment
-from metattt.energy import RankLimits, adapter_ranks, energy_tent, read_memory
+from metattt.energy import MemoryReading, RankLimits, adapter_ranks, energy_tent
 from metattt.models import moe
 from metattt.params import leaf_paths, select
 
@@ -185,13 +186,15 @@ class HardwareRanks:
     """``lora_hw``'s rank controller: after each window, ranks from its readings; before each
     adaptation, the pending ranks applied (kept components unchanged, :func:`lora_realloc`).
 
-    ``active`` (layers, E) are the ranks the parameters hold (what the accounting charges),
-    ``trace`` the active rank units after each window.
+    ``memory() -> MemoryReading`` reads the free memory (:func:`.serving.memory_reader`: the
+    simulated device's under the simulated monitor). ``active`` (layers, E) are the ranks the
+    parameters hold (what the accounting charges), ``trace`` the active rank units after each
+    window.
     """
 
-    def __init__(self, variant: Variant, limits: RankLimits):
+    def __init__(self, variant: Variant, limits: RankLimits, memory: Callable[[], MemoryReading]):
         m = variant.mcfg
-        self.variant, self.limits = variant, limits
+        self.variant, self.limits, self.memory = variant, limits, memory
         self.active = np.full((m.num_layers, m.num_experts), variant.rank, np.int32)
         self.pending = self.active
         self.trace: list[int] = []
@@ -199,7 +202,7 @@ class HardwareRanks:
     def on_window(self, record, counts) -> None:
         """Choose the next ranks from a window's power, temperature and the free memory."""
         ranks = adapter_ranks(
-            record.mean_power_w, record.max_temperature_c, read_memory(jax.devices()[0]).free_bytes,
+            record.mean_power_w, record.max_temperature_c, self.memory().free_bytes,
             usage=np.asarray(counts).sum(0), max_rank=self.variant.rank, limits=self.limits,
         )  # fmt: skip
         self.pending = np.broadcast_to(ranks, self.active.shape).astype(np.int32)

@@ -38,6 +38,10 @@ def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
         raise ValueError(f"monitor.kind must be one of {MONITOR_KINDS}, got {cfg.monitor.kind!r}")
     if not 0 < cfg.monitor.utilization <= 1:
         raise ValueError(f"monitor.utilization must be in (0, 1], got {cfg.monitor.utilization}")
+    others = tuple(cfg.monitor.memory_others_gb)
+    if not cfg.monitor.memory_gb > 0 or not others or min(others) < 0:
+        raise ValueError(f"need monitor.memory_gb > 0 and a non-empty monitor.memory_others_gb of "
+                         f"values >= 0, got {cfg.monitor.memory_gb}, {others}")  # fmt: skip
     params = moe.init_moe(mcfg).params  # validates the model config
     select(params, cfg.ttt.params)  # an unknown preset or an empty selection raises
     t = cfg.train

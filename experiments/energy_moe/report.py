@@ -135,13 +135,23 @@ def expert_header(results: dict[str, Any], cfg) -> list[str]:
             f" lora_hw: after every batch the ranks (and which experts keep an adapter: the "
             f"busiest) follow the headroom below a power budget of {x.hw_fraction} of no_ttt's "
             f"dynamic power (band {x.hw_margin} of it), {x.hw_temperature_c} °C (band "
-            f"{x.hw_temperature_margin_c} °C) and {x.hw_memory_reserve_gb} GB of free memory "
-            "(metattt.energy.adapter_ranks), applied by lora_realloc before the next "
+            f"{x.hw_temperature_margin_c} °C) and {x.hw_memory_reserve_gb} GiB of free memory "
+            + _memory_source(results, cfg)
+            + " (metattt.energy.adapter_ranks), applied by lora_realloc before the next "
             "adaptation without recompiling."
             if any(i.get("rank_policy") for i in results["expert"].values())
             else ""
         ),
     ]
+
+
+def _memory_source(results: dict[str, Any], cfg) -> str:
+    """Where lora_hw's memory readings came from (:func:`.serving.memory_reader`)."""
+    if results["monitor"] != "simulated":
+        return "(live device readings)"
+    m = cfg.monitor
+    return (f"(simulated device of {m.memory_gb:g} GiB, other tenants using "
+            f"{', '.join(f'{g:g}' for g in m.memory_others_gb)} GiB per reading)")  # fmt: skip
 
 
 def _monitor(results: dict[str, Any]) -> str:

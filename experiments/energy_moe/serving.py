@@ -13,6 +13,7 @@ objective runs two). Expert-level methods and other objectives are served throug
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,6 +25,9 @@ from experiments.energy_moe.registry import Method
 from experiments.energy_moe.runtime import Runtime
 from experiments.energy_moe.tasks import Metric
 from metattt.energy import (
+    AbstractMonitor,
+    MemoryReading,
+    SimulatedMemory,
     Work,
     create_monitor,
     dense_work,
@@ -32,6 +36,7 @@ from metattt.energy import (
     forward_work,
     lambda_controller,
     power_budget,
+    read_memory,
     routed_energy,
     serving_rate,
 )
@@ -95,6 +100,18 @@ def static_mask(joules: np.ndarray, prune: int) -> np.ndarray:
     mask = np.ones((e,), bool)
     mask[order[:prune]] = False
     return mask
+
+
+def memory_reader(cfg, monitor: AbstractMonitor) -> Callable[[], MemoryReading]:
+    """Memory readings to go with ``monitor``: under the simulated monitor a simulated device of
+    ``monitor.memory_gb`` GiB whose other tenants use ``monitor.memory_others_gb`` per reading
+    (:class:`metattt.energy.SimulatedMemory`), so that a run does not depend on the machine;
+    otherwise the live device's (or the host's) reading."""
+    if monitor.source == "simulated":
+        m = cfg.monitor
+        others = [round(g * 2**30) for g in m.memory_others_gb]
+        return SimulatedMemory(round(m.memory_gb * 2**30), others).read
+    return lambda: read_memory(jax.devices()[0])
 
 
 def _model_fns(rt: Runtime, variant: Variant | None, hw: HardwareRanks | None, seed: int):
@@ -165,7 +182,8 @@ def serve(
     hw = None
     if method.kind == "lora_hw":
         fixed = stream_fixed_power(rt, batch=b, length=length, rate=rate)
-        hw = HardwareRanks(variant, hardware_limits(cfg, variant, budget_w, fixed))
+        limits = hardware_limits(cfg, variant, budget_w, fixed)
+        hw = HardwareRanks(variant, limits, memory_reader(cfg, monitor))
     if variant is not None:
         params = prepare(variant, params, seed)
     infer, adapt = _model_fns(rt, variant, hw, seed)

@@ -447,36 +447,45 @@ def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
 
 
 def test_lora_hw_ranks_follow_the_readings_and_are_charged_per_expert():
-    """lora_hw: a window's power sets the pending ranks (the busiest experts first); the next
-    adaptation applies them through the compiled realloc; the accounting prices each expert's
-    merge at its own active rank."""
+    """lora_hw: a window's power and the simulated device's free memory set the pending ranks
+    (the busiest experts first); the next adaptation applies them through the compiled realloc;
+    the accounting prices each expert's merge at its own active rank. Under NVML the memory
+    reading is the live device's (or host's)."""
     from collections import namedtuple
 
     from experiments.energy_moe import expert
-    from metattt.energy import adapter_ranks, read_memory
+    from metattt.energy import read_memory
     from metattt.models import moe
 
     cfg = energy_config.get_config("tiny")
     cfg.expert.methods = ("lora_hw/4",)
-    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    m = runtime.model_config(cfg)
+    unit = 4 * 3 * (m.d_model + m.d_ff) * m.num_layers * 4  # factors, grads, 2 Adam moments
+    # a 2 GiB device: other tenants leave the 1 GiB reserve plus 5.5 rank units, then 1.5 GiB
+    cfg.monitor.memory_gb = 2.0
+    cfg.monitor.memory_others_gb = (1.0 - 5.5 * unit / 2**30, 0.0)
+    rt = runtime.build_runtime(cfg, m)
     v = expert.build_variants(cfg, rt, "lm")["lora_hw/4"]
     limits = expert.hardware_limits(cfg, v, budget_w=120.0, fixed_w=100.0)
     assert limits.power_margin_w == pytest.approx(cfg.expert.hw_margin * 20.0)
-    hw = expert.HardwareRanks(v, limits)
+    assert limits.bytes_per_unit == unit
+    simulated = namedtuple("Monitor", "source")("simulated")
+    hw = expert.HardwareRanks(v, limits, serving.memory_reader(cfg, simulated))
     params = expert.prepare(v, rt.init(0), 0)
     np.testing.assert_array_equal(moe.lora_ranks(params, v.mcfg), hw.active)  # full at start
+    # 115 W is half-way through the 10 W band below the budget: 8 of 16 units by power
     record = namedtuple("Record", "mean_power_w max_temperature_c")(115.0, 50.0)
     counts = np.array([[3, 9, 1, 5]])
-    hw.on_window(record, counts)
-    want = adapter_ranks(115.0, 50.0, read_memory().free_bytes, usage=[3, 9, 1, 5], max_rank=4,
-                         limits=limits)  # fmt: skip
-    assert want.tolist() == [0, 4, 0, 4] and hw.pending.tolist() == [want.tolist()]
-    assert hw.trace == [16]
+    hw.on_window(record, counts)  # memory allows 5 units: 4 to expert 1, 1 to expert 3
+    assert hw.pending.tolist() == [[0, 4, 0, 1]] and hw.trace == [16]
     adapted = hw.apply(params, jax.random.key(1))
-    np.testing.assert_array_equal(moe.lora_ranks(adapted, v.mcfg), [want])
+    np.testing.assert_array_equal(moe.lora_ranks(adapted, v.mcfg), [[0, 4, 0, 1]])
     assert hw.apply(adapted, jax.random.key(2)) is adapted  # nothing changed: no realloc
-    m = rt.mcfg
-    plain = serving.batch_work(rt, counts, 4, 16)
     work = serving.batch_work(rt, counts, 4, 16, v, hw.active)
-    merge = sum(3 * (2 * m.d_model * r * m.d_ff + m.d_model * m.d_ff) for r in want if r)
+    plain = serving.batch_work(rt, counts, 4, 16)
+    merge = sum(3 * (2 * m.d_model * r * m.d_ff + m.d_model * m.d_ff) for r in (4, 1))
     assert work.flops - plain.flops == pytest.approx(merge)
+    hw.on_window(record, counts)  # the tenants left: power alone binds, 8 units
+    assert hw.pending.tolist() == [[0, 4, 0, 4]] and hw.trace == [16, 5]
+    live = serving.memory_reader(cfg, namedtuple("Monitor", "source")("nvml"))()
+    assert live.source == read_memory(jax.devices()[0]).source != "simulated"
