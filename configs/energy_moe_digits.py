@@ -121,6 +121,31 @@ def get_config(arg=None):
     c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
     c.expert.hw_temperature_margin_c = 10.0
     c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+    # When to adapt (issue 15 item 7, experiments/energy_moe/schedules.py): "<ttt or
+    # energy_ttt/<λ>>@<schedule>" adapts on the batches whose prediction entropy (@entropy) or
+    # router top-2 margin (@margin) is past a threshold, or at a period that halves after a hard
+    # batch and doubles after an easy one (@adaptive, entropy; from ttt.every up to max_every).
+    # The threshold is this quantile of the signal on in-distribution data, never the stream.
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.methods = (
+        "energy_ttt/1@entropy",
+        "energy_ttt/1@margin",
+        "energy_ttt/1@adaptive",
+    )
+    c.schedule.quantile = 0.9
+    c.schedule.max_every = 64
+    # Memory pressure (item 6, experiments/energy_moe/pressure.py): "memory" serves the trained
+    # model on a simulated device of limit_x full-service footprints (XLA's peak bytes of the
+    # compiled forward) whose other tenants use the shares `pressure` of it (equal segments of
+    # the stream); metattt.energy.memory_policy steps down through batch chunks, then top-k.
+    c.memory = ml_collections.ConfigDict()
+    c.memory.enabled = True
+    c.memory.chunks = (1, 2)
+    c.memory.min_top_k = 1
+    c.memory.limit_x = 2.0
+    c.memory.pressure = (0.3, 0.55, 0.68, 0.3)
+    c.memory.margin = 0.1
+    c.memory.patience = 4
     c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
     c.int8.enabled = True
     c.int8.lambdas = (1.0, 10.0)
@@ -152,11 +177,16 @@ def get_config(arg=None):
         c.expert.max_rank = 4
         c.expert.lam = 0.3
         c.int8.lambdas = (3.0,)
+        c.schedule.methods = ("energy_ttt/3@margin",)  # one more compilation (the signals)
+        c.schedule.max_every = 4
+        c.memory.patience = 1
     if arg == "demo":
         c.data.stream_batches = 16
         c.ttt.lr = 5e-2
         c.ttt.lambdas = (3.0,)
         c.expert.methods = ()
+        c.schedule.methods = ()
+        c.memory.enabled = False
     elif arg is not None and arg != "tiny":
         raise ValueError(
             f"unknown variant {arg!r} of configs/energy_moe_digits.py (known: tiny, demo)"

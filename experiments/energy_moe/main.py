@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from experiments import harness
-from experiments.energy_moe import expert, registry, runtime, serving
+from experiments.energy_moe import expert, pressure, registry, runtime, schedules, serving
 from experiments.energy_moe.aggregate import aggregate, figure_data
 from experiments.energy_moe.plots import plot_all
 from experiments.energy_moe.tables import summary
@@ -28,6 +28,8 @@ def validate(cfg) -> None:
     task.validate_data(cfg)
     validate_methods(cfg, task.model_config(cfg))
     expert.validate(cfg, task.model_config(cfg), task.head)
+    schedules.validate(cfg)
+    pressure.validate(cfg, task.model_config(cfg).top_k)
 
 
 def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
@@ -99,9 +101,11 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     for seed in cfg.seeds:
         pending = [n for n in table if not os.path.isfile(cell_path(workdir, seed, n))]
         if pending:  # only then load the data, the parameters and compile
-            params, stream, info = task.prepare(cfg, rt, seed, workdir)
+            params, stream, info, reference = task.prepare(cfg, rt, seed, workdir)
             int8 = any(m.int8 for m in table.values())
-            runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows, int8=int8)
+            signals = any(m.schedule for m in table.values())
+            runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows, int8=int8,
+                            signals=signals)  # fmt: skip
             expert.warm_up(variants, params, stream, batch=b, windows=cfg.ttt.windows)
         else:
             with open(runtime.info_path(workdir, seed)) as f:
@@ -127,6 +131,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                         budget_w=bw,
                         metric=task.metric,
                         variant=variants.get(n),
+                        reference=reference,
                     ),  # fmt: skip
                 )
             )

@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.energy_moe import schedules
 from experiments.energy_moe.expert import HardwareRanks, Variant, hardware_limits, prepare
+from experiments.energy_moe.explanations import Snapshots, explain, explains
+from experiments.energy_moe.pressure import MemoryPressure
 from experiments.energy_moe.registry import Method
 from experiments.energy_moe.runtime import Runtime
 from experiments.energy_moe.tasks import Metric
@@ -146,12 +149,16 @@ def serve(
     metric: Metric,
     budget_w: float | None = None,
     variant: Variant | None = None,
+    reference: Any = None,
 ) -> dict[str, Any]:
     """Serve the stream prequentially with ``method``; every batch is a monitor window.
 
     ``stream`` has ``inputs`` (S·B, L) tokens and ``targets`` (S·B, ...) for the score;
     ``variant`` serves an expert-level method or another objective (its adaptation call c
-    draws its corruptions with ``fold_in(key(seed), c)``).
+    draws its corruptions with ``fold_in(key(seed), c)``); ``reference`` (inputs (N, B, L),
+    targets (N, B, ...)) in-distribution batches calibrate a schedule's threshold
+    (:mod:`.schedules`). ``memory`` serves under memory pressure (:mod:`.pressure`); the router
+    TTT methods record routing explanations (:mod:`.explanations`).
     Returns the cell: the metric, energies, delay, EDP, wall times and per-batch traces.
     """
     mcfg = rt.mcfg
@@ -190,15 +197,30 @@ def serve(
     weights = "int8" if method.int8 else "float"
     if method.int8:
         params = quantize.quantize_experts(params)
+    targets = stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:])
+    work = lambda counts, rows: batch_work(
+        rt, counts, rows, length, variant, None if hw is None else hw.active, weights
+    )
+    on_window = None if hw is None else hw.on_window
+    schedule = pressure = snaps = None
+    if method.schedule:
+        all_experts = jnp.ones((mcfg.num_experts,), bool)
+        threshold = schedules.calibrate(cfg, method, rt.signals, params, reference, all_experts)
+        schedule = schedules.make_schedule(cfg, method, threshold)
+        infer = schedules.scheduled_infer(rt.signals, method)
+    if method.kind == "memory":
+        pressure = MemoryPressure(cfg, rt, params, inputs[0], targets[0], work)
+        infer, work, on_window = pressure.infer, pressure.work, pressure.on_window
+    if explains(method):
+        snaps = Snapshots(infer, adapt, half=len(inputs) // 2)
+        infer, adapt = snaps.infer, snaps.adapt
     served = serve_stream(
         infer,
         adapt,
         params,
         inputs,
-        stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:]),
-        work=lambda counts, rows: batch_work(
-            rt, counts, rows, length, variant, None if hw is None else hw.active, weights
-        ),
+        targets,
+        work=work,
         dense=batch_dense_work(rt, b, length),
         device=rt.device,
         monitor=monitor,
@@ -211,7 +233,8 @@ def serve(
         adapt_windows=cfg.ttt.windows,
         backward_factor=BACKWARD_FACTOR,
         policy=policy,
-        on_window=None if hw is None else hw.on_window,
+        schedule=schedule,
+        on_window=on_window,
     )
     monitor.close()
     steps = len(inputs)
@@ -254,6 +277,12 @@ def serve(
             rank_units_max=int(hw.active.size * variant.rank),
             final_ranks=hw.active.tolist(),
         )
+    if schedule is not None:
+        out.update(schedules.signal_summary(served.signals, threshold, method))
+    if pressure is not None:
+        out.update(pressure.summary())
+    if snaps is not None:
+        out["explain"] = explain(rt, params, snaps, inputs[-1])
     if policy is not None:
         out.update(
             budget_w=budget_w,
