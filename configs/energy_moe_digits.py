@@ -16,13 +16,17 @@ entropy minimisation of the router and the norms) with λ_energy = 0; energy-awa
 λ sweep; the power-budget controller; static pruning; top-1; weight-only int8 experts, static
 and with (energy-aware) TENT on top; the expert-level methods of issue 15 (``expert.methods``:
 LoRA on the experts, the norms, the biases, each with the router; the two-augmentation
-consistency objective; masked reconstruction is refused, the token head being never trained).
+consistency objective; masked reconstruction is refused, the token head being never trained);
+the schedules, memory pressure and routing explanations of issue 15 items 6-8 as in
+``configs/energy_moe.py``.
 Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
 """
 
 import ml_collections
+
+from configs.energy_moe import expert_section, memory_section, schedule_section
 
 
 def get_config(arg=None):
@@ -93,59 +97,20 @@ def get_config(arg=None):
     c.baselines.prune = (1, 2, 4)
     c.baselines.top_k = (1,)
 
-    # Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
-    # lora_ttt/<r> (rank-r LoRA on every expert matrix), norm_ttt, bias_ttt, each with the
-    # router and λ_energy = expert.lam; "<method>:<objective>" picks the objective (entropy,
-    # next_token, masked, consistency).
-    c.expert = ml_collections.ConfigDict()
-    c.expert.methods = (
-        "lora_ttt/4",
-        "lora_ttt/16",
-        "lora_hw/16",
-        "norm_ttt",
-        "bias_ttt",
-        "energy_ttt/1:consistency",
-        "lora_ttt/4:consistency",
+    c.expert = expert_section(
+        (
+            "lora_ttt/4",
+            "lora_ttt/16",
+            "lora_hw/16",
+            "norm_ttt",
+            "bias_ttt",
+            "energy_ttt/1:consistency",
+            "lora_ttt/4:consistency",
+        ),
+        lam=1.0,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
-    c.expert.lam = 1.0  # one of ttt.lambdas: compare with energy_ttt at the same λ
-    c.expert.max_rank = 16  # R_max of the LoRA buffers (ranks are masks: one compilation)
-    c.expert.with_router = True  # the group adapts with ttt.params (False: the group alone)
-    c.expert.mask_rate = 0.15  # masked: share of bytes hidden behind random bytes
-    c.expert.drop_rate = 0.1  # consistency on text: byte dropout and adjacent-swap rates
-    c.expert.swap_rate = 0.1
-    c.expert.max_shift = 1  # consistency on digits: pixel shift and intensity noise
-    c.expert.noise = 1
-    # lora_hw/<R>: ranks from the monitor (metattt.energy.adapter_ranks) after every batch.
-    c.expert.hw_fraction = 0.9  # power budget: this share of no_ttt's dynamic power (as budget)
-    c.expert.hw_margin = 0.5  # ranks shrink over this share of the budget's dynamic headroom
-    c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
-    c.expert.hw_temperature_margin_c = 10.0
-    c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
-    # When to adapt (issue 15 item 7, experiments/energy_moe/schedules.py): "<ttt or
-    # energy_ttt/<λ>>@<schedule>" adapts on the batches whose prediction entropy (@entropy) or
-    # router top-2 margin (@margin) is past a threshold, or at a period that halves after a hard
-    # batch and doubles after an easy one (@adaptive, entropy; from ttt.every up to max_every).
-    # The threshold is this quantile of the signal on in-distribution data, never the stream.
-    c.schedule = ml_collections.ConfigDict()
-    c.schedule.methods = (
-        "energy_ttt/1@entropy",
-        "energy_ttt/1@margin",
-        "energy_ttt/1@adaptive",
-    )
-    c.schedule.quantile = 0.9
-    c.schedule.max_every = 64
-    # Memory pressure (item 6, experiments/energy_moe/pressure.py): "memory" serves the trained
-    # model on a simulated device of limit_x full-service footprints (XLA's peak bytes of the
-    # compiled forward) whose other tenants use the shares `pressure` of it (equal segments of
-    # the stream); metattt.energy.memory_policy steps down through batch chunks, then top-k.
-    c.memory = ml_collections.ConfigDict()
-    c.memory.enabled = True
-    c.memory.chunks = (1, 2)
-    c.memory.min_top_k = 1
-    c.memory.limit_x = 2.0
-    c.memory.pressure = (0.3, 0.55, 0.68, 0.3)
-    c.memory.margin = 0.1
-    c.memory.patience = 4
+    c.schedule = schedule_section(lam="1")
+    c.memory = memory_section()
     c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
     c.int8.enabled = True
     c.int8.lambdas = (1.0, 10.0)
