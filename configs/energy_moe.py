@@ -17,7 +17,10 @@ weight-only int8 experts, static and with (energy-aware) router TTT on top; and 
 expert-level methods of issue 15 (``expert.methods``): rank-r LoRA on every expert
 (``lora_ttt/<r>``), the norms (``norm_ttt``), the biases (``bias_ttt``), each with the router
 and λ_energy = ``expert.lam``, and router TTT with the masked-byte and two-augmentation
-consistency objectives.
+consistency objectives; energy-aware TTT adapting only on hard batches (``schedule.methods``:
+prediction entropy or router margin past an in-distribution quantile, or an adaptive period) and
+serving under simulated memory pressure (``memory``), with routing explanations of the router
+TTT methods (issue 15 items 6-8).
 Energy is the SIMULATED monitor's (a modelled accelerator driven by the FLOPs and bytes of the
 experts actually used); the adaptation's own forward and backward passes are charged to it.
 
@@ -38,6 +41,12 @@ def get_config(arg=None):
     # The serving rate r (tokens/s) is set so that the unadapted model keeps the simulated
     # device busy this share of the time; a power budget B becomes E_token <= (B - P_idle) / r.
     c.monitor.utilization = 0.5
+    # Memory readings under the simulated monitor (lora_hw's memory headroom) come from a
+    # simulated device of this many GiB (metattt.energy.SimulatedMemory), the other tenants
+    # using memory_others_gb per reading (the last value held), so runs are reproducible on
+    # any machine; under NVML they are the live device's.
+    c.monitor.memory_gb = 16.0
+    c.monitor.memory_others_gb = (0.0,)
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 64
@@ -86,35 +95,21 @@ def get_config(arg=None):
     c.baselines.prune = (1, 2, 4)  # static pruning: mask this many of the costliest experts
     c.baselines.top_k = (1,)  # smaller top-k, same parameters
 
-    # Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
-    # lora_ttt/<r> (rank-r LoRA on every expert matrix), norm_ttt, bias_ttt, each with the
-    # router and λ_energy = expert.lam; "<method>:<objective>" picks the objective (entropy,
-    # next_token, masked, consistency).
-    c.expert = ml_collections.ConfigDict()
-    c.expert.methods = (
-        "lora_ttt/4",
-        "lora_ttt/16",
-        "lora_hw/16",
-        "norm_ttt",
-        "bias_ttt",
-        "energy_ttt/0.3:masked",
-        "energy_ttt/0.3:consistency",
-        "lora_ttt/4:masked",
+    c.expert = expert_section(
+        (
+            "lora_ttt/4",
+            "lora_ttt/16",
+            "lora_hw/16",
+            "norm_ttt",
+            "bias_ttt",
+            "energy_ttt/0.3:masked",
+            "energy_ttt/0.3:consistency",
+            "lora_ttt/4:masked",
+        ),
+        lam=0.3,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
-    c.expert.lam = 0.3  # one of ttt.lambdas: compare with energy_ttt at the same λ
-    c.expert.max_rank = 16  # R_max of the LoRA buffers (ranks are masks: one compilation)
-    c.expert.with_router = True  # the group adapts with ttt.params (False: the group alone)
-    c.expert.mask_rate = 0.15  # masked: share of bytes hidden behind random bytes
-    c.expert.drop_rate = 0.1  # consistency on text: byte dropout and adjacent-swap rates
-    c.expert.swap_rate = 0.1
-    c.expert.max_shift = 1  # consistency on digits: pixel shift and intensity noise
-    c.expert.noise = 1
-    # lora_hw/<R>: ranks from the monitor (metattt.energy.adapter_ranks) after every batch.
-    c.expert.hw_fraction = 0.9  # power budget: this share of no_ttt's dynamic power (as budget)
-    c.expert.hw_margin = 0.5  # ranks shrink over this share of the budget's dynamic headroom
-    c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
-    c.expert.hw_temperature_margin_c = 10.0
-    c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+    c.schedule = schedule_section(lam="0.3")
+    c.memory = memory_section()
     # Weight-only int8 experts (per-output-channel symmetric scales): served static ("int8"),
     # with router TTT ("int8_ttt") and with energy-aware TTT at each λ ("int8_energy_ttt/<λ>").
     c.int8 = ml_collections.ConfigDict()
@@ -147,12 +142,82 @@ def get_config(arg=None):
         c.expert.methods = ("lora_hw/4:masked",)  # one more compilation: seconds
         c.expert.max_rank = 4
         c.int8.lambdas = (3.0,)
+        c.schedule.methods = ("energy_ttt/3@adaptive",)  # one more compilation (the signals)
+        c.schedule.max_every = 4
+        c.memory.patience = 1
     if arg == "demo":  # one energy-aware λ, adapted more strongly
         c.data.stream_batches = 24
         c.ttt.every = 4
         c.ttt.lr = 5e-2
         c.ttt.lambdas = (3.0,)
         c.expert.methods = ()
+        c.schedule.methods = ()
+        c.memory.enabled = False
     elif arg is not None and arg != "tiny":
         raise ValueError(f"unknown variant {arg!r} of configs/energy_moe.py (known: tiny, demo)")
     return c
+
+
+def expert_section(methods: tuple[str, ...], *, lam: float) -> ml_collections.ConfigDict:
+    """The ``expert`` section (shared with configs/energy_moe_digits.py).
+
+    Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
+    lora_ttt/<r> (rank-r LoRA on every expert matrix), lora_hw/<R>, norm_ttt, bias_ttt, each
+    with the router and λ_energy = ``lam``; "<method>:<objective>" picks the objective
+    (entropy, next_token, masked, consistency).
+    """
+    x = ml_collections.ConfigDict()
+    x.methods = methods
+    x.lam = lam
+    x.max_rank = 16  # R_max of the LoRA buffers (ranks are masks: one compilation)
+    x.with_router = True  # the group adapts with ttt.params (False: the group alone)
+    x.mask_rate = 0.15  # masked: share of bytes hidden behind random bytes
+    x.drop_rate = 0.1  # consistency on text: byte dropout and adjacent-swap rates
+    x.swap_rate = 0.1
+    x.max_shift = 1  # consistency on digits: pixel shift and intensity noise
+    x.noise = 1
+    # lora_hw/<R>: ranks from the monitor (metattt.energy.adapter_ranks) after every batch.
+    x.hw_fraction = 0.9  # power budget: this share of no_ttt's dynamic power (as budget)
+    x.hw_margin = 0.5  # ranks shrink over this share of the budget's dynamic headroom
+    x.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
+    x.hw_temperature_margin_c = 10.0
+    x.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+    return x
+
+
+def schedule_section(*, lam: str) -> ml_collections.ConfigDict:
+    """The ``schedule`` section: energy_ttt/<lam> at every schedule (shared with
+    configs/energy_moe_digits.py).
+
+    When to adapt (issue 15 item 7, experiments/energy_moe/schedules.py): "<ttt or
+    energy_ttt/<λ>>@<schedule>" adapts on the batches whose prediction entropy (@entropy) or
+    router top-2 margin (@margin) is past a threshold, or at a period that halves after a hard
+    batch and doubles after an easy one (@adaptive, entropy; from ttt.every up to max_every).
+    The threshold is the ``quantile`` of the signal on in-distribution data, never the stream.
+    """
+    s = ml_collections.ConfigDict()
+    s.methods = tuple(f"energy_ttt/{lam}@{when}" for when in ("entropy", "margin", "adaptive"))
+    s.quantile = 0.9
+    s.max_every = 64
+    return s
+
+
+def memory_section() -> ml_collections.ConfigDict:
+    """The ``memory`` section (shared with configs/energy_moe_digits.py).
+
+    Memory pressure (issue 15 item 6, experiments/energy_moe/pressure.py): "memory" serves the
+    trained model on a simulated device of ``limit_x`` full-service footprints (XLA's peak bytes
+    of the compiled forward) whose other tenants use the shares ``pressure`` of it (equal
+    segments of the stream); metattt.energy.memory_policy steps down through batch ``chunks``,
+    then top-k down to ``min_top_k``, keeping a ``margin``, and steps up after ``patience`` calm
+    readings.
+    """
+    m = ml_collections.ConfigDict()
+    m.enabled = True
+    m.chunks = (1, 2)
+    m.min_top_k = 1
+    m.limit_x = 2.0
+    m.pressure = (0.3, 0.55, 0.68, 0.3)
+    m.margin = 0.1
+    m.patience = 4
+    return m

@@ -16,13 +16,17 @@ entropy minimisation of the router and the norms) with λ_energy = 0; energy-awa
 λ sweep; the power-budget controller; static pruning; top-1; weight-only int8 experts, static
 and with (energy-aware) TENT on top; the expert-level methods of issue 15 (``expert.methods``:
 LoRA on the experts, the norms, the biases, each with the router; the two-augmentation
-consistency objective; masked reconstruction is refused, the token head being never trained).
+consistency objective; masked reconstruction is refused, the token head being never trained);
+the schedules, memory pressure and routing explanations of issue 15 items 6-8 as in
+``configs/energy_moe.py``.
 Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
 """
 
 import ml_collections
+
+from configs.energy_moe import expert_section, memory_section, schedule_section
 
 
 def get_config(arg=None):
@@ -35,6 +39,12 @@ def get_config(arg=None):
     c.monitor.kind = "simulated"  # "simulated" | "auto" (NVML when a GPU is present) | "nvml"
     c.monitor.allow_simulated = True
     c.monitor.utilization = 0.5  # device busy share of the unadapted model at mean-cost routing
+    # Memory readings under the simulated monitor (lora_hw's memory headroom) come from a
+    # simulated device of this many GiB (metattt.energy.SimulatedMemory), the other tenants
+    # using memory_others_gb per reading (the last value held), so runs are reproducible on
+    # any machine; under NVML they are the live device's.
+    c.monitor.memory_gb = 16.0
+    c.monitor.memory_others_gb = (0.0,)
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 32
@@ -87,34 +97,20 @@ def get_config(arg=None):
     c.baselines.prune = (1, 2, 4)
     c.baselines.top_k = (1,)
 
-    # Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
-    # lora_ttt/<r> (rank-r LoRA on every expert matrix), norm_ttt, bias_ttt, each with the
-    # router and λ_energy = expert.lam; "<method>:<objective>" picks the objective (entropy,
-    # next_token, masked, consistency).
-    c.expert = ml_collections.ConfigDict()
-    c.expert.methods = (
-        "lora_ttt/4",
-        "lora_ttt/16",
-        "lora_hw/16",
-        "norm_ttt",
-        "bias_ttt",
-        "energy_ttt/1:consistency",
-        "lora_ttt/4:consistency",
+    c.expert = expert_section(
+        (
+            "lora_ttt/4",
+            "lora_ttt/16",
+            "lora_hw/16",
+            "norm_ttt",
+            "bias_ttt",
+            "energy_ttt/1:consistency",
+            "lora_ttt/4:consistency",
+        ),
+        lam=1.0,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
-    c.expert.lam = 1.0  # one of ttt.lambdas: compare with energy_ttt at the same λ
-    c.expert.max_rank = 16  # R_max of the LoRA buffers (ranks are masks: one compilation)
-    c.expert.with_router = True  # the group adapts with ttt.params (False: the group alone)
-    c.expert.mask_rate = 0.15  # masked: share of bytes hidden behind random bytes
-    c.expert.drop_rate = 0.1  # consistency on text: byte dropout and adjacent-swap rates
-    c.expert.swap_rate = 0.1
-    c.expert.max_shift = 1  # consistency on digits: pixel shift and intensity noise
-    c.expert.noise = 1
-    # lora_hw/<R>: ranks from the monitor (metattt.energy.adapter_ranks) after every batch.
-    c.expert.hw_fraction = 0.9  # power budget: this share of no_ttt's dynamic power (as budget)
-    c.expert.hw_margin = 0.5  # ranks shrink over this share of the budget's dynamic headroom
-    c.expert.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
-    c.expert.hw_temperature_margin_c = 10.0
-    c.expert.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+    c.schedule = schedule_section(lam="1")
+    c.memory = memory_section()
     c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
     c.int8.enabled = True
     c.int8.lambdas = (1.0, 10.0)
@@ -146,11 +142,16 @@ def get_config(arg=None):
         c.expert.max_rank = 4
         c.expert.lam = 0.3
         c.int8.lambdas = (3.0,)
+        c.schedule.methods = ("energy_ttt/3@margin",)  # one more compilation (the signals)
+        c.schedule.max_every = 4
+        c.memory.patience = 1
     if arg == "demo":
         c.data.stream_batches = 16
         c.ttt.lr = 5e-2
         c.ttt.lambdas = (3.0,)
         c.expert.methods = ()
+        c.schedule.methods = ()
+        c.memory.enabled = False
     elif arg is not None and arg != "tiny":
         raise ValueError(
             f"unknown variant {arg!r} of configs/energy_moe_digits.py (known: tiny, demo)"

@@ -34,6 +34,15 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
   int8 (per-output-channel symmetric scales, :mod:`metattt.models.quantize`), served static,
   with TTT and with energy-aware TTT of the same parameters on top (the experts stay int8).
   Their expert weight reads are priced at 1 byte per weight plus the scales.
+* when to adapt (issue 15 item 7, :mod:`.schedules`), named in ``schedule.methods``:
+  ``ttt@<s>`` / ``energy_ttt/<λ>@<s>`` adapt on the batches whose prediction entropy
+  (``@entropy``) or router margin (``@margin``) is past an in-distribution quantile, or at an
+  adaptive period (``@adaptive``), instead of every ``ttt.every``-th batch.
+* ``memory`` (issue 15 item 6, :mod:`.pressure`): the trained model served while simulated
+  tenants take memory, stepping down through batch chunks and top-k.
+* The router TTT methods also record routing explanations (issue 15 item 8,
+  :mod:`.explanations`): avoided assignments and their energy, activation shares before and
+  after, router stability.
 
 Energy (:mod:`.serving`, :mod:`metattt.energy.accounting`). The monitor is the simulated one
 unless the config asks for NVML (the results record which one ran). Each batch is one measured
@@ -47,7 +56,8 @@ time / inference time).
 
 Modules: :mod:`.main` (checks and the run), :mod:`.runtime` (model, compiled functions,
 training), :mod:`.expert` (the expert-level methods and objectives), :mod:`.lm` /
-:mod:`.digits` (the tasks' data), :mod:`.serving`, :mod:`.aggregate` (results from cells),
+:mod:`.digits` (the tasks' data), :mod:`.serving`, :mod:`.schedules`, :mod:`.pressure`,
+:mod:`.explanations`, :mod:`.aggregate` (results from cells),
 :mod:`.tables`, :mod:`.plots` and :mod:`.report` (rendered from ``results.json`` alone).
 """
 

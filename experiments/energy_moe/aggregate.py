@@ -67,6 +67,7 @@ def aggregate(
             row["rank_share"] = stats.seed_summary(
                 [float(np.mean(r["rank_trace"])) / r["rank_units_max"] for r in runs]
             )
+        row.update(_issue15_rows(runs, table[name]))
         red, chg = row["energy_reduction"]["mean"], row[f"{key_m}_change"]["mean"]
         row["meets_energy_target"] = bool(red >= 0.20 and chg < 0.05)
         row["meets_overhead_target"] = (
@@ -77,6 +78,38 @@ def aggregate(
     points = [(rows[n]["uj_per_token"]["mean"], rows[n][key_m]["mean"]) for n in names]
     front = [names[i] for i in pareto_front(points)]
     return {"methods": rows, "pareto_front": front, "matched": matched(rows, table, key_m)}
+
+
+def _issue15_rows(runs: list[dict], method: Method) -> dict[str, Any]:
+    """Per-seed summaries of the schedules (adaptations, signal threshold, share of hard
+    batches), the memory-pressure method (batches over the memory left, degraded share) and the
+    routing explanations (energy of avoided and adopted assignments, top-k agreement; activation
+    shares averaged over seeds; the first seed's token explanation)."""
+    row: dict[str, Any] = {}
+    if method.adapts:
+        row["adapt_calls"] = stats.seed_summary([r["adapt_calls"] for r in runs])
+    if method.schedule:
+        for key in ("threshold", "hard_share"):
+            row[key] = stats.seed_summary([r[key] for r in runs])
+    if method.kind == "memory":
+        for key in ("memory_over", "memory_over_full"):
+            row[key] = [r[key] for r in runs]
+        row["memory_degraded_share"] = stats.seed_summary(
+            [r["memory_degraded_share"] for r in runs]
+        )
+        row["memory_level_bytes"] = runs[0]["memory_level_bytes"]
+        row["memory_levels"] = runs[0]["memory_levels"]
+    if "explain" in runs[0]:
+        ex = [r["explain"] for r in runs]
+        keys = ("avoided_uj_per_token", "adopted_uj_per_token", "saved_uj_per_token",
+                "agreement_mid", "agreement_end", "agreement_mid_end")  # fmt: skip
+        row["explain"] = {key: stats.seed_summary([e[key] for e in ex]) for key in keys}
+        for key in ("avoided", "adopted"):
+            row["explain"][key] = np.sum([e[key] for e in ex], axis=0).tolist()
+        for key in ("shares_before", "shares_after"):
+            row["explain"][key] = np.mean([e[key] for e in ex], axis=0).tolist()
+        row["explain"]["token"] = ex[0]["token"]
+    return row
 
 
 def matched(

@@ -103,14 +103,19 @@ def digit_batches(cfg, seed: int, x: np.ndarray, y: np.ndarray):
 
 def clean_error(cfg, rt: runtime.Runtime, params: Any, x: np.ndarray, y: np.ndarray) -> float:
     """Error rate on clean images, in batches of the stream's shape (no new compilation)."""
+    return runtime.mean_score(rt, params, *clean_batches(cfg, x, y))
+
+
+def clean_batches(cfg, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens (N, B, 64), labels (N, B))``: whole batches of clean images."""
     b = cfg.data.batch
     n = len(x) // b * b
-    data, labels = tokens(x[:n]), y[:n]
-    return runtime.mean_score(rt, params, data.reshape(-1, b, PIXELS), labels.reshape(-1, b))
+    return tokens(x[:n]).reshape(-1, b, PIXELS), y[:n].reshape(-1, b)
 
 
-def prepare(cfg, rt: runtime.Runtime, seed: int, workdir: str) -> tuple[Any, Examples, dict]:
-    """``(params, corrupted stream, training info)`` of one seed (trained once, then cached)."""
+def prepare(cfg, rt: runtime.Runtime, seed: int, workdir: str) -> tuple[Any, Examples, dict, Any]:
+    """``(params, corrupted stream, training info, clean test batches)`` of one seed (trained
+    once, then cached); the clean batches are the in-distribution reference."""
     x_tr, y_tr, x_te, y_te = digits_c.load_digits_split(seed, cfg.data.test_fraction)
 
     def fit(run_dir: str):
@@ -124,4 +129,4 @@ def prepare(cfg, rt: runtime.Runtime, seed: int, workdir: str) -> tuple[Any, Exa
         return params, info
 
     params, info = runtime.trained_params(rt, seed, workdir, fit)
-    return params, shifted_stream(cfg, x_te, y_te, seed), info
+    return params, shifted_stream(cfg, x_te, y_te, seed), info, clean_batches(cfg, x_te, y_te)

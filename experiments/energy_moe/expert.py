@@ -31,6 +31,7 @@ every adaptation step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -40,9 +41,9 @@ import numpy as np
 import optax
 
 from experiments.energy_moe.registry import EXPERT, Method, method_names, methods
-from experiments.energy_moe.runtime import Runtime, compile_infer
+from experiments.energy_moe.runtime import Runtime, compile_adapt, compile_infer
 from metattt import augment
-from metattt.energy import RankLimits, adapter_ranks, energy_tent, read_memory
+from metattt.energy import MemoryReading, RankLimits, adapter_ranks, energy_tent
 from metattt.models import moe
 from metattt.params import leaf_paths, select
 
@@ -170,7 +171,7 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
                 task=objective, head=head, opt=optax.adam(cfg.ttt.lr), max_steps=cfg.ttt.steps,
                 **corruptions(cfg, mcfg, head),
             )  # fmt: skip
-            compiled[key] = jax.jit(partial(_adapt, ttt))
+            compiled[key] = compile_adapt(ttt)
         if ("infer", model.lora_rank) not in compiled:
             compiled["infer", model.lora_rank] = compile_infer(model, head)
         infer = compiled["infer", model.lora_rank]
@@ -185,13 +186,15 @@ class HardwareRanks:
     """``lora_hw``'s rank controller: after each window, ranks from its readings; before each
     adaptation, the pending ranks applied (kept components unchanged, :func:`lora_realloc`).
 
-    ``active`` (layers, E) are the ranks the parameters hold (what the accounting charges),
-    ``trace`` the active rank units after each window.
+    ``memory() -> MemoryReading`` reads the free memory (:func:`.serving.memory_reader`: the
+    simulated device's under the simulated monitor). ``active`` (layers, E) are the ranks the
+    parameters hold (what the accounting charges), ``trace`` the active rank units after each
+    window.
     """
 
-    def __init__(self, variant: Variant, limits: RankLimits):
+    def __init__(self, variant: Variant, limits: RankLimits, memory: Callable[[], MemoryReading]):
         m = variant.mcfg
-        self.variant, self.limits = variant, limits
+        self.variant, self.limits, self.memory = variant, limits, memory
         self.active = np.full((m.num_layers, m.num_experts), variant.rank, np.int32)
         self.pending = self.active
         self.trace: list[int] = []
@@ -199,7 +202,7 @@ class HardwareRanks:
     def on_window(self, record, counts) -> None:
         """Choose the next ranks from a window's power, temperature and the free memory."""
         ranks = adapter_ranks(
-            record.mean_power_w, record.max_temperature_c, read_memory(jax.devices()[0]).free_bytes,
+            record.mean_power_w, record.max_temperature_c, self.memory().free_bytes,
             usage=np.asarray(counts).sum(0), max_rank=self.variant.rank, limits=self.limits,
         )  # fmt: skip
         self.pending = np.broadcast_to(ranks, self.active.shape).astype(np.int32)
@@ -225,12 +228,6 @@ def hardware_limits(cfg, variant: Variant, budget_w: float, fixed_w: float) -> R
         temperature_limit_c=x.hw_temperature_c, temperature_margin_c=x.hw_temperature_margin_c,
         memory_reserve_bytes=x.hw_memory_reserve_gb * 2**30, bytes_per_unit=float(unit),
     )  # fmt: skip
-
-
-def _adapt(ttt, p, tokens, lam, mask, key):
-    # Serving runs no diagnostic forward passes before and after the adaptation.
-    res = ttt.adapt(p, tokens, lam, mask, diagnostics=False, key=key)
-    return res.params, res.inner.aux
 
 
 def prepare(variant: Variant, params: Any, seed: int) -> Any:

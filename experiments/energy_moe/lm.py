@@ -80,17 +80,24 @@ def fit(cfg, rt: runtime.Runtime, seed: int, streams: Streams, run_dir: str):
     batches = doc_batches(cfg, seed, streams)
     params, loss, seconds = runtime.pretrain(cfg, rt, seed, batches, run_dir)
     info = {"train_loss_nats": loss, "train_seconds": seconds}
-    held = tc.lm_windows(streams.heldout, cfg.data.length, cfg.data.heldout_windows, seed=seed)
-    shape = (-1, cfg.data.batch, cfg.data.length)  # the stream's batch shape: no new compile
-    nats = runtime.mean_score(rt, params, held.inputs.reshape(shape), held.targets.reshape(shape))
+    nats = runtime.mean_score(rt, params, *heldout_batches(cfg, streams, seed))
     info["heldout_doc_bpc"] = nats / math.log(2)
     return params, info
 
 
-def prepare(cfg, rt: runtime.Runtime, seed: int, workdir: str) -> tuple[Any, Any, dict]:
-    """``(params, shifted stream, training info)`` of one seed (trained once, then cached)."""
+def heldout_batches(cfg, streams: Streams, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs, targets)`` (N, B, L) windows of the held-out docs, in the stream's batch shape
+    (so nothing compiles again)."""
+    held = tc.lm_windows(streams.heldout, cfg.data.length, cfg.data.heldout_windows, seed=seed)
+    shape = (-1, cfg.data.batch, cfg.data.length)
+    return held.inputs.reshape(shape), held.targets.reshape(shape)
+
+
+def prepare(cfg, rt: runtime.Runtime, seed: int, workdir: str) -> tuple[Any, Any, dict, Any]:
+    """``(params, shifted stream, training info, held-out doc batches)`` of one seed (trained
+    once, then cached); the held-out batches are the in-distribution reference."""
     streams = load_streams(seed)
     params, info = runtime.trained_params(
         rt, seed, workdir, lambda run_dir: fit(cfg, rt, seed, streams, run_dir)
     )
-    return params, shifted_stream(cfg, streams, seed), info
+    return params, shifted_stream(cfg, streams, seed), info, heldout_batches(cfg, streams, seed)

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from experiments import harness
-from experiments.energy_moe import expert, registry, runtime, serving
+from experiments.energy_moe import expert, pressure, registry, runtime, schedules, serving
 from experiments.energy_moe.aggregate import aggregate, figure_data
 from experiments.energy_moe.plots import plot_all
 from experiments.energy_moe.tables import summary
@@ -28,6 +28,8 @@ def validate(cfg) -> None:
     task.validate_data(cfg)
     validate_methods(cfg, task.model_config(cfg))
     expert.validate(cfg, task.model_config(cfg), task.head)
+    schedules.validate(cfg)
+    pressure.validate(cfg, task.model_config(cfg).top_k)
 
 
 def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
@@ -38,6 +40,10 @@ def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
         raise ValueError(f"monitor.kind must be one of {MONITOR_KINDS}, got {cfg.monitor.kind!r}")
     if not 0 < cfg.monitor.utilization <= 1:
         raise ValueError(f"monitor.utilization must be in (0, 1], got {cfg.monitor.utilization}")
+    others = tuple(cfg.monitor.memory_others_gb)
+    if not cfg.monitor.memory_gb > 0 or not others or min(others) < 0:
+        raise ValueError(f"need monitor.memory_gb > 0 and a non-empty monitor.memory_others_gb of "
+                         f"values >= 0, got {cfg.monitor.memory_gb}, {others}")  # fmt: skip
     params = moe.init_moe(mcfg).params  # validates the model config
     select(params, cfg.ttt.params)  # an unknown preset or an empty selection raises
     t = cfg.train
@@ -95,9 +101,11 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     for seed in cfg.seeds:
         pending = [n for n in table if not os.path.isfile(cell_path(workdir, seed, n))]
         if pending:  # only then load the data, the parameters and compile
-            params, stream, info = task.prepare(cfg, rt, seed, workdir)
+            params, stream, info, reference = task.prepare(cfg, rt, seed, workdir)
             int8 = any(m.int8 for m in table.values())
-            runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows, int8=int8)
+            signals = any(m.schedule for m in table.values())
+            runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows, int8=int8,
+                            signals=signals)  # fmt: skip
             expert.warm_up(variants, params, stream, batch=b, windows=cfg.ttt.windows)
         else:
             with open(runtime.info_path(workdir, seed)) as f:
@@ -123,6 +131,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                         budget_w=bw,
                         metric=task.metric,
                         variant=variants.get(n),
+                        reference=reference,
                     ),  # fmt: skip
                 )
             )

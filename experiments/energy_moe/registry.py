@@ -9,7 +9,13 @@ off) and ``top_k/<k>`` (a smaller top-k) take one. ``int8``, ``int8_ttt`` and
 (ranks up to R chosen per batch from the monitor's power, temperature and memory headroom),
 ``norm_ttt`` and ``bias_ttt``; these and ``ttt``, ``energy_ttt`` may end in ``:<objective>``
 (``entropy``, ``next_token``, ``masked``, ``consistency``; without it the task's own objective),
-and the config names them in full (``expert.methods``). :func:`parse_method` turns a name into a
+and the config names them in full (``expert.methods``). ``ttt`` and ``energy_ttt`` may instead
+end in ``@<schedule>`` (issue 15 item 7, :mod:`.schedules`): adapt on the batches whose
+prediction entropy (``@entropy``) or router margin (``@margin``) is past an in-distribution
+quantile, or at a period that halves on hard batches and doubles on easy ones (``@adaptive``);
+the config names them in ``schedule.methods``. ``memory`` (item 6, :mod:`.pressure`) serves the
+trained model while other tenants' memory use follows a simulated trace, stepping down through
+serving levels (``memory.enabled``). :func:`parse_method` turns a name into a
 :class:`Method` and rejects anything else in one line that lists the valid forms;
 :func:`methods` names the config's methods in the order they run.
 """
@@ -26,6 +32,8 @@ BASELINES = ("prune", "top_k", "int8")
 ADAPTING = ("ttt", "energy_ttt", "budget", "int8_ttt", "int8_energy_ttt", *EXPERT)
 OBJECTIVES = ("entropy", "next_token", "masked", "consistency")
 OBJECTIVE_KINDS = ("ttt", "energy_ttt", *EXPERT)  # the kinds that may name an objective
+SCHEDULES = ("entropy", "margin", "adaptive")
+SCHEDULE_KINDS = ("ttt", "energy_ttt")  # router TTT on the trained model, no other objective
 
 
 class Method(NamedTuple):
@@ -39,6 +47,7 @@ class Method(NamedTuple):
         top_k: K of the routing (0: the model's).
         rank: the expert LoRA rank (``lora_ttt``; the largest, ``lora_hw``).
         objective: the adaptation's objective (``""``: the task's own).
+        schedule: when to adapt (``""``: every ``ttt.every``-th batch; else :data:`SCHEDULES`).
     """
 
     kind: str
@@ -48,6 +57,7 @@ class Method(NamedTuple):
     top_k: int = 0
     rank: int = 0
     objective: str = ""
+    schedule: str = ""
 
     @property
     def adapts(self) -> bool:
@@ -75,6 +85,7 @@ KINDS = {
     "int8": (None, None, "int8"),
     "int8_ttt": (None, None, "int8_ttt"),
     "int8_energy_ttt": ("lam", float, "int8_energy_ttt/<λ>"),
+    "memory": (None, None, "memory"),
 }
 
 
@@ -86,82 +97,66 @@ def parse_method(name: str) -> Method:
         ValueError: an unknown kind, a missing, extra or unparsable value, or an objective
             that is unknown or on a kind that does not adapt (one line listing the valid forms).
     """
-    head, colon, objective = str(name).partition(":")
+    base, at, schedule = str(name).partition("@")
+    head, colon, objective = base.partition(":")
     kind, slash, value = head.partition("/")
     ok_objective = not colon or (objective in OBJECTIVES and kind in OBJECTIVE_KINDS)
-    if kind in KINDS and ok_objective:
+    ok_schedule = not at or (schedule in SCHEDULES and kind in SCHEDULE_KINDS and not colon)
+    if kind in KINDS and ok_objective and ok_schedule:
         field, cast, _ = KINDS[kind]
+        named = {"objective": objective, "schedule": schedule}
         if field is None and not slash:
-            return Method(kind, objective=objective)
+            return Method(kind, **named)
         if field is not None and slash:
             with contextlib.suppress(ValueError):
-                method = Method(kind, objective=objective, **{field: cast(value)})
+                method = Method(kind, **named, **{field: cast(value)})
                 if field != "rank" or method.rank >= 1:
                     return method
     valid = ", ".join(form for _, _, form in KINDS.values())
     raise ValueError(
         f"unknown method {name!r}; valid: {valid}; {', '.join(OBJECTIVE_KINDS)} may end in "
-        f":<objective> ({', '.join(OBJECTIVES)})"
+        f":<objective> ({', '.join(OBJECTIVES)}), or {', '.join(SCHEDULE_KINDS)} in @<schedule> "
+        f"({', '.join(SCHEDULES)})"
     )
 
 
 def method_names(cfg) -> list[str]:
-    """The config's method names in the order they run (``no_ttt`` first: budgets are set
-    from it)."""
-    return [
-        "no_ttt",
-        "ttt",
-        *(f"energy_ttt/{lam:g}" for lam in cfg.ttt.lambdas),
-        *(f"budget/{f:g}" for f in cfg.budget.fractions),
-        *(f"prune/{n}" for n in cfg.baselines.prune),
-        *(f"top_k/{k}" for k in cfg.baselines.top_k),
-        *(["int8", "int8_ttt"] if _int8(cfg).enabled else []),
-        *(f"int8_energy_ttt/{lam:g}" for lam in _int8(cfg).lambdas),
-        *extra_names(cfg),
-    ]
-
-
-def extra_names(cfg) -> list[str]:
-    """The methods the config names in full (``expert.methods``, issue 15), if any."""
-    return list(cfg.expert.methods) if "expert" in cfg else []
+    """The config's method names in the order they run, repeats kept (see :func:`methods`)."""
+    return [name for name, _ in _listed(cfg)]
 
 
 def methods(cfg) -> dict[str, Method]:
-    """``{name: Method}`` in the order they run, with the config's exact values (a name prints
-    λ and f with ``:g``)."""
-    values = [
-        None,
-        None,
-        *(float(lam) for lam in cfg.ttt.lambdas),
-        *(float(f) for f in cfg.budget.fractions),
-        *(int(n) for n in cfg.baselines.prune),
-        *(int(k) for k in cfg.baselines.top_k),
-        *([None, None] if _int8(cfg).enabled else []),
-        *(float(lam) for lam in _int8(cfg).lambdas),
-        *(None for _ in extra_names(cfg)),
+    """``{name: Method}`` in the order they run (``no_ttt`` first: budgets are set from it),
+    with the config's exact values (a name prints λ and f with ``:g``); the expert-level kinds
+    take λ_energy = ``expert.lam``."""
+    return dict(_listed(cfg))
+
+
+def _listed(cfg) -> list[tuple[str, Method]]:
+    """``(name, Method)`` of every method the config runs: the sweeps, the methods named in full
+    (``expert.methods``, ``schedule.methods``, issue 15), then ``memory``."""
+    int8 = cfg.get("int8")
+    int8_on = int8 is not None and bool(int8.enabled)
+    named = [*(cfg.expert.methods if "expert" in cfg else ()),
+             *(cfg.schedule.methods if "schedule" in cfg else ())]  # fmt: skip
+    memory = "memory" in cfg and bool(cfg.memory.enabled)
+    return [
+        ("no_ttt", Method("no_ttt")),
+        ("ttt", Method("ttt")),
+        *((f"energy_ttt/{lam:g}", Method("energy_ttt", lam=float(lam))) for lam in cfg.ttt.lambdas),
+        *((f"budget/{f:g}", Method("budget", fraction=float(f))) for f in cfg.budget.fractions),
+        *((f"prune/{n}", Method("prune", prune=int(n))) for n in cfg.baselines.prune),
+        *((f"top_k/{k}", Method("top_k", top_k=int(k))) for k in cfg.baselines.top_k),
+        *([("int8", Method("int8")), ("int8_ttt", Method("int8_ttt"))] if int8_on else []),
+        *(
+            (f"int8_energy_ttt/{lam:g}", Method("int8_energy_ttt", lam=float(lam)))
+            for lam in (int8.lambdas if int8_on else ())
+        ),
+        *((name, _named(name, cfg)) for name in named),
+        *([("memory", Method("memory"))] if memory else []),
     ]
-    out = {}
-    for name, value in zip(method_names(cfg), values, strict=True):
-        method = parse_method(name)
-        field = KINDS[method.kind][0]
-        if value is not None:
-            method = method._replace(**{field: value})
-        if method.kind in EXPERT:
-            method = method._replace(lam=float(cfg.expert.lam))
-        out[name] = method
-    return out
 
 
-class Int8Options(NamedTuple):
-    """The config's ``int8`` section (absent: off): serve ``int8`` and ``int8_ttt`` when
-    ``enabled``, and ``int8_energy_ttt/<λ>`` for each of ``lambdas`` (only when enabled)."""
-
-    enabled: bool
-    lambdas: tuple[float, ...]
-
-
-def _int8(cfg) -> Int8Options:
-    section = cfg.get("int8")
-    if section is None or not section.enabled:
-        return Int8Options(False, ())
-    return Int8Options(True, tuple(section.lambdas))
+def _named(name: str, cfg) -> Method:
+    method = parse_method(name)
+    return method._replace(lam=float(cfg.expert.lam)) if method.kind in EXPERT else method

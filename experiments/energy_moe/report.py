@@ -13,7 +13,13 @@ from experiments.energy_moe import digits
 from experiments.energy_moe.plots import PLOTS, plot_all, shown_plots
 from experiments.energy_moe.registry import ENERGY_AWARE, INT8
 from experiments.energy_moe.serving import BACKWARD_FACTOR
-from experiments.energy_moe.tables import change, router_reference, summary
+from experiments.energy_moe.tables import (
+    change,
+    explained_best,
+    periodic_reference,
+    router_reference,
+    summary,
+)
 from experiments.energy_moe.tasks import BPC, Metric, task_of
 from metattt.models import moe
 
@@ -54,6 +60,7 @@ def reading(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
         f"{', '.join(both) or 'none'}.",
     ]
     lines += expert_reading(results, metric)
+    lines += plan_reading(results, metric)
     int8 = [n for n in rows if kinds[n] in INT8]
     if int8:
         lines.append(
@@ -111,6 +118,86 @@ def expert_reading(results: dict[str, Any], metric: Metric) -> list[str]:
     ]
 
 
+def plan_reading(results: dict[str, Any], metric: Metric) -> list[str]:
+    """Lines on issue 15 items 6-8: schedules vs periodic adaptation, memory pressure, and the
+    routing explanations, each saying whether it moves toward the targets."""
+    rows, m_key, label = results["methods"], metric.key, metric.label
+    lines = []
+    for name in (n for n in rows if "hard_share" in rows[n]):
+        r, ref = rows[name], periodic_reference(results, name)
+        text = (
+            f"- {name} adapted on {r['adapt_calls']['mean']:.1f} batches "
+            f"({100 * r['hard_share']['mean']:.0f}% of the stream past the threshold): "
+            f"{change(r[f'{m_key}_change'], metric)} {label}, "
+            f"{100 * r['energy_reduction']['mean']:+.1f}% energy, TTT overhead "
+            f"{100 * r['overhead']['mean']:.1f}%"
+        )
+        if ref is not None:
+            p = rows[ref]
+            text += (
+                f"; vs {ref} ({p['adapt_calls']['mean']:.1f} adaptations) "
+                f"{r[m_key]['mean'] - p[m_key]['mean']:+.3f} {label} and "
+                f"{100 * (r['uj_per_token']['mean'] / p['uj_per_token']['mean'] - 1):+.1f}% "
+                "energy per token"
+            )
+        verdict = "meets" if r["meets_energy_target"] else "does not meet"
+        unit = "%" if metric.relative else " pp"
+        lines.append(text + f"; it {verdict} the ≥ 20% energy at < 5{unit} {label} target.")
+    for name in (n for n in rows if "memory_over" in rows[n]):
+        r = rows[name]
+        lines.append(
+            f"- {name}: with full service throughout, {r['memory_over_full']} batches per seed "
+            "would have needed more memory than the other tenants left; the step-down policy "
+            f"served {100 * r['memory_degraded_share']['mean']:.0f}% of the batches degraded "
+            f"and exceeded the memory left in {r['memory_over']} (the reading follows the batch, "
+            f"so a sudden rise is met one batch late), at {change(r[f'{m_key}_change'], metric)}"
+            f" {label} and {100 * r['energy_reduction']['mean']:+.1f}% energy vs no_ttt."
+        )
+    best = explained_best(results)
+    if best is not None:
+        e = rows[best]["explain"]
+        lines.append(
+            f"- Routing explanations: {best}'s final router avoided assignments worth "
+            f"{e['avoided_uj_per_token']['mean']:.4f} µJ/token on the last batch and adopted "
+            f"{e['adopted_uj_per_token']['mean']:.4f} instead (net "
+            f"{e['saved_uj_per_token']['mean']:+.4f}); its top-k sets agree with the trained "
+            f"router's on {100 * e['agreement_end']['mean']:.0f}% of the tokens (mid-stream "
+            f"{100 * e['agreement_mid']['mean']:.0f}%, mid-stream vs final "
+            f"{100 * e['agreement_mid_end']['mean']:.0f}%)."
+        )
+    return lines
+
+
+def plan_header(results: dict[str, Any], cfg) -> list[str]:
+    """Provenance of the schedules and the memory-pressure method (issue 15 items 6-8)."""
+    rows, lines = results["methods"], []
+    if any("hard_share" in r for r in rows.values()):
+        s = cfg.schedule
+        lines.append(
+            f"- Schedules (issue 15 item 7): threshold = the {s.quantile} quantile of the "
+            "signal (prediction entropy, or router top-2 margin where low is hard) over "
+            "in-distribution batches (held-out docs / clean test digits) per seed; @adaptive "
+            f"starts at period {cfg.ttt.every} and moves within [1, {s.max_every}]; the signal "
+            "comes from the serving forward pass (no extra work)."
+        )
+    if any("memory_over" in r for r in rows.values()):
+        m = cfg.memory
+        lines.append(
+            f"- Memory pressure (issue 15 item 6): a simulated device of {m.limit_x:g}x the "
+            "full-service level's peak bytes; other tenants use "
+            f"{', '.join(f'{p:.0%}' for p in m.pressure)} of it in equal segments of the stream; "
+            f"the policy keeps a {m.margin:.0%} margin and steps up after {m.patience} calm "
+            "readings; a chunked batch is priced per chunk (weights read once per chunk)."
+        )
+    if any("explain" in r for r in rows.values()):
+        lines.append(
+            "- Routing explanations (issue 15 item 8): router probabilities of the stream's "
+            "last batch under the trained, mid-stream and final parameters of each router TTT "
+            "method (three diagnostic forward passes, not charged)."
+        )
+    return lines
+
+
 def expert_header(results: dict[str, Any], cfg) -> list[str]:
     """Provenance of the expert-level methods (issue 15), when any ran."""
     if not results.get("expert"):
@@ -135,13 +222,23 @@ def expert_header(results: dict[str, Any], cfg) -> list[str]:
             f" lora_hw: after every batch the ranks (and which experts keep an adapter: the "
             f"busiest) follow the headroom below a power budget of {x.hw_fraction} of no_ttt's "
             f"dynamic power (band {x.hw_margin} of it), {x.hw_temperature_c} °C (band "
-            f"{x.hw_temperature_margin_c} °C) and {x.hw_memory_reserve_gb} GB of free memory "
-            "(metattt.energy.adapter_ranks), applied by lora_realloc before the next "
+            f"{x.hw_temperature_margin_c} °C) and {x.hw_memory_reserve_gb} GiB of free memory "
+            + _memory_source(results, cfg)
+            + " (metattt.energy.adapter_ranks), applied by lora_realloc before the next "
             "adaptation without recompiling."
             if any(i.get("rank_policy") for i in results["expert"].values())
             else ""
         ),
     ]
+
+
+def _memory_source(results: dict[str, Any], cfg) -> str:
+    """Where lora_hw's memory readings came from (:func:`.serving.memory_reader`)."""
+    if results["monitor"] != "simulated":
+        return "(live device readings)"
+    m = cfg.monitor
+    return (f"(simulated device of {m.memory_gb:g} GiB, other tenants using "
+            f"{', '.join(f'{g:g}' for g in m.memory_others_gb)} GiB per reading)")  # fmt: skip
 
 
 def _monitor(results: dict[str, Any]) -> str:
@@ -269,6 +366,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str | None = None) -> No
         [
             *HEADERS[name](results, cfg, mcfg, n_params),
             *expert_header(results, cfg),
+            *plan_header(results, cfg),
             "",
             summary(results, cfg),
             "",

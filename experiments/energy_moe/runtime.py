@@ -17,6 +17,7 @@ from experiments import harness
 from metattt import objectives, runlog, train
 from metattt.data import text_corpora as tc
 from metattt.energy import SimulatedDevice, energy_tent, proxy_costs
+from metattt.energy.schedule import prediction_entropy, router_margin
 from metattt.models import moe, quantize
 
 HEADS = ("lm", "class")
@@ -54,9 +55,14 @@ class Runtime(NamedTuple):
             the load-balancing and z losses) over ``(inputs, targets)`` batches.
         infer: ``{k: jitted (params, inputs, targets, mask) -> (score, counts)}``, the score
             being the batch's mean nats (LM) or error rate (classifier).
-        adapt: jitted ``(params, tokens, λ, mask) -> (params, per-step RoutingStats)``.
+        adapt: :func:`compile_adapt` of the router TTT (no key).
         joules: (E,) dynamic joules per token of each expert (the proxy profile).
         device: the simulated device constants.
+        signals: jitted ``(params, inputs, targets, mask) -> (score, counts, prediction
+            entropy, router margin)`` at the trained top-k (the schedules' signals from the
+            serving forward pass).
+        probe: jitted ``(params, inputs, mask) -> router probabilities (layers, B, L, E)`` (the
+            routing explanations).
     """
 
     mcfg: moe.MoEConfig
@@ -66,6 +72,8 @@ class Runtime(NamedTuple):
     adapt: Any
     joules: np.ndarray
     device: SimulatedDevice
+    signals: Any
+    probe: Any
 
 
 def score(out, targets, head: str) -> jax.Array:
@@ -86,6 +94,42 @@ def compile_infer(mcfg: moe.MoEConfig, head: str):
         return score(out, targets, head), out.aux["expert_counts"]
 
     return infer
+
+
+def compile_signals(mcfg: moe.MoEConfig, head: str):
+    """Jitted ``(params, inputs, targets, mask) -> (score, counts, entropy, margin)``: the
+    inference of :func:`compile_infer` plus the batch's label-free difficulty signals from the
+    same forward pass (:func:`metattt.energy.schedule.prediction_entropy` of the head's
+    predictions, :func:`~metattt.energy.schedule.router_margin`)."""
+    apply = moe.init_moe(mcfg).apply
+
+    @jax.jit
+    def infer(p, inputs, targets, mask):
+        out = apply(p, inputs, expert_mask=mask)
+        logits = out.logits if head == "lm" else out.class_logits
+        counts, probs = out.aux["expert_counts"], out.aux["router_probs"]
+        return score(out, targets, head), counts, prediction_entropy(logits), router_margin(probs)
+
+    return infer
+
+
+def compile_probe(mcfg: moe.MoEConfig):
+    """Jitted ``(params, inputs, mask) -> (layers, B, L, E)`` router probabilities."""
+    apply = moe.init_moe(mcfg).apply
+    return jax.jit(lambda p, inputs, mask: apply(p, inputs, expert_mask=mask).aux["router_probs"])
+
+
+def compile_adapt(ttt):
+    """Jitted ``(params, tokens, λ, mask, key=None) -> (params, per-step RoutingStats)`` of an
+    :func:`metattt.energy.energy_tent`; serving runs no diagnostic forward passes before and
+    after the adaptation (``key`` draws the corruptions of the keyed objectives)."""
+
+    @jax.jit
+    def adapt(p, tokens, lam, mask, key=None):
+        res = ttt.adapt(p, tokens, lam, mask, diagnostics=False, key=key)
+        return res.params, res.inner.aux
+
+    return adapt
 
 
 def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
@@ -114,6 +158,8 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
     ks = {mcfg.top_k, *(int(k) for k in cfg.baselines.top_k)}
     if cfg.budget.fractions:
         ks |= set(range(1, mcfg.top_k + 1))  # degradation may lower K
+    if "memory" in cfg and cfg.memory.enabled:  # so may memory pressure
+        ks |= set(range(cfg.memory.min_top_k, mcfg.top_k + 1))
     device = SimulatedDevice()
     costs = proxy_costs(mcfg.num_experts, *moe.expert_token_costs(mcfg), device=device)
     ttt = energy_tent(
@@ -127,20 +173,16 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
         max_steps=cfg.ttt.steps,
     )
 
-    @jax.jit
-    def adapt(p, tokens, lam, mask):
-        # Serving runs no diagnostic forward passes before and after the adaptation.
-        res = ttt.adapt(p, tokens, lam, mask, diagnostics=False)
-        return res.params, res.inner.aux
-
     return Runtime(
         mcfg,
         lambda seed: moe.init_moe(mcfg, seed=seed).params,
         train_step,
         {k: compile_infer(mcfg._replace(top_k=k), head) for k in sorted(ks)},
-        adapt,
+        compile_adapt(ttt),
         costs.values("joules_per_token"),
         device,
+        compile_signals(mcfg, head),
+        compile_probe(mcfg),
     )
 
 
@@ -198,16 +240,26 @@ def mean_score(rt: Runtime, params: Any, inputs: np.ndarray, targets: np.ndarray
 
 
 def warm_up(
-    rt: Runtime, params: Any, stream: Any, *, batch: int, windows: int, int8: bool = False
+    rt: Runtime,
+    params: Any,
+    stream: Any,
+    *,
+    batch: int,
+    windows: int,
+    int8: bool = False,
+    signals: bool = False,
 ) -> None:
     """Compile every inference and the adaptation step for the stream's shapes (and, with
-    ``int8``, the trained top-k's inference and the adaptation on int8 experts), so the
+    ``int8``, the trained top-k's inference and the adaptation on int8 experts; with
+    ``signals``, the inference that also returns the schedules' signals), so the
     wall-clock times of serving (and the TTT overhead) exclude compilation."""
     x, y = jnp.asarray(stream.inputs[:batch]), jnp.asarray(stream.targets[:batch])
     mask = jnp.ones((rt.mcfg.num_experts,), bool)
     for infer in rt.infer.values():
         jax.block_until_ready(infer(params, x, y, mask))
     jax.block_until_ready(rt.adapt(params, x[:windows], jnp.float32(0.0), mask))
+    if signals:
+        jax.block_until_ready(rt.signals(params, x, y, mask))
     if int8:
         qparams = quantize.quantize_experts(params)
         jax.block_until_ready(rt.infer[rt.mcfg.top_k](qparams, x, y, mask))

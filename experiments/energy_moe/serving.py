@@ -13,17 +13,24 @@ objective runs two). Expert-level methods and other objectives are served throug
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.energy_moe import schedules
 from experiments.energy_moe.expert import HardwareRanks, Variant, hardware_limits, prepare
+from experiments.energy_moe.explanations import Snapshots, explain, explains
+from experiments.energy_moe.pressure import MemoryPressure
 from experiments.energy_moe.registry import Method
 from experiments.energy_moe.runtime import Runtime
 from experiments.energy_moe.tasks import Metric
 from metattt.energy import (
+    AbstractMonitor,
+    MemoryReading,
+    SimulatedMemory,
     Work,
     create_monitor,
     dense_work,
@@ -32,6 +39,7 @@ from metattt.energy import (
     forward_work,
     lambda_controller,
     power_budget,
+    read_memory,
     routed_energy,
     serving_rate,
 )
@@ -97,6 +105,38 @@ def static_mask(joules: np.ndarray, prune: int) -> np.ndarray:
     return mask
 
 
+def memory_reader(cfg, monitor: AbstractMonitor) -> Callable[[], MemoryReading]:
+    """Memory readings to go with ``monitor``: under the simulated monitor a simulated device of
+    ``monitor.memory_gb`` GiB whose other tenants use ``monitor.memory_others_gb`` per reading
+    (:class:`metattt.energy.SimulatedMemory`), so that a run does not depend on the machine;
+    otherwise the live device's (or the host's) reading."""
+    if monitor.source == "simulated":
+        m = cfg.monitor
+        others = [round(g * 2**30) for g in m.memory_others_gb]
+        return SimulatedMemory(round(m.memory_gb * 2**30), others).read
+    return lambda: read_memory(jax.devices()[0])
+
+
+def _model_fns(rt: Runtime, variant: Variant | None, hw: HardwareRanks | None, seed: int):
+    """``infer(params, inputs, targets, top_k, mask)`` and ``adapt(params, tokens, λ, mask)``
+    of :func:`metattt.energy.serving.serve_stream`: the router TTT's compiled functions, or the
+    variant's, whose adaptation call c draws its corruptions with ``fold_in(key(seed), c)``
+    (``lora_hw``: after applying the ranks the last window's readings chose)."""
+    if variant is None:
+        infer = lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask))
+        adapt = lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask))
+        return infer, adapt
+    calls, base = itertools.count(), jax.random.key(seed)
+
+    def adapt(p, x, lam, mask):
+        key = jax.random.fold_in(base, next(calls))
+        if hw is not None:
+            p = hw.apply(p, jax.random.fold_in(key, 1))
+        return variant.adapt(p, x, jnp.float32(lam), jnp.asarray(mask), key)
+
+    return lambda p, x, y, k, mask: variant.infer(p, x, y, jnp.asarray(mask)), adapt
+
+
 def serve(
     cfg,
     rt: Runtime,
@@ -109,12 +149,16 @@ def serve(
     metric: Metric,
     budget_w: float | None = None,
     variant: Variant | None = None,
+    reference: Any = None,
 ) -> dict[str, Any]:
     """Serve the stream prequentially with ``method``; every batch is a monitor window.
 
     ``stream`` has ``inputs`` (S·B, L) tokens and ``targets`` (S·B, ...) for the score;
     ``variant`` serves an expert-level method or another objective (its adaptation call c
-    draws its corruptions with ``fold_in(key(seed), c)``).
+    draws its corruptions with ``fold_in(key(seed), c)``); ``reference`` (inputs (N, B, L),
+    targets (N, B, ...)) in-distribution batches calibrate a schedule's threshold
+    (:mod:`.schedules`). ``memory`` serves under memory pressure (:mod:`.pressure`); the router
+    TTT methods record routing explanations (:mod:`.explanations`).
     Returns the cell: the metric, energies, delay, EDP, wall times and per-batch traces.
     """
     mcfg = rt.mcfg
@@ -142,35 +186,41 @@ def serve(
             patience=cfg.budget.patience,
         )
     inputs = stream.inputs.reshape(-1, b, length)
-    infer = lambda p, x, y, k, mask: rt.infer[k](p, x, y, jnp.asarray(mask))
-    adapt = lambda p, x, lam, mask: rt.adapt(p, x, jnp.float32(lam), jnp.asarray(mask))
     hw = None
     if method.kind == "lora_hw":
         fixed = stream_fixed_power(rt, batch=b, length=length, rate=rate)
-        hw = HardwareRanks(variant, hardware_limits(cfg, variant, budget_w, fixed))
+        limits = hardware_limits(cfg, variant, budget_w, fixed)
+        hw = HardwareRanks(variant, limits, memory_reader(cfg, monitor))
     if variant is not None:
         params = prepare(variant, params, seed)
-        infer = lambda p, x, y, k, mask: variant.infer(p, x, y, jnp.asarray(mask))
-        calls, base = itertools.count(), jax.random.key(seed)
-
-        def adapt(p, x, lam, mask):
-            key = jax.random.fold_in(base, next(calls))
-            if hw is not None:  # the ranks the last window's readings chose
-                p = hw.apply(p, jax.random.fold_in(key, 1))
-            return variant.adapt(p, x, jnp.float32(lam), jnp.asarray(mask), key)
-
+    infer, adapt = _model_fns(rt, variant, hw, seed)
     weights = "int8" if method.int8 else "float"
     if method.int8:
         params = quantize.quantize_experts(params)
+    targets = stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:])
+    work = lambda counts, rows: batch_work(
+        rt, counts, rows, length, variant, None if hw is None else hw.active, weights
+    )
+    on_window = None if hw is None else hw.on_window
+    schedule = pressure = snaps = None
+    if method.schedule:
+        all_experts = jnp.ones((mcfg.num_experts,), bool)
+        threshold = schedules.calibrate(cfg, method, rt.signals, params, reference, all_experts)
+        schedule = schedules.make_schedule(cfg, method, threshold)
+        infer = schedules.scheduled_infer(rt.signals, method)
+    if method.kind == "memory":
+        pressure = MemoryPressure(cfg, rt, params, inputs[0], targets[0], work)
+        infer, work, on_window = pressure.infer, pressure.work, pressure.on_window
+    if explains(method):
+        snaps = Snapshots(infer, adapt, half=len(inputs) // 2)
+        infer, adapt = snaps.infer, snaps.adapt
     served = serve_stream(
         infer,
         adapt,
         params,
         inputs,
-        stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:]),
-        work=lambda counts, rows: batch_work(
-            rt, counts, rows, length, variant, None if hw is None else hw.active, weights
-        ),
+        targets,
+        work=work,
         dense=batch_dense_work(rt, b, length),
         device=rt.device,
         monitor=monitor,
@@ -183,7 +233,8 @@ def serve(
         adapt_windows=cfg.ttt.windows,
         backward_factor=BACKWARD_FACTOR,
         policy=policy,
-        on_window=None if hw is None else hw.on_window,
+        schedule=schedule,
+        on_window=on_window,
     )
     monitor.close()
     steps = len(inputs)
@@ -226,6 +277,12 @@ def serve(
             rank_units_max=int(hw.active.size * variant.rank),
             final_ranks=hw.active.tolist(),
         )
+    if schedule is not None:
+        out.update(schedules.signal_summary(served.signals, threshold, method))
+    if pressure is not None:
+        out.update(pressure.summary())
+    if snaps is not None:
+        out["explain"] = explain(rt, params, snaps, inputs[-1])
     if policy is not None:
         out.update(
             budget_w=budget_w,

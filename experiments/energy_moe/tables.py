@@ -1,10 +1,14 @@
 """Markdown tables of a run's results: every method, the matched-accuracy comparison, budgets,
-and the expert-level adaptation methods against router TTT at the same λ_energy."""
+the expert-level adaptation methods against router TTT at the same λ_energy, and (issue 15
+items 6-8) the schedules against periodic adaptation, memory pressure and routing
+explanations."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import numpy as np
 
 from experiments.energy_moe.registry import ENERGY_AWARE
 from experiments.energy_moe.tasks import Metric, task_of
@@ -93,6 +97,8 @@ def summary_tables(results: dict[str, Any], metric: Metric) -> str:
                 f"{r['budget_kept']} | {r['plan_budget_met']} | {fmt(r[m_key])} |"
             )
     lines += expert_table(results, metric)
+    lines += schedule_table(results, metric) + memory_table(results, metric)
+    lines += explain_table(results)
     return "\n".join(lines)
 
 
@@ -143,5 +149,135 @@ def expert_table(results: dict[str, Any], metric: Metric) -> list[str]:
             f"{change(r[f'{m_key}_change'], metric)} | {fmt(r['energy_reduction'], 1, 100)}% | "
             f"{d_metric} | {d_energy} | {fmt(r['adapt_share_of_energy'], 1, 100)}% | "
             f"{fmt(r['overhead'], 1, 100)}% |"
+        )
+    return lines
+
+
+def periodic_reference(results: dict[str, Any], name: str) -> str | None:
+    """The same method adapting every ``ttt.every``-th batch (its name without ``@...``)."""
+    ref = name.partition("@")[0]
+    return ref if ref != name and ref in results["methods"] else None
+
+
+def schedule_table(results: dict[str, Any], metric: Metric) -> list[str]:
+    """When to adapt (issue 15 item 7): each scheduled method against its periodic reference."""
+    rows, m_key, label = results["methods"], metric.key, metric.label
+    names = [n for n in rows if "hard_share" in rows[n]]
+    if not names:
+        return []
+    lines = [
+        "",
+        "**When to adapt** (issue 15 item 7): the signal's threshold is a quantile of its "
+        "in-distribution values; 'hard batches' is the share of stream batches past it. 'vs "
+        "periodic': this method's mean minus the same method adapting every ttt.every-th batch.",
+        "",
+        f"| method | threshold | hard batches | adaptations | {label} | Δ {label} vs no TTT | "
+        f"energy reduction | adapt share of energy | TTT overhead (wall) | adaptations vs "
+        f"periodic | Δ {label} vs periodic | Δ µJ/token vs periodic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        r, ref = rows[name], periodic_reference(results, name)
+        vs = ["-", "-", "-"]
+        if ref is not None:
+            p = rows[ref]
+            vs = [
+                f"{r['adapt_calls']['mean']:.1f} vs {p['adapt_calls']['mean']:.1f}",
+                f"{r[m_key]['mean'] - p[m_key]['mean']:+.3f}",
+                f"{r['uj_per_token']['mean'] - p['uj_per_token']['mean']:+.4f}",
+            ]
+        lines.append(
+            f"| {name} | {fmt(r['threshold'], 3)} | {fmt(r['hard_share'], 0, 100)}% | "
+            f"{fmt(r['adapt_calls'], 1)} | {fmt(r[m_key])} | "
+            f"{change(r[f'{m_key}_change'], metric)} | {fmt(r['energy_reduction'], 1, 100)}% | "
+            f"{fmt(r['adapt_share_of_energy'], 1, 100)}% | {fmt(r['overhead'], 1, 100)}% | "
+            + " | ".join(vs)
+            + " |"
+        )
+    return lines
+
+
+def memory_table(results: dict[str, Any], metric: Metric) -> list[str]:
+    """Memory pressure (issue 15 item 6): the levels, their bytes and what serving under the
+    trace cost."""
+    rows, m_key, label = results["methods"], metric.key, metric.label
+    names = [n for n in rows if "memory_over" in rows[n]]
+    if not names:
+        return []
+    lines = [
+        "",
+        "**Memory pressure** (issue 15 item 6): levels (batch chunks, top-k) priced by XLA's "
+        "peak bytes of the compiled forward; per seed, the batches whose served level exceeded "
+        "the memory the other tenants left, with the policy and with full service throughout.",
+        "",
+        f"| method | levels: chunks x top-k (KiB) | batches degraded | over the memory left | "
+        f"full service: over | {label} | Δ {label} vs no TTT | energy reduction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        r = rows[name]
+        levels = ", ".join(
+            f"{c}x{k} ({b / 1024:.0f})"
+            for (_, k, c), b in zip(r["memory_levels"], r["memory_level_bytes"], strict=True)
+        )
+        lines.append(
+            f"| {name} | {levels} | {fmt(r['memory_degraded_share'], 0, 100)}% | "
+            f"{r['memory_over']} | {r['memory_over_full']} | {fmt(r[m_key])} | "
+            f"{change(r[f'{m_key}_change'], metric)} | {fmt(r['energy_reduction'], 1, 100)}% |"
+        )
+    return lines
+
+
+def explained_best(results: dict[str, Any]) -> str | None:
+    """The explained method whose routing saved the most energy per token (None: none)."""
+    rows = results["methods"]
+    names = [n for n in rows if "explain" in rows[n]]
+    return max(names, key=lambda n: rows[n]["explain"]["saved_uj_per_token"]["mean"], default=None)
+
+
+def explain_table(results: dict[str, Any]) -> list[str]:
+    """Routing explanations (issue 15 item 8): avoided and adopted assignments' energy, router
+    stability, and the activation shares before and after for the largest saving."""
+    rows = results["methods"]
+    names = [n for n in rows if "explain" in rows[n]]
+    if not names:
+        return []
+    lines = [
+        "",
+        "**Routing explanations** (issue 15 item 8), on the stream's last batch, final vs "
+        "trained router: the energy per token of the assignments the adapted router avoided and "
+        "of those it adopted instead (net = saved), and the share of tokens whose top-k set is "
+        "unchanged between the trained, the mid-stream and the final router.",
+        "",
+        "| method | avoided (µJ/token) | adopted (µJ/token) | net saved (µJ/token) | top-k "
+        "agreement trained→mid | trained→final | mid→final |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        e = rows[name]["explain"]
+        lines.append(
+            f"| {name} | {fmt(e['avoided_uj_per_token'], 4)} | {fmt(e['adopted_uj_per_token'], 4)}"
+            f" | {fmt(e['saved_uj_per_token'], 4)} | {fmt(e['agreement_mid'], 3)} | "
+            f"{fmt(e['agreement_end'], 3)} | {fmt(e['agreement_mid_end'], 3)} |"
+        )
+    best = explained_best(results)
+    e = rows[best]["explain"]
+    before = np.mean(e["shares_before"], axis=0)
+    after = np.mean(e["shares_after"], axis=0)
+    avoided, adopted = np.sum(e["avoided"], axis=0), np.sum(e["adopted"], axis=0)
+    lines += [
+        "",
+        f"Expert activation before → after for {best} (share of the assignments, mean over "
+        f"layers and seeds; assignments avoided / adopted, all seeds). One token (seed "
+        f"{results['seeds'][0]}): {e['token']}.",
+        "",
+        "| expert | width | µJ/token | share before | share after | avoided | adopted |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, (w, uj) in enumerate(zip(results["expert_widths"], results["expert_uj_per_token"],
+                                    strict=True)):  # fmt: skip
+        lines.append(
+            f"| {i} | {w} | {uj:.4f} | {100 * before[i]:.1f}% | {100 * after[i]:.1f}% | "
+            f"{int(avoided[i])} | {int(adopted[i])} |"
         )
     return lines

@@ -49,8 +49,9 @@ class Task(NamedTuple):
         head: the model head (``"lm"`` or ``"class"``, see :func:`.runtime.build_runtime`).
         model_config: ``cfg -> MoEConfig``.
         validate_data: ``cfg -> None``, raising ValueError for bad data values.
-        prepare: ``(cfg, runtime, seed, workdir) -> (params, stream, info)``: trains (or
-            restores) the seed's model and builds its shifted stream.
+        prepare: ``(cfg, runtime, seed, workdir) -> (params, stream, info, reference)``:
+            trains (or restores) the seed's model and builds its shifted stream and its
+            in-distribution reference batches ``(inputs, targets)`` (N, B, ...).
     """
 
     section: str
@@ -58,7 +59,7 @@ class Task(NamedTuple):
     head: str
     model_config: Callable[[Any], Any]
     validate_data: Callable[[Any], None]
-    prepare: Callable[..., tuple[Any, Any, dict]]
+    prepare: Callable[..., tuple[Any, Any, dict, Any]]
 
 
 TASKS = {

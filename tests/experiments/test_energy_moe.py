@@ -63,6 +63,9 @@ def _cell(workdir, name):
         ("int8", energy_moe.Method("int8")),
         ("int8_ttt", energy_moe.Method("int8_ttt")),
         ("int8_energy_ttt/0.3", energy_moe.Method("int8_energy_ttt", lam=0.3)),
+        ("energy_ttt/0.3@entropy", energy_moe.Method("energy_ttt", lam=0.3, schedule="entropy")),
+        ("ttt@adaptive", energy_moe.Method("ttt", schedule="adaptive")),
+        ("memory", energy_moe.Method("memory")),
     ],
 )  # fmt: skip
 def test_parse_method(name, method):
@@ -73,7 +76,8 @@ def test_parse_method(name, method):
     "name",
     ["energy", "ttt/1", "energy_ttt", "energy_ttt/x", "prune/1.5", "lora_ttt", "lora_ttt/0",
      "norm_ttt/1", "ttt:bogus", "prune/1:masked", "budget/0.5:masked", "int8/1",
-     "int8_energy_ttt"],
+     "int8_energy_ttt", "no_ttt@entropy", "energy_ttt/0.3:masked@margin", "lora_ttt/4@margin",
+     "ttt@weekly", "memory/2"],
 )  # fmt: skip
 def test_unknown_method_names_list_the_valid_forms(name):
     with pytest.raises(ValueError, match=f"unknown method '{name}'; valid: no_ttt, ttt, energy"):
@@ -87,9 +91,10 @@ def test_methods_of_the_full_config_in_run_order():
     expected += [f"budget/{x:g}" for x in cfg.budget.fractions]
     expected += [f"prune/{n}" for n in cfg.baselines.prune] + ["top_k/1", "int8", "int8_ttt"]
     expected += [f"int8_energy_ttt/{x:g}" for x in cfg.int8.lambdas]
-    expected += list(cfg.expert.methods)
+    expected += [*cfg.expert.methods, *cfg.schedule.methods, "memory"]
     assert list(table) == expected
-    router = [m.lam for n, m in table.items() if m.kind == "energy_ttt" and ":" not in n]
+    assert [m.schedule for m in table.values() if m.schedule] == ["entropy", "margin", "adaptive"]
+    router = [m.lam for n, m in table.items() if m.kind == "energy_ttt" and n[-1].isdigit()]
     assert router == list(cfg.ttt.lambdas)
     assert [m.lam for m in table.values() if m.kind == "int8_energy_ttt"] == list(cfg.int8.lambdas)
     adapting = [m.kind for m in table.values() if m.adapts]
@@ -131,6 +136,17 @@ def test_methods_of_the_full_config_in_run_order():
         ("expert.methods", ("ttt:bogus",), "unknown method 'ttt:bogus'"),
         ("expert.lam", 0.0, "expert.lam must be > 0"),
         ("expert.mask_rate", 1.0, "expert.mask_rate must be in"),
+        ("monitor.memory_gb", 0.0, "monitor.memory_gb > 0"),
+        ("monitor.memory_others_gb", (), "monitor.memory_others_gb"),
+        ("schedule.quantile", 1.0, "schedule.quantile must be in"),
+        ("schedule.max_every", 1, "schedule.max_every must be >= ttt.every"),
+        ("schedule.methods", ("energy_ttt/0.5",), "end in @<schedule>"),
+        ("schedule.methods", ("lora_ttt/4@entropy",), "unknown method 'lora_ttt/4@entropy'"),
+        ("memory.chunks", (3,), "memory.chunks must divide"),
+        ("memory.chunks", (2, 1), "chunks must be positive and increasing"),
+        ("memory.min_top_k", 3, "min_top_k must be in"),
+        ("memory.pressure", (1.0,), "memory.pressure shares"),
+        ("memory.patience", 0, "patience must be a positive int"),
     ],
 )
 def test_bad_config_values_are_rejected(key, value, message):
@@ -196,7 +212,7 @@ def _random_cell(rng, kind):
         expert_j=float(rng.uniform(0, 1)), counts_late=rng.integers(0, 9, (2, 4)).tolist(),
         curve_energy_uj=rng.uniform(0, 1, 3).tolist() if kind == "energy_ttt" else [],
         curve_loss=rng.uniform(0, 1, 3).tolist() if kind == "energy_ttt" else [],
-        power_trace=rng.uniform(60, 90, 5).tolist(),
+        power_trace=rng.uniform(60, 90, 5).tolist(), adapt_calls=int(rng.integers(0, 9)),
     )  # fmt: skip
     return cell
 
@@ -222,6 +238,9 @@ def test_aggregate_against_per_seed_arithmetic():
         assert row["energy_reduction"]["mean"] == pytest.approx(sum(reduction) / 2, abs=1e-12)
         assert row["bpc_change"]["mean"] == pytest.approx(sum(change) / 2, abs=1e-12)
         assert row["bpc"]["mean"] == pytest.approx((runs[0]["bpc"] + runs[1]["bpc"]) / 2)
+        if name == "energy_ttt/1":  # adapting methods: how many batches they adapted on
+            calls = (runs[0]["adapt_calls"] + runs[1]["adapt_calls"]) / 2
+            assert row["adapt_calls"]["mean"] == pytest.approx(calls)
     means = {
         n: (r["uj_per_token"]["mean"], r["bpc"]["mean"]) for n, r in results["methods"].items()
     }
@@ -303,6 +322,29 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
         assert cells[9] == f"{points[name][1] - points[ref][1]:+.3f}"
     assert "Expert-level adaptation and objectives (vs no TTT): lora_hw/4:masked" in text
     assert "≤ 4, mean" in text  # lora_hw: the share of the buffer the hardware allowed
+    # issue 15 items 6-8: schedule vs periodic, memory pressure, routing explanations
+    # a row's occurrences: the methods table, then its issue-15 tables in order
+    lines = lambda name: [x for x in text.splitlines() if x.startswith(f"| {name} | ")]
+    last = lambda name: lines(name)[-1]
+    sched, periodic = rows["energy_ttt/3@adaptive"], rows["energy_ttt/3"]
+    cells = lines("energy_ttt/3@adaptive")[1].split(" | ")  # then the explanations
+    assert cells[1] == f"{sched['threshold']['mean']:.3f}"
+    assert (
+        cells[9] == f"{sched['adapt_calls']['mean']:.1f} vs {periodic['adapt_calls']['mean']:.1f}"
+    )
+    assert cells[10] == f"{sched['bpc']['mean'] - periodic['bpc']['mean']:+.3f}"
+    memory = rows["memory"]
+    cells = last("memory").split(" | ")
+    assert cells[3:5] == [str(memory["memory_over"]), str(memory["memory_over_full"])]
+    assert memory["memory_over"][0] < memory["memory_over_full"][0]
+    for name in ("ttt", "energy_ttt/3"):
+        e = rows[name]["explain"]
+        saved = e["avoided_uj_per_token"]["mean"] - e["adopted_uj_per_token"]["mean"]
+        assert e["saved_uj_per_token"]["mean"] == pytest.approx(saved, rel=1e-9, abs=1e-15)
+        assert last(name).split(" | ")[3] == f"{e['saved_uj_per_token']['mean']:.4f}"
+    for start in ("- energy_ttt/3@adaptive adapted on", "- memory: with full service",
+                  "- Routing explanations: ", "Expert activation before → after for "):  # fmt: skip
+        assert start in text
 
 
 def test_lora_methods_are_charged_each_experts_merge_at_their_rank():
@@ -447,36 +489,45 @@ def test_cell_energy_accounting_matches_the_simulated_device(tiny_run):
 
 
 def test_lora_hw_ranks_follow_the_readings_and_are_charged_per_expert():
-    """lora_hw: a window's power sets the pending ranks (the busiest experts first); the next
-    adaptation applies them through the compiled realloc; the accounting prices each expert's
-    merge at its own active rank."""
+    """lora_hw: a window's power and the simulated device's free memory set the pending ranks
+    (the busiest experts first); the next adaptation applies them through the compiled realloc;
+    the accounting prices each expert's merge at its own active rank. Under NVML the memory
+    reading is the live device's (or host's)."""
     from collections import namedtuple
 
     from experiments.energy_moe import expert
-    from metattt.energy import adapter_ranks, read_memory
+    from metattt.energy import read_memory
     from metattt.models import moe
 
     cfg = energy_config.get_config("tiny")
     cfg.expert.methods = ("lora_hw/4",)
-    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    m = runtime.model_config(cfg)
+    unit = 4 * 3 * (m.d_model + m.d_ff) * m.num_layers * 4  # factors, grads, 2 Adam moments
+    # a 2 GiB device: other tenants leave the 1 GiB reserve plus 5.5 rank units, then 1.5 GiB
+    cfg.monitor.memory_gb = 2.0
+    cfg.monitor.memory_others_gb = (1.0 - 5.5 * unit / 2**30, 0.0)
+    rt = runtime.build_runtime(cfg, m)
     v = expert.build_variants(cfg, rt, "lm")["lora_hw/4"]
     limits = expert.hardware_limits(cfg, v, budget_w=120.0, fixed_w=100.0)
     assert limits.power_margin_w == pytest.approx(cfg.expert.hw_margin * 20.0)
-    hw = expert.HardwareRanks(v, limits)
+    assert limits.bytes_per_unit == unit
+    simulated = namedtuple("Monitor", "source")("simulated")
+    hw = expert.HardwareRanks(v, limits, serving.memory_reader(cfg, simulated))
     params = expert.prepare(v, rt.init(0), 0)
     np.testing.assert_array_equal(moe.lora_ranks(params, v.mcfg), hw.active)  # full at start
+    # 115 W is half-way through the 10 W band below the budget: 8 of 16 units by power
     record = namedtuple("Record", "mean_power_w max_temperature_c")(115.0, 50.0)
     counts = np.array([[3, 9, 1, 5]])
-    hw.on_window(record, counts)
-    want = adapter_ranks(115.0, 50.0, read_memory().free_bytes, usage=[3, 9, 1, 5], max_rank=4,
-                         limits=limits)  # fmt: skip
-    assert want.tolist() == [0, 4, 0, 4] and hw.pending.tolist() == [want.tolist()]
-    assert hw.trace == [16]
+    hw.on_window(record, counts)  # memory allows 5 units: 4 to expert 1, 1 to expert 3
+    assert hw.pending.tolist() == [[0, 4, 0, 1]] and hw.trace == [16]
     adapted = hw.apply(params, jax.random.key(1))
-    np.testing.assert_array_equal(moe.lora_ranks(adapted, v.mcfg), [want])
+    np.testing.assert_array_equal(moe.lora_ranks(adapted, v.mcfg), [[0, 4, 0, 1]])
     assert hw.apply(adapted, jax.random.key(2)) is adapted  # nothing changed: no realloc
-    m = rt.mcfg
-    plain = serving.batch_work(rt, counts, 4, 16)
     work = serving.batch_work(rt, counts, 4, 16, v, hw.active)
-    merge = sum(3 * (2 * m.d_model * r * m.d_ff + m.d_model * m.d_ff) for r in want if r)
+    plain = serving.batch_work(rt, counts, 4, 16)
+    merge = sum(3 * (2 * m.d_model * r * m.d_ff + m.d_model * m.d_ff) for r in (4, 1))
     assert work.flops - plain.flops == pytest.approx(merge)
+    hw.on_window(record, counts)  # the tenants left: power alone binds, 8 units
+    assert hw.pending.tolist() == [[0, 4, 0, 4]] and hw.trace == [16, 5]
+    live = serving.memory_reader(cfg, namedtuple("Monitor", "source")("nvml"))()
+    assert live.source == read_memory(jax.devices()[0]).source != "simulated"

@@ -1,0 +1,82 @@
+"""Routing explanations (issue 15 item 8) of the router TTT methods (kinds ``ttt`` and
+``energy_ttt``, scheduled or not: the trained model's router adapts, all experts, trained top-k).
+
+Serving keeps the parameters at the middle of the stream and after the last adaptation
+(:class:`Snapshots`). On the stream's last batch the router probabilities under the trained, the
+middle and the final parameters (three diagnostic forward passes, not charged) give, with
+:mod:`metattt.energy.explain`:
+
+* the assignments the final router avoided and adopted per layer and expert vs the trained one,
+  and the energy per token each would have cost / costs (``routing_changes``);
+* each expert's share of the assignments before and after (``activation_shares``, the heatmap);
+* the top-k agreement of trained vs middle, trained vs final and middle vs final routing: how far
+  the router drifted and whether it settled under continued adaptation (``topk_agreement``);
+* the token whose routing saved the most energy, in words (``explain_token``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.energy_moe.registry import Method
+from experiments.energy_moe.runtime import Runtime
+from metattt.energy import activation_shares, explain_token, routing_changes, topk_agreement
+
+KINDS = ("ttt", "energy_ttt")
+
+
+def explains(method: Method) -> bool:
+    """Whether serving ``method`` records routing explanations (router TTT, task objective)."""
+    return method.kind in KINDS and not method.objective
+
+
+class Snapshots:
+    """Wraps serve_stream's ``infer`` and ``adapt`` to keep the parameters the stream's batch
+    ``half`` is scored with (``mid``) and the latest ones (``last``)."""
+
+    def __init__(self, infer, adapt, half: int):
+        self._infer, self._adapt, self.half = infer, adapt, half
+        self.t, self.mid, self.last = 0, None, None
+
+    def infer(self, p, *args):
+        if self.t == self.half:
+            self.mid = p
+        self.t += 1
+        self.last = p
+        return self._infer(p, *args)
+
+    def adapt(self, p, *args):
+        out = self._adapt(p, *args)
+        self.last = out[0]
+        return out
+
+
+def explain(rt: Runtime, trained: Any, snaps: Snapshots, inputs: np.ndarray) -> dict[str, Any]:
+    """The explanations of one served stream on its last batch ``inputs`` (B, L)."""
+    mask = jnp.ones((rt.mcfg.num_experts,), bool)
+    k, c = rt.mcfg.top_k, rt.joules
+    ref, mid, end = (
+        np.asarray(rt.probe(p, inputs, mask)) for p in (trained, snaps.mid, snaps.last)
+    )
+    changes = routing_changes(ref, end, k, c)
+    flat_ref, flat_end = ref.reshape(-1, ref.shape[-1]), end.reshape(-1, end.shape[-1])
+    saved = [routing_changes(a[None], b[None], k, c).saved_j_per_token
+             for a, b in zip(flat_ref, flat_end, strict=True)]  # fmt: skip
+    best = int(np.argmax(saved))
+    return {
+        "avoided": changes.avoided.tolist(),
+        "adopted": changes.adopted.tolist(),
+        "avoided_uj_per_token": 1e6 * changes.avoided_j_per_token,
+        "adopted_uj_per_token": 1e6 * changes.adopted_j_per_token,
+        "saved_uj_per_token": 1e6 * changes.saved_j_per_token,
+        "shares_before": activation_shares(ref, k).tolist(),
+        "shares_after": activation_shares(end, k).tolist(),
+        "agreement_mid": topk_agreement(ref, mid, k),
+        "agreement_end": topk_agreement(ref, end, k),
+        "agreement_mid_end": topk_agreement(mid, end, k),
+        "token": explain_token(flat_ref[best], flat_end[best], k, c, unit="µJ", scale=1e6),
+        "token_where": [int(i) for i in np.unravel_index(best, ref.shape[:-1])],
+    }

@@ -1,0 +1,114 @@
+"""energy_moe's issue-15 items 6-8 on stub models (no training): memory-pressure serving, the
+adaptation schedules' calibration, and the routing explanations."""
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import energy_moe as energy_config
+from experiments.energy_moe import explanations, pressure, registry, schedules
+from metattt.energy import Work
+
+
+def _stub_infer(k: int):
+    """A jitted (params, x, y, mask) -> (score, counts) whose activations grow with the rows and
+    whose counts give each of the first k experts one assignment per row."""
+
+    @jax.jit
+    def infer(p, x, y, mask):
+        h = jnp.tanh(x[..., None].astype(jnp.float32) * p)  # (rows, L, 64)
+        score = jnp.mean((h.sum(-1) - y) ** 2)
+        counts = jnp.zeros((1, 4), jnp.int32).at[0, :k].add(x.shape[0])
+        return score, counts
+
+    return infer
+
+
+def test_memory_pressure_steps_down_one_batch_late_and_prices_each_chunk(monkeypatch):
+    """The level of each batch follows the simulated tenants' trace one reading late; a chunked
+    batch scores and counts as the whole one and pays the weights once per chunk."""
+    cfg = energy_config.get_config("tiny")
+    cfg.data.stream_batches = 6
+    cfg.memory.pressure = (0.0, 0.6, 0.0)  # two batches each
+    cfg.memory.limit_x, cfg.memory.margin, cfg.memory.patience = 2.0, 0.0, 1
+    rt = SimpleNamespace(
+        mcfg=SimpleNamespace(top_k=2, num_experts=4), infer={1: _stub_infer(1), 2: _stub_infer(2)}
+    )
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 9, (4, 16))
+    y = rng.normal(size=(4, 16)).astype(np.float32)
+    p = jnp.asarray(rng.normal(size=(64,)), jnp.float32)
+    work = lambda counts, rows: Work(1000.0 * rows + float(np.sum(counts)), 100.0 + rows)
+    # levels priced by rows and top-k (XLA's own pricing is tested in tests/metattt)
+    fake = lambda fn, params, xs, ys, mask: 1000 * len(xs) + (50 if fn is rt.infer[2] else 0)
+    monkeypatch.setattr(pressure, "peak_bytes", fake)
+    mp = pressure.MemoryPressure(cfg, rt, p, x, y, work)
+    assert [tuple(level)[1:] for level in mp.ladder] == [(2, 1), (2, 2), (1, 1), (1, 2)]
+    assert mp.need == [4050, 2050, 4000, 2000] and mp.limit == 8100
+    high = round(0.6 * mp.limit)
+    assert mp.others == [0, 0, high, high, 0, 0]
+    low = 1  # the first level within the 40% the tenants leave: 2 chunks, top-2
+    whole = _stub_infer(2)(p, x, y, jnp.ones(4, bool))
+    for _ in range(6):
+        score, counts = mp.infer(p, x, y, 2, np.ones(4, bool))
+        level = mp.ladder[mp.levels[-1]]
+        assert float(score) == pytest.approx(float(whole[0]), rel=1e-5)  # chunks: same score
+        np.testing.assert_array_equal(counts, [[4] * level.top_k + [0] * (4 - level.top_k)])
+        # each chunk pays the weights once: 100 bytes per chunk plus the rows
+        assert mp.work(counts, 4) == Work(4000.0 + 4 * level.top_k, 100.0 * level.chunks + 4)
+        mp.on_window(None, None)
+    # the rise at batch 2 is read after it: served at full level, over; then down; back up at 5
+    assert mp.levels == [0, 0, 0, low, low, 0]
+    summary = mp.summary()
+    assert summary["memory_over"] == 1 and summary["memory_over_full"] == 2
+    assert summary["memory_degraded_share"] == pytest.approx(2 / 6)
+
+
+def test_schedule_threshold_is_the_in_distribution_quantile():
+    cfg = energy_config.get_config("tiny")
+    values = np.random.default_rng(1).normal(size=(5, 2))  # (batches, [entropy, margin])
+    table = {i: v for i, v in enumerate(values)}
+    signals = lambda p, x, y, mask: (0.0, None, table[int(x)][0], table[int(x)][1])
+    reference = (np.arange(5), np.zeros(5))
+    for name, col, q in (("energy_ttt/3@entropy", 0, 0.9), ("ttt@margin", 1, 0.1)):
+        method = registry.parse_method(name)
+        got = schedules.calibrate(cfg, method, signals, None, reference, None)
+        assert got == pytest.approx(np.quantile(values[:, col], q))
+    adaptive = schedules.make_schedule(cfg, registry.parse_method("ttt@adaptive"), 0.5)
+    assert adaptive.init().every == cfg.ttt.every
+    infer = schedules.scheduled_infer(signals, registry.parse_method("ttt@margin"))
+    assert infer(None, 3, None, 2, np.ones(2, bool))[2] == values[3, 1]
+
+
+def test_explanations_keep_mid_and_final_params_and_find_the_largest_saving():
+    rng = np.random.default_rng(2)
+    probs = {i: rng.dirichlet(np.ones(4), size=(1, 2, 3)) for i in range(3)}  # (layers, B, L, E)
+    joules = np.array([1.0, 2.0, 4.0, 8.0]) * 1e-6
+    rt = SimpleNamespace(
+        mcfg=SimpleNamespace(top_k=2, num_experts=4),
+        joules=joules,
+        probe=lambda p, x, mask: probs[p],
+    )
+    snaps = explanations.Snapshots(lambda p, *a: p, lambda p, *a: (p + 1, None), half=1)
+    p = 0
+    for _ in range(2):  # infer, then adapt: params 0 -> 1 -> 2
+        snaps.infer(p)
+        p = snaps.adapt(p)[0]
+    assert (snaps.mid, snaps.last) == (1, 2)
+    ex = explanations.explain(rt, 0, snaps, None)
+    # an independent loop over tokens: top-2 sets, their costs and the net saving
+    top = lambda v: set(np.argsort(-v, kind="stable")[:2])
+    saved = []
+    for a, b in zip(probs[0].reshape(-1, 4), probs[2].reshape(-1, 4), strict=True):
+        saved.append(sum(joules[list(top(a))]) - sum(joules[list(top(b))]))
+    assert ex["saved_uj_per_token"] == pytest.approx(1e6 * sum(saved) / 6)
+    best = int(np.argmax(saved))
+    assert ex["token_where"] == [0, best // 3, best % 3]
+    same = [top(a) == top(b) for a, b in zip(probs[0].reshape(-1, 4), probs[1].reshape(-1, 4),
+                                             strict=True)]  # fmt: skip
+    assert ex["agreement_mid"] == pytest.approx(np.mean(same))
+    assert explanations.explains(registry.parse_method("energy_ttt/3@entropy"))
+    assert not explanations.explains(registry.parse_method("energy_ttt/3:masked"))
