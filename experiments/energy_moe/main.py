@@ -14,7 +14,7 @@ from experiments.energy_moe.aggregate import aggregate, figure_data
 from experiments.energy_moe.plots import plot_all
 from experiments.energy_moe.tables import summary
 from experiments.energy_moe.tasks import task_of
-from metattt import runlog, train
+from metattt import atomic, runlog, train
 from metattt.energy import lambda_controller
 from metattt.models import moe
 from metattt.params import select
@@ -150,8 +150,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         expert=expert.describe(variants, table),
         figures=figure_data(cells, table),
     )
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(summary(results, cfg) + "\n")
     plot_all(results, workdir, metric=task.metric, prefix=task.section)
