@@ -171,7 +171,7 @@ def test_gradient_accumulation_over_micro_batches_equals_the_full_batch():
     np.testing.assert_allclose(m1.query_loss, m3.query_loss, rtol=1e-6)
     np.testing.assert_allclose(m1.grad_norm, m3.grad_norm, rtol=1e-5)
     # An explicit Python loop over the micro-batches gives the same mean gradient.
-    grad = jax.grad(lambda p, t: meta.batch_meta_loss(loss, p, t)[0])
+    grad = jax.jit(jax.grad(lambda p, t: meta.batch_meta_loss(loss, p, t)[0]))
     chunks = [jax.tree.map(lambda a, i=i: a[2 * i : 2 * i + 2], tasks) for i in range(3)]
     mean = jax.tree.map(lambda *g: sum(g) / 3, *(grad(params, c) for c in chunks))
     chex.assert_trees_all_close(mean, grad(params, tasks), rtol=1e-5, atol=1e-7)
