@@ -139,6 +139,17 @@ def matched(
     return out
 
 
+#: (figure key, cell field) of the per-step adaptation curves.
+CURVE_FIELDS = (("energy_uj", "curve_energy_uj"), ("loss", "curve_loss"))
+
+
+def _prefix_mean(curves: list[list[float]]) -> list[float]:
+    """Mean over seeds of each step's value, over the steps every seed has: a scheduled method
+    adapts a different number of times per seed, so its curves differ in length."""
+    steps = min(len(c) for c in curves)
+    return np.mean([c[:steps] for c in curves], axis=0).tolist()
+
+
 def figure_data(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[str, Any]:
     """What the figures draw beyond the per-method summaries, so that a report needs only
     ``results.json``:
@@ -147,15 +158,13 @@ def figure_data(cells: dict[str, list[dict]], table: dict[str, Method]) -> dict[
       the stream, summed over seeds (the heatmap);
     * ``curves``: per adapting method but the budgets, the expected routing energy
       (µJ/token) and the adaptation's task loss (the metric's unit before its scale) after each
-      adaptation step, averaged over seeds (the convergence plot);
+      adaptation step, averaged over seeds over the steps every seed has (a scheduled method's
+      seeds adapt different numbers of times) (the convergence plot);
     * ``traces``: the first seed's power per batch of ``no_ttt`` and of each budget, with the
       budget (W) and the controller's λ per batch (the budget plot).
     """
     curves = {
-        name: {
-            "energy_uj": np.mean([r["curve_energy_uj"] for r in runs], axis=0).tolist(),
-            "loss": np.mean([r["curve_loss"] for r in runs], axis=0).tolist(),
-        }
+        name: {key: _prefix_mean([r[field] for r in runs]) for key, field in CURVE_FIELDS}
         for name, runs in cells.items()
         if table[name].adapts and table[name].kind != "budget" and runs[0]["curve_energy_uj"]
     }

@@ -263,6 +263,19 @@ def test_aggregate_against_per_seed_arithmetic():
     assert figures["traces"] == {"no_ttt": {"power_w": cells["no_ttt"][0]["power_trace"]}}
 
 
+def test_curves_of_seeds_that_adapted_different_numbers_of_times_average_their_common_steps():
+    table = {"no_ttt": energy_moe.Method("no_ttt"), "ttt": energy_moe.Method("ttt")}
+    rng = np.random.default_rng(3)
+    cells = {name: [_random_cell(rng, m.kind) for _ in range(3)] for name, m in table.items()}
+    for run, steps in zip(cells["ttt"], (5, 2, 4), strict=True):  # a schedule's seeds differ
+        run["curve_energy_uj"] = rng.uniform(0.1, 1.0, steps).tolist()
+        run["curve_loss"] = rng.uniform(1.0, 3.0, steps).tolist()
+    curves = energy_moe.figure_data(cells, table)["curves"]["ttt"]
+    for key, field in (("energy_uj", "curve_energy_uj"), ("loss", "curve_loss")):
+        want = [sum(r[field][k] for r in cells["ttt"]) / 3 for k in range(2)]
+        assert curves[key] == pytest.approx(want, rel=1e-12)
+
+
 def test_demo_rows_read_the_right_numbers(monkeypatch, tmp_path):
     keys = ("routed_uj_per_token_late", "uj_per_token", "bpc")
     point = lambda *values: {k: {"mean": v} for k, v in zip(keys, values, strict=True)}
