@@ -18,29 +18,21 @@ import pytest
 
 from kernels_pallas import selftest
 from kernels_pallas.moe_dispatch import moe_dispatch, resolve_backend, tokamax_ops
+from tests.kernels_pallas.test_moe_dispatch import (  # the same sizes and inputs
+    DIM,
+    EXPERTS,
+    TOKENS,
+    TOP_K,
+    make_inputs,
+    rel_err,
+)
 
-TOKENS, DIM, HIDDEN, EXPERTS, TOP_K = 12, 6, 8, 4, 2
 TOL = 1e-5  # float32, relative norm error (outputs and gradients)
 
 needs_tokamax = pytest.mark.skipif(
     importlib.util.find_spec("tokamax") is None,
     reason="tokamax is not installed (optional extra: pip install -e '.[tokamax]')",
 )
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def make_inputs(seed, tokens=TOKENS):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((tokens, DIM))
-    w_gate = rng.standard_normal((EXPERTS, DIM, HIDDEN)) / np.sqrt(DIM)
-    w_up = rng.standard_normal((EXPERTS, DIM, HIDDEN)) / np.sqrt(DIM)
-    w_down = rng.standard_normal((EXPERTS, HIDDEN, DIM)) / np.sqrt(HIDDEN)
-    logits = rng.standard_normal((tokens, EXPERTS)) * 2.0
-    return tuple(jnp.asarray(a, jnp.float32) for a in (x, w_gate, w_up, w_down, logits))
 
 
 def test_without_tokamax_the_error_is_one_line_naming_the_extra(monkeypatch):
