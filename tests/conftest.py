@@ -1,5 +1,5 @@
 """Test-wide settings, set before jax loads: eight simulated CPU devices (for sharding tests),
-LLVM optimisation level 0 for XLA:CPU's code generation, and a persistent compilation cache.
+cheap settings for XLA:CPU's code generation, and a persistent compilation cache.
 
 Optimisation level 0 (``--xla_backend_optimization_level=0``) changes only how XLA's fused HLO
 is turned into machine code, not the HLO passes (fusion, layout, algebraic simplification):
@@ -10,6 +10,16 @@ float rounding (e.g. fused multiply-adds, reduction order; ~1e-5 relative on the
 which every tolerance already allows; a test that compares a run with a fixture frozen by
 another compiled program uses a tolerance (``tests/experiments/compare.py``). An
 ``XLA_FLAGS`` of your own that names the level overrides it.
+
+Two more code-generation settings, of the same kind: ``--xla_cpu_use_fusion_emitters=false``
+emits each fusion with XLA:CPU's elemental IR emitter instead of its newer MLIR fusion emitters
+(same fused HLO, same operations; the MLIR pipeline costs more to run than the kernels it
+builds here), and ``--xla_cpu_parallel_codegen_split_count=1`` keeps the program's LLVM code in
+one module instead of splitting it for parallel compilation (the test workers already use the
+cores). Together they halved the CPU time of ``tests/metattt/test_perceiver.py`` and
+``tests/attd/test_method.py`` (98.5 -> 47.4 s user) and of ``tests/metattt/test_inner.py``
+(51.7 -> 21.1 s), cold cache, one worker, 2026-12-07. Each is left as you set it when your
+``XLA_FLAGS`` names it.
 
 The cache (``.pytest_cache/jax-compilation-cache``, ignored by git) lets a program compiled
 once be loaded by every later process that builds it again: the other test worker, and the
@@ -23,8 +33,13 @@ import os
 import pathlib
 
 _FLAGS = os.environ.get("XLA_FLAGS", "")
-if "xla_backend_optimization_level" not in _FLAGS:
-    _FLAGS += " --xla_backend_optimization_level=0"
+for _flag in (
+    "xla_backend_optimization_level=0",
+    "xla_cpu_use_fusion_emitters=false",
+    "xla_cpu_parallel_codegen_split_count=1",
+):
+    if _flag.split("=")[0] not in _FLAGS:
+        _FLAGS += f" --{_flag}"
 os.environ["XLA_FLAGS"] = (_FLAGS + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("METATTT_NO_PROGRESS", "1")
 _CACHE = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation-cache"
