@@ -105,6 +105,7 @@ def get_config(arg=None):
             "energy_ttt/0.3:masked",
             "energy_ttt/0.3:consistency",
             "lora_ttt/4:masked",
+            "fast_ttt/4",  # fast-weight experts with lora_ttt/4's trainable parameters
         ),
         lam=0.3,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
@@ -139,7 +140,8 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
-        c.expert.methods = ("lora_hw/4:masked",)  # one more compilation: seconds
+        c.expert.methods = ("lora_hw/4:masked", "fast_ttt/4")  # more compilations: seconds
+        c.expert.fast_chunk = 4  # 4 chunks of the 16 bytes
         c.expert.max_rank = 4
         c.int8.lambdas = (3.0,)
         c.schedule.methods = ("energy_ttt/3@adaptive",)  # one more compilation (the signals)
@@ -182,6 +184,12 @@ def expert_section(methods: tuple[str, ...], *, lam: float) -> ml_collections.Co
     x.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
     x.hw_temperature_margin_c = 10.0
     x.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+    # fast_ttt/<ρ>: fast-weight experts (metattt.models.fast_weights) with the trainable
+    # parameters of lora_ttt/<ρ>; per sequence, chunks of fast_chunk positions, fast_steps
+    # key/value gradient steps of rate fast_lr (<= 1: unit keys) on each after reading it.
+    x.fast_chunk = 16
+    x.fast_lr = 0.5
+    x.fast_steps = 1
     return x
 
 

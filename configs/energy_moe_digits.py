@@ -106,6 +106,7 @@ def get_config(arg=None):
             "bias_ttt",
             "energy_ttt/1:consistency",
             "lora_ttt/4:consistency",
+            "fast_ttt/4",  # fast-weight experts with lora_ttt/4's trainable parameters
         ),
         lam=1.0,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
@@ -138,7 +139,7 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
-        c.expert.methods = ("norm_ttt:consistency",)  # one more compilation: seconds
+        c.expert.methods = ("norm_ttt:consistency", "fast_ttt/4")  # more compilations: seconds
         c.expert.max_rank = 4
         c.expert.lam = 0.3
         c.int8.lambdas = (3.0,)
