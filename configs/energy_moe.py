@@ -147,13 +147,15 @@ def get_config(arg=None):
         c.schedule.methods = ("energy_ttt/3@adaptive",)  # one more compilation (the signals)
         c.schedule.max_every = 4
         c.memory.patience = 1
-    if arg == "demo":  # one energy-aware λ, adapted more strongly
-        c.data.stream_batches = 24
+    if arg == "demo":  # the full runs' best energy-aware point: λ 0.3 on hard batches only
+        c.data.batch = 8  # adapting 1 of 8 windows: the full run's share (2 of 16)
+        c.data.stream_batches = 64  # long enough for the saving to repay an adaptation
         c.ttt.every = 4
+        c.ttt.windows = 1
         c.ttt.lr = 5e-2
-        c.ttt.lambdas = (3.0,)
+        c.ttt.lambdas = (0.3,)
         c.expert.methods = ()
-        c.schedule.methods = ()
+        c.schedule.methods = ("energy_ttt/0.3@margin",)
         c.memory.enabled = False
     elif arg is not None and arg != "tiny":
         raise ValueError(f"unknown variant {arg!r} of configs/energy_moe.py (known: tiny, demo)")

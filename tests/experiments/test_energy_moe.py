@@ -280,15 +280,27 @@ def test_curves_of_seeds_that_adapted_different_numbers_of_times_average_their_c
         assert curves[key] == pytest.approx(want, rel=1e-12)
 
 
-def test_demo_rows_read_the_right_numbers(monkeypatch, tmp_path):
-    keys = ("routed_uj_per_token_late", "uj_per_token", "bpc")
+@pytest.mark.parametrize(("late_power", "verdict"), [(117.5, "met"), (118.5, "not met")])
+def test_demo_rows_read_the_right_numbers(monkeypatch, tmp_path, late_power, verdict):
+    """No TTT vs energy_ttt/0.3@margin: late power against a budget of 100 + 0.9 · (120 - 100)
+    = 118 W (fixed power 100 W, no TTT's mean power 120 W), energy per token and bits/char."""
+    keys = ("mean_power_w", "late_power_w", "uj_per_token", "bpc", "adapt_calls")
     point = lambda *values: {k: {"mean": v} for k, v in zip(keys, values, strict=True)}
-    fake = {"methods": {"no_ttt": point(0.1, 0.2, 5.0), "energy_ttt/3": point(0.05, 0.1, 5.1)}}
+    fake = {
+        "fixed_power_w": 100.0,
+        "methods": {
+            "no_ttt": point(120.0, 121.0, 0.2, 5.0, 0.0),
+            "energy_ttt/0.3": point(130.0, 130.0, 0.3, 5.2, 16.0),
+            "energy_ttt/0.3@margin": point(119.0, late_power, 0.19, 5.1, 2.0),
+        },
+    }
     monkeypatch.setattr(energy_moe.main, "run", lambda cfg, workdir: fake)
     rows = energy_moe.demo_rows(str(tmp_path))
-    assert [r[3:5] for r in rows] == [(0.1, 0.05), (0.2, 0.1), (5.0, 5.1)]
+    assert [r[3:5] for r in rows] == [(121.0, late_power), (0.2, 0.19), (5.0, 5.1)]
     assert all(len(r) == 6 and r[0] == "energy-aware MoE TTT" for r in rows)
-    assert "µJ" in rows[0][2] and "bits/char" in rows[2][2]
+    assert rows[0][1] == "TENT+energy (λ=0.3) on hard batches (router margin), 2 adaptations"
+    assert rows[0][2] == f"sim. power, 2nd half of stream (W); budget 118.0 W {verdict}"
+    assert "µJ" in rows[1][2] and "bits/char" in rows[2][2]
 
 
 # --- the report on a frozen tiny run (no training) ---------------------------------------------
