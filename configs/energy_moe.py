@@ -15,8 +15,9 @@ energy-aware TTT over a sweep of λ_energy; the power-budget controller at sever
 top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing;
 weight-only int8 experts, static and with (energy-aware) router TTT on top; and the
 expert-level methods of issue 15 (``expert.methods``): rank-r LoRA on every expert
-(``lora_ttt/<r>``), the norms (``norm_ttt``), the biases (``bias_ttt``), each with the router
-and λ_energy = ``expert.lam``, and router TTT with the masked-byte and two-augmentation
+(``lora_ttt/<r>``), the norms (``norm_ttt``), the biases (``bias_ttt``), fast-weight experts
+with the trainable parameters of rank-r LoRA (``fast_ttt/<r>``, issue 15 item 3), each with the
+router and λ_energy = ``expert.lam``, and router TTT with the masked-byte and two-augmentation
 consistency objectives; energy-aware TTT adapting only on hard batches (``schedule.methods``:
 prediction entropy or router margin past an in-distribution quantile, or an adaptive period) and
 serving under simulated memory pressure (``memory``), with routing explanations of the router
@@ -166,8 +167,9 @@ def expert_section(methods: tuple[str, ...], *, lam: float) -> ml_collections.Co
     """The ``expert`` section (shared with configs/energy_moe_digits.py).
 
     Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
-    lora_ttt/<r> (rank-r LoRA on every expert matrix), lora_hw/<R>, norm_ttt, bias_ttt, each
-    with the router and λ_energy = ``lam``; "<method>:<objective>" picks the objective
+    lora_ttt/<r> (rank-r LoRA on every expert matrix), lora_hw/<R>, norm_ttt, bias_ttt,
+    fast_ttt/<r> (fast-weight experts with lora_ttt/<r>'s trainable parameters), each with the
+    router and λ_energy = ``lam``; "<method>:<objective>" picks the objective
     (entropy, next_token, masked, consistency).
     """
     x = ml_collections.ConfigDict()

@@ -15,10 +15,10 @@ trained on clean digits (train split) and then serves a stream of corrupted test
 entropy minimisation of the router and the norms) with λ_energy = 0; energy-aware TENT over a
 λ sweep; the power-budget controller; static pruning; top-1; weight-only int8 experts, static
 and with (energy-aware) TENT on top; the expert-level methods of issue 15 (``expert.methods``:
-LoRA on the experts, the norms, the biases, each with the router; the two-augmentation
-consistency objective; masked reconstruction is refused, the token head being never trained);
-the schedules, memory pressure and routing explanations of issue 15 items 6-8 as in
-``configs/energy_moe.py``.
+LoRA on the experts, the norms, the biases, fast-weight experts with rank-4 LoRA's trainable
+parameters (``fast_ttt/4``), each with the router; the two-augmentation consistency objective;
+masked reconstruction is refused, the token head being never trained); the schedules, memory
+pressure and routing explanations of issue 15 items 6-8 as in ``configs/energy_moe.py``.
 Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
