@@ -77,7 +77,9 @@ def batch_work(
             jnp.asarray(counts), variant.mcfg, lora_ranks=ranks, weights=weights
         )
     elif variant is not None:
-        experts = moe.expert_work(jnp.asarray(counts), variant.mcfg, weights=weights)
+        m = variant.mcfg
+        groups = batch * -(-length // m.fast_chunk) if m.fast_rank else None  # sequences × chunks
+        experts = moe.expert_work(jnp.asarray(counts), m, weights=weights, fast_groups=groups)
     else:
         experts = moe.expert_work(jnp.asarray(counts), rt.mcfg, weights=weights)
     return forward_work(batch_dense_work(rt, batch, length), experts.flops, experts.bytes)

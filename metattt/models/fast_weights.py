@@ -145,20 +145,30 @@ def matched_rank(d_model: int, d_ff: int, lora_rank: int) -> int:
 
 
 def fast_work(
-    expert_counts: jax.Array, d_model: int, rank: int, steps: int, itemsize: int = 4
+    expert_counts: jax.Array,
+    d_model: int,
+    rank: int,
+    steps: int,
+    itemsize: int = 4,
+    groups: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(FLOPs, bytes) of the fast-weight term per expert in one forward pass, (..., E) each.
 
     Per assignment (token routed to the expert): the three projections 6·D·R, the two
     normalisations 6·R, the read q·W and its output projection 2·R² + 2·R·D, the gate and add
-    2·D, and per inner step k·W 2·R², the residual R, the gradient's outer product 2·R² and the
-    update 2·R² (charged per token: an upper bound on the per-chunk update). Bytes: each used
-    expert's 4·D·R slow weights read once; per assignment its k, q, v written and read (6·R),
-    its output (2·D), and per step W read and written (2·R²).
+    2·D, and per inner step k·W 2·R², the residual R and the gradient's outer product 2·R².
+    Bytes per assignment: its k, q, v written and read (6·R) and its output (2·D). Per (sequence,
+    chunk) that holds tokens of the expert, and per step: the update W − η·G (2·R² FLOPs), W
+    and G read and W written (3·R² numbers); there are at most min(n_e, ``groups``) of them
+    (``groups``: sequences × chunks of the pass; None charges every token, an upper bound).
+    Each used expert's 4·D·R slow weights are read once.
     """
     d, r = d_model, rank
     n = jnp.asarray(expert_counts, jnp.float32)
-    per_flops = 6 * d * r + 6 * r + 2 * r * r + 2 * r * d + 2 * d + steps * (6 * r * r + r)
-    per_bytes = (6 * r + 2 * d + steps * 2 * r * r) * itemsize
+    chunks = n if groups is None else jnp.minimum(n, float(groups))
+    per_flops = 6 * d * r + 6 * r + 2 * r * r + 2 * r * d + 2 * d + steps * (4 * r * r + r)
+    per_bytes = (6 * r + 2 * d) * itemsize
+    flops = n * per_flops + chunks * steps * 2 * r * r
+    nbytes = n * per_bytes + chunks * steps * 3 * r * r * itemsize
     used = (n > 0).astype(jnp.float32)
-    return n * per_flops, n * per_bytes + used * np.float32(4 * d * r * itemsize)
+    return flops, nbytes + used * np.float32(4 * d * r * itemsize)

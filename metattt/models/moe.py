@@ -501,6 +501,7 @@ def expert_work(
     itemsize: int = 4,
     weights: str = "float",
     lora_ranks: jax.Array | None = None,
+    fast_groups: int | None = None,
 ) -> ExpertWork:
     """FLOPs and bytes of each expert from the token counts of a forward pass (pure, jittable).
 
@@ -518,7 +519,8 @@ def expert_work(
     With heterogeneous experts (``config.expert_widths``) expert e is priced at its width F_e
     (flops/bytes per token and weight reads); the LoRA merge runs over the whole F buffer.
     Fast-weight experts (``config.fast_rank``) add their projections, reads and inner steps
-    (:func:`metattt.models.fast_weights.fast_work`).
+    (:func:`metattt.models.fast_weights.fast_work`; ``fast_groups``: the pass's sequences ×
+    chunks, which bounds its per-chunk updates; None charges one per token).
 
     Shapes: expert_counts (..., E) (e.g. (layers, E)), lora_ranks broadcastable to it ->
     ExpertWork of (..., E).
@@ -539,7 +541,9 @@ def expert_work(
         flops = flops + 3 * (2 * d * r * f + on * d * f)
         nbytes = nbytes + 3 * (d * r + r * f) * itemsize
     if config.fast_rank:
-        fast = fast_weights.fast_work(n, d, config.fast_rank, config.fast_steps, itemsize)
+        fast = fast_weights.fast_work(
+            n, d, config.fast_rank, config.fast_steps, itemsize, groups=fast_groups
+        )
         flops, nbytes = flops + fast[0], nbytes + fast[1]
     return ExpertWork(flops, nbytes)
 

@@ -404,7 +404,8 @@ def test_lora_methods_are_charged_each_experts_merge_at_their_rank():
 def test_fast_weight_experts_match_lora_parameters_and_are_charged_their_work():
     """fast_ttt/4 adapts as many parameters as lora_ttt/4 (the router, D·E per layer, plus
     576 per expert and layer at D=16, F=32: R = 9 fast rank, 4·D·R = 3·4·(D + F)), and every
-    forward pass is charged each expert's projections, reads and inner steps per token."""
+    forward pass is charged each expert's projections, reads and inner steps per token and its
+    fast-weight updates per (sequence, chunk), at most min(n_e, sequences × chunks)."""
     from experiments.energy_moe import expert
 
     cfg = energy_config.get_config("tiny")
@@ -421,11 +422,16 @@ def test_fast_weight_experts_match_lora_parameters_and_are_charged_their_work():
     plain = serving.batch_work(rt, counts, 4, 16)
     work = serving.batch_work(rt, counts, 4, 16, fast)
     d, r, steps = m.d_model, 9, cfg.expert.fast_steps
-    per_token = 6 * d * r + 6 * r + 2 * r * r + 2 * r * d + 2 * d + steps * (6 * r * r + r)
-    assert work.flops - plain.flops == pytest.approx(counts.sum() * per_token)
-    per_bytes = (6 * r + 2 * d + steps * 2 * r * r) * 4
+    chunks = np.minimum(counts, 4 * 16 // cfg.expert.fast_chunk).sum()  # 4 sequences × 4 chunks
+    per_token = 6 * d * r + 6 * r + 2 * r * r + 2 * r * d + 2 * d + steps * (4 * r * r + r)
+    assert work.flops - plain.flops == pytest.approx(
+        counts.sum() * per_token + chunks * steps * 2 * r * r
+    )
     weights = (counts > 0).sum() * 4 * d * r * 4
-    assert work.nbytes - plain.nbytes == pytest.approx(counts.sum() * per_bytes + weights)
+    per_chunk = steps * 3 * r * r * 4
+    assert work.nbytes - plain.nbytes == pytest.approx(
+        counts.sum() * (6 * r + 2 * d) * 4 + chunks * per_chunk + weights
+    )
 
 
 # --- the tiny run end to end (slow) -------------------------------------------------------------

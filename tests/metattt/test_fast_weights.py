@@ -170,16 +170,21 @@ def test_fast_rank_matches_the_trainable_parameters_of_expert_lora(
     assert fw.fast_param_count(d_model, fast_rank) == count
 
 
-def test_fast_work_prices_every_assignment_and_step():
+@pytest.mark.parametrize("groups", [None, 4])
+def test_fast_work_prices_every_assignment_and_chunk_update(groups):
+    """Per token: projections, reads, k·W, residual and outer product; per (sequence, chunk)
+    group, at most min(n_e, groups) of them: the update and W's traffic (2 inner steps)."""
     counts = jnp.array([[0, 3, 5, 1], [2, 0, 0, 7]])
     plain = moe.expert_work(counts, CFG)
-    work = moe.expert_work(counts, FAST)
-    d, r = FAST.d_model, FAST.fast_rank
-    per_token = 6 * d * r + 6 * r + 2 * r * r + 2 * r * d + 2 * d + 2 * (6 * r * r + r)
-    np.testing.assert_allclose(work.flops - plain.flops, counts * per_token, rtol=1e-6)
-    used = (np.asarray(counts) > 0) * 4 * d * r * 4
-    per_bytes = (6 * r + 2 * d + 2 * 2 * r * r) * 4
-    np.testing.assert_allclose(work.bytes - plain.bytes, counts * per_bytes + used, rtol=1e-6)
+    work = moe.expert_work(counts, FAST, fast_groups=groups)
+    d, r, n = FAST.d_model, FAST.fast_rank, np.asarray(counts)
+    chunks = n if groups is None else np.minimum(n, groups)
+    per_token = 6 * d * r + 6 * r + 2 * r * r + 2 * r * d + 2 * d + 2 * (4 * r * r + r)
+    np.testing.assert_allclose(work.flops - plain.flops, n * per_token + chunks * 2 * 2 * r * r,
+                               rtol=1e-6)  # fmt: skip
+    used = (n > 0) * 4 * d * r * 4
+    want = n * (6 * r + 2 * d) * 4 + chunks * 2 * 3 * r * r * 4 + used
+    np.testing.assert_allclose(work.bytes - plain.bytes, want, rtol=1e-6)
 
 
 def test_bad_fast_settings_are_refused():
