@@ -15,8 +15,9 @@ energy-aware TTT over a sweep of λ_energy; the power-budget controller at sever
 top-k when a budget cannot be met); static pruning of the costliest experts; top-1 routing;
 weight-only int8 experts, static and with (energy-aware) router TTT on top; and the
 expert-level methods of issue 15 (``expert.methods``): rank-r LoRA on every expert
-(``lora_ttt/<r>``), the norms (``norm_ttt``), the biases (``bias_ttt``), each with the router
-and λ_energy = ``expert.lam``, and router TTT with the masked-byte and two-augmentation
+(``lora_ttt/<r>``), the norms (``norm_ttt``), the biases (``bias_ttt``), fast-weight experts
+with the trainable parameters of rank-r LoRA (``fast_ttt/<r>``, issue 15 item 3), each with the
+router and λ_energy = ``expert.lam``, and router TTT with the masked-byte and two-augmentation
 consistency objectives; energy-aware TTT adapting only on hard batches (``schedule.methods``:
 prediction entropy or router margin past an in-distribution quantile, or an adaptive period) and
 serving under simulated memory pressure (``memory``), with routing explanations of the router
@@ -105,6 +106,7 @@ def get_config(arg=None):
             "energy_ttt/0.3:masked",
             "energy_ttt/0.3:consistency",
             "lora_ttt/4:masked",
+            "fast_ttt/4",  # fast-weight experts with lora_ttt/4's trainable parameters
         ),
         lam=0.3,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
@@ -139,19 +141,22 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
-        c.expert.methods = ("lora_hw/4:masked",)  # one more compilation: seconds
+        c.expert.methods = ("lora_hw/4:masked", "fast_ttt/4")  # more compilations: seconds
+        c.expert.fast_chunk = 4  # 4 chunks of the 16 bytes
         c.expert.max_rank = 4
         c.int8.lambdas = (3.0,)
         c.schedule.methods = ("energy_ttt/3@adaptive",)  # one more compilation (the signals)
         c.schedule.max_every = 4
         c.memory.patience = 1
-    if arg == "demo":  # one energy-aware λ, adapted more strongly
-        c.data.stream_batches = 24
+    if arg == "demo":  # the full runs' best energy-aware point: λ 0.3 on hard batches only
+        c.data.batch = 8  # adapting 1 of 8 windows: the full run's share (2 of 16)
+        c.data.stream_batches = 64  # long enough for the saving to repay an adaptation
         c.ttt.every = 4
+        c.ttt.windows = 1
         c.ttt.lr = 5e-2
-        c.ttt.lambdas = (3.0,)
+        c.ttt.lambdas = (0.3,)
         c.expert.methods = ()
-        c.schedule.methods = ()
+        c.schedule.methods = ("energy_ttt/0.3@margin",)
         c.memory.enabled = False
     elif arg is not None and arg != "tiny":
         raise ValueError(f"unknown variant {arg!r} of configs/energy_moe.py (known: tiny, demo)")
@@ -162,8 +167,9 @@ def expert_section(methods: tuple[str, ...], *, lam: float) -> ml_collections.Co
     """The ``expert`` section (shared with configs/energy_moe_digits.py).
 
     Expert-level adaptation and other objectives (issue 15; experiments/energy_moe/expert.py):
-    lora_ttt/<r> (rank-r LoRA on every expert matrix), lora_hw/<R>, norm_ttt, bias_ttt, each
-    with the router and λ_energy = ``lam``; "<method>:<objective>" picks the objective
+    lora_ttt/<r> (rank-r LoRA on every expert matrix), lora_hw/<R>, norm_ttt, bias_ttt,
+    fast_ttt/<r> (fast-weight experts with lora_ttt/<r>'s trainable parameters), each with the
+    router and λ_energy = ``lam``; "<method>:<objective>" picks the objective
     (entropy, next_token, masked, consistency).
     """
     x = ml_collections.ConfigDict()
@@ -182,6 +188,12 @@ def expert_section(methods: tuple[str, ...], *, lam: float) -> ml_collections.Co
     x.hw_temperature_c = 80.0  # no adapter at or above; full rank 10 °C below
     x.hw_temperature_margin_c = 10.0
     x.hw_memory_reserve_gb = 1.0  # free memory (device, else host) kept in reserve
+    # fast_ttt/<ρ>: fast-weight experts (metattt.models.fast_weights) with the trainable
+    # parameters of lora_ttt/<ρ>; per sequence, chunks of fast_chunk positions, fast_steps
+    # key/value gradient steps of rate fast_lr (<= 1: unit keys) on each after reading it.
+    x.fast_chunk = 16
+    x.fast_lr = 0.5
+    x.fast_steps = 1
     return x
 
 

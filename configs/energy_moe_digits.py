@@ -15,10 +15,10 @@ trained on clean digits (train split) and then serves a stream of corrupted test
 entropy minimisation of the router and the norms) with λ_energy = 0; energy-aware TENT over a
 λ sweep; the power-budget controller; static pruning; top-1; weight-only int8 experts, static
 and with (energy-aware) TENT on top; the expert-level methods of issue 15 (``expert.methods``:
-LoRA on the experts, the norms, the biases, each with the router; the two-augmentation
-consistency objective; masked reconstruction is refused, the token head being never trained);
-the schedules, memory pressure and routing explanations of issue 15 items 6-8 as in
-``configs/energy_moe.py``.
+LoRA on the experts, the norms, the biases, fast-weight experts with rank-4 LoRA's trainable
+parameters (``fast_ttt/4``), each with the router; the two-augmentation consistency objective;
+masked reconstruction is refused, the token head being never trained); the schedules, memory
+pressure and routing explanations of issue 15 items 6-8 as in ``configs/energy_moe.py``.
 Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
@@ -106,6 +106,7 @@ def get_config(arg=None):
             "bias_ttt",
             "energy_ttt/1:consistency",
             "lora_ttt/4:consistency",
+            "fast_ttt/4",  # fast-weight experts with lora_ttt/4's trainable parameters
         ),
         lam=1.0,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
@@ -138,7 +139,7 @@ def get_config(arg=None):
         c.budget.fractions = (0.7, 0.05)
         c.budget.patience = 1
         c.baselines.prune = (1,)
-        c.expert.methods = ("norm_ttt:consistency",)  # one more compilation: seconds
+        c.expert.methods = ("norm_ttt:consistency", "fast_ttt/4")  # more compilations: seconds
         c.expert.max_rank = 4
         c.expert.lam = 0.3
         c.int8.lambdas = (3.0,)

@@ -36,6 +36,7 @@ mlp_out       has an MLP module (``*mlp*``, ``*ffn*``, ``feed_forward``, ``*expe
 emb           has a component containing ``emb`` (``embedding``, ``unit_emb``, ...).
 router        has a component containing ``router`` (MoE gates).
 lora          has a component containing ``lora``.
+fast          has a component named ``fast`` (fast-weight experts' slow projections).
 ============  ==========================================================================
 
 What names cannot tell: a norm named without its kind (``norm1``) is taken by ``layernorm``
@@ -92,6 +93,7 @@ PRESETS: dict[str, str] = {
     "emb": r"(?:^|/)[^/]*emb[^/]*(?:/|$)",
     "router": r"(?:^|/)[^/]*router[^/]*(?:/|$)",
     "lora": r"(?:^|/)[^/]*lora[^/]*(?:/|$)",
+    "fast": r"(?:^|/)fast(?:/|$)",
 }
 _INDEXED_NORM = re.compile(r"^((?:.*/)?\d+)/(?:scale|bias)$")  # an unnamed layer's scale or bias
 

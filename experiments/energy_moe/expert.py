@@ -1,6 +1,6 @@
 """Expert-level adaptation and the TTT objectives of issue 15, as methods of the experiment.
 
-A method of kind ``lora_ttt/<r>``, ``norm_ttt`` or ``bias_ttt``, or any ``ttt`` /
+A method of kind ``lora_ttt/<r>``, ``norm_ttt``, ``bias_ttt`` or ``fast_ttt/<ρ>``, or any ``ttt`` /
 ``energy_ttt`` with an ``:<objective>``, is served through a :class:`Variant`: its own model
 (for LoRA: the trained model inside a LoRA model whose every expert matrix has a rank-r
 adapter in an R_max buffer, :func:`metattt.models.moe.lora_realloc`; the rank mask is data,
@@ -15,7 +15,13 @@ so every rank shares one compiled adaptation), its own adapted parameters (a
   biases (``norm``), ``bias_ttt``: every bias (``bias``: in this model only the LM and class
   heads have biases, after the routing) -- each with the router (``ttt.params``) unless
   ``expert.with_router`` is False, so that the energy term always has the routing to act on;
-  λ_energy is ``expert.lam`` for all three.
+  λ_energy is ``expert.lam`` for all of them. ``fast_ttt/<ρ>``: the trained model inside a
+  fast-weight model (:mod:`metattt.models.fast_weights`: every expert's output plus a fast
+  weight trained inside each forward pass on a key/value loss, chunk by chunk of
+  ``expert.fast_chunk`` positions, ``expert.fast_steps`` steps of rate ``expert.fast_lr``;
+  zero output projection at the start), of the rank R whose slow projections have the
+  trainable parameters of ``lora_ttt/<ρ>`` (4·D·R = 3·ρ·(D + F), else refused); the method
+  adapts them (``fast``) with the router.
 * objectives: ``entropy`` (TENT), ``next_token`` (LM), ``masked`` (a share
   ``expert.mask_rate`` of the bytes hidden behind random bytes, each predicted from the
   corrupted prefix: LM only), ``consistency`` (symmetric KL between the predictions on two
@@ -26,7 +32,8 @@ Masked reconstruction is refused for digits: the model's token head is never tra
 classifier trains its class head only) and is causal, so it has nothing to reconstruct pixels
 with. Energy: a LoRA model's forward pass also pays each expert's merge W + A·B at its active
 rank (:func:`metattt.models.moe.expert_work`), in inference and, with the backward factor, in
-every adaptation step.
+every adaptation step; a fast-weight model pays its projections, reads and inner steps
+(:func:`metattt.models.fast_weights.fast_work`) in every forward pass likewise.
 """
 
 from __future__ import annotations
@@ -44,10 +51,11 @@ from experiments.energy_moe.registry import EXPERT, Method, method_names, method
 from experiments.energy_moe.runtime import Runtime, compile_adapt, compile_infer
 from metattt import augment
 from metattt.energy import MemoryReading, RankLimits, adapter_ranks, energy_tent
-from metattt.models import moe
+from metattt.models import fast_weights, moe
 from metattt.params import leaf_paths, select
 
-GROUPS = {"lora_ttt": "lora", "lora_hw": "lora", "norm_ttt": "norm", "bias_ttt": "bias"}
+GROUPS = {"lora_ttt": "lora", "lora_hw": "lora", "norm_ttt": "norm", "bias_ttt": "bias",
+          "fast_ttt": "fast"}  # fmt: skip
 LORA = ("lora_ttt", "lora_hw")
 
 
@@ -55,7 +63,8 @@ class Variant(NamedTuple):
     """How one method other than the router TTT is served.
 
     Attributes:
-        mcfg: the served model's config (LoRA: ``lora_rank`` = ``expert.max_rank``).
+        mcfg: the served model's config (LoRA: ``lora_rank`` = ``expert.max_rank``; fast
+            weights: ``fast_rank`` > 0).
         rank: the active LoRA rank of every expert matrix (0: no LoRA).
         selector: which parameters adapt (a :mod:`metattt.params` selector).
         objective: the adaptation's L_task.
@@ -99,6 +108,24 @@ def lora_config(cfg, mcfg: moe.MoEConfig) -> moe.MoEConfig:
     return mcfg._replace(lora_rank=r, lora_alpha=float(r))
 
 
+def fast_config(cfg, mcfg: moe.MoEConfig, lora_rank: int) -> moe.MoEConfig:
+    """The fast-weight model whose slow projections match ``lora_rank``'s trainable parameters
+    (:func:`metattt.models.fast_weights.matched_rank`; raises ValueError when none does)."""
+    x = cfg.expert
+    rank = fast_weights.matched_rank(mcfg.d_model, mcfg.d_ff, lora_rank)
+    return mcfg._replace(fast_rank=rank, fast_chunk=int(x.fast_chunk), fast_lr=float(x.fast_lr),
+                         fast_steps=int(x.fast_steps))  # fmt: skip
+
+
+def model_of(cfg, mcfg: moe.MoEConfig, method: Method) -> moe.MoEConfig:
+    """The model ``method`` is served with: LoRA, fast-weight, or the trained one."""
+    if method.kind in LORA:
+        return lora_config(cfg, mcfg)
+    if method.kind == "fast_ttt":
+        return fast_config(cfg, mcfg, method.rank)
+    return mcfg
+
+
 def corruptions(cfg, mcfg: moe.MoEConfig, head: str) -> dict[str, Any]:
     """``corrupt`` and ``augment`` of :func:`metattt.energy.energy_tent` for the task's tokens
     (random tokens 1..256, the bytes, for the LM, whose token 0 is padding; a square image of
@@ -136,10 +163,15 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
             raise ValueError(f"expert.{rate} must be in [0, 1), got {x[rate]}")
     if x.max_shift < 0 or x.noise < 0:
         raise ValueError("expert.max_shift and expert.noise must be >= 0")
+    fast = [m for m in table.values() if m.kind == "fast_ttt"]
+    if fast and not (x.fast_chunk >= 1 and x.fast_steps >= 1 and 0 < x.fast_lr <= 1):
+        raise ValueError(f"need expert.fast_chunk >= 1, expert.fast_steps >= 1 and expert.fast_lr "
+                         f"in (0, 1], got {x.fast_chunk}, {x.fast_steps}, {x.fast_lr}")  # fmt: skip
+    for method in fast:
+        fast_config(cfg, mcfg, method.rank)  # no exact match raises
     if not (0 < x.hw_fraction < 1 and 0 < x.hw_margin <= 1 and x.hw_temperature_margin_c > 0):
         raise ValueError("need expert.hw_fraction in (0, 1), expert.hw_margin in (0, 1] and "
                          "expert.hw_temperature_margin_c > 0")  # fmt: skip
-    params = jax.eval_shape(lambda: moe.init_moe(lora_config(cfg, mcfg)).params)
     for name, method in table.items():
         objective = objective_of(method, head)
         if head != "lm" and objective in ("masked", "next_token"):
@@ -147,6 +179,8 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
                 f"{name}: objective {objective!r} needs a trained token head; the digits "
                 "model trains only its class head (use entropy or consistency)"
             )
+        model = lora_config(cfg, mcfg) if method.kind != "fast_ttt" else model_of(cfg, mcfg, method)
+        params = jax.eval_shape(lambda m=model: moe.init_moe(m).params)
         select(params, selector_of(cfg, method))  # an empty selection raises
 
 
@@ -156,15 +190,14 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
     if "expert" not in cfg:
         return {}
     mcfg = rt.mcfg
-    lcfg = lora_config(cfg, mcfg)
-    compiled: dict[Any, Any] = {("infer", 0): rt.infer[mcfg.top_k]}
+    compiled: dict[Any, Any] = {("infer", 0, 0): rt.infer[mcfg.top_k]}
     out = {}
     for name, method in methods(cfg).items():
         if not needs_variant(method):
             continue
-        model = lcfg if method.kind in LORA else mcfg
+        model = model_of(cfg, mcfg, method)
         selector, objective = selector_of(cfg, method), objective_of(method, head)
-        key = (model.lora_rank, repr(selector), objective)
+        key = (model.lora_rank, model.fast_rank, repr(selector), objective)
         if key not in compiled:
             ttt = energy_tent(
                 moe.init_moe(model).apply, rt.joules, top_k=mcfg.top_k, params=selector,
@@ -172,9 +205,9 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
                 **corruptions(cfg, mcfg, head),
             )  # fmt: skip
             compiled[key] = compile_adapt(ttt)
-        if ("infer", model.lora_rank) not in compiled:
-            compiled["infer", model.lora_rank] = compile_infer(model, head)
-        infer = compiled["infer", model.lora_rank]
+        if ("infer", model.lora_rank, model.fast_rank) not in compiled:
+            compiled["infer", model.lora_rank, model.fast_rank] = compile_infer(model, head)
+        infer = compiled["infer", model.lora_rank, model.fast_rank]
         if model.lora_rank and "realloc" not in compiled:
             compiled["realloc"] = jax.jit(partial(moe.lora_realloc, config=model))
         realloc = compiled.get("realloc") if model.lora_rank else None
@@ -232,7 +265,10 @@ def hardware_limits(cfg, variant: Variant, budget_w: float, fixed_w: float) -> R
 
 def prepare(variant: Variant, params: Any, seed: int) -> Any:
     """The trained parameters as ``variant`` serves them: inside the LoRA model with every
-    expert matrix at rank ``variant.rank`` (A random, B zero: the same function), or as is."""
+    expert matrix at rank ``variant.rank`` (A random, B zero: the same function), inside the
+    fast-weight model (θ_O zero: the same function), or as is."""
+    if variant.mcfg.fast_rank:
+        return moe.with_fast(params, variant.mcfg, seed)
     if not variant.rank:
         return params
     lora = moe.with_lora(params, variant.mcfg)
@@ -255,8 +291,9 @@ def warm_up(variants: dict[str, Variant], params: Any, stream: Any, *, batch: in
 
 
 def describe(variants: dict[str, Variant], table: dict[str, Method]) -> dict[str, dict]:
-    """Per variant method: what adapts, the objective, λ_energy, the LoRA rank and the number
-    of adapted parameters (a LoRA factor counts its active rank only: r / R_max of it)."""
+    """Per variant method: what adapts, the objective, λ_energy, the LoRA rank (``fast_ttt``:
+    the one matched), the fast rank (0: none) and the number of adapted parameters (a LoRA
+    factor counts its active rank only: r / R_max of it)."""
     out = {}
     for name, v in variants.items():
         params = jax.eval_shape(lambda m=v.mcfg: moe.init_moe(m).params)
@@ -272,6 +309,7 @@ def describe(variants: dict[str, Variant], table: dict[str, Method]) -> dict[str
             "lam": table[name].lam,
             "rank": v.rank,
             "rank_policy": table[name].kind == "lora_hw",
+            "fast_rank": v.mcfg.fast_rank,
             "adapted_params": int(round(adapted)),
         }
     return out

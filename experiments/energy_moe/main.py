@@ -157,12 +157,20 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     return results
 
 
-def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
-    """``make demo``: no TTT vs energy-aware TENT on the demo config's shifted (code) stream.
+#: The demo's power budget: this share of no TTT's dynamic power above the fixed power (that of
+#: the full runs' ``budget/0.9`` and ``lora_hw``).
+DEMO_BUDGET_SHARE = 0.9
 
-    Returns rows ``(system, method, metric, before, after, seconds)``: the simulated expert
-    energy per token of the routing over the last quarter of the stream, the dynamic energy per
-    token with the adaptation's own work included, and bits/char.
+
+def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
+    """``make demo``: no TTT vs the full runs' best energy-aware point (energy-aware TENT at
+    λ 0.3 on the batches whose router margin marks them hard, ``energy_ttt/0.3@margin``) on the
+    demo config's shifted (code) stream.
+
+    Returns rows ``(system, method, metric, before, after, seconds)``: the simulated mean power
+    over the second half of the stream against a budget (:data:`DEMO_BUDGET_SHARE` of no TTT's
+    dynamic power; the metric says whether the method meets it), the dynamic energy per token
+    with the adaptation's own work included, and bits/char.
     """
     from configs import energy_moe as energy_config  # configs are read by experiments only
 
@@ -175,14 +183,22 @@ def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
     results = run(cfg, os.path.join(workdir, "energy_moe"))
     seconds = time.perf_counter() - start
     rows = results["methods"]
-    base, aware = rows["no_ttt"], rows[f"energy_ttt/{cfg.ttt.lambdas[0]:g}"]
-    system, method = "energy-aware MoE TTT", f"TENT+energy (λ={cfg.ttt.lambdas[0]:g})"
+    (name,) = cfg.schedule.methods
+    base, best = rows["no_ttt"], rows[name]
+    fixed = results["fixed_power_w"]
+    budget = fixed + DEMO_BUDGET_SHARE * (base["mean_power_w"]["mean"] - fixed)
+    met = "met" if best["late_power_w"]["mean"] <= budget else "not met"
+    system = "energy-aware MoE TTT"
+    method = (
+        f"TENT+energy (λ={registry.parse_method(name).lam:g}) on hard batches (router margin), "
+        f"{best['adapt_calls']['mean']:.0f} adaptations"
+    )
     metrics = (
-        ("routed_uj_per_token_late", "sim. expert energy/token of the routing (µJ)"),
+        ("late_power_w", f"sim. power, 2nd half of stream (W); budget {budget:.1f} W {met}"),
         ("uj_per_token", "sim. dyn. energy/token incl. adaptation (µJ)"),
         ("bpc", "bits/char, docs -> code"),
     )
     return [
-        (system, method, metric, base[key]["mean"], aware[key]["mean"], seconds)
+        (system, method, metric, base[key]["mean"], best[key]["mean"], seconds)
         for key, metric in metrics
     ]

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 COLORS = {"no_ttt": "k", "ttt": "tab:blue", "energy_ttt": "tab:green", "budget": "tab:purple",
           "prune": "tab:red", "top_k": "tab:orange", "lora_ttt": "tab:cyan", "lora_hw": "tab:pink",
           "norm_ttt": "tab:olive", "bias_ttt": "tab:brown", "int8": "tab:gray",
-          "int8_ttt": "darkcyan", "int8_energy_ttt": "darkgreen", "memory": "gold"}  # fmt: skip
+          "int8_ttt": "darkcyan", "int8_energy_ttt": "darkgreen", "memory": "gold",
+          "fast_ttt": "magenta"}  # fmt: skip
 
 
 def _pyplot():

@@ -1,13 +1,14 @@
 """The methods that serve a stream, by name: ``<kind>`` or ``<kind>/<value>``.
 
-``no_ttt`` and ``ttt`` take no value; ``energy_ttt/<λ>`` (λ_energy > 0), ``budget/<f>`` (a
-share in (0, 1) of the unadapted model's dynamic power), ``prune/<n>`` (n costliest experts
-off) and ``top_k/<k>`` (a smaller top-k) take one. ``int8``, ``int8_ttt`` and
-``int8_energy_ttt/<λ>`` are ``no_ttt``, ``ttt`` and ``energy_ttt`` on weight-only int8 experts
-(:mod:`metattt.models.quantize`). The expert-level kinds (issue 15, see
-:mod:`.expert`) are ``lora_ttt/<rank>`` (LoRA of that rank on every expert), ``lora_hw/<R>``
-(ranks up to R chosen per batch from the monitor's power, temperature and memory headroom),
-``norm_ttt`` and ``bias_ttt``; these and ``ttt``, ``energy_ttt`` may end in ``:<objective>``
+``no_ttt`` and ``ttt`` take no value; ``energy_ttt/<λ>`` (λ_energy > 0), ``budget/<f>`` (a share
+in (0, 1) of the unadapted model's dynamic power), ``prune/<n>`` (n costliest experts off) and
+``top_k/<k>`` (a smaller top-k) take one. ``int8``, ``int8_ttt`` and ``int8_energy_ttt/<λ>`` are
+``no_ttt``, ``ttt`` and ``energy_ttt`` on weight-only int8 experts
+(:mod:`metattt.models.quantize`). The expert-level kinds (issue 15, see :mod:`.expert`) are
+``lora_ttt/<rank>`` (LoRA of that rank on every expert), ``lora_hw/<R>`` (ranks up to R chosen
+per batch from the monitor's power, temperature and memory headroom), ``norm_ttt``, ``bias_ttt``
+and ``fast_ttt/<rank>`` (fast-weight experts, item 3, with the trainable parameters of
+``lora_ttt/<rank>``); these and ``ttt``, ``energy_ttt`` may end in ``:<objective>``
 (``entropy``, ``next_token``, ``masked``, ``consistency``; without it the task's own objective),
 and the config names them in full (``expert.methods``). ``ttt`` and ``energy_ttt`` may instead
 end in ``@<schedule>`` (issue 15 item 7, :mod:`.schedules`): adapt on the batches whose
@@ -15,9 +16,9 @@ prediction entropy (``@entropy``) or router margin (``@margin``) is past an in-d
 quantile, or at a period that halves on hard batches and doubles on easy ones (``@adaptive``);
 the config names them in ``schedule.methods``. ``memory`` (item 6, :mod:`.pressure`) serves the
 trained model while other tenants' memory use follows a simulated trace, stepping down through
-serving levels (``memory.enabled``). :func:`parse_method` turns a name into a
-:class:`Method` and rejects anything else in one line that lists the valid forms;
-:func:`methods` names the config's methods in the order they run.
+serving levels (``memory.enabled``). :func:`parse_method` turns a name into a :class:`Method`
+and rejects anything else in one line that lists the valid forms; :func:`methods` names the
+config's methods in the order they run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple
 
-EXPERT = ("lora_ttt", "lora_hw", "norm_ttt", "bias_ttt")  # issue 15: λ_energy = expert.lam
+EXPERT = (
+    "lora_ttt",
+    "lora_hw",
+    "norm_ttt",
+    "bias_ttt",
+    "fast_ttt",
+)  # issue 15: λ_energy = expert.lam
 INT8 = ("int8", "int8_ttt", "int8_energy_ttt")
 ENERGY_AWARE = ("energy_ttt", "budget", "int8_energy_ttt", *EXPERT)
 BASELINES = ("prune", "top_k", "int8")
@@ -45,7 +52,8 @@ class Method(NamedTuple):
         fraction: the budget's share of the dynamic power (``budget``).
         prune: experts pruned (``prune``).
         top_k: K of the routing (0: the model's).
-        rank: the expert LoRA rank (``lora_ttt``; the largest, ``lora_hw``).
+        rank: the expert LoRA rank (``lora_ttt``; the largest, ``lora_hw``; ``fast_ttt``: the
+            LoRA rank whose trainable parameters its fast-weight experts match).
         objective: the adaptation's objective (``""``: the task's own).
         schedule: when to adapt (``""``: every ``ttt.every``-th batch; else :data:`SCHEDULES`).
     """
@@ -82,6 +90,7 @@ KINDS = {
     "lora_hw": ("rank", int, "lora_hw/<max rank>"),
     "norm_ttt": (None, None, "norm_ttt"),
     "bias_ttt": (None, None, "bias_ttt"),
+    "fast_ttt": ("rank", int, "fast_ttt/<matched LoRA rank>"),
     "int8": (None, None, "int8"),
     "int8_ttt": (None, None, "int8_ttt"),
     "int8_energy_ttt": ("lam", float, "int8_energy_ttt/<λ>"),

@@ -60,6 +60,7 @@ def reading(results: dict[str, Any], metric: Metric = BPC) -> list[str]:
         f"{', '.join(both) or 'none'}.",
     ]
     lines += expert_reading(results, metric)
+    lines += fast_reading(results, metric)
     lines += plan_reading(results, metric)
     int8 = [n for n in rows if kinds[n] in INT8]
     if int8:
@@ -116,6 +117,48 @@ def expert_reading(results: dict[str, Any], metric: Metric) -> list[str]:
         f"Meeting ≥ 20% energy reduction with < 5{unit} {metric.label} increase: "
         f"{', '.join(hits) or 'none'}."
     ]
+
+
+def fast_reading(results: dict[str, Any], metric: Metric) -> list[str]:
+    """One line per fast-weight method (issue 15 item 3): against no TTT and against LoRA at the
+    same trainable parameters (``lora_ttt/<ρ>``, when it ran), and whether it moves toward the
+    targets (≥ 20% energy at < 5% accuracy loss; overhead < 10%)."""
+    expert = results.get("expert") or {}
+    rows, m_key = results["methods"], metric.key
+    unit = "%" if metric.relative else " pp"
+    lines = []
+    for name, info in expert.items():
+        if not info.get("fast_rank"):
+            continue
+        r = rows[name]
+
+        def point(n):
+            row = rows[n]
+            return (f"{n} {change(row[f'{m_key}_change'], metric)} {metric.label}, "
+                    f"{100 * row['energy_reduction']['mean']:+.1f}% energy saved, overhead "
+                    f"{100 * row['overhead']['mean']:.0f}%")  # fmt: skip
+
+        lora = f"lora_ttt/{info['rank']}"
+        versus = (
+            f" vs {point(lora)} at the same {info['adapted_params']} adapted parameters"
+            if lora in rows
+            else ""
+        )
+        toward = r["energy_reduction"]["mean"] > 0 and r[f"{m_key}_change"]["mean"] < 0.05
+        if lora in rows:
+            toward = (
+                toward and r["energy_reduction"]["mean"] > rows[lora]["energy_reduction"]["mean"]
+            )
+        lines.append(
+            f"- Fast-weight experts (item 3, fast rank {info['fast_rank']}): {point(name)}"
+            f"{versus}. Their key/value steps run in every forward pass, so their work is paid on "
+            f"every token, not only on the adapted batches: "
+            + ("it moves" if toward else "it does not move")
+            + f" energy-aware TTT toward ≥ 20% energy saved at < 5{unit} {metric.label} increase"
+            f" (target {'met' if r['meets_energy_target'] else 'not met'}; overhead < 10%: "
+            f"{'met' if r['meets_overhead_target'] else 'not met'})."
+        )
+    return lines
 
 
 def plan_reading(results: dict[str, Any], metric: Metric) -> list[str]:
@@ -218,6 +261,7 @@ def expert_header(results: dict[str, Any], cfg) -> list[str]:
         f"expert matrix in an R_max = {x.max_rank} buffer (rank = mask, one compilation), "
         "each expert's merge W + A·B charged per forward pass at the active rank; "
         f"{objectives}; a two-pass objective is charged both passes."
+        + _fast_header(results, cfg)
         + (
             f" lora_hw: after every batch the ranks (and which experts keep an adapter: the "
             f"busiest) follow the headroom below a power budget of {x.hw_fraction} of no_ttt's "
@@ -230,6 +274,24 @@ def expert_header(results: dict[str, Any], cfg) -> list[str]:
             else ""
         ),
     ]
+
+
+def _fast_header(results: dict[str, Any], cfg) -> str:
+    """Provenance of the fast-weight methods (issue 15 item 3), when any ran."""
+    fast = {n: i for n, i in results["expert"].items() if i.get("fast_rank")}
+    if not fast:
+        return ""
+    x = cfg.expert
+    ranks = ", ".join(f"{n}: R = {i['fast_rank']}" for n, i in fast.items())
+    return (
+        " fast_ttt/<ρ>: every expert's output gains (q W) θ_O, W an (R, R) fast weight per "
+        "sequence and expert trained inside each forward pass on ||k W − v||² over the tokens "
+        f"routed to it, in chunks of {x.fast_chunk} positions ({x.fast_steps} step(s) of rate "
+        f"{x.fast_lr} after reading each chunk: causal), θ_O zero at the start; R chosen so that "
+        f"θ_K, θ_Q, θ_V, θ_O (4·D·R) equal lora_ttt/<ρ>'s 3·ρ·(D + F) ({ranks}); the method "
+        "adapts them with the router, and every forward pass is charged their projections, "
+        "reads and inner steps (metattt.models.fast_weights.fast_work)."
+    )
 
 
 def _memory_source(results: dict[str, Any], cfg) -> str:

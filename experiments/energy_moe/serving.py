@@ -69,12 +69,17 @@ def batch_work(
 ) -> Work:
     """Dense work plus the work of the experts actually used (``counts`` (layers, E)), their
     weights stored as ``weights`` (:data:`metattt.models.moe.WEIGHT_FORMATS`), with the
-    variant's expert LoRA merges at ``lora_ranks`` ((layers, E); None: its rank)."""
-    if variant is not None and variant.rank:
+    variant's expert LoRA merges at ``lora_ranks`` ((layers, E); None: its rank) and its
+    fast-weight terms (:func:`metattt.models.fast_weights.fast_work`)."""
+    if variant is not None and variant.rank and not variant.mcfg.fast_rank:
         ranks = variant.rank if lora_ranks is None else jnp.asarray(lora_ranks)
         experts = moe.expert_work(
             jnp.asarray(counts), variant.mcfg, lora_ranks=ranks, weights=weights
         )
+    elif variant is not None:
+        m = variant.mcfg
+        groups = batch * -(-length // m.fast_chunk) if m.fast_rank else None  # sequences × chunks
+        experts = moe.expert_work(jnp.asarray(counts), m, weights=weights, fast_groups=groups)
     else:
         experts = moe.expert_work(jnp.asarray(counts), rt.mcfg, weights=weights)
     return forward_work(batch_dense_work(rt, batch, length), experts.flops, experts.bytes)

@@ -114,6 +114,8 @@ def _rank(info: dict[str, Any], row: dict[str, Any]) -> str:
     """The LoRA rank: fixed, or up to R with the mean share the hardware allowed."""
     if info.get("rank_policy"):
         return f"≤ {info['rank']}, mean {fmt(row['rank_share'], 0, 100)}% of the buffer"
+    if info.get("fast_rank"):
+        return f"fast R = {info['fast_rank']} (params of LoRA {info['rank']})"
     return str(info["rank"] or "-")
 
 

@@ -4,13 +4,23 @@ Modules: :mod:`~metattt.models.functional` (``functionalize``: any NNX module to
 ``apply(params, *args)`` plus its parameters), :mod:`~metattt.models.mlp`,
 :mod:`~metattt.models.digits_net`, :mod:`~metattt.models.dynamics` (action-conditioned
 transformer predictor), :mod:`~metattt.models.moe` (top-k MoE transformer),
-:mod:`~metattt.models.quantize` (weight-only int8 experts) and
+:mod:`~metattt.models.quantize` (weight-only int8 experts),
+:mod:`~metattt.models.fast_weights` (fast-weight experts trained at test time) and
 :mod:`~metattt.models.perceiver` (population forecaster). The factory functions ``mlp`` and
 ``digits_net`` share their module's name, so reach them as ``models.mlp.mlp`` and
 ``models.digits_net.digits_net``.
 """
 
-from metattt.models import digits_net, dynamics, functional, mlp, moe, perceiver, quantize
+from metattt.models import (
+    digits_net,
+    dynamics,
+    fast_weights,
+    functional,
+    mlp,
+    moe,
+    perceiver,
+    quantize,
+)
 from metattt.models.dynamics import PredictorConfig, init_predictor
 from metattt.models.functional import Functional, functionalize
 from metattt.models.moe import MoEConfig, MoEOutput, init_moe
@@ -24,6 +34,7 @@ __all__ = [
     "PredictorConfig",
     "digits_net",
     "dynamics",
+    "fast_weights",
     "forecast_loss",
     "functional",
     "functionalize",

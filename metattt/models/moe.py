@@ -39,6 +39,7 @@ from flax import nnx
 
 from kernels_pallas.moe_dispatch import BACKENDS, DROP_PRIORITIES, moe_dispatch, top_k_routing
 from metattt.adapters import LoRA, LoRAFactors, realloc
+from metattt.models import fast_weights
 from metattt.models.functional import Functional, functionalize
 
 PyTree = Any
@@ -75,6 +76,12 @@ class MoEConfig(NamedTuple):
             zero, so it computes exactly a width-F_e SwiGLU while every shape (and the
             dispatch) stays static. :func:`expert_work` and :func:`expert_token_costs` price
             expert e at width F_e, so cheap and expensive experts exist for energy-aware routing.
+        fast_rank: R; > 0 makes every expert a fast-weight expert
+            (:mod:`metattt.models.fast_weights`): its output gains ``(q W) θ_O`` from an (R, R)
+            fast weight trained inside the forward pass on a key/value loss, chunk by chunk of
+            ``fast_chunk`` positions, ``fast_steps`` steps of rate ``fast_lr`` per chunk. θ_O
+            starts at zero, so adding them leaves the function unchanged (:func:`with_fast`).
+        fast_chunk, fast_lr, fast_steps: see ``fast_rank``.
     """
 
     vocab_size: int
@@ -94,6 +101,10 @@ class MoEConfig(NamedTuple):
     num_classes: int = 0
     backend: str = "auto"
     expert_widths: tuple[int, ...] | None = None
+    fast_rank: int = 0
+    fast_chunk: int = 16
+    fast_lr: float = 0.5
+    fast_steps: int = 1
 
 
 def expert_widths(config: MoEConfig) -> tuple[int, ...]:
@@ -152,6 +163,10 @@ def _validate_config(config: MoEConfig) -> None:
         raise ValueError(f"config.norm must be 'rms' or 'layer', got {config.norm!r}")
     if config.lora_rank < 0 or config.num_classes < 0:
         raise ValueError("config.lora_rank and config.num_classes must be >= 0")
+    if config.fast_rank < 0 or config.fast_chunk < 1 or config.fast_steps < 0:
+        raise ValueError("config.fast_rank and fast_steps must be >= 0, config.fast_chunk >= 1")
+    if not 0 < config.fast_lr <= 1:
+        raise ValueError(f"config.fast_lr must be in (0, 1], got {config.fast_lr}")
     if config.backend not in BACKENDS:
         raise ValueError(f"config.backend must be one of {BACKENDS}, got {config.backend!r}")
     if config.expert_widths is not None:
@@ -251,13 +266,35 @@ class SwiGLUExperts(nnx.Module):
         )
 
 
+class FastWeightProjections(nnx.Module):
+    """The slow projections of E fast-weight experts: ``key``, ``query``, ``value`` (E, D, R),
+    ``out`` (E, R, D), zero at init (:func:`metattt.models.fast_weights.fast_modulation`)."""
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        e, d, r = config.num_experts, config.d_model, config.fast_rank
+        normal = lambda: nnx.Param(jax.random.normal(rngs.params(), (e, d, r)) / math.sqrt(d))
+        self.key, self.query, self.value = normal(), normal(), normal()
+        self.out = nnx.Param(jnp.zeros((e, r, d)))
+        self.config = config
+
+    def __call__(self, x: jax.Array, assign: jax.Array, combine: jax.Array) -> jax.Array:
+        """x (B, L, D), assign and combine (B, L, E) -> the (B, L, D) fast-weight term."""
+        c = self.config
+        return fast_weights.fast_modulation(
+            x, self.key[...], self.query[...], self.value[...], self.out[...], assign, combine,
+            chunk=c.fast_chunk, lr=c.fast_lr, steps=c.fast_steps,
+        )  # fmt: skip
+
+
 class MoEFeedForward(nnx.Module):
-    """Router (``router``, no bias) + top-k dispatch to :class:`SwiGLUExperts` (``experts``)."""
+    """Router (``router``, no bias) + top-k dispatch to :class:`SwiGLUExperts` (``experts``),
+    plus :class:`FastWeightProjections` (``fast``) when ``config.fast_rank`` > 0."""
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.router = nnx.Linear(config.d_model, config.num_experts, use_bias=False, rngs=rngs)
         self.experts = SwiGLUExperts(config, rngs=rngs)
+        self.fast = FastWeightProjections(config, rngs=rngs) if config.fast_rank else None
 
     def __call__(
         self, x: jax.Array, expert_mask: jax.Array | None
@@ -280,6 +317,11 @@ class MoEFeedForward(nnx.Module):
             backend=cfg.backend,
         )
         seq = lambda a: a.reshape(batch, length, *a.shape[1:])
+        out = seq(res.out)
+        if self.fast is not None:
+            kept = jax.nn.one_hot(routing.expert_ids, cfg.num_experts) * ~res.dropped[..., None]
+            combine = jnp.sum(kept * routing.gates[..., None], 1)  # (B·L, E)
+            out = out + self.fast(x, seq(jnp.sum(kept, 1)), seq(combine)).astype(out.dtype)
         aux = {
             "load_balance_loss": load_balancing_loss(
                 routing.probs, routing.expert_ids, cfg.num_experts
@@ -292,7 +334,7 @@ class MoEFeedForward(nnx.Module):
             "gates": seq(routing.gates),
             "dropped": seq(res.dropped),
         }
-        return seq(res.out), aux
+        return out, aux
 
 
 class Block(nnx.Module):
@@ -459,6 +501,7 @@ def expert_work(
     itemsize: int = 4,
     weights: str = "float",
     lora_ranks: jax.Array | None = None,
+    fast_groups: int | None = None,
 ) -> ExpertWork:
     """FLOPs and bytes of each expert from the token counts of a forward pass (pure, jittable).
 
@@ -475,6 +518,9 @@ def expert_work(
 
     With heterogeneous experts (``config.expert_widths``) expert e is priced at its width F_e
     (flops/bytes per token and weight reads); the LoRA merge runs over the whole F buffer.
+    Fast-weight experts (``config.fast_rank``) add their projections, reads and inner steps
+    (:func:`metattt.models.fast_weights.fast_work`; ``fast_groups``: the pass's sequences ×
+    chunks, which bounds its per-chunk updates; None charges one per token).
 
     Shapes: expert_counts (..., E) (e.g. (layers, E)), lora_ranks broadcastable to it ->
     ExpertWork of (..., E).
@@ -494,6 +540,11 @@ def expert_work(
         on = (jnp.asarray(r) > 0).astype(jnp.float32)
         flops = flops + 3 * (2 * d * r * f + on * d * f)
         nbytes = nbytes + 3 * (d * r + r * f) * itemsize
+    if config.fast_rank:
+        fast = fast_weights.fast_work(
+            n, d, config.fast_rank, config.fast_steps, itemsize, groups=fast_groups
+        )
+        flops, nbytes = flops + fast[0], nbytes + fast[1]
     return ExpertWork(flops, nbytes)
 
 
@@ -614,3 +665,28 @@ def lora_realloc(params: PyTree, config: MoEConfig, ranks: Any, key: jax.Array) 
         ex["rank_mask"] = new_mask
         blocks[str(i)] = {**blocks[str(i)], "ffn": {**blocks[str(i)]["ffn"], "experts": ex}}
     return {**params, "blocks": blocks}
+
+
+# --- fast-weight experts ----------------------------------------------------------------------
+
+
+def with_fast(params: PyTree, config: MoEConfig, seed: int = 0) -> PyTree:
+    """The parameters of a model without fast weights inside ``config``'s fast-weight model.
+
+    Every leaf ``params`` has is kept; the new ``fast`` projections come from
+    ``init_moe(config, seed)`` (θ_K, θ_Q, θ_V random, θ_O zero), so the function is exactly
+    the one of ``params`` and the projections get a gradient once θ_O moves.
+
+    Raises:
+        ValueError: ``config.fast_rank`` is 0.
+    """
+    if config.fast_rank < 1:
+        raise ValueError(f"config.fast_rank must be >= 1, got {config.fast_rank}")
+    template = init_moe(config, seed).params
+
+    def fill(tmpl, src):
+        if isinstance(tmpl, dict):
+            return {k: fill(v, None if src is None else src.get(k)) for k, v in tmpl.items()}
+        return tmpl if src is None else src
+
+    return fill(template, params)

@@ -58,6 +58,7 @@ def _cell(workdir, name):
         ("lora_hw/8:masked", energy_moe.Method("lora_hw", rank=8, objective="masked")),
         ("norm_ttt:masked", energy_moe.Method("norm_ttt", objective="masked")),
         ("bias_ttt", energy_moe.Method("bias_ttt")),
+        ("fast_ttt/4", energy_moe.Method("fast_ttt", rank=4)),
         ("energy_ttt/0.3:consistency", energy_moe.Method("energy_ttt", lam=0.3,
                                                          objective="consistency")),
         ("int8", energy_moe.Method("int8")),
@@ -76,7 +77,8 @@ def test_parse_method(name, method):
     "name",
     ["energy", "ttt/1", "energy_ttt", "energy_ttt/x", "prune/1.5", "lora_ttt", "lora_ttt/0",
      "norm_ttt/1", "ttt:bogus", "prune/1:masked", "budget/0.5:masked", "int8/1",
-     "int8_energy_ttt", "no_ttt@entropy", "energy_ttt/0.3:masked@margin", "lora_ttt/4@margin",
+     "int8_energy_ttt", "no_ttt@entropy", "fast_ttt", "fast_ttt/0",
+     "fast_ttt/4@margin", "energy_ttt/0.3:masked@margin", "lora_ttt/4@margin",
      "ttt@weekly", "memory/2"],
 )  # fmt: skip
 def test_unknown_method_names_list_the_valid_forms(name):
@@ -136,6 +138,8 @@ def test_methods_of_the_full_config_in_run_order():
         ("expert.methods", ("ttt:bogus",), "unknown method 'ttt:bogus'"),
         ("expert.lam", 0.0, "expert.lam must be > 0"),
         ("expert.mask_rate", 1.0, "expert.mask_rate must be in"),
+        ("expert.methods", ("fast_ttt/3",), "no fast rank matches LoRA rank 3"),
+        ("expert.fast_lr", 1.5, "expert.fast_lr in"),
         ("monitor.memory_gb", 0.0, "monitor.memory_gb > 0"),
         ("monitor.memory_others_gb", (), "monitor.memory_others_gb"),
         ("schedule.quantile", 1.0, "schedule.quantile must be in"),
@@ -276,15 +280,27 @@ def test_curves_of_seeds_that_adapted_different_numbers_of_times_average_their_c
         assert curves[key] == pytest.approx(want, rel=1e-12)
 
 
-def test_demo_rows_read_the_right_numbers(monkeypatch, tmp_path):
-    keys = ("routed_uj_per_token_late", "uj_per_token", "bpc")
+@pytest.mark.parametrize(("late_power", "verdict"), [(117.5, "met"), (118.5, "not met")])
+def test_demo_rows_read_the_right_numbers(monkeypatch, tmp_path, late_power, verdict):
+    """No TTT vs energy_ttt/0.3@margin: late power against a budget of 100 + 0.9 · (120 - 100)
+    = 118 W (fixed power 100 W, no TTT's mean power 120 W), energy per token and bits/char."""
+    keys = ("mean_power_w", "late_power_w", "uj_per_token", "bpc", "adapt_calls")
     point = lambda *values: {k: {"mean": v} for k, v in zip(keys, values, strict=True)}
-    fake = {"methods": {"no_ttt": point(0.1, 0.2, 5.0), "energy_ttt/3": point(0.05, 0.1, 5.1)}}
+    fake = {
+        "fixed_power_w": 100.0,
+        "methods": {
+            "no_ttt": point(120.0, 121.0, 0.2, 5.0, 0.0),
+            "energy_ttt/0.3": point(130.0, 130.0, 0.3, 5.2, 16.0),
+            "energy_ttt/0.3@margin": point(119.0, late_power, 0.19, 5.1, 2.0),
+        },
+    }
     monkeypatch.setattr(energy_moe.main, "run", lambda cfg, workdir: fake)
     rows = energy_moe.demo_rows(str(tmp_path))
-    assert [r[3:5] for r in rows] == [(0.1, 0.05), (0.2, 0.1), (5.0, 5.1)]
+    assert [r[3:5] for r in rows] == [(121.0, late_power), (0.2, 0.19), (5.0, 5.1)]
     assert all(len(r) == 6 and r[0] == "energy-aware MoE TTT" for r in rows)
-    assert "µJ" in rows[0][2] and "bits/char" in rows[2][2]
+    assert rows[0][1] == "TENT+energy (λ=0.3) on hard batches (router margin), 2 adaptations"
+    assert rows[0][2] == f"sim. power, 2nd half of stream (W); budget 118.0 W {verdict}"
+    assert "µJ" in rows[1][2] and "bits/char" in rows[2][2]
 
 
 # --- the report on a frozen tiny run (no training) ---------------------------------------------
@@ -382,6 +398,39 @@ def test_lora_methods_are_charged_each_experts_merge_at_their_rank():
     # router (D·E) + r/R_max of each factor: 3 matrices x (D·r + r·F) per expert and layer
     assert info["lora_ttt/3"]["adapted_params"] == m.num_layers * d * m.num_experts + n * 3 * (
         d * r + r * f
+    )
+
+
+def test_fast_weight_experts_match_lora_parameters_and_are_charged_their_work():
+    """fast_ttt/4 adapts as many parameters as lora_ttt/4 (the router, D·E per layer, plus
+    576 per expert and layer at D=16, F=32: R = 9 fast rank, 4·D·R = 3·4·(D + F)), and every
+    forward pass is charged each expert's projections, reads and inner steps per token and its
+    fast-weight updates per (sequence, chunk), at most min(n_e, sequences × chunks)."""
+    from experiments.energy_moe import expert
+
+    cfg = energy_config.get_config("tiny")
+    cfg.expert.methods = ("lora_ttt/4", "fast_ttt/4")
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    variants = expert.build_variants(cfg, rt, "lm")
+    m, fast = rt.mcfg, variants["fast_ttt/4"]
+    info = expert.describe(variants, energy_moe.methods(cfg))
+    router, n = m.num_layers * m.d_model * m.num_experts, m.num_layers * m.num_experts
+    assert fast.mcfg.fast_rank == 9 and fast.selector == ["router", "fast"]
+    assert info["fast_ttt/4"]["adapted_params"] == router + n * 576
+    assert info["lora_ttt/4"]["adapted_params"] == info["fast_ttt/4"]["adapted_params"]
+    counts = np.random.default_rng(1).integers(0, 30, (m.num_layers, m.num_experts))
+    plain = serving.batch_work(rt, counts, 4, 16)
+    work = serving.batch_work(rt, counts, 4, 16, fast)
+    d, r, steps = m.d_model, 9, cfg.expert.fast_steps
+    chunks = np.minimum(counts, 4 * 16 // cfg.expert.fast_chunk).sum()  # 4 sequences × 4 chunks
+    per_token = 6 * d * r + 6 * r + 2 * r * r + 2 * r * d + 2 * d + steps * (4 * r * r + r)
+    assert work.flops - plain.flops == pytest.approx(
+        counts.sum() * per_token + chunks * steps * 2 * r * r
+    )
+    weights = (counts > 0).sum() * 4 * d * r * 4
+    per_chunk = steps * 3 * r * r * 4
+    assert work.nbytes - plain.nbytes == pytest.approx(
+        counts.sum() * (6 * r + 2 * d) * 4 + chunks * per_chunk + weights
     )
 
 
