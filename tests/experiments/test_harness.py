@@ -123,6 +123,36 @@ def test_a_cell_is_a_hit_only_when_it_is_one_on_every_process(tmp_path, monkeypa
     assert calls == [1, 1] and asked == [False]  # this process had it; it computed anyway
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("initialization_timeout", 0, "distributed.initialization_timeout must be a positive int"),
+        ("initialization_timeout", -5, "distributed.initialization_timeout must be a positive"),
+        ("initialization_timeout", True, "distributed.initialization_timeout must be a positive"),
+        ("num_processes", 0, "config.distributed.num_processes must be a positive int, got 0"),
+        ("process_id", 2, "config.distributed.process_id must be an int >= 0 below num_proc"),
+        ("process_id", -1, "config.distributed.process_id must be an int >= 0"),
+        ("coordinator_address", "localhost", "coordinator_address must be HOST:PORT"),
+        ("coordinator_address", "h:99999", "coordinator_address must be HOST:PORT"),
+    ],
+)
+def test_a_bad_distributed_section_is_refused_in_one_line(key, value, message):
+    from configs import selective_copy as selective_copy_config
+    from configs import sinusoid as sinusoid_config
+
+    for get_config in (sinusoid_config.get_config, selective_copy_config.get_config):
+        cfg = get_config("tiny")
+        harness.check_config(cfg)  # the default section passes: JAX's 300 s wait down to 120 s
+        assert cfg.distributed.initialization_timeout == 120
+        cfg.distributed.num_processes, cfg.distributed.process_id = 2, 1
+        cfg.distributed.coordinator_address = "10.0.0.1:1234"
+        harness.check_config(cfg)
+        setattr(cfg.distributed, key, value)
+        with pytest.raises(ValueError, match=message) as error:
+            harness.check_config(cfg)
+        assert "\n" not in str(error.value)
+
+
 def test_a_workdir_belongs_to_one_experiment_and_config(tmp_path):
     config = {"seeds": [0, 1], "train": {"lr": 0.1}, "report": False}
     harness.claim_workdir(tmp_path, "sinusoid", config)
