@@ -19,6 +19,8 @@ import os
 import re
 import signal
 import stat
+import subprocess
+import sys
 import time
 
 import jax
@@ -30,7 +32,7 @@ from configs import selective_copy as selective_copy_config
 from configs import sinusoid as sinusoid_config
 from experiments import selective_copy, sinusoid
 from metattt.ckpt import Checkpointer
-from tests.metattt.test_multiprocess import start_pair, tail, wait_pair
+from tests.metattt.test_multiprocess import ROOT, child_env, free_port, start_pair, tail, wait_pair
 
 OVERRIDES = {  # the tiny config, one method, a meta-batch the 4 devices divide
     "methods": ("maml",),
@@ -195,3 +197,31 @@ def test_an_experiment_with_harness_cells_killed_and_resumed_on_two_processes(tm
     ):
         assert str(workdir / name) in written, name
     assert not created, f"process 1 created {created}"
+
+
+@pytest.mark.slow
+def test_a_process_whose_partner_never_starts_gives_up_after_the_initialization_timeout(
+    tmp_path,
+):
+    """Process 0 of two, alone: ``jax.distributed.initialize`` waits the config's
+    ``initialization_timeout`` (2 s here, 120 s by default; JAX's own is 300 s), then JAX's
+    runtime ends the process (an abort, DEADLINE_EXCEEDED) before anything is written."""
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config=configs/selective_copy.py:tiny",
+        "--config.distributed.enabled=True",
+        f"--config.distributed.coordinator_address=localhost:{free_port()}",
+        "--config.distributed.num_processes=2",
+        "--config.distributed.process_id=0",
+        "--config.distributed.initialization_timeout=2",
+        f"--workdir={tmp_path / 'run'}",
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(
+        command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0 and "DEADLINE_EXCEEDED" in proc.stderr, proc.stderr[-500:]
+    assert time.monotonic() - started < 60  # the timeout, start-up and the abort: not 300 s
+    assert not (tmp_path / "run").exists()
