@@ -151,7 +151,8 @@ def test_an_experiment_with_harness_cells_killed_and_resumed_on_two_processes(tm
     steps carry that rounding into the parameters (measured: 0, bit-equal on this machine,
     2026-12-07, which the test does not require); the bound is 1e-5 absolute + 1e-4 relative,
     and the accuracy, an argmax over 512 answer slots, may differ by a few flipped slots (0.01).
-    Process 1 (umask 077) creates nothing outside the checkpoints (``run/ckpt``, ``params``)."""
+    Process 1 (umask 077) creates nothing outside the checkpoints (``run/ckpt``, ``params``).
+    Started once more, the pair reads both cells back on both processes."""
     cfg = selective_copy_config.get_config("tiny")
     cfg.variants = SC_OVERRIDES["variants"]
     workdir = tmp_path / "run"
@@ -197,6 +198,16 @@ def test_an_experiment_with_harness_cells_killed_and_resumed_on_two_processes(tm
     ):
         assert str(workdir / name) in written, name
     assert not created, f"process 1 created {created}"
+
+    # Started again on the finished workdir, the pair reads both cells back on both processes
+    # (the parameters through the collective restore) and computes nothing.
+    records = [workdir / seed_dir / name for name in ("info.json", "eval.json", "params.seconds")]
+    stamps = [p.stat().st_mtime_ns for p in records]
+    started, pair = time.monotonic(), launch(workdir, tmp_path / "third", *args)
+    wait_pair(pair, tmp_path / "third", started, what="the finished pair", timeout=SC_TIMEOUT_S)
+    assert [p.stat().st_mtime_ns for p in records] == stamps
+    assert json.loads((workdir / "results.json").read_text())["selective"] == results
+    assert not by_process_1(workdir)[1]
 
 
 @pytest.mark.slow
