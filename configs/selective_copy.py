@@ -10,6 +10,7 @@ one of the same size (the issue asks for >= 90% vs at least 30 points lower).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg=None):
@@ -38,9 +39,21 @@ def get_config(arg=None):
     c.train.steps_per_call = 50
     c.train.log_every = 200
     c.train.checkpoint_every = 1000
+    c.train.mesh_devices = 0  # >0: shard the batches over this many devices (all processes')
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 1024
+
+    # Several processes (hosts): see README.md, "Multi-host". "" and None are left to JAX,
+    # which reads them from JAX_COORDINATOR_ADDRESS or a cluster it detects (SLURM, Open MPI).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""  # HOST:PORT of process 0
+    c.distributed.num_processes = config_dict.placeholder(int)
+    c.distributed.process_id = config_dict.placeholder(int)
+    # Seconds a process waits for all the others to join; past it, it fails instead of waiting
+    # JAX's default 300 s for a process that died during start-up.
+    c.distributed.initialization_timeout = 120
 
     if arg == "tiny":
         c.seeds = (0,)

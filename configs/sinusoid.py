@@ -57,6 +57,9 @@ def get_config(arg=None):
     c.distributed.coordinator_address = ""  # HOST:PORT of process 0
     c.distributed.num_processes = config_dict.placeholder(int)
     c.distributed.process_id = config_dict.placeholder(int)
+    # Seconds a process waits for all the others to join; past it, it fails instead of waiting
+    # JAX's default 300 s for a process that died during start-up.
+    c.distributed.initialization_timeout = 120
 
     if arg == "tiny":
         c.seeds = (0,)

@@ -24,7 +24,8 @@ process with ``--config.distributed.enabled=True`` and, unless JAX finds them in
 (``JAX_COORDINATOR_ADDRESS``, SLURM, Open MPI), ``--config.distributed.coordinator_address=
 HOST:PORT``, ``--config.distributed.num_processes=N`` and ``--config.distributed.process_id=I``;
 the workdir must be one shared folder. Process 0 claims the workdir and writes every file but
-the checkpoints, which all processes write together; see README.md, "Multi-host". The
+the checkpoints, which all processes write together; ``--config.distributed.initialization_
+timeout=SECONDS`` bounds the wait for every process to join; see README.md, "Multi-host". The
 ``distributed`` section says where a run executes, not what it computes, so it is not part of
 the workdir's config digest: a run restarted with another coordinator or process count resumes.
 """
@@ -57,8 +58,9 @@ def init_distributed(config) -> None:
 
     Called before any other JAX call. ``coordinator_address`` "" and ``num_processes`` /
     ``process_id`` None are left to JAX: its environment variables (``JAX_COORDINATOR_ADDRESS``)
-    or a cluster it detects (SLURM, Open MPI) fill them in. On CPUs the processes exchange
-    data over gloo (JAX's default CPU collectives).
+    or a cluster it detects (SLURM, Open MPI) fill them in. ``initialization_timeout`` (seconds,
+    checked by :func:`experiments.harness.check_config`) bounds the wait for every process to
+    join. On CPUs the processes exchange data over gloo (JAX's default CPU collectives).
     """
     dist = config.get("distributed")
     if dist is None or not dist.enabled:
@@ -69,6 +71,7 @@ def init_distributed(config) -> None:
         "coordinator_address": dist.coordinator_address or None,
         "num_processes": dist.num_processes,
         "process_id": dist.process_id,
+        "initialization_timeout": dist.get("initialization_timeout"),
     }
     jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 

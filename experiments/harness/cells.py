@@ -5,6 +5,15 @@ file, then ``os.replace``), so a run killed at any point leaves either no record
 computed again, resuming from its own checkpoints where it has some) or a whole one, never a
 torn file that wedges the workdir. Each computed cell also writes its wall time beside it
 (``<record>.seconds``), which :func:`cell_seconds` sums.
+
+In a multi-process run (``jax.distributed``) every process calls every cell with the same
+arguments, and the workdir is one folder that all of them see (a shared file system, as
+``experiments.run`` requires). Each process reads the record; the cell is a hit only when it is
+one on every process (:func:`metattt.multihost.any_process`), otherwise all compute it together
+(the computation is SPMD: its collectives need every process). Process 0 alone writes the
+records and the ``.seconds`` files; a parameter cell's checkpoint is the collective orbax save
+that :func:`metattt.train.fit` uses, made by all processes. In one process all of this is the
+plain local behaviour.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from metattt import atomic
+from metattt import atomic, multihost
 from metattt.ckpt import Checkpointer
 
 __all__ = ["cell_seconds", "json_cell", "params_cell"]
@@ -29,30 +38,44 @@ T = TypeVar("T")
 def _timed(path: str, compute: Callable[[], T]) -> T:
     start = time.perf_counter()
     value = compute()
-    atomic.write_text(path + ".seconds", f"{time.perf_counter() - start:.3f}\n")
+    if multihost.is_primary():
+        atomic.write_text(path + ".seconds", f"{time.perf_counter() - start:.3f}\n")
     return value
 
 
 def _read_json(path: str) -> tuple[bool, Any]:
-    """``(True, value)`` for a readable record, ``(False, None)`` for none or a bad one."""
+    """``(True, value)`` for a readable record on every process, ``(False, None)`` otherwise
+    (no record or a bad one on at least one process: a collective call)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return True, json.load(f)
+            found, value = True, json.load(f)
     except FileNotFoundError:
-        return False, None
+        found, value = False, None
     except (OSError, ValueError) as error:
         logger.warning("Cell record %s is unreadable (%s); computing it again.", path, error)
+        found, value = False, None
+    if multihost.any_process(not found):
         return False, None
+    return True, value
+
+
+def _write_json(path: str, value: Any) -> None:
+    if multihost.is_primary():
+        atomic.write_text(path, json.dumps(value))
 
 
 def json_cell(path: str | os.PathLike[str], compute: Callable[[], Any]) -> Any:
-    """``compute()`` once: its JSON value is stored at ``path`` and read back on later calls."""
+    """``compute()`` once: its JSON value is stored at ``path`` and read back on later calls.
+
+    Every process of a multi-process run calls it; they all compute, or all read (see the
+    module docstring), and process 0 writes the record.
+    """
     path = os.fspath(path)
     found, value = _read_json(path)
     if found:
         return value
     value = _timed(path, compute)
-    atomic.write_text(path, json.dumps(value))
+    _write_json(path, value)
     return value
 
 
@@ -67,7 +90,8 @@ def params_cell(
       directory: the cell's folder: ``params/`` (the checkpoint), ``info.json`` (written last:
         the cell's commit record) and ``run/``, handed to ``compute`` for its own checkpoints
         (pass it to :func:`metattt.train.fit` so that a killed cell resumes mid-training).
-      template: a pytree like the parameters (the restore target).
+      template: a pytree like the parameters (the restore target; in a multi-process run with
+        the parameters' global shardings).
       compute: ``run_dir -> (params, info)``, ``info`` a JSON-able dict.
 
     Returns:
@@ -76,18 +100,21 @@ def params_cell(
     """
     directory = os.fspath(directory)
     info_path = os.path.join(directory, "info.json")
-    found, info = _read_json(info_path)
-    if found:
-        found = Checkpointer(os.path.join(directory, "params")).restore_verified(template)
-        if found is not None:
-            return found[1], info
-        logger.warning("Cell %s has no usable parameters; computing it again.", directory)
-    params, info = _timed(
-        os.path.join(directory, "params"), lambda: compute(os.path.join(directory, "run"))
-    )
     with Checkpointer(os.path.join(directory, "params"), max_to_keep=1) as ckpt:
-        ckpt.save(0, params, force=True)
-    atomic.write_text(info_path, json.dumps(info))
+        found, info = _read_json(info_path)
+        if found:
+            found = ckpt.restore_verified(template)  # collective: all processes take one answer
+            if found is not None:
+                return found[1], info
+            logger.warning("Cell %s has no usable parameters; computing it again.", directory)
+        params, info = _timed(
+            os.path.join(directory, "params"), lambda: compute(os.path.join(directory, "run"))
+        )
+        # A run killed between this save and info.json leaves a checkpoint without its record:
+        # the new one goes after it (orbax never overwrites a step) and replaces it (max 1 kept).
+        latest = ckpt.latest_step()
+        ckpt.save(0 if latest is None else latest + 1, params, force=True)
+    _write_json(info_path, info)
     return params, info
 
 

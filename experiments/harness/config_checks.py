@@ -4,7 +4,10 @@ Experiments validate their own keys; these are the conventions shared by all of 
 by name wherever a key appears in the config tree: learning rates (``lr``, ``*_lr``, ``lr_*``)
 are finite and positive; counts of steps, batches and intervals are positive ints; ``clip_norm``
 is 0 / None (no clipping) or finite and positive; ``seeds`` is non-empty and without repeats
-(a repeated seed would shrink a confidence interval with a copy of one run).
+(a repeated seed would shrink a confidence interval with a copy of one run). A ``distributed``
+section (several processes, see README.md "Multi-host") has a positive ``initialization_timeout``
+in seconds, a positive ``num_processes`` and a ``process_id`` below it where they are set, and a
+``coordinator_address`` that is "" or ``HOST:PORT``.
 """
 
 from __future__ import annotations
@@ -64,8 +67,38 @@ def _check(path: str, key: str, value: Any) -> None:
             raise ValueError(f"{where} repeats seed(s) {repeated}: each seed must be distinct")
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_distributed(section: Mapping[str, Any]) -> None:
+    where = "config.distributed"
+    timeout = section.get("initialization_timeout")
+    if timeout is not None and not _positive_int(timeout):
+        raise ValueError(
+            f"{where}.initialization_timeout must be a positive int (seconds), got {timeout!r}"
+        )
+    count, index = section.get("num_processes"), section.get("process_id")
+    if count is not None and not _positive_int(count):
+        raise ValueError(f"{where}.num_processes must be a positive int, got {count!r}")
+    if index is not None and (
+        isinstance(index, bool)
+        or not isinstance(index, numbers.Integral)
+        or index < 0
+        or (count is not None and index >= count)
+    ):
+        within = f" below num_processes={count}" if count is not None else ""
+        raise ValueError(f"{where}.process_id must be an int >= 0{within}, got {index!r}")
+    address = section.get("coordinator_address") or ""
+    host, _, port = address.rpartition(":")
+    if address and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f'{where}.coordinator_address must be HOST:PORT (or ""), got {address!r}')
+
+
 def check_config(config: Mapping[str, Any], prefix: str = "") -> None:
     """Raises a one-line ValueError for the first key that breaks the shared conventions."""
+    if not prefix and config.get("distributed") is not None:
+        _check_distributed(config["distributed"])
     for key, value in config.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping) or hasattr(value, "items") and not isinstance(value, str):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import harness
+from metattt import multihost
 from tests.experiments.test_sinusoid_experiment import _run_cli
 
 
@@ -50,6 +51,106 @@ def test_params_cell_restores_its_checkpoint_and_recomputes_a_damaged_one(tmp_pa
     again, _ = harness.params_cell(tmp_path / "c", template, compute)
     assert len(runs) == 2
     np.testing.assert_array_equal(np.asarray(jax.device_get(again["w"])), params["w"])
+
+
+def test_a_params_cell_killed_before_its_record_is_computed_again(tmp_path):
+    """A kill between the parameter save and info.json leaves a checkpoint without its record:
+    the next call computes the cell again and its new checkpoint replaces the old one."""
+    template = {"w": np.zeros(3, np.float32)}
+    first = {"w": np.random.default_rng(1).normal(size=3).astype(np.float32)}
+    harness.params_cell(tmp_path / "c", template, lambda run_dir: (first, {"n": 1}))
+    os.remove(tmp_path / "c" / "info.json")
+    second = {"w": first["w"] + 1.0}
+    got, info = harness.params_cell(tmp_path / "c", template, lambda run_dir: (second, {"n": 2}))
+    assert info == {"n": 2} and os.listdir(tmp_path / "c" / "params") == ["1"]
+    again, info = harness.params_cell(tmp_path / "c", template, pytest.fail)
+    np.testing.assert_array_equal(np.asarray(again["w"]), second["w"])
+    assert info == {"n": 2}
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(r, n), root) for r, _, f in os.walk(root) for n in f)
+
+
+def test_cells_on_a_process_other_than_0_compute_the_same_and_write_no_record(
+    tmp_path, monkeypatch
+):
+    """Process 1 of a multi-process run: its cells return what process 0's return, write no
+    JSON record and no timing (process 0 does); the checkpoint is orbax's collective save."""
+    rng = np.random.default_rng(2)
+    value = {"r2": rng.normal(size=3).tolist()}
+    params = {"w": rng.normal(size=4).astype(np.float32)}
+    template = {"w": np.zeros(4, np.float32)}
+    on_0 = tmp_path / "process_0"
+    want_json = harness.json_cell(on_0 / "cell.json", lambda: value)
+    want_params, want_info = harness.params_cell(on_0 / "p", template, lambda d: (params, {"a": 1}))
+
+    monkeypatch.setattr(multihost, "is_primary", lambda: False)
+    on_1 = tmp_path / "process_1"
+    on_1.mkdir()
+    assert harness.json_cell(on_1 / "cell.json", lambda: value) == want_json
+    got, info = harness.params_cell(on_1 / "p", template, lambda d: (params, {"a": 1}))
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want_params["w"]))
+    assert info == want_info
+    written = _files(on_1)
+    assert written and all(name.startswith(os.path.join("p", "params", "")) for name in written)
+    assert not any(name.endswith("manifest.sha256.json") for name in written)  # process 0 seals
+    assert "cell.json" in _files(on_0) and "cell.json.seconds" in _files(on_0)
+
+
+def test_a_cell_is_a_hit_only_when_it_is_one_on_every_process(tmp_path, monkeypatch):
+    """A record that another process cannot read (``any_process`` says someone lacks it) makes
+    every process compute the cell: a hit on one process and a computation on another would
+    leave the other waiting in the computation's collectives."""
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"loss": 0.25}
+
+    path = tmp_path / "cell.json"
+    harness.json_cell(path, compute)
+    harness.json_cell(path, compute)
+    assert calls == [1]
+    asked = []
+
+    def another_lacks_it(flag):
+        asked.append(flag)
+        return True
+
+    monkeypatch.setattr(multihost, "any_process", another_lacks_it)
+    assert harness.json_cell(path, compute) == {"loss": 0.25}
+    assert calls == [1, 1] and asked == [False]  # this process had it; it computed anyway
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("initialization_timeout", 0, "distributed.initialization_timeout must be a positive int"),
+        ("initialization_timeout", -5, "distributed.initialization_timeout must be a positive"),
+        ("initialization_timeout", True, "distributed.initialization_timeout must be a positive"),
+        ("num_processes", 0, "config.distributed.num_processes must be a positive int, got 0"),
+        ("process_id", 2, "config.distributed.process_id must be an int >= 0 below num_proc"),
+        ("process_id", -1, "config.distributed.process_id must be an int >= 0"),
+        ("coordinator_address", "localhost", "coordinator_address must be HOST:PORT"),
+        ("coordinator_address", "h:99999", "coordinator_address must be HOST:PORT"),
+    ],
+)
+def test_a_bad_distributed_section_is_refused_in_one_line(key, value, message):
+    from configs import selective_copy as selective_copy_config
+    from configs import sinusoid as sinusoid_config
+
+    for get_config in (sinusoid_config.get_config, selective_copy_config.get_config):
+        cfg = get_config("tiny")
+        harness.check_config(cfg)  # the default section passes: JAX's 300 s wait down to 120 s
+        assert cfg.distributed.initialization_timeout == 120
+        cfg.distributed.num_processes, cfg.distributed.process_id = 2, 1
+        cfg.distributed.coordinator_address = "10.0.0.1:1234"
+        harness.check_config(cfg)
+        setattr(cfg.distributed, key, value)
+        with pytest.raises(ValueError, match=message) as error:
+            harness.check_config(cfg)
+        assert "\n" not in str(error.value)
 
 
 def test_a_workdir_belongs_to_one_experiment_and_config(tmp_path):

@@ -174,7 +174,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
     cfg = cfg.copy_and_resolve_references()
     cfg.variants = ("selective",)  # the time-invariant model's training is the same code path
     workdir = tmp_path / "killed"
-    checkpoint = workdir / "selective" / "seed_0" / "ckpt" / str(cfg.train.checkpoint_every)
+    checkpoint = workdir / "selective" / "seed_0" / "run" / "ckpt" / str(cfg.train.checkpoint_every)
     args = ["--config=configs/selective_copy.py:tiny", "--config.variants=('selective',)"]
     kill_after(args, workdir, checkpoint)
     with caplog.at_level("INFO"):

@@ -184,6 +184,10 @@ def _run_cli(*args):
         (["--config.train.num_stepz=5"], "unknown config key 'num_stepz'"),
         (["--config.train.num_steps=abc"], "invalid literal for int()"),
         (["--config.methods=('mamll',)"], "unknown sinusoid method 'mamll'"),
+        (  # refused before jax.distributed.initialize would wait for other processes
+            ["--config.distributed.enabled=True", "--config.distributed.initialization_timeout=0"],
+            "config.distributed.initialization_timeout must be a positive int (seconds), got 0",
+        ),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, args, message):
@@ -230,11 +234,12 @@ def test_distributed_initialisation_follows_the_config(monkeypatch):
     cfg.distributed.process_id = 2
     run.init_distributed(cfg)
     want = {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
-    assert calls[-1] == want
+    assert calls[-1] == {**want, "initialization_timeout": 120}
     cfg = sinusoid_config.get_config("tiny")  # under SLURM: JAX detects all three
     cfg.distributed.enabled = True
+    cfg.distributed.initialization_timeout = 30
     run.init_distributed(cfg)
-    assert calls[-1] == {}
+    assert calls[-1] == {"initialization_timeout": 30}
     cfg.train.mesh_devices = 4  # the tiny meta-batch of 10 tasks cannot be split 4 ways
     with pytest.raises(ValueError, match="mesh_devices=4 must be 0 or divide train.meta_batch"):
         sinusoid.validate(cfg)
