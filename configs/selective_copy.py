@@ -10,7 +10,8 @@ one of the same size (the issue asks for >= 90% vs at least 30 points lower).
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from configs import distributed_section
 
 
 def get_config(arg=None):
@@ -44,16 +45,7 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 1024
 
-    # Several processes (hosts): see README.md, "Multi-host". "" and None are left to JAX,
-    # which reads them from JAX_COORDINATOR_ADDRESS or a cluster it detects (SLURM, Open MPI).
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.enabled = False
-    c.distributed.coordinator_address = ""  # HOST:PORT of process 0
-    c.distributed.num_processes = config_dict.placeholder(int)
-    c.distributed.process_id = config_dict.placeholder(int)
-    # Seconds a process waits for all the others to join; past it, it fails instead of waiting
-    # JAX's default 300 s for a process that died during start-up.
-    c.distributed.initialization_timeout = 120
+    c.distributed = distributed_section()  # several processes: README.md, "Multi-host"
 
     if arg == "tiny":
         c.seeds = (0,)

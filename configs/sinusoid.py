@@ -10,7 +10,8 @@ baseline's (the paper reads ~0.5 vs ~2.4 at K=10), see BENCHMARKS.md.
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from configs import distributed_section
 
 
 def get_config(arg=None):
@@ -50,16 +51,7 @@ def get_config(arg=None):
     # validation tasks), so that it is not judged at one rate only; () turns this off.
     c.eval.tune_pretrained_lrs = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
 
-    # Several processes (hosts): see README.md, "Multi-host". "" and None are left to JAX,
-    # which reads them from JAX_COORDINATOR_ADDRESS or a cluster it detects (SLURM, Open MPI).
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.enabled = False
-    c.distributed.coordinator_address = ""  # HOST:PORT of process 0
-    c.distributed.num_processes = config_dict.placeholder(int)
-    c.distributed.process_id = config_dict.placeholder(int)
-    # Seconds a process waits for all the others to join; past it, it fails instead of waiting
-    # JAX's default 300 s for a process that died during start-up.
-    c.distributed.initialization_timeout = 120
+    c.distributed = distributed_section()  # several processes: README.md, "Multi-host"
 
     if arg == "tiny":
         c.seeds = (0,)
