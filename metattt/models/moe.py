@@ -30,6 +30,7 @@ Routing losses (per layer, averaged over layers):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -602,13 +603,18 @@ def with_lora(params: PyTree, config: MoEConfig) -> PyTree:
     if config.lora_rank < 1:
         raise ValueError(f"config.lora_rank must be >= 1, got {config.lora_rank}")
     template = jax.eval_shape(lambda: init_moe(config).params)
+    return _graft(template, params, lambda leaf: jnp.zeros(leaf.shape, leaf.dtype))
 
-    def fill(tmpl, src):
-        if isinstance(tmpl, dict):
-            return {k: fill(v, None if src is None else src.get(k)) for k, v in tmpl.items()}
-        return jnp.zeros(tmpl.shape, tmpl.dtype) if src is None else src
 
-    return fill(template, params)
+def _graft(template: PyTree, params: PyTree, new: Callable[[Any], Any]) -> PyTree:
+    """``template``'s tree of nested dicts: each leaf that ``params`` has at the same path is
+    taken from ``params``, every other leaf is ``new(template's leaf)``."""
+    if isinstance(template, dict):
+        return {
+            k: _graft(v, None if params is None else params.get(k), new)
+            for k, v in template.items()
+        }
+    return new(template) if params is None else params
 
 
 def lora_ranks(params: PyTree, config: MoEConfig) -> jax.Array:
@@ -682,11 +688,4 @@ def with_fast(params: PyTree, config: MoEConfig, seed: int = 0) -> PyTree:
     """
     if config.fast_rank < 1:
         raise ValueError(f"config.fast_rank must be >= 1, got {config.fast_rank}")
-    template = init_moe(config, seed).params
-
-    def fill(tmpl, src):
-        if isinstance(tmpl, dict):
-            return {k: fill(v, None if src is None else src.get(k)) for k, v in tmpl.items()}
-        return tmpl if src is None else src
-
-    return fill(template, params)
+    return _graft(init_moe(config, seed).params, params, lambda leaf: leaf)
