@@ -172,6 +172,7 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
     if not (0 < x.hw_fraction < 1 and 0 < x.hw_margin <= 1 and x.hw_temperature_margin_c > 0):
         raise ValueError("need expert.hw_fraction in (0, 1), expert.hw_margin in (0, 1] and "
                          "expert.hw_temperature_margin_c > 0")  # fmt: skip
+    lora_params = jax.eval_shape(lambda: moe.init_moe(lora_config(cfg, mcfg)).params)
     for name, method in table.items():
         objective = objective_of(method, head)
         if head != "lm" and objective in ("masked", "next_token"):
@@ -179,8 +180,10 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
                 f"{name}: objective {objective!r} needs a trained token head; the digits "
                 "model trains only its class head (use entropy or consistency)"
             )
-        model = lora_config(cfg, mcfg) if method.kind != "fast_ttt" else model_of(cfg, mcfg, method)
-        params = jax.eval_shape(lambda m=model: moe.init_moe(m).params)
+        params = lora_params  # the LoRA model holds every selection but the fast weights'
+        if method.kind == "fast_ttt":
+            model = model_of(cfg, mcfg, method)
+            params = jax.eval_shape(lambda m=model: moe.init_moe(m).params)
         select(params, selector_of(cfg, method))  # an empty selection raises
 
 
