@@ -65,10 +65,37 @@ def test_the_public_api_is_reachable_from_the_top():
                 assert other == f"{obj.__module__}.{obj.__qualname__}", (name, other)
 
 
-def test_importing_metattt_leaves_the_slow_scipy_modules_for_later():
-    """scipy.signal and scipy.stats cost ~1.2 s of every process that imports metattt (every
-    subprocess a resume or CLI test starts); the functions that need them import them."""
-    slow = "('scipy.signal', 'scipy.stats')"
-    code = f"import sys, metattt; print(sorted(m for m in {slow} if m in sys.modules))"
+def test_modules_are_imported_when_first_used():
+    """Every process that imports metattt pays only for what it uses (PEP 562 exports, see
+    metattt/_lazy.py): the MAML core needs neither flax, scipy nor the model, data and energy
+    packages (orbax comes with the training contract's checkpoints); and all of metattt's
+    packages together leave the slow scipy modules (~0.2-0.8 s each) to the functions that
+    need them. A resume or CLI test's subprocess starts ~1 s of CPU sooner."""
+    heavy = ("flax", "scipy", "metattt.models", "metattt.energy", "metattt.data")
+    slow = ("scipy.signal", "scipy.stats", "scipy.ndimage", "scipy.optimize")
+    code = (
+        "import sys\n"
+        "loaded = lambda names: sorted(n for n in names if n in sys.modules)\n"
+        "import metattt, metattt.inner, metattt.meta\n"
+        f"print(loaded({heavy!r}))\n"
+        "_ = metattt.data, metattt.energy, metattt.models, metattt.fit, metattt.functionalize\n"
+        f"print(loaded({slow!r}))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
+
+
+@pytest.mark.parametrize("name", ["metattt", "metattt.models", "metattt.data"])
+def test_lazy_exports_match_what_static_tools_see(name):
+    """A lazily exported package's ``__all__``, the names its ``__getattr__`` serves and the
+    imports under its ``if TYPE_CHECKING:`` block (what an IDE and a type checker read) are
+    one list."""
+    package = importlib.import_module(name)
+    tree = ast.parse(pathlib.Path(package.__file__).read_text())
+    block = next(
+        n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+    )
+    static = {a.asname or a.name for n in block.body for a in n.names}
+    assert static == set(package.__all__) <= set(dir(package))
+    for n in package.__all__:
+        assert getattr(package, n) is getattr(importlib.import_module(name), n)

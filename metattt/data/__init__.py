@@ -13,40 +13,64 @@ session's forecasts; steps to a level along an adaptation curve) and
 :mod:`~metattt.data.ucr` (univariate problems of the UCR archive in its ``.ts`` format).
 """
 
-from metattt.data import (
-    controlled,
-    digits_c,
-    selective_copy,
-    session_metrics,
-    session_tasks,
-    sessions,
-    sinusoid,
-    text_corpora,
-    ucr,
-    windows,
+from typing import TYPE_CHECKING
+
+from metattt import _lazy
+
+# Imported on first use (PEP 562; see metattt/_lazy.py).
+__getattr__, __dir__ = _lazy.exports(
+    __name__,
+    "controlled digits_c selective_copy session_metrics session_tasks sessions sinusoid "
+    "text_corpora ucr windows",
+    {
+        "controlled": "Clip DynamicsSystem Regime Trajectories",
+        "digits_c": "DigitsStream load_digits_split",
+        "selective_copy": "CopyBatch",
+        "session_metrics": "QueryStats forecast_metrics neuron_sse query_stats "
+        "steps_to_fraction steps_to_level",
+        "session_tasks": "Recording ResetTask concat_windows make_recordings "
+        "sample_tasks stack_tasks",
+        "sessions": "Session SessionConfig WindowBatch generate_sessions",
+        "text_corpora": "LMWindows TextCorpus build_corpus",
+        "windows": "Windows sliding_windows support_query_split",
+    },
 )
-from metattt.data.controlled import Clip, DynamicsSystem, Regime, Trajectories
-from metattt.data.digits_c import DigitsStream, load_digits_split
-from metattt.data.selective_copy import CopyBatch
-from metattt.data.session_metrics import (
-    QueryStats,
-    forecast_metrics,
-    neuron_sse,
-    query_stats,
-    steps_to_fraction,
-    steps_to_level,
-)
-from metattt.data.session_tasks import (
-    Recording,
-    ResetTask,
-    concat_windows,
-    make_recordings,
-    sample_tasks,
-    stack_tasks,
-)
-from metattt.data.sessions import Session, SessionConfig, WindowBatch, generate_sessions
-from metattt.data.text_corpora import LMWindows, TextCorpus, build_corpus
-from metattt.data.windows import Windows, sliding_windows, support_query_split
+
+if TYPE_CHECKING:  # what static tools see
+    from metattt.data import (
+        controlled,
+        digits_c,
+        selective_copy,
+        session_metrics,
+        session_tasks,
+        sessions,
+        sinusoid,
+        text_corpora,
+        ucr,
+        windows,
+    )
+    from metattt.data.controlled import Clip, DynamicsSystem, Regime, Trajectories
+    from metattt.data.digits_c import DigitsStream, load_digits_split
+    from metattt.data.selective_copy import CopyBatch
+    from metattt.data.session_metrics import (
+        QueryStats,
+        forecast_metrics,
+        neuron_sse,
+        query_stats,
+        steps_to_fraction,
+        steps_to_level,
+    )
+    from metattt.data.session_tasks import (
+        Recording,
+        ResetTask,
+        concat_windows,
+        make_recordings,
+        sample_tasks,
+        stack_tasks,
+    )
+    from metattt.data.sessions import Session, SessionConfig, WindowBatch, generate_sessions
+    from metattt.data.text_corpora import LMWindows, TextCorpus, build_corpus
+    from metattt.data.windows import Windows, sliding_windows, support_query_split
 
 __all__ = [
     "Clip",

@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import nnls
 
 from kernels_pallas.moe_dispatch import capacity, moe_dispatch, ragged_dot_available
 from metattt import atomic
@@ -295,6 +294,8 @@ class KernelCostModel(NamedTuple):
 
 
 def _fit(rows: list[tuple[DispatchShape, float]]) -> np.ndarray:
+    from scipy.optimize import nnls  # here: importing it costs ~0.2 s of `import metattt.energy`
+
     phi = np.stack([shape_features(s) for s, _ in rows])
     y = np.array([v for _, v in rows], np.float64)
     scale = phi.max(axis=0)  # column scaling keeps NNLS well conditioned

@@ -11,20 +11,37 @@ transformer predictor), :mod:`~metattt.models.moe` (top-k MoE transformer),
 ``models.digits_net.digits_net``.
 """
 
-from metattt.models import (
-    digits_net,
-    dynamics,
-    fast_weights,
-    functional,
-    mlp,
-    moe,
-    perceiver,
-    quantize,
+from typing import TYPE_CHECKING
+
+from metattt import _lazy
+
+# Imported on first use (PEP 562; see metattt/_lazy.py).
+__getattr__, __dir__ = _lazy.exports(
+    __name__,
+    "digits_net dynamics fast_weights functional mlp moe perceiver quantize",
+    {
+        "dynamics": "PredictorConfig init_predictor",
+        "functional": "Functional functionalize",
+        "moe": "MoEConfig MoEOutput init_moe",
+        "perceiver": "PerceiverConfig forecast_loss init_perceiver",
+    },
 )
-from metattt.models.dynamics import PredictorConfig, init_predictor
-from metattt.models.functional import Functional, functionalize
-from metattt.models.moe import MoEConfig, MoEOutput, init_moe
-from metattt.models.perceiver import PerceiverConfig, forecast_loss, init_perceiver
+
+if TYPE_CHECKING:  # what static tools see
+    from metattt.models import (
+        digits_net,
+        dynamics,
+        fast_weights,
+        functional,
+        mlp,
+        moe,
+        perceiver,
+        quantize,
+    )
+    from metattt.models.dynamics import PredictorConfig, init_predictor
+    from metattt.models.functional import Functional, functionalize
+    from metattt.models.moe import MoEConfig, MoEOutput, init_moe
+    from metattt.models.perceiver import PerceiverConfig, forecast_loss, init_perceiver
 
 __all__ = [
     "Functional",
