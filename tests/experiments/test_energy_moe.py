@@ -457,6 +457,51 @@ def test_fast_weight_experts_match_lora_parameters_and_are_charged_their_work():
     )
 
 
+def test_int8_fast_weight_experts_adapt_their_fast_projections_over_frozen_int8_codes():
+    """int8_fast_ttt/4: the fast-weight model with weight-only int8 experts. At the start it is
+    the int8 model's function (θ_O = 0); an adaptation moves the router and the fast
+    projections only, the int8 codes and scales unchanged; each forward pass is charged the
+    int8 weight reads plus fast_ttt/4's fast-weight work; it adapts fast_ttt/4's parameters."""
+    from experiments.energy_moe import expert
+    from metattt.models import quantize
+    from metattt.params import leaf_paths
+
+    cfg = energy_config.get_config("tiny")
+    cfg.expert.methods = ("fast_ttt/4", "int8_fast_ttt/4")
+    cfg.ttt.steps = 1
+    energy_moe.validate(cfg)
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    variants = expert.build_variants(cfg, rt, "lm")
+    v, fast = variants["int8_fast_ttt/4"], variants["fast_ttt/4"]
+    assert v.int8 and v.mcfg == fast.mcfg and v.selector == ["router", "fast"]
+    info = expert.describe(variants, energy_moe.methods(cfg))
+    assert info["int8_fast_ttt/4"]["adapted_params"] == info["fast_ttt/4"]["adapted_params"]
+    trained = rt.init(0)
+    p = expert.prepare(v, trained, 0)
+    experts = p["blocks"]["0"]["ffn"]["experts"]
+    assert all(isinstance(experts[n], quantize.Int8Tensor) for n in ("gate", "up", "down"))
+    rng = np.random.default_rng(4)
+    x = rng.integers(1, 257, (cfg.data.batch, cfg.data.length)).astype(np.int32)
+    y, mask = np.roll(x, -1, -1), np.ones((rt.mcfg.num_experts,), bool)
+    got, counts = v.infer(p, x, y, mask)
+    want, want_counts = rt.infer[rt.mcfg.top_k](quantize.quantize_experts(trained), x, y, mask)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    np.testing.assert_array_equal(counts, want_counts)
+    new, _ = v.adapt(p, x[:2], np.float32(cfg.expert.lam), mask, jax.random.key(0))
+    flat = lambda t: dict(zip(leaf_paths(t), jax.tree.leaves(t), strict=True))
+    before, after = flat(p), flat(new)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved and all("/fast/" in k or "/router/" in k for k in moved)
+    assert any(k.endswith("/fast/out") for k in moved)  # θ_O leaves zero
+    counts = rng.integers(0, 30, (rt.mcfg.num_layers, rt.mcfg.num_experts))
+    int8_plain = serving.batch_work(rt, counts, 4, 16, weights="int8")
+    float_fast = serving.batch_work(rt, counts, 4, 16, fast)
+    plain = serving.batch_work(rt, counts, 4, 16)
+    work = serving.batch_work(rt, counts, 4, 16, v, weights="int8")
+    assert work.flops == pytest.approx(int8_plain.flops + float_fast.flops - plain.flops)
+    assert work.nbytes == pytest.approx(int8_plain.nbytes + float_fast.nbytes - plain.nbytes)
+
+
 # --- the tiny run end to end (slow) -------------------------------------------------------------
 
 
