@@ -138,7 +138,9 @@ def test_scheduled_methods_adapt_exactly_on_the_hard_batches_of_their_served_mod
     of the int8 model: the threshold is the quantile of the served model's own signal over the
     reference batches (recomputed here in NumPy from the model's logits / router
     probabilities), the first batch's signal is the served model's, and the batches adapted on
-    are exactly those whose recorded signal is past the threshold."""
+    are exactly those whose recorded signal is past the threshold. The routing explanation is
+    the served model's: a brute-force top-k over its router probabilities on the last batch at
+    the start and final parameters gives the activation shares and the energy saved."""
     from experiments.energy_moe import expert, runtime, serving
     from experiments.energy_moe.tasks import BPC
     from metattt.models import moe, quantize
@@ -160,23 +162,19 @@ def test_scheduled_methods_adapt_exactly_on_the_hard_batches_of_their_served_mod
     x[: 2 * b] = ref_x[:2].reshape(-1, length)  # two in-distribution-like batches first
     stream = SimpleNamespace(inputs=x, targets=np.roll(x, -1, -1))
     trained = rt.init(0)
-    adapted_on = []  # the batches adapted on, identified by their tokens
-    if variant is not None:
-        inner = variant.adapt
+    adapted_on, finals = [], []  # the batches adapted on (by their tokens), the parameters after
+    inner = rt.adapt if variant is None else variant.adapt
 
-        def record(p, tokens, *args):
-            adapted_on.append(np.asarray(tokens))
-            return inner(p, tokens, *args)
+    def record(p, tokens, *args):
+        adapted_on.append(np.asarray(tokens))
+        out = inner(p, tokens, *args)
+        finals.append(out[0])
+        return out
 
-        variant = variant._replace(adapt=record)
-    else:
-        inner = rt.adapt
-
-        def record(p, tokens, *args):
-            adapted_on.append(np.asarray(tokens))
-            return inner(p, tokens, *args)
-
+    if variant is None:
         rt = rt._replace(adapt=record)
+    else:
+        variant = variant._replace(adapt=record)
     rate = serving.stream_rate(rt, batch=b, length=length, utilization=0.5)
     cell = serving.serve(cfg, rt, trained, stream, method, rate=rate, seed=0, metric=BPC,
                          variant=variant, reference=ref)  # fmt: skip
@@ -199,4 +197,17 @@ def test_scheduled_methods_adapt_exactly_on_the_hard_batches_of_their_served_mod
     assert got == hard and cell["adapt_calls"] == len(hard)
     assert 0 < len(hard) < steps  # the threshold splits the stream
     assert cell["hard_share"] == pytest.approx(len(hard) / steps)
-    assert set(cell["explain"]) >= {"saved_uj_per_token", "agreement_end", "shares_after"}
+    last = x[-b:]
+    k, probs = rt.mcfg.top_k, lambda p: np.asarray(apply(p, last).aux["router_probs"], np.float64)
+    top = lambda v: list(np.argsort(-v, kind="stable")[:k])
+    before = probs(start).reshape(-1, rt.mcfg.num_experts)  # one layer: (tokens, E)
+    after = probs(finals[-1]).reshape(-1, rt.mcfg.num_experts)
+    shares = np.zeros(rt.mcfg.num_experts)
+    for v in before:
+        shares[top(v)] += 1 / (len(before) * k)
+    np.testing.assert_allclose(cell["explain"]["shares_before"], [shares], rtol=1e-6)
+    saved = [
+        sum(rt.joules[top(u)]) - sum(rt.joules[top(v)]) for u, v in zip(before, after, strict=True)
+    ]
+    assert cell["explain"]["saved_uj_per_token"] == pytest.approx(1e6 * np.mean(saved), abs=1e-9)
+    assert np.count_nonzero(saved) > 0  # the adaptations moved some tokens' top-k sets
