@@ -299,6 +299,12 @@ def _fast_header(results: dict[str, Any], cfg) -> str:
         f"θ_K, θ_Q, θ_V, θ_O (4·D·R) equal lora_ttt/<ρ>'s 3·ρ·(D + F) ({ranks}); the method "
         "adapts them with the router, and every forward pass is charged their projections, "
         "reads and inner steps (metattt.models.fast_weights.fast_work)."
+        + (
+            " int8_fast_ttt/<ρ>: the same over weight-only int8 experts (codes frozen, read and "
+            "priced as int8)."
+            if any(i["kind"] == "int8_fast_ttt" for i in fast.values())
+            else ""
+        )
     )
 
 

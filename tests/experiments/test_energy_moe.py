@@ -102,6 +102,13 @@ def test_unknown_method_names_list_the_valid_forms(name):
         energy_moe.parse_method(name)
 
 
+def test_every_kind_has_its_own_plot_colour():
+    from experiments.energy_moe import plots
+
+    assert set(plots.COLORS) == set(registry.KINDS)
+    assert len(set(plots.COLORS.values())) == len(plots.COLORS)
+
+
 def test_methods_of_the_full_config_in_run_order():
     cfg = energy_config.get_config()
     table = energy_moe.methods(cfg)
