@@ -16,12 +16,13 @@ top-k when a budget cannot be met); static pruning of the costliest experts; top
 weight-only int8 experts, static and with (energy-aware) router TTT on top; and the
 expert-level methods of issue 15 (``expert.methods``): rank-r LoRA on every expert
 (``lora_ttt/<r>``), the norms (``norm_ttt``), the biases (``bias_ttt``), fast-weight experts
-with the trainable parameters of rank-r LoRA (``fast_ttt/<r>``, issue 15 item 3), each with the
-router and λ_energy = ``expert.lam``, and router TTT with the masked-byte and two-augmentation
-consistency objectives; energy-aware TTT adapting only on hard batches (``schedule.methods``:
-prediction entropy or router margin past an in-distribution quantile, or an adaptive period) and
-serving under simulated memory pressure (``memory``), with routing explanations of the router
-TTT methods (issue 15 items 6-8).
+with the trainable parameters of rank-r LoRA (``fast_ttt/<r>``, issue 15 item 3; on int8
+experts ``int8_fast_ttt/<r>``), each with the router and λ_energy = ``expert.lam``, and router
+TTT with the masked-byte and two-augmentation consistency objectives; energy-aware router TTT,
+int8 router TTT and expert-level methods adapting only on hard batches (``schedule.methods``:
+the served model's prediction entropy or router margin past an in-distribution quantile, or an
+adaptive period) and serving under simulated memory pressure (``memory``), with routing
+explanations of every adapting method but the budgets (issue 15 items 6-8).
 Energy is the SIMULATED monitor's (a modelled accelerator driven by the FLOPs and bytes of the
 experts actually used); the adaptation's own forward and backward passes are charged to it.
 
@@ -107,10 +108,11 @@ def get_config(arg=None):
             "energy_ttt/0.3:consistency",
             "lora_ttt/4:masked",
             "fast_ttt/4",  # fast-weight experts with lora_ttt/4's trainable parameters
+            "int8_fast_ttt/4",  # the same on weight-only int8 experts
         ),
         lam=0.3,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
-    c.schedule = schedule_section(lam="0.3")
+    c.schedule = schedule_section(lam="0.3", int8_lam="1", expert=("lora_ttt/4", "fast_ttt/4"))
     c.memory = memory_section()
     # Weight-only int8 experts (per-output-channel symmetric scales): served static ("int8"),
     # with router TTT ("int8_ttt") and with energy-aware TTT at each λ ("int8_energy_ttt/<λ>").
@@ -145,7 +147,8 @@ def get_config(arg=None):
         c.expert.fast_chunk = 4  # 4 chunks of the 16 bytes
         c.expert.max_rank = 4
         c.int8.lambdas = (3.0,)
-        c.schedule.methods = ("energy_ttt/3@adaptive",)  # one more compilation (the signals)
+        # one more compilation each (the signals of the trained and the fast-weight model)
+        c.schedule.methods = ("energy_ttt/3@adaptive", "fast_ttt/4@margin")
         c.schedule.max_every = 4
         c.memory.patience = 1
     if arg == "demo":  # the full runs' best energy-aware point: λ 0.3 on hard batches only
@@ -197,18 +200,26 @@ def expert_section(methods: tuple[str, ...], *, lam: float) -> ml_collections.Co
     return x
 
 
-def schedule_section(*, lam: str) -> ml_collections.ConfigDict:
-    """The ``schedule`` section: energy_ttt/<lam> at every schedule (shared with
+def schedule_section(
+    *, lam: str, int8_lam: str, expert: tuple[str, ...]
+) -> ml_collections.ConfigDict:
+    """The ``schedule`` section: energy_ttt/<lam> at every schedule, and int8_energy_ttt/<int8_lam>
+    and the ``expert`` methods on hard batches by router margin (shared with
     configs/energy_moe_digits.py).
 
-    When to adapt (issue 15 item 7, experiments/energy_moe/schedules.py): "<ttt or
-    energy_ttt/<λ>>@<schedule>" adapts on the batches whose prediction entropy (@entropy) or
-    router top-2 margin (@margin) is past a threshold, or at a period that halves after a hard
-    batch and doubles after an easy one (@adaptive, entropy; from ttt.every up to max_every).
-    The threshold is the ``quantile`` of the signal on in-distribution data, never the stream.
+    When to adapt (issue 15 item 7, experiments/energy_moe/schedules.py): "<method>@<schedule>"
+    (any method that adapts at test time but the budgets) adapts on the batches whose prediction
+    entropy (@entropy) or router top-2 margin (@margin), from the served model's forward pass, is
+    past a threshold, or at a period that halves after a hard batch and doubles after an easy one
+    (@adaptive, entropy; from ttt.every up to max_every). The threshold is the ``quantile`` of
+    the served model's signal on in-distribution data, never the stream.
     """
     s = ml_collections.ConfigDict()
-    s.methods = tuple(f"energy_ttt/{lam}@{when}" for when in ("entropy", "margin", "adaptive"))
+    s.methods = (
+        *(f"energy_ttt/{lam}@{when}" for when in ("entropy", "margin", "adaptive")),
+        f"int8_energy_ttt/{int8_lam}@margin",
+        *(f"{name}@margin" for name in expert),
+    )
     s.quantile = 0.9
     s.max_every = 64
     return s

@@ -16,7 +16,8 @@ entropy minimisation of the router and the norms) with λ_energy = 0; energy-awa
 λ sweep; the power-budget controller; static pruning; top-1; weight-only int8 experts, static
 and with (energy-aware) TENT on top; the expert-level methods of issue 15 (``expert.methods``:
 LoRA on the experts, the norms, the biases, fast-weight experts with rank-4 LoRA's trainable
-parameters (``fast_ttt/4``), each with the router; the two-augmentation consistency objective;
+parameters (``fast_ttt/4``; on int8 experts ``int8_fast_ttt/4``), each with the router; the
+two-augmentation consistency objective;
 masked reconstruction is refused, the token head being never trained); the schedules, memory
 pressure and routing explanations of issue 15 items 6-8 as in ``configs/energy_moe.py``.
 Energy is the SIMULATED monitor's.
@@ -107,10 +108,11 @@ def get_config(arg=None):
             "energy_ttt/1:consistency",
             "lora_ttt/4:consistency",
             "fast_ttt/4",  # fast-weight experts with lora_ttt/4's trainable parameters
+            "int8_fast_ttt/4",  # the same on weight-only int8 experts
         ),
         lam=1.0,  # one of ttt.lambdas: compare with energy_ttt at the same λ
     )
-    c.schedule = schedule_section(lam="1")
+    c.schedule = schedule_section(lam="1", int8_lam="1", expert=("lora_ttt/4", "fast_ttt/4"))
     c.memory = memory_section()
     c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
     c.int8.enabled = True

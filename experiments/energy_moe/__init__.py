@@ -27,7 +27,9 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
 * expert-level adaptation (issue 15, :mod:`.expert`), named in ``expert.methods``:
   ``lora_ttt/<r>`` (rank-r LoRA on every expert matrix), ``lora_hw/<R>`` (ranks up to R chosen
   after every batch from the monitor's power and temperature and the free memory), ``norm_ttt``
-  and ``bias_ttt``, each with the router at λ_energy = ``expert.lam``; any ``ttt``,
+  and ``bias_ttt``, ``fast_ttt/<r>`` (fast-weight experts with rank-r LoRA's trainable
+  parameters; ``int8_fast_ttt/<r>`` on int8 experts), each with the router at λ_energy =
+  ``expert.lam``; any ``ttt``,
   ``energy_ttt`` or expert-level method may end in ``:<objective>`` (``entropy``,
   ``next_token``, ``masked``, ``consistency``).
 * ``int8``, ``int8_ttt``, ``int8_energy_ttt/<λ>``: the trained experts quantized to weight-only
@@ -35,12 +37,14 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
   with TTT and with energy-aware TTT of the same parameters on top (the experts stay int8).
   Their expert weight reads are priced at 1 byte per weight plus the scales.
 * when to adapt (issue 15 item 7, :mod:`.schedules`), named in ``schedule.methods``:
-  ``ttt@<s>`` / ``energy_ttt/<λ>@<s>`` adapt on the batches whose prediction entropy
-  (``@entropy``) or router margin (``@margin``) is past an in-distribution quantile, or at an
-  adaptive period (``@adaptive``), instead of every ``ttt.every``-th batch.
+  ``<method>@<s>`` for every method that adapts but the budgets (``ttt``, ``energy_ttt/<λ>``,
+  their int8 versions, the expert-level methods) adapts on the batches whose prediction entropy
+  (``@entropy``) or router margin (``@margin``), from the served model's forward pass, is past
+  an in-distribution quantile, or at an adaptive period (``@adaptive``), instead of every
+  ``ttt.every``-th batch.
 * ``memory`` (issue 15 item 6, :mod:`.pressure`): the trained model served while simulated
   tenants take memory, stepping down through batch chunks and top-k.
-* The router TTT methods also record routing explanations (issue 15 item 8,
+* Every adapting method but the budgets also records routing explanations (issue 15 item 8,
   :mod:`.explanations`): avoided assignments and their energy, activation shares before and
   after, router stability.
 

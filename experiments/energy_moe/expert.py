@@ -48,14 +48,21 @@ import numpy as np
 import optax
 
 from experiments.energy_moe.registry import EXPERT, Method, method_names, methods
-from experiments.energy_moe.runtime import Runtime, compile_adapt, compile_infer
+from experiments.energy_moe.runtime import (
+    Runtime,
+    compile_adapt,
+    compile_infer,
+    compile_probe,
+    compile_signals,
+)
 from metattt import augment
 from metattt.energy import MemoryReading, RankLimits, adapter_ranks, energy_tent
-from metattt.models import fast_weights, moe
+from metattt.models import fast_weights, moe, quantize
 from metattt.params import leaf_paths, select
 
 GROUPS = {"lora_ttt": "lora", "lora_hw": "lora", "norm_ttt": "norm", "bias_ttt": "bias",
-          "fast_ttt": "fast"}  # fmt: skip
+          "fast_ttt": "fast", "int8_fast_ttt": "fast"}  # fmt: skip
+FAST = ("fast_ttt", "int8_fast_ttt")
 LORA = ("lora_ttt", "lora_hw")
 
 
@@ -72,6 +79,13 @@ class Variant(NamedTuple):
         adapt: jitted ``(params, tokens, λ, mask, key) -> (params, per-step RoutingStats)``.
         realloc: jitted ``(params, ranks (layers, E), key) -> params`` of the LoRA model, or
             None.
+        signals: jitted ``(params, inputs, targets, mask) -> (score, counts, entropy,
+            margin)`` of the served model (:func:`.runtime.compile_signals`: the schedules).
+        probe: jitted ``(params, inputs, mask) -> router probabilities`` of the served model
+            (:func:`.runtime.compile_probe`: the routing explanations).
+        int8: served with weight-only int8 experts (``int8_fast_ttt``).
+
+    Every compiled function also takes parameters with int8 experts.
     """
 
     mcfg: moe.MoEConfig
@@ -81,6 +95,9 @@ class Variant(NamedTuple):
     infer: Any
     adapt: Any
     realloc: Any = None
+    signals: Any = None
+    probe: Any = None
+    int8: bool = False
 
 
 def needs_variant(method: Method) -> bool:
@@ -121,7 +138,7 @@ def model_of(cfg, mcfg: moe.MoEConfig, method: Method) -> moe.MoEConfig:
     """The model ``method`` is served with: LoRA, fast-weight, or the trained one."""
     if method.kind in LORA:
         return lora_config(cfg, mcfg)
-    if method.kind == "fast_ttt":
+    if method.kind in FAST:
         return fast_config(cfg, mcfg, method.rank)
     return mcfg
 
@@ -152,7 +169,8 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
     names, every = list(x.methods), method_names(cfg)
     if len(set(every)) != len(every):
         raise ValueError(f"expert.methods must be distinct new method names, got {names}")
-    table = {n: m for n, m in methods(cfg).items() if n in names}  # parses every name
+    # every method served through a Variant, in expert.methods or (scheduled) schedule.methods
+    table = {n: m for n, m in methods(cfg).items() if n in names or needs_variant(m)}
     if any(m.kind in EXPERT for m in table.values()) and not x.lam > 0:
         raise ValueError(f"expert.lam must be > 0 (the expert-level methods are energy-aware), "
                          f"got {x.lam}")  # fmt: skip
@@ -163,7 +181,7 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
             raise ValueError(f"expert.{rate} must be in [0, 1), got {x[rate]}")
     if x.max_shift < 0 or x.noise < 0:
         raise ValueError("expert.max_shift and expert.noise must be >= 0")
-    fast = [m for m in table.values() if m.kind == "fast_ttt"]
+    fast = [m for m in table.values() if m.kind in FAST]
     if fast and not (x.fast_chunk >= 1 and x.fast_steps >= 1 and 0 < x.fast_lr <= 1):
         raise ValueError(f"need expert.fast_chunk >= 1, expert.fast_steps >= 1 and expert.fast_lr "
                          f"in (0, 1], got {x.fast_chunk}, {x.fast_steps}, {x.fast_lr}")  # fmt: skip
@@ -181,7 +199,7 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
                 "model trains only its class head (use entropy or consistency)"
             )
         params = lora_params  # the LoRA model holds every selection but the fast weights'
-        if method.kind == "fast_ttt":
+        if method.kind in FAST:
             model = model_of(cfg, mcfg, method)
             params = jax.eval_shape(lambda m=model: moe.init_moe(m).params)
         select(params, selector_of(cfg, method))  # an empty selection raises
@@ -193,7 +211,11 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
     if "expert" not in cfg:
         return {}
     mcfg = rt.mcfg
-    compiled: dict[Any, Any] = {("infer", 0, 0): rt.infer[mcfg.top_k]}
+    compiled: dict[Any, Any] = {
+        ("infer", (0, 0)): rt.infer[mcfg.top_k],
+        ("signals", (0, 0)): rt.signals,
+        ("probe", (0, 0)): rt.probe,
+    }
     out = {}
     for name, method in methods(cfg).items():
         if not needs_variant(method):
@@ -203,18 +225,24 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
         key = (model.lora_rank, model.fast_rank, repr(selector), objective)
         if key not in compiled:
             ttt = energy_tent(
-                moe.init_moe(model).apply, rt.joules, top_k=mcfg.top_k, params=selector,
+                quantize.int8_apply(moe.init_moe(model).apply), rt.joules, top_k=mcfg.top_k,
+                params=selector,
                 task=objective, head=head, opt=optax.adam(cfg.ttt.lr), max_steps=cfg.ttt.steps,
                 **corruptions(cfg, mcfg, head),
             )  # fmt: skip
             compiled[key] = compile_adapt(ttt)
-        if ("infer", model.lora_rank, model.fast_rank) not in compiled:
-            compiled["infer", model.lora_rank, model.fast_rank] = compile_infer(model, head)
-        infer = compiled["infer", model.lora_rank, model.fast_rank]
+        shape = (model.lora_rank, model.fast_rank)
+        if ("infer", shape) not in compiled:  # jitted lazily: compiled on first use
+            compiled["infer", shape] = compile_infer(model, head)
+            compiled["signals", shape] = compile_signals(model, head)
+            compiled["probe", shape] = compile_probe(model)
         if model.lora_rank and "realloc" not in compiled:
             compiled["realloc"] = jax.jit(partial(moe.lora_realloc, config=model))
         realloc = compiled.get("realloc") if model.lora_rank else None
-        out[name] = Variant(model, method.rank, selector, objective, infer, compiled[key], realloc)
+        out[name] = Variant(
+            model, method.rank, selector, objective, compiled["infer", shape], compiled[key],
+            realloc, compiled["signals", shape], compiled["probe", shape], method.int8,
+        )  # fmt: skip
     return out
 
 
@@ -269,13 +297,14 @@ def hardware_limits(cfg, variant: Variant, budget_w: float, fixed_w: float) -> R
 def prepare(variant: Variant, params: Any, seed: int) -> Any:
     """The trained parameters as ``variant`` serves them: inside the LoRA model with every
     expert matrix at rank ``variant.rank`` (A random, B zero: the same function), inside the
-    fast-weight model (θ_O zero: the same function), or as is."""
+    fast-weight model (θ_O zero: the same function), or as is; then, for an int8 variant, with
+    weight-only int8 experts (:func:`metattt.models.quantize.quantize_experts`)."""
     if variant.mcfg.fast_rank:
-        return moe.with_fast(params, variant.mcfg, seed)
-    if not variant.rank:
-        return params
-    lora = moe.with_lora(params, variant.mcfg)
-    return moe.lora_realloc(lora, variant.mcfg, variant.rank, jax.random.key(seed))
+        params = moe.with_fast(params, variant.mcfg, seed)
+    elif variant.rank:
+        lora = moe.with_lora(params, variant.mcfg)
+        params = moe.lora_realloc(lora, variant.mcfg, variant.rank, jax.random.key(seed))
+    return quantize.quantize_experts(params) if variant.int8 else params
 
 
 def warm_up(variants: dict[str, Variant], params: Any, stream: Any, *, batch: int,

@@ -1,10 +1,14 @@
-"""Routing explanations (issue 15 item 8) of the router TTT methods (kinds ``ttt`` and
-``energy_ttt``, scheduled or not: the trained model's router adapts, all experts, trained top-k).
+"""Routing explanations (issue 15 item 8) of every method that adapts at test time but the
+budgets (whose policy also changes top-k and the expert mask): the router TTT (``ttt``,
+``energy_ttt``), its int8 versions and the expert-level methods, with any objective, scheduled
+or not; all experts, trained top-k, each through its served model's router (LoRA, fast-weight or
+int8 experts: the router probabilities of the served model, whose routing changes when the
+router or, in later layers, the experts adapt).
 
 Serving keeps the parameters at the middle of the stream and after the last adaptation
-(:class:`Snapshots`). On the stream's last batch the router probabilities under the trained, the
-middle and the final parameters (three diagnostic forward passes, not charged) give, with
-:mod:`metattt.energy.explain`:
+(:class:`Snapshots`). On the stream's last batch the router probabilities under the start (the
+trained model as served), the middle and the final parameters (three diagnostic forward passes,
+not charged) give, with :mod:`metattt.energy.explain`:
 
 * the assignments the final router avoided and adopted per layer and expert vs the trained one,
   and the energy per token each would have cost / costs (``routing_changes``);
@@ -25,12 +29,10 @@ from experiments.energy_moe.registry import Method
 from experiments.energy_moe.runtime import Runtime
 from metattt.energy import activation_shares, explain_token, routing_changes, topk_agreement
 
-KINDS = ("ttt", "energy_ttt")
-
 
 def explains(method: Method) -> bool:
-    """Whether serving ``method`` records routing explanations (router TTT, task objective)."""
-    return method.kind in KINDS and not method.objective
+    """Whether serving ``method`` records routing explanations (it adapts; not a budget)."""
+    return method.adapts and method.kind != "budget"
 
 
 class Snapshots:
@@ -54,13 +56,15 @@ class Snapshots:
         return out
 
 
-def explain(rt: Runtime, trained: Any, snaps: Snapshots, inputs: np.ndarray) -> dict[str, Any]:
-    """The explanations of one served stream on its last batch ``inputs`` (B, L)."""
+def explain(
+    rt: Runtime, probe: Any, trained: Any, snaps: Snapshots, inputs: np.ndarray
+) -> dict[str, Any]:
+    """The explanations of one served stream on its last batch ``inputs`` (B, L); ``probe(params,
+    inputs, mask)`` gives the served model's router probabilities, ``trained`` are its
+    parameters at the start of the stream."""
     mask = jnp.ones((rt.mcfg.num_experts,), bool)
     k, c = rt.mcfg.top_k, rt.joules
-    ref, mid, end = (
-        np.asarray(rt.probe(p, inputs, mask)) for p in (trained, snaps.mid, snaps.last)
-    )
+    ref, mid, end = (np.asarray(probe(p, inputs, mask)) for p in (trained, snaps.mid, snaps.last))
     changes = routing_changes(ref, end, k, c)
     flat_ref, flat_end = ref.reshape(-1, ref.shape[-1]), end.reshape(-1, end.shape[-1])
     saved = [routing_changes(a[None], b[None], k, c).saved_j_per_token

@@ -102,8 +102,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         pending = [n for n in table if not os.path.isfile(cell_path(workdir, seed, n))]
         if pending:  # only then load the data, the parameters and compile
             params, stream, info, reference = task.prepare(cfg, rt, seed, workdir)
-            int8 = any(m.int8 for m in table.values())
-            signals = any(m.schedule for m in table.values())
+            int8 = any(m.int8 and not expert.needs_variant(m) for m in table.values())
+            signals = any(m.schedule and not expert.needs_variant(m) for m in table.values())
             runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows, int8=int8,
                             signals=signals)  # fmt: skip
             expert.warm_up(variants, params, stream, batch=b, windows=cfg.ttt.windows)

@@ -17,7 +17,7 @@ COLORS = {"no_ttt": "k", "ttt": "tab:blue", "energy_ttt": "tab:green", "budget":
           "prune": "tab:red", "top_k": "tab:orange", "lora_ttt": "tab:cyan", "lora_hw": "tab:pink",
           "norm_ttt": "tab:olive", "bias_ttt": "tab:brown", "int8": "tab:gray",
           "int8_ttt": "darkcyan", "int8_energy_ttt": "darkgreen", "memory": "gold",
-          "fast_ttt": "magenta"}  # fmt: skip
+          "fast_ttt": "magenta", "int8_fast_ttt": "darkmagenta"}  # fmt: skip
 
 
 def _pyplot():

@@ -8,13 +8,16 @@ in (0, 1) of the unadapted model's dynamic power), ``prune/<n>`` (n costliest ex
 ``lora_ttt/<rank>`` (LoRA of that rank on every expert), ``lora_hw/<R>`` (ranks up to R chosen
 per batch from the monitor's power, temperature and memory headroom), ``norm_ttt``, ``bias_ttt``
 and ``fast_ttt/<rank>`` (fast-weight experts, item 3, with the trainable parameters of
-``lora_ttt/<rank>``); these and ``ttt``, ``energy_ttt`` may end in ``:<objective>``
-(``entropy``, ``next_token``, ``masked``, ``consistency``; without it the task's own objective),
-and the config names them in full (``expert.methods``). ``ttt`` and ``energy_ttt`` may instead
-end in ``@<schedule>`` (issue 15 item 7, :mod:`.schedules`): adapt on the batches whose
-prediction entropy (``@entropy``) or router margin (``@margin``) is past an in-distribution
+``lora_ttt/<rank>``; ``int8_fast_ttt/<rank>``: the same on weight-only int8 experts); these
+and ``ttt``, ``energy_ttt`` may end in ``:<objective>`` (``entropy``, ``next_token``,
+``masked``, ``consistency``; without it the task's own objective), and the config names them
+in full (``expert.methods``). Every kind that adapts at test time but
+``budget`` (whose policy decides when) may then end in ``@<schedule>`` (issue 15 item 7,
+:mod:`.schedules`): adapt on the batches whose prediction entropy (``@entropy``) or router
+margin (``@margin``), from the served model's own forward pass, is past an in-distribution
 quantile, or at a period that halves on hard batches and doubles on easy ones (``@adaptive``);
-the config names them in ``schedule.methods``. ``memory`` (item 6, :mod:`.pressure`) serves the
+the config names them in ``schedule.methods`` (e.g. ``int8_ttt@margin``,
+``lora_ttt/4:masked@entropy``). ``memory`` (item 6, :mod:`.pressure`) serves the
 trained model while other tenants' memory use follows a simulated trace, stepping down through
 serving levels (``memory.enabled``). :func:`parse_method` turns a name into a :class:`Method`
 and rejects anything else in one line that lists the valid forms; :func:`methods` names the
@@ -32,15 +35,17 @@ EXPERT = (
     "norm_ttt",
     "bias_ttt",
     "fast_ttt",
+    "int8_fast_ttt",
 )  # issue 15: λ_energy = expert.lam
-INT8 = ("int8", "int8_ttt", "int8_energy_ttt")
+INT8 = ("int8", "int8_ttt", "int8_energy_ttt", "int8_fast_ttt")
 ENERGY_AWARE = ("energy_ttt", "budget", "int8_energy_ttt", *EXPERT)
 BASELINES = ("prune", "top_k", "int8")
 ADAPTING = ("ttt", "energy_ttt", "budget", "int8_ttt", "int8_energy_ttt", *EXPERT)
 OBJECTIVES = ("entropy", "next_token", "masked", "consistency")
 OBJECTIVE_KINDS = ("ttt", "energy_ttt", *EXPERT)  # the kinds that may name an objective
 SCHEDULES = ("entropy", "margin", "adaptive")
-SCHEDULE_KINDS = ("ttt", "energy_ttt")  # router TTT on the trained model, no other objective
+#: the kinds that may name a schedule: all that adapt at test time but ``budget``
+SCHEDULE_KINDS = ("ttt", "energy_ttt", "int8_ttt", "int8_energy_ttt", *EXPERT)
 
 
 class Method(NamedTuple):
@@ -52,8 +57,9 @@ class Method(NamedTuple):
         fraction: the budget's share of the dynamic power (``budget``).
         prune: experts pruned (``prune``).
         top_k: K of the routing (0: the model's).
-        rank: the expert LoRA rank (``lora_ttt``; the largest, ``lora_hw``; ``fast_ttt``: the
-            LoRA rank whose trainable parameters its fast-weight experts match).
+        rank: the expert LoRA rank (``lora_ttt``; the largest, ``lora_hw``; ``fast_ttt``,
+            ``int8_fast_ttt``: the LoRA rank whose trainable parameters its fast-weight experts
+            match).
         objective: the adaptation's objective (``""``: the task's own).
         schedule: when to adapt (``""``: every ``ttt.every``-th batch; else :data:`SCHEDULES`).
     """
@@ -91,6 +97,7 @@ KINDS = {
     "norm_ttt": (None, None, "norm_ttt"),
     "bias_ttt": (None, None, "bias_ttt"),
     "fast_ttt": ("rank", int, "fast_ttt/<matched LoRA rank>"),
+    "int8_fast_ttt": ("rank", int, "int8_fast_ttt/<matched LoRA rank>"),
     "int8": (None, None, "int8"),
     "int8_ttt": (None, None, "int8_ttt"),
     "int8_energy_ttt": ("lam", float, "int8_energy_ttt/<λ>"),
@@ -100,17 +107,19 @@ KINDS = {
 
 def parse_method(name: str) -> Method:
     """``"energy_ttt/0.3"`` -> ``Method("energy_ttt", lam=0.3)``; ``"lora_ttt/4:masked"`` ->
-    ``Method("lora_ttt", rank=4, objective="masked")``.
+    ``Method("lora_ttt", rank=4, objective="masked")``; ``"int8_ttt@margin"`` ->
+    ``Method("int8_ttt", schedule="margin")``.
 
     Raises:
-        ValueError: an unknown kind, a missing, extra or unparsable value, or an objective
-            that is unknown or on a kind that does not adapt (one line listing the valid forms).
+        ValueError: an unknown kind, a missing, extra or unparsable value, an objective that
+            is unknown or on a kind that does not adapt, or a schedule that is unknown or on a
+            kind that does not take one (one line listing the valid forms).
     """
     base, at, schedule = str(name).partition("@")
     head, colon, objective = base.partition(":")
     kind, slash, value = head.partition("/")
     ok_objective = not colon or (objective in OBJECTIVES and kind in OBJECTIVE_KINDS)
-    ok_schedule = not at or (schedule in SCHEDULES and kind in SCHEDULE_KINDS and not colon)
+    ok_schedule = not at or (schedule in SCHEDULES and kind in SCHEDULE_KINDS)
     if kind in KINDS and ok_objective and ok_schedule:
         field, cast, _ = KINDS[kind]
         named = {"objective": objective, "schedule": schedule}
@@ -124,8 +133,8 @@ def parse_method(name: str) -> Method:
     valid = ", ".join(form for _, _, form in KINDS.values())
     raise ValueError(
         f"unknown method {name!r}; valid: {valid}; {', '.join(OBJECTIVE_KINDS)} may end in "
-        f":<objective> ({', '.join(OBJECTIVES)}), or {', '.join(SCHEDULE_KINDS)} in @<schedule> "
-        f"({', '.join(SCHEDULES)})"
+        f":<objective> ({', '.join(OBJECTIVES)}), then {', '.join(SCHEDULE_KINDS)} in "
+        f"@<schedule> ({', '.join(SCHEDULES)})"
     )
 
 

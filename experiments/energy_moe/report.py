@@ -232,11 +232,19 @@ def plan_header(results: dict[str, Any], cfg) -> list[str]:
             f"the policy keeps a {m.margin:.0%} margin and steps up after {m.patience} calm "
             "readings; a chunked batch is priced per chunk (weights read once per chunk)."
         )
-    if any("explain" in r for r in rows.values()):
+    explained = [n for n, r in rows.items() if "explain" in r]
+    if explained:
+        router = all(results["kinds"][n] in ("ttt", "energy_ttt") for n in explained)
+        which = (
+            "each router TTT method"
+            if router
+            else "each adapting method but the budgets, through its served model (int8, LoRA or "
+            "fast-weight experts where it has them)"
+        )
         lines.append(
             "- Routing explanations (issue 15 item 8): router probabilities of the stream's "
-            "last batch under the trained, mid-stream and final parameters of each router TTT "
-            "method (three diagnostic forward passes, not charged)."
+            f"last batch under the trained, mid-stream and final parameters of {which} (three "
+            "diagnostic forward passes, not charged)."
         )
     return lines
 
@@ -291,6 +299,12 @@ def _fast_header(results: dict[str, Any], cfg) -> str:
         f"θ_K, θ_Q, θ_V, θ_O (4·D·R) equal lora_ttt/<ρ>'s 3·ρ·(D + F) ({ranks}); the method "
         "adapts them with the router, and every forward pass is charged their projections, "
         "reads and inner steps (metattt.models.fast_weights.fast_work)."
+        + (
+            " int8_fast_ttt/<ρ>: the same over weight-only int8 experts (codes frozen, read and "
+            "priced as int8)."
+            if any(i["kind"] == "int8_fast_ttt" for i in fast.values())
+            else ""
+        )
     )
 
 

@@ -100,8 +100,9 @@ def compile_signals(mcfg: moe.MoEConfig, head: str):
     """Jitted ``(params, inputs, targets, mask) -> (score, counts, entropy, margin)``: the
     inference of :func:`compile_infer` plus the batch's label-free difficulty signals from the
     same forward pass (:func:`metattt.energy.schedule.prediction_entropy` of the head's
-    predictions, :func:`~metattt.energy.schedule.router_margin`)."""
-    apply = moe.init_moe(mcfg).apply
+    predictions, :func:`~metattt.energy.schedule.router_margin`); it also takes parameters with
+    int8 experts."""
+    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
 
     @jax.jit
     def infer(p, inputs, targets, mask):
@@ -114,8 +115,9 @@ def compile_signals(mcfg: moe.MoEConfig, head: str):
 
 
 def compile_probe(mcfg: moe.MoEConfig):
-    """Jitted ``(params, inputs, mask) -> (layers, B, L, E)`` router probabilities."""
-    apply = moe.init_moe(mcfg).apply
+    """Jitted ``(params, inputs, mask) -> (layers, B, L, E)`` router probabilities (parameters
+    with int8 experts too)."""
+    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
     return jax.jit(lambda p, inputs, mask: apply(p, inputs, expert_mask=mask).aux["router_probs"])
 
 

@@ -1,17 +1,21 @@
-"""When to adapt (issue 15 item 7) as methods: ``ttt@<s>`` and ``energy_ttt/<λ>@<s>``.
+"""When to adapt (issue 15 item 7) as methods: ``<method>@<s>`` for every method that adapts at
+test time but the budgets (``ttt``, ``energy_ttt/<λ>``, ``int8_ttt``, ``int8_energy_ttt/<λ>``,
+the expert-level kinds, with or without an objective; :data:`.registry.SCHEDULE_KINDS`).
 
-The router TTT of the method without ``@`` adapts on every ``ttt.every``-th batch. With a
-schedule (:mod:`metattt.energy.schedule`) it adapts on the batches that look hard instead,
-judged by a label-free signal that the serving forward pass returns anyway
-(:func:`.runtime.compile_signals`: deciding costs no extra work):
+The method without ``@`` adapts on every ``ttt.every``-th batch. With a schedule
+(:mod:`metattt.energy.schedule`) it adapts on the batches that look hard instead, judged by a
+label-free signal that the served model's forward pass returns anyway
+(:func:`.runtime.compile_signals` of the trained, int8, LoRA or fast-weight model: deciding
+costs no extra work):
 
 * ``@entropy``: on every batch whose mean prediction entropy is above the threshold;
 * ``@margin``: on every batch whose mean router top-2 margin is below it;
 * ``@adaptive``: at a period that halves after a batch over the entropy threshold and doubles
   after one under it, from ``ttt.every`` within [1, ``schedule.max_every``].
 
-The threshold is the ``schedule.quantile`` quantile of the signal over in-distribution batches
-(the held-out docs for the LM, the clean test digits), per seed, so that about
+The threshold is the ``schedule.quantile`` quantile of the served model's signal, at its
+parameters at the start of the stream, over in-distribution batches (the held-out docs for the
+LM, the clean test digits), per seed, so that about
 1 - quantile of in-distribution batches would trigger; the stream being scored never sets it.
 """
 
@@ -22,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.energy_moe.registry import Method
+from experiments.energy_moe.registry import EXPERT, Method, parse_method
 from metattt.energy.schedule import Schedule, adaptive_period, calibrate_threshold, on_difficulty
 
 #: schedule -> (index of its signal in the signals inference's outputs, high means hard)
@@ -72,6 +76,8 @@ def validate(cfg) -> None:
     for name in s.methods:
         if "@" not in name:
             raise ValueError(f"schedule.methods entries end in @<schedule>, got {name!r}")
+        if parse_method(name).kind in EXPERT and "expert" not in cfg:
+            raise ValueError(f"schedule.methods entry {name!r} needs an expert section")
 
 
 def signal_summary(signals: Any, threshold: float, method: Method) -> dict[str, Any]:

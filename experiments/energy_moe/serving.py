@@ -162,8 +162,9 @@ def serve(
     ``variant`` serves an expert-level method or another objective (its adaptation call c
     draws its corruptions with ``fold_in(key(seed), c)``); ``reference`` (inputs (N, B, L),
     targets (N, B, ...)) in-distribution batches calibrate a schedule's threshold
-    (:mod:`.schedules`). ``memory`` serves under memory pressure (:mod:`.pressure`); the router
-    TTT methods record routing explanations (:mod:`.explanations`).
+    (:mod:`.schedules`; the signal is the served model's own). ``memory`` serves under memory
+    pressure (:mod:`.pressure`); the methods that adapt (but budgets) record routing
+    explanations (:mod:`.explanations`).
     Returns the cell: the metric, energies, delay, EDP, wall times and per-batch traces.
     """
     mcfg = rt.mcfg
@@ -197,22 +198,23 @@ def serve(
         limits = hardware_limits(cfg, variant, budget_w, fixed)
         hw = HardwareRanks(variant, limits, memory_reader(cfg, monitor))
     if variant is not None:
-        params = prepare(variant, params, seed)
+        params = prepare(variant, params, seed)  # int8 experts too where the variant has them
+    elif method.int8:
+        params = quantize.quantize_experts(params)
     infer, adapt = _model_fns(rt, variant, hw, seed)
     weights = "int8" if method.int8 else "float"
-    if method.int8:
-        params = quantize.quantize_experts(params)
     targets = stream.targets.reshape(len(inputs), b, *stream.targets.shape[1:])
     work = lambda counts, rows: batch_work(
         rt, counts, rows, length, variant, None if hw is None else hw.active, weights
     )
     on_window = None if hw is None else hw.on_window
     schedule = pressure = snaps = None
-    if method.schedule:
+    signals, probe = (rt.signals, rt.probe) if variant is None else (variant.signals, variant.probe)
+    if method.schedule:  # the served model's signal, its threshold from its start parameters
         all_experts = jnp.ones((mcfg.num_experts,), bool)
-        threshold = schedules.calibrate(cfg, method, rt.signals, params, reference, all_experts)
+        threshold = schedules.calibrate(cfg, method, signals, params, reference, all_experts)
         schedule = schedules.make_schedule(cfg, method, threshold)
-        infer = schedules.scheduled_infer(rt.signals, method)
+        infer = schedules.scheduled_infer(signals, method)
     if method.kind == "memory":
         pressure = MemoryPressure(cfg, rt, params, inputs[0], targets[0], work)
         infer, work, on_window = pressure.infer, pressure.work, pressure.on_window
@@ -287,7 +289,7 @@ def serve(
     if pressure is not None:
         out.update(pressure.summary())
     if snaps is not None:
-        out["explain"] = explain(rt, params, snaps, inputs[-1])
+        out["explain"] = explain(rt, probe, params, snaps, inputs[-1])
     if policy is not None:
         out.update(
             budget_w=budget_w,

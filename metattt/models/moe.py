@@ -528,7 +528,8 @@ def expert_work(
     """
     d, f = config.d_model, config.d_ff
     n = jnp.asarray(expert_counts, jnp.float32)
-    per_flops, per_bytes = expert_token_costs(config, itemsize=itemsize)
+    # the SwiGLU experts' own per-token costs; the fast-weight work is priced below per chunk
+    per_flops, per_bytes = expert_token_costs(config._replace(fast_rank=0), itemsize=itemsize)
     read = [
         expert_weight_work(d, w, itemsize=itemsize, weights=weights) for w in expert_widths(config)
     ]
@@ -553,13 +554,22 @@ def expert_token_costs(config: MoEConfig, *, itemsize: int = 4) -> tuple[np.ndar
     """Per-token (flops, bytes) of each expert at its width: two (E,) float64 arrays.
 
     The input of :func:`metattt.energy.costs.proxy_costs`:
-    ``proxy_costs(E, *expert_token_costs(config))``.
+    ``proxy_costs(E, *expert_token_costs(config))``. Fast-weight experts (``config.fast_rank``)
+    add their fast-weight work per token (:func:`metattt.models.fast_weights.fast_work`) with
+    each chunk's updates shared by its ``fast_chunk`` tokens, all routed to the expert (the
+    setting of :func:`expert_forward`); like the experts' own, the slow weights' reads are a
+    per-forward cost, not counted here.
     """
     widths = expert_widths(config)
     flops = np.array([expert_flops_per_token(config.d_model, w) for w in widths], np.float64)
     nbytes = np.array(
         [expert_bytes_per_token(config.d_model, w, itemsize) for w in widths], np.float64
     )
+    if config.fast_rank:
+        d, r, c = config.d_model, config.fast_rank, config.fast_chunk
+        f, b = fast_weights.fast_work(float(c), d, r, config.fast_steps, itemsize, groups=1)
+        flops = flops + float(f) / c
+        nbytes = nbytes + (float(b) - 4 * d * r * itemsize) / c
     return flops, nbytes
 
 
@@ -570,6 +580,11 @@ def expert_forward(
 
     Shapes: x (N, D) -> (N, D). LoRA, if configured, is merged in as in the model, and the
     expert runs at its width F_e (a genuinely smaller matmul, so timing reflects the width).
+    A fast-weight expert (``config.fast_rank``) adds its fast-weight term as the model does,
+    the N tokens read as one sequence routed wholly to the expert with gate 1
+    (:func:`metattt.models.fast_weights.fast_modulation`: chunk by chunk, its inner steps
+    included), so a measured cost profile (:func:`metattt.energy.measure_costs`) times that
+    work too.
     """
     p = params["blocks"][str(layer)]["ffn"]["experts"]
     names = ("gate", "up", "down")
@@ -583,7 +598,17 @@ def expert_forward(
         ]
     width = expert_widths(config)[expert]
     gate, up = x @ w[0][:, :width], x @ w[1][:, :width]
-    return (jax.nn.silu(gate) * up) @ w[2][:width]
+    out = (jax.nn.silu(gate) * up) @ w[2][:width]
+    if not config.fast_rank:
+        return out
+    f = params["blocks"][str(layer)]["ffn"]["fast"]
+    theta = [f[name][expert][None] for name in ("key", "query", "value", "out")]
+    routed = jnp.ones((1, x.shape[0], 1), x.dtype)  # one sequence, every token, gate 1
+    term = fast_weights.fast_modulation(
+        x[None], *theta, routed, routed,
+        chunk=config.fast_chunk, lr=config.fast_lr, steps=config.fast_steps,
+    )  # fmt: skip
+    return out + term[0]
 
 
 # --- dynamic-rank expert LoRA ----------------------------------------------------------------

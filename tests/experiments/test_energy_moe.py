@@ -66,6 +66,21 @@ def _cell(workdir, name):
         ("int8_energy_ttt/0.3", energy_moe.Method("int8_energy_ttt", lam=0.3)),
         ("energy_ttt/0.3@entropy", energy_moe.Method("energy_ttt", lam=0.3, schedule="entropy")),
         ("ttt@adaptive", energy_moe.Method("ttt", schedule="adaptive")),
+        ("int8_ttt@margin", energy_moe.Method("int8_ttt", schedule="margin")),
+        ("int8_energy_ttt/3@entropy", energy_moe.Method("int8_energy_ttt", lam=3.0,
+                                                        schedule="entropy")),
+        ("lora_ttt/4@margin", energy_moe.Method("lora_ttt", rank=4, schedule="margin")),
+        ("lora_hw/8:masked@adaptive", energy_moe.Method("lora_hw", rank=8, objective="masked",
+                                                        schedule="adaptive")),
+        ("norm_ttt@entropy", energy_moe.Method("norm_ttt", schedule="entropy")),
+        ("bias_ttt:consistency@margin", energy_moe.Method("bias_ttt", objective="consistency",
+                                                          schedule="margin")),
+        ("fast_ttt/4@margin", energy_moe.Method("fast_ttt", rank=4, schedule="margin")),
+        ("energy_ttt/0.3:masked@margin", energy_moe.Method("energy_ttt", lam=0.3,
+                                                           objective="masked", schedule="margin")),
+        ("int8_fast_ttt/4", energy_moe.Method("int8_fast_ttt", rank=4)),
+        ("int8_fast_ttt/4:entropy@adaptive", energy_moe.Method(
+            "int8_fast_ttt", rank=4, objective="entropy", schedule="adaptive")),
         ("memory", energy_moe.Method("memory")),
     ],
 )  # fmt: skip
@@ -77,13 +92,21 @@ def test_parse_method(name, method):
     "name",
     ["energy", "ttt/1", "energy_ttt", "energy_ttt/x", "prune/1.5", "lora_ttt", "lora_ttt/0",
      "norm_ttt/1", "ttt:bogus", "prune/1:masked", "budget/0.5:masked", "int8/1",
-     "int8_energy_ttt", "no_ttt@entropy", "fast_ttt", "fast_ttt/0",
-     "fast_ttt/4@margin", "energy_ttt/0.3:masked@margin", "lora_ttt/4@margin",
-     "ttt@weekly", "memory/2"],
+     "int8_energy_ttt", "no_ttt@entropy", "fast_ttt", "fast_ttt/0", "budget/0.5@margin",
+     "prune/1@entropy", "top_k/1@margin", "int8@margin", "memory@entropy", "int8_ttt:masked",
+     "int8_ttt:masked@margin", "lora_ttt/4@weekly", "lora_ttt/4@margin:masked", "int8_fast_ttt",
+     "int8_fast_ttt/0", "ttt@weekly", "memory/2", "ttt@"],
 )  # fmt: skip
 def test_unknown_method_names_list_the_valid_forms(name):
     with pytest.raises(ValueError, match=f"unknown method '{name}'; valid: no_ttt, ttt, energy"):
         energy_moe.parse_method(name)
+
+
+def test_every_kind_has_its_own_plot_colour():
+    from experiments.energy_moe import plots
+
+    assert set(plots.COLORS) == set(registry.KINDS)
+    assert len(set(plots.COLORS.values())) == len(plots.COLORS)
 
 
 def test_methods_of_the_full_config_in_run_order():
@@ -95,22 +118,27 @@ def test_methods_of_the_full_config_in_run_order():
     expected += [f"int8_energy_ttt/{x:g}" for x in cfg.int8.lambdas]
     expected += [*cfg.expert.methods, *cfg.schedule.methods, "memory"]
     assert list(table) == expected
-    assert [m.schedule for m in table.values() if m.schedule] == ["entropy", "margin", "adaptive"]
+    scheduled = [(m.kind, m.schedule) for m in table.values() if m.schedule]
+    assert scheduled == [("energy_ttt", "entropy"), ("energy_ttt", "margin"),
+                         ("energy_ttt", "adaptive"), ("int8_energy_ttt", "margin"),
+                         ("lora_ttt", "margin"), ("fast_ttt", "margin")]  # fmt: skip
     router = [m.lam for n, m in table.items() if m.kind == "energy_ttt" and n[-1].isdigit()]
     assert router == list(cfg.ttt.lambdas)
-    assert [m.lam for m in table.values() if m.kind == "int8_energy_ttt"] == list(cfg.int8.lambdas)
+    int8_sweep = [m.lam for m in table.values() if m.kind == "int8_energy_ttt" and not m.schedule]
+    assert int8_sweep == list(cfg.int8.lambdas)
     adapting = [m.kind for m in table.values() if m.adapts]
     assert (
         adapting[:13]
         == ["ttt"] + ["energy_ttt"] * 5 + ["budget"] * 4 + ["int8_ttt"] + ["int8_energy_ttt"] * 2
     )
     int8_names = ["int8", "int8_ttt", *(f"int8_energy_ttt/{x:g}" for x in cfg.int8.lambdas)]
+    int8_names += ["int8_fast_ttt/4", "int8_energy_ttt/1@margin"]
     assert [n for n, m in table.items() if m.int8] == int8_names
     # the expert-level kinds are energy-aware at expert.lam; an objective keeps its own λ
     assert table["lora_ttt/16"] == energy_moe.Method("lora_ttt", lam=cfg.expert.lam, rank=16)
     assert table["energy_ttt/0.3:masked"].lam == 0.3
-    cfg.int8.enabled = False  # the section off: none of its methods
-    assert not any(m.int8 for m in energy_moe.methods(cfg).values())
+    cfg.int8.enabled = False  # the section off: none of its sweeps
+    assert [n for n, m in energy_moe.methods(cfg).items() if m.int8] == int8_names[-2:]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +173,14 @@ def test_methods_of_the_full_config_in_run_order():
         ("schedule.quantile", 1.0, "schedule.quantile must be in"),
         ("schedule.max_every", 1, "schedule.max_every must be >= ttt.every"),
         ("schedule.methods", ("energy_ttt/0.5",), "end in @<schedule>"),
-        ("schedule.methods", ("lora_ttt/4@entropy",), "unknown method 'lora_ttt/4@entropy'"),
+        ("schedule.methods", ("lora_ttt/4@bogus",), "unknown method 'lora_ttt/4@bogus'"),
+        ("schedule.methods", ("lora_ttt/5@entropy",), r"ranks <= expert.max_rank=4"),
+        ("schedule.methods", ("fast_ttt/3@margin",), "no fast rank matches LoRA rank 3"),
+        (
+            "schedule.methods",
+            ("energy_ttt/3@adaptive", "energy_ttt/3@adaptive"),
+            "must be distinct",
+        ),
         ("memory.chunks", (3,), "memory.chunks must divide"),
         ("memory.chunks", (2, 1), "chunks must be positive and increasing"),
         ("memory.min_top_k", 3, "min_top_k must be in"),
@@ -340,10 +375,14 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
         assert f"{name} {100 * rows[name]['energy_reduction']['mean']:+.1f}% / " in int8
     kept = json.loads((tmp_path / "repo" / "docs" / "results" / "energy_moe.json").read_text())
     assert _same(kept, results)
-    # the expert-level table: one row per method, its last occurrence in the text
-    assert list(results["expert"]) == list(cfg.expert.methods)
+    # the expert-level table: one row per method, its second occurrence in the text (after the
+    # methods table; the routing explanations follow)
+    from experiments.energy_moe.expert import needs_variant
+
+    variants = [n for n, m in energy_moe.methods(cfg).items() if needs_variant(m)]
+    assert list(results["expert"]) == variants == [*cfg.expert.methods, "fast_ttt/4@margin"]
     for name, info in results["expert"].items():
-        line = [x for x in text.splitlines() if x.startswith(f"| {name} | ")][-1]
+        line = [x for x in text.splitlines() if x.startswith(f"| {name} | ")][1]
         cells = line.split(" | ")
         assert cells[1:4] == [info["params"], info["objective"], f"{info['lam']:g}"]
         assert cells[5] == str(info["adapted_params"]) and cells[6] == f"{points[name][1]:.3f}"
@@ -432,6 +471,51 @@ def test_fast_weight_experts_match_lora_parameters_and_are_charged_their_work():
     assert work.nbytes - plain.nbytes == pytest.approx(
         counts.sum() * (6 * r + 2 * d) * 4 + chunks * per_chunk + weights
     )
+
+
+def test_int8_fast_weight_experts_adapt_their_fast_projections_over_frozen_int8_codes():
+    """int8_fast_ttt/4: the fast-weight model with weight-only int8 experts. At the start it is
+    the int8 model's function (θ_O = 0); an adaptation moves the router and the fast
+    projections only, the int8 codes and scales unchanged; each forward pass is charged the
+    int8 weight reads plus fast_ttt/4's fast-weight work; it adapts fast_ttt/4's parameters."""
+    from experiments.energy_moe import expert
+    from metattt.models import quantize
+    from metattt.params import leaf_paths
+
+    cfg = energy_config.get_config("tiny")
+    cfg.expert.methods = ("fast_ttt/4", "int8_fast_ttt/4")
+    cfg.ttt.steps = 1
+    energy_moe.validate(cfg)
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    variants = expert.build_variants(cfg, rt, "lm")
+    v, fast = variants["int8_fast_ttt/4"], variants["fast_ttt/4"]
+    assert v.int8 and v.mcfg == fast.mcfg and v.selector == ["router", "fast"]
+    info = expert.describe(variants, energy_moe.methods(cfg))
+    assert info["int8_fast_ttt/4"]["adapted_params"] == info["fast_ttt/4"]["adapted_params"]
+    trained = rt.init(0)
+    p = expert.prepare(v, trained, 0)
+    experts = p["blocks"]["0"]["ffn"]["experts"]
+    assert all(isinstance(experts[n], quantize.Int8Tensor) for n in ("gate", "up", "down"))
+    rng = np.random.default_rng(4)
+    x = rng.integers(1, 257, (cfg.data.batch, cfg.data.length)).astype(np.int32)
+    y, mask = np.roll(x, -1, -1), np.ones((rt.mcfg.num_experts,), bool)
+    got, counts = v.infer(p, x, y, mask)
+    want, want_counts = rt.infer[rt.mcfg.top_k](quantize.quantize_experts(trained), x, y, mask)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    np.testing.assert_array_equal(counts, want_counts)
+    new, _ = v.adapt(p, x[:2], np.float32(cfg.expert.lam), mask, jax.random.key(0))
+    flat = lambda t: dict(zip(leaf_paths(t), jax.tree.leaves(t), strict=True))
+    before, after = flat(p), flat(new)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved and all("/fast/" in k or "/router/" in k for k in moved)
+    assert any(k.endswith("/fast/out") for k in moved)  # θ_O leaves zero
+    counts = rng.integers(0, 30, (rt.mcfg.num_layers, rt.mcfg.num_experts))
+    int8_plain = serving.batch_work(rt, counts, 4, 16, weights="int8")
+    float_fast = serving.batch_work(rt, counts, 4, 16, fast)
+    plain = serving.batch_work(rt, counts, 4, 16)
+    work = serving.batch_work(rt, counts, 4, 16, v, weights="int8")
+    assert work.flops == pytest.approx(int8_plain.flops + float_fast.flops - plain.flops)
+    assert work.nbytes == pytest.approx(int8_plain.nbytes + float_fast.nbytes - plain.nbytes)
 
 
 # --- the tiny run end to end (slow) -------------------------------------------------------------

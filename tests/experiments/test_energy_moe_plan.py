@@ -98,7 +98,7 @@ def test_explanations_keep_mid_and_final_params_and_find_the_largest_saving():
         snaps.infer(p)
         p = snaps.adapt(p)[0]
     assert (snaps.mid, snaps.last) == (1, 2)
-    ex = explanations.explain(rt, 0, snaps, None)
+    ex = explanations.explain(rt, rt.probe, 0, snaps, None)
     # an independent loop over tokens: top-2 sets, their costs and the net saving
     top = lambda v: set(np.argsort(-v, kind="stable")[:2])
     saved = []
@@ -110,5 +110,104 @@ def test_explanations_keep_mid_and_final_params_and_find_the_largest_saving():
     same = [top(a) == top(b) for a, b in zip(probs[0].reshape(-1, 4), probs[1].reshape(-1, 4),
                                              strict=True)]  # fmt: skip
     assert ex["agreement_mid"] == pytest.approx(np.mean(same))
-    assert explanations.explains(registry.parse_method("energy_ttt/3@entropy"))
-    assert not explanations.explains(registry.parse_method("energy_ttt/3:masked"))
+    explained = ("ttt", "energy_ttt/3@entropy", "energy_ttt/3:masked", "int8_ttt",
+                 "int8_energy_ttt/3@margin", "lora_ttt/4", "lora_hw/4:masked", "norm_ttt",
+                 "bias_ttt@margin", "fast_ttt/4", "int8_fast_ttt/4")  # fmt: skip
+    assert all(explanations.explains(registry.parse_method(n)) for n in explained)
+    for name in ("no_ttt", "budget/0.5", "prune/1", "top_k/1", "int8", "memory"):
+        assert not explanations.explains(registry.parse_method(name))
+
+
+def _entropy(logits):
+    """Mean prediction entropy (nats) in float64 NumPy, independent of the served code."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(np.mean(-np.sum(np.exp(logp) * logp, -1)))
+
+
+def _margin(probs):
+    """Mean router top-2 margin in float64 NumPy."""
+    top = np.sort(np.asarray(probs, np.float64), -1)
+    return float(np.mean(top[..., -1] - top[..., -2]))
+
+
+@pytest.mark.parametrize("name", ["lora_ttt/2@entropy", "int8_ttt@margin"])
+def test_scheduled_methods_adapt_exactly_on_the_hard_batches_of_their_served_model(name):
+    """A scheduled expert method (served through its LoRA Variant) and the scheduled router TTT
+    of the int8 model: the threshold is the quantile of the served model's own signal over the
+    reference batches (recomputed here in NumPy from the model's logits / router
+    probabilities), the first batch's signal is the served model's, and the batches adapted on
+    are exactly those whose recorded signal is past the threshold. The routing explanation is
+    the served model's: a brute-force top-k over its router probabilities on the last batch at
+    the start and final parameters gives the activation shares and the energy saved."""
+    from experiments.energy_moe import expert, runtime, serving
+    from experiments.energy_moe.tasks import BPC
+    from metattt.models import moe, quantize
+
+    cfg = energy_config.get_config("tiny")
+    cfg.expert.methods = ()
+    cfg.schedule.methods = (name,)
+    cfg.schedule.quantile = 0.5
+    cfg.ttt.steps = 1
+    method = registry.methods(cfg)[name]
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    variant = expert.build_variants(cfg, rt, "lm").get(name)
+    assert (variant is None) == method.int8  # int8_ttt: the router path; lora_ttt: a Variant
+    b, length, steps = cfg.data.batch, cfg.data.length, 6
+    rng = np.random.default_rng(3)
+    ref_x = rng.integers(1, 120, (4, b, length)).astype(np.int32)
+    ref = (ref_x, np.roll(ref_x, -1, -1))
+    x = rng.integers(1, 257, (steps * b, length)).astype(np.int32)
+    x[: 2 * b] = ref_x[:2].reshape(-1, length)  # two in-distribution-like batches first
+    stream = SimpleNamespace(inputs=x, targets=np.roll(x, -1, -1))
+    trained = rt.init(0)
+    adapted_on, finals = [], []  # the batches adapted on (by their tokens), the parameters after
+    inner = rt.adapt if variant is None else variant.adapt
+
+    def record(p, tokens, *args):
+        adapted_on.append(np.asarray(tokens))
+        out = inner(p, tokens, *args)
+        finals.append(out[0])
+        return out
+
+    if variant is None:
+        rt = rt._replace(adapt=record)
+    else:
+        variant = variant._replace(adapt=record)
+    rate = serving.stream_rate(rt, batch=b, length=length, utilization=0.5)
+    cell = serving.serve(cfg, rt, trained, stream, method, rate=rate, seed=0, metric=BPC,
+                         variant=variant, reference=ref)  # fmt: skip
+    # the served model at the start: LoRA B = 0 or int8 experts
+    start = expert.prepare(variant, trained, 0) if variant else quantize.quantize_experts(trained)
+    model = variant.mcfg if variant else rt.mcfg
+    apply = quantize.int8_apply(moe.init_moe(model).apply)
+    signal = lambda xs: (
+        _entropy(apply(start, xs).logits) if method.schedule == "entropy"
+        else _margin(apply(start, xs).aux["router_probs"])
+    )  # fmt: skip
+    high = method.schedule == "entropy"
+    want = np.quantile([signal(r) for r in ref_x], 0.5)
+    assert cell["threshold"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    trace = np.asarray(cell["signal_trace"])
+    assert trace[0] == pytest.approx(signal(x[:b]), rel=1e-4, abs=1e-6)
+    hard = [t for t in range(steps) if (trace[t] > want if high else trace[t] < want)]
+    batches = x.reshape(steps, b, length)[:, : cfg.ttt.windows]
+    got = [next(t for t in range(steps) if np.array_equal(a, batches[t])) for a in adapted_on]
+    assert got == hard and cell["adapt_calls"] == len(hard)
+    assert 0 < len(hard) < steps  # the threshold splits the stream
+    assert cell["hard_share"] == pytest.approx(len(hard) / steps)
+    last = x[-b:]
+    k, probs = rt.mcfg.top_k, lambda p: np.asarray(apply(p, last).aux["router_probs"], np.float64)
+    top = lambda v: list(np.argsort(-v, kind="stable")[:k])
+    before = probs(start).reshape(-1, rt.mcfg.num_experts)  # one layer: (tokens, E)
+    after = probs(finals[-1]).reshape(-1, rt.mcfg.num_experts)
+    shares = np.zeros(rt.mcfg.num_experts)
+    for v in before:
+        shares[top(v)] += 1 / (len(before) * k)
+    np.testing.assert_allclose(cell["explain"]["shares_before"], [shares], rtol=1e-6)
+    saved = [
+        sum(rt.joules[top(u)]) - sum(rt.joules[top(v)]) for u, v in zip(before, after, strict=True)
+    ]
+    assert cell["explain"]["saved_uj_per_token"] == pytest.approx(1e6 * np.mean(saved), abs=1e-9)
+    assert np.count_nonzero(saved) > 0  # the adaptations moved some tokens' top-k sets

@@ -194,3 +194,56 @@ def test_bad_fast_settings_are_refused():
         moe.init_moe(CFG._replace(fast_rank=2, fast_lr=1.5))
     with pytest.raises(ValueError, match="fast_chunk"):
         moe.init_moe(CFG._replace(fast_rank=2, fast_chunk=0))
+
+
+def test_expert_forward_adds_the_fast_weight_term_and_the_measured_profile_prices_it():
+    """expert_forward (what measure_costs times) of a fast-weight expert is the SwiGLU expert at
+    its width plus the fast-weight term of its N tokens as one sequence, all routed, gate 1 (a
+    NumPy loop over chunks, apply then update); the profile's per-token costs add the
+    fast-weight work of a token in a full chunk."""
+    from functools import partial
+
+    from metattt.energy import SimulatedDevice, measure_costs
+
+    _, params = moe.init_moe(CFG, seed=1)
+    fparams = moe.with_fast(params, FAST, seed=2)
+    rng = np.random.default_rng(6)
+    f = fparams["blocks"]["1"]["ffn"]["fast"]
+    f["out"] = jnp.asarray(rng.normal(size=f["out"].shape), jnp.float32)  # the term is live
+    x = rng.normal(size=(7, CFG.d_model)).astype(np.float32)  # chunks of 3, 3 and 1 tokens
+    ex = {n: np.asarray(v, np.float64) for n, v in fparams["blocks"]["1"]["ffn"]["experts"].items()}
+    th = {n: np.asarray(v, np.float64) for n, v in f.items()}
+    unit = lambda y: y / np.sqrt(np.sum(y * y) + fw.EPS)
+    xn, r, chunk = x.astype(np.float64), FAST.fast_rank, FAST.fast_chunk
+    for e in (0, 3):
+        width = CFG.expert_widths[e]
+        g = xn @ ex["gate"][e][:, :width]
+        plain = (g / (1 + np.exp(-g)) * (xn @ ex["up"][e][:, :width])) @ ex["down"][e][:width]
+        term, w = np.zeros_like(xn), np.zeros((r, r))
+        for start in range(0, len(xn), chunk):
+            pos = range(start, min(start + chunk, len(xn)))
+            for t in pos:
+                term[t] = (unit(xn[t] @ th["query"][e]) @ w) @ th["out"][e]
+            k = np.array([unit(xn[t] @ th["key"][e]) for t in pos])
+            v = np.array([xn[t] @ th["value"][e] for t in pos])
+            w = _np_update(w, k, v, np.ones(len(k)), FAST.fast_lr, FAST.fast_steps)
+        assert np.abs(term).max() > 1e-2
+        got = moe.expert_forward(fparams, FAST, 1, e, jnp.asarray(x))
+        np.testing.assert_allclose(got, plain + term, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            moe.expert_forward(fparams, CFG, 1, e, jnp.asarray(x)), plain, rtol=1e-4, atol=1e-5
+        )
+    d, s = CFG.d_model, FAST.fast_steps
+    flops = 6 * d * r + 6 * r + 2 * r * r + 2 * r * d + 2 * d + s * (4 * r * r + r)
+    flops += s * 2 * r * r / chunk  # each chunk's update, shared by its tokens
+    nbytes = (6 * r + 2 * d) * 4 + s * 3 * r * r * 4 / chunk
+    base_f, base_b = moe.expert_token_costs(CFG)
+    fast_f, fast_b = moe.expert_token_costs(FAST)
+    np.testing.assert_allclose(fast_f - base_f, flops, rtol=1e-12)
+    np.testing.assert_allclose(fast_b - base_b, nbytes, rtol=1e-12)
+    dev = SimulatedDevice()
+    profile = measure_costs(partial(moe.expert_forward, fparams, FAST, 1), 4, jnp.asarray(x),
+                            flops_per_token=fast_f, bytes_per_token=fast_b, repeats=1,
+                            device=dev)  # fmt: skip
+    want = [dev.work_energy(a, b) for a, b in zip(fast_f, fast_b, strict=True)]
+    np.testing.assert_allclose(profile.values("joules_per_token"), want, rtol=1e-9)
