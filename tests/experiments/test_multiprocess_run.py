@@ -2,21 +2,23 @@
 resumed, equal one process's run, and only process 0 writes files.
 
 Two processes (two CPU devices each, a localhost coordinator, gloo collectives) run the
-sinusoid MAML config with its 8-task meta-batch sharded over the 4 devices, through
-:func:`metattt.train.fit`. The pair is killed with SIGKILL after its first checkpoint (step
-100 of 300) and started again; it must resume from a checkpoint and end with the adaptation
-curves of a one-device run of the same config in this process, within float32 rounding: the
-sharded meta-gradient sums the tasks in another order, and 300 Adam steps carry that rounding
-forward (measured: 3e-6 relative, 2026-12-07; the bound is 1e-4). Process 1 runs with the
-file-creation mask 077, process 0 with 022, so any file or folder outside the collectively
-written checkpoints that process 1 created would be unreadable to others.
+selective-copying config with its batches sharded over the 4 devices: a parameter cell around
+:func:`metattt.train.fit`, then a JSON score cell. The pair is killed with SIGKILL after its
+first checkpoint and started again; it must resume there and end with the parameters and score
+of a one-device run of the same config in this process, within float32 rounding. Process 1
+runs with the file-creation mask 077, process 0 with 022, so any file or folder outside the
+collectively written checkpoints that process 1 created would be unreadable to others.
+
+The meta-step across two processes is proven in ``tests/metattt/test_multiprocess.py``, and the
+sinusoid run's sharded meta-batch against its one-device run in
+``tests/experiments/test_sinusoid_experiment.py`` (in one process: the sharded program is the
+same whether its devices belong to one process or two).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -29,33 +31,15 @@ import pytest
 
 from attd.mamba import init_mamba
 from configs import selective_copy as selective_copy_config
-from configs import sinusoid as sinusoid_config
-from experiments import selective_copy, sinusoid
+from experiments import selective_copy
 from metattt.ckpt import Checkpointer
 from tests.metattt.test_multiprocess import ROOT, child_env, free_port, start_pair, tail, wait_pair
 
-OVERRIDES = {  # the tiny config, one method, a meta-batch the 4 devices divide
-    "methods": ("maml",),
-    "train.meta_batch": 8,
-    "train.checkpoint_every": 100,
-    "eval.num_tasks": 20,
-}
-RTOL = 1e-4
 TIMEOUT_S = 300  # each launch normally ends in 20-80 s on 2 busy cores
 
 
-def config(mesh_devices: int):
-    cfg = sinusoid_config.get_config("tiny")
-    for key, value in OVERRIDES.items():
-        section, _, name = key.rpartition(".")
-        setattr(cfg.get(section) if section else cfg, name, value)
-    cfg.train.mesh_devices = mesh_devices
-    return cfg
-
-
-def launch(workdir, logs, config_file="configs/sinusoid.py:tiny", overrides=None):
+def launch(workdir, logs, config_file, overrides):
     """Starts the pair on ``workdir``: process 0 with umask 022, process 1 with 077."""
-    overrides = OVERRIDES if overrides is None else overrides
     flags = [f"--config.{k}={v!r}" for k, v in overrides.items()]
 
     def command(i, port):
@@ -100,42 +84,11 @@ def by_process_1(workdir):
     return written, [p for p in written if not os.stat(p).st_mode & stat.S_IROTH]
 
 
-@pytest.mark.slow
-def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
-    workdir, run_dir = tmp_path / "run", tmp_path / "run" / "maml" / "seed_0"
-    pair = launch(workdir, tmp_path / "first")
-    kill_pair_after(pair, run_dir / "ckpt" / "100", tmp_path / "first")
-    assert not (workdir / "results.json").exists()
-
-    started, pair = time.monotonic(), launch(workdir, tmp_path / "second")
-    # The one-device reference, in this process while the pair resumes.
-    reference = sinusoid.run(config(0), str(tmp_path / "reference"))["maml"]
-    wait_pair(pair, tmp_path / "second", started, what="the resumed pair", timeout=TIMEOUT_S)
-    for i in range(2):
-        log = (tmp_path / "second" / f"process_{i}.log").read_text()
-        resumed = re.search(r"Resumed from \S+ at step (\d+) of 300", log)
-        assert resumed and 100 <= int(resumed[1]) < 300, f"process {i} did not resume: {log[-500:]}"
-        assert ("Taking over the lock" in log) == (i == 0)  # the killed launch's, by process 0
-
-    results = json.loads((workdir / "results.json").read_text())["maml"]
-    for key in ("curve_mean", "curve_ci", "seed_means"):
-        np.testing.assert_allclose(results[key], reference[key], rtol=RTOL, err_msg=key)
-    run_info = json.loads((workdir / "run_info.json").read_text())
-    assert run_info["config"]["distributed"]["process_id"] == 0  # written by process 0
-    assert run_info["devices"]["count"] == 4 and run_info["devices"]["processes"] == 2
-    written, created = by_process_1(workdir)
-    for name in ("owner.json", "results.json", "sinusoid_curves.png", "maml/seed_0/metrics.jsonl"):
-        assert str(workdir / name) in written, name
-    assert not created, f"process 1 created {created}"
-    assert not (run_dir / "fit.lock").exists()  # released at the end
-
-
-SC_OVERRIDES = {"variants": ("selective",)}  # the tiny config: batch 16, 128 test examples
-SC_TIMEOUT_S = TIMEOUT_S
+OVERRIDES = {"variants": ("selective",)}  # the tiny config: batch 16, 128 test examples
 PARAMS_RTOL, PARAMS_ATOL, ACCURACY_ATOL = 1e-4, 1e-5, 0.01
 
 
-def sc_params(workdir, cfg):
+def trained_params(workdir, cfg):
     """The trained parameters of the selective model's cell (seed 0) in ``workdir``."""
     _, template = init_mamba(selective_copy.model_config("selective", cfg), seed=0)
     folder = workdir / "selective" / "seed_0" / "params"
@@ -146,7 +99,8 @@ def sc_params(workdir, cfg):
 def test_an_experiment_with_harness_cells_killed_and_resumed_on_two_processes(tmp_path):
     """Selective copying (a parameter cell around ``fit``, then a JSON score cell) on two
     processes with its batches sharded over their 4 devices: SIGKILL after the step-50
-    checkpoint (of 100), a restart that resumes there, and the trained parameters and score of a
+    checkpoint (of 100), a restart whose process 0 takes over the dead pair's lock and resumes
+    there, and the trained parameters and score of a
     one-device run in this process. The sharded batch's loss sums in another order; 100 AdamW
     steps carry that rounding into the parameters (measured: 0, bit-equal on this machine,
     2026-12-07, which the test does not require); the bound is 1e-5 absolute + 1e-4 relative,
@@ -154,23 +108,24 @@ def test_an_experiment_with_harness_cells_killed_and_resumed_on_two_processes(tm
     Process 1 (umask 077) creates nothing outside the checkpoints (``run/ckpt``, ``params``).
     Started once more, the pair reads both cells back on both processes."""
     cfg = selective_copy_config.get_config("tiny")
-    cfg.variants = SC_OVERRIDES["variants"]
+    cfg.variants = OVERRIDES["variants"]
     workdir = tmp_path / "run"
     run_dir = workdir / "selective" / "seed_0" / "run"
-    args = ("configs/selective_copy.py:tiny", SC_OVERRIDES)
+    args = ("configs/selective_copy.py:tiny", OVERRIDES)
     pair = launch(workdir, tmp_path / "first", *args)
     kill_pair_after(pair, run_dir / "ckpt" / str(cfg.train.checkpoint_every), tmp_path / "first")
     assert not (workdir / "selective" / "seed_0" / "info.json").exists()
 
     started, pair = time.monotonic(), launch(workdir, tmp_path / "second", *args)
     reference = selective_copy.run(cfg, str(tmp_path / "reference"))["selective"]
-    wait_pair(pair, tmp_path / "second", started, what="the resumed pair", timeout=SC_TIMEOUT_S)
+    wait_pair(pair, tmp_path / "second", started, what="the resumed pair", timeout=TIMEOUT_S)
     for i in range(2):
         log = (tmp_path / "second" / f"process_{i}.log").read_text()
         assert f"at step {cfg.train.checkpoint_every} of {cfg.train.steps}" in log, log[-500:]
+        assert ("Taking over the lock" in log) == (i == 0)  # the killed launch's, by process 0
 
     results = json.loads((workdir / "results.json").read_text())["selective"]
-    got, want = sc_params(workdir, cfg), sc_params(tmp_path / "reference", cfg)
+    got, want = trained_params(workdir, cfg), trained_params(tmp_path / "reference", cfg)
     _, initial = init_mamba(selective_copy.model_config("selective", cfg), seed=0)
     pairs = zip(jax.tree.leaves(got), jax.tree.leaves(initial), strict=True)
     moved = max(np.abs(g - i).max() for g, i in pairs)
@@ -184,7 +139,9 @@ def test_an_experiment_with_harness_cells_killed_and_resumed_on_two_processes(tm
         reference["accuracy"]["mean"], abs=ACCURACY_ATOL
     )
     run_info = json.loads((workdir / "run_info.json").read_text())
+    assert run_info["config"]["distributed"]["process_id"] == 0  # written by process 0
     assert run_info["devices"]["count"] == 4 and run_info["devices"]["processes"] == 2
+    assert not (run_dir / "fit.lock").exists()  # released at the end
     written, created = by_process_1(workdir)
     seed_dir = "selective/seed_0"
     for name in (
@@ -204,7 +161,7 @@ def test_an_experiment_with_harness_cells_killed_and_resumed_on_two_processes(tm
     records = [workdir / seed_dir / name for name in ("info.json", "eval.json", "params.seconds")]
     stamps = [p.stat().st_mtime_ns for p in records]
     started, pair = time.monotonic(), launch(workdir, tmp_path / "third", *args)
-    wait_pair(pair, tmp_path / "third", started, what="the finished pair", timeout=SC_TIMEOUT_S)
+    wait_pair(pair, tmp_path / "third", started, what="the finished pair", timeout=TIMEOUT_S)
     assert [p.stat().st_mtime_ns for p in records] == stamps
     assert json.loads((workdir / "results.json").read_text())["selective"] == results
     assert not by_process_1(workdir)[1]
