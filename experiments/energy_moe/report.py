@@ -120,45 +120,46 @@ def expert_reading(results: dict[str, Any], metric: Metric) -> list[str]:
 
 
 def fast_reading(results: dict[str, Any], metric: Metric) -> list[str]:
-    """One line per fast-weight method (issue 15 item 3): against no TTT and against LoRA at the
-    same trainable parameters (``lora_ttt/<ρ>``, when it ran), and whether it moves toward the
-    targets (≥ 20% energy at < 5% accuracy loss; overhead < 10%)."""
+    """One line on the fast-weight methods (issue 15 item 3): each against no TTT and against
+    LoRA at the same trainable parameters (``lora_ttt/<ρ>``, when it ran), and whether it moves
+    toward the targets (≥ 20% energy at < 5% accuracy loss; overhead < 10%)."""
     expert = results.get("expert") or {}
     rows, m_key = results["methods"], metric.key
     unit = "%" if metric.relative else " pp"
-    lines = []
+
+    def point(n):
+        row = rows[n]
+        return (f"{n} {change(row[f'{m_key}_change'], metric)} {metric.label}, "
+                f"{100 * row['energy_reduction']['mean']:+.1f}% energy saved, overhead "
+                f"{100 * row['overhead']['mean']:.0f}%")  # fmt: skip
+
+    parts = []
     for name, info in expert.items():
         if not info.get("fast_rank"):
             continue
-        r = rows[name]
-
-        def point(n):
-            row = rows[n]
-            return (f"{n} {change(row[f'{m_key}_change'], metric)} {metric.label}, "
-                    f"{100 * row['energy_reduction']['mean']:+.1f}% energy saved, overhead "
-                    f"{100 * row['overhead']['mean']:.0f}%")  # fmt: skip
-
-        lora = f"lora_ttt/{info['rank']}"
-        versus = (
-            f" vs {point(lora)} at the same {info['adapted_params']} adapted parameters"
-            if lora in rows
-            else ""
-        )
+        r, lora = rows[name], f"lora_ttt/{info['rank']}"
         toward = r["energy_reduction"]["mean"] > 0 and r[f"{m_key}_change"]["mean"] < 0.05
+        versus = ""
         if lora in rows:
+            versus = f" vs {point(lora)} at the same {info['adapted_params']} adapted parameters"
             toward = (
                 toward and r["energy_reduction"]["mean"] > rows[lora]["energy_reduction"]["mean"]
             )
-        lines.append(
-            f"- Fast-weight experts (item 3, fast rank {info['fast_rank']}): {point(name)}"
-            f"{versus}. Their key/value steps run in every forward pass, so their work is paid on "
-            f"every token, not only on the adapted batches: "
-            + ("it moves" if toward else "it does not move")
-            + f" energy-aware TTT toward ≥ 20% energy saved at < 5{unit} {metric.label} increase"
-            f" (target {'met' if r['meets_energy_target'] else 'not met'}; overhead < 10%: "
-            f"{'met' if r['meets_overhead_target'] else 'not met'})."
+        parts.append(
+            f"{point(name)} (fast rank {info['fast_rank']}){versus}: "
+            + ("moves" if toward else "does not move")
+            + f" toward ≥ 20% energy saved at < 5{unit} {metric.label} increase (target "
+            f"{'met' if r['meets_energy_target'] else 'not met'}; overhead < 10%: "
+            f"{'met' if r['meets_overhead_target'] else 'not met'})"
         )
-    return lines
+    if not parts:
+        return []
+    return [
+        "- Fast-weight experts (item 3; their key/value steps run in every forward pass, so "
+        "their work is paid on every token, not only on the adapted batches): "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def plan_reading(results: dict[str, Any], metric: Metric) -> list[str]:

@@ -211,3 +211,45 @@ def test_scheduled_methods_adapt_exactly_on_the_hard_batches_of_their_served_mod
     ]
     assert cell["explain"]["saved_uj_per_token"] == pytest.approx(1e6 * np.mean(saved), abs=1e-9)
     assert np.count_nonzero(saved) > 0  # the adaptations moved some tokens' top-k sets
+
+
+def test_fast_weight_reading_states_each_method_against_lora_at_equal_parameters():
+    """One line for every fast-weight method: its change and energy against no TTT, LoRA's at
+    the same adapted parameters when LoRA ran, and a verdict that follows the numbers (moves
+    toward the target only when it saves energy, costs < 5% and saves more than LoRA)."""
+    from experiments.energy_moe.report import fast_reading
+    from experiments.energy_moe.tasks import BPC
+
+    def row(change, saved, overhead, meets):
+        return {
+            "bpc_change": {"mean": change, "ci": 0.01},
+            "energy_reduction": {"mean": saved, "ci": 0.01},
+            "overhead": {"mean": overhead, "ci": 0.0},
+            "meets_energy_target": meets,
+            "meets_overhead_target": overhead < 0.1,
+        }
+
+    results = {
+        "methods": {
+            "lora_ttt/4": row(0.062, 0.057, 0.06, False),
+            "fast_ttt/4": row(0.078, -0.23, 0.03, False),
+            "fast_ttt/2@margin": row(0.01, 0.25, 0.2, True),
+        },
+        "expert": {
+            "lora_ttt/4": {"rank": 4, "adapted_params": 64},
+            "fast_ttt/4": {"fast_rank": 15, "rank": 4, "adapted_params": 64},
+            "fast_ttt/2@margin": {"fast_rank": 7, "rank": 2, "adapted_params": 32},
+        },
+    }
+    (line,) = fast_reading(results, BPC)
+    fast4, fast2 = line.split(": ", 1)[1].split("; fast_ttt/2")
+    assert fast4.startswith("fast_ttt/4 7.8 ± 1.0% bits/char, -23.0% energy saved, overhead 3%")
+    assert "(fast rank 15) vs lora_ttt/4 6.2 ± 1.0% bits/char, +5.7% energy saved" in fast4
+    assert "at the same 64 adapted parameters: does not move" in fast4
+    assert "(target not met; overhead < 10%: met)" in fast4
+    # No lora_ttt/2 ran: the verdict needs only the target's two conditions.
+    assert fast2.startswith("@margin 1.0 ± 1.0% bits/char, +25.0% energy saved, overhead 20%")
+    assert (
+        "(fast rank 7): moves toward" in fast2 and "(target met; overhead < 10%: not met)" in fast2
+    )
+    assert fast_reading({"methods": results["methods"], "expert": {}}, BPC) == []
