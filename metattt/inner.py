@@ -23,10 +23,10 @@ and, in second order, the gradient itself is sanitised before the optimizer sees
 optimizer's own backward would meet it). Under ``first_order`` the gradient is a constant of the
 outer derivative, so a non-finite one needs no sanitising: its update and optimizer state are
 discarded by the mask, and nothing differentiates through them; the gradient and the update are
-then tested together in one probe. With :func:`sgd` (u = -lr * g, |lr| <= 1, no step weights)
-a finite gradient gives a finite update, so only the gradient is probed. With either rule the
-update is tested, not the new parameters: a finite update whose sum p + u overflows (float16
-near its maximum) is applied.
+then tested together in one probe. With :func:`sgd` (``u = -lr * g``, ``|lr| <= 1``) and no
+step weights a finite gradient gives a finite update, so only the gradient is probed. With
+either rule the update is tested, not the new parameters: a finite update whose sum p + u
+overflows (float16 near its maximum) is applied.
 
 Numerically safe forms for second order: global norms use a safe square root (finite
 derivative at zero), and differentiating through Adam needs ``optax.adam(..., eps_root>0)``.
@@ -442,9 +442,9 @@ def _warn_eager_once() -> None:
 
 
 class BoundedSGD(optax.GradientTransformation):
-    """Plain SGD, u = -lr * g, with a constant rate |lr| <= 1: made by :func:`sgd`.
+    """Plain SGD, ``u = -lr * g``, with a constant rate ``|lr| <= 1``: made by :func:`sgd`.
 
-    Entrywise |u| <= |g| (also after rounding, in the gradient's own dtype), so a finite
+    Entrywise ``|u| <= |g|`` (also after rounding, in the gradient's own dtype), so a finite
     gradient gives a finite update: :func:`adapt`'s guard then tests the gradient alone and
     skips its per-step test of the update (one reduction over every update entry, which also
     keeps the update out of the fused parameter step). The type is the proof: the guard takes
@@ -455,7 +455,7 @@ class BoundedSGD(optax.GradientTransformation):
 
 
 def sgd(learning_rate: float) -> BoundedSGD:
-    """SGD with a constant learning rate, |learning_rate| <= 1 (negative: gradient ascent).
+    """SGD with a constant learning rate, ``|learning_rate| <= 1`` (negative: gradient ascent).
 
     The same steps as ``optax.sgd(learning_rate)``; the non-finite guard of :func:`adapt` is
     cheaper with it (see :class:`BoundedSGD`). Use ``optax.sgd`` for a larger rate or a
