@@ -447,8 +447,8 @@ class BoundedSGD(optax.GradientTransformation):
     Entrywise ``|u| <= |g|`` (also after rounding, in the gradient's own dtype), so a finite
     gradient gives a finite update: :func:`adapt`'s guard then tests the gradient alone and
     skips its per-step test of the update (one reduction over every update entry, which also
-    keeps the update out of the fused parameter step). The type is the proof: the guard takes
-    the shortcut only for this class.
+    keeps the update out of the fused parameter step). The guard takes the shortcut only for
+    this class, and only :func:`sgd`, which checks the rate, should construct it.
     """
 
     __slots__ = ()
