@@ -78,6 +78,9 @@ LIBRARY_CASES = [
     ("unknown preset", lambda: mt.select(PARAMS, "layernrom"), "unknown"),
     ("fit steps_per_call", lambda: mt.fit(lambda s, b: (s, {}), 0, lambda i: i, num_steps=10,
                                           steps_per_call=3), "num_steps=10 must be a multiple"),
+    ("inner sgd lr 0", lambda: mt.inner.sgd(0.0), "learning_rate must be a number with 0 <"),
+    ("inner sgd lr > 1", lambda: mt.inner.sgd(1.5), "0 < \\|learning_rate\\| <= 1 \\(optax"),
+    ("inner sgd lr nan", lambda: mt.inner.sgd(float("nan")), "learning_rate must be a number"),
     ("supervised clip", lambda: mt.supervised(_loss, optax.sgd(0.1), clip_norm=-1.0),
      "clip_norm must be a finite positive"),
 ]  # fmt: skip

@@ -3,8 +3,9 @@
     python -m experiments.bench.meta_overhead [--rounds 30] [--clock wall|cpu] [--write]
 
 Sinusoid MAML (MLP 1-40-40-1, ReLU; 25 tasks of K = 10 support and 10 query points; inner SGD
-lr 0.01 on every parameter for S steps; outer Adam lr 1e-3; float32), S = 1 and 5, first and
-second order. Three jitted steps per setting, timed interleaved (round robin, medians):
+lr 0.01 on every parameter for S steps, ``metattt.inner.sgd`` in the metattt steps; outer Adam
+lr 1e-3; float32), S = 1 and 5, first and second order. Three jitted steps per setting, timed
+interleaved (round robin, medians):
 
 * ``plain``: the hand-written reference -- ``lax.scan`` of SGD steps, ``vmap`` over tasks,
   ``value_and_grad``, ``optax.adam``; no guard, no masks.
@@ -32,6 +33,7 @@ from metattt import meta
 from metattt import params as P
 from metattt.data import sinusoid
 from metattt.inner import InnerConfig
+from metattt.inner import sgd as inner_sgd
 
 INNER_LR, OUTER_LR, TASKS, K = 0.01, 1e-3, 25, 10
 
@@ -91,7 +93,7 @@ def plain_step(steps: int, first_order: bool):
 
 
 def metattt_step(steps: int, first_order: bool, guard: bool, params):
-    inner = InnerConfig(optax.sgd(INNER_LR), steps, first_order=first_order, skip_nonfinite=guard)
+    inner = InnerConfig(inner_sgd(INNER_LR), steps, first_order=first_order, skip_nonfinite=guard)
     loss = functools.partial(meta.maml_loss, mse, mask=P.select(params, "re:."), inner=inner)
     return meta.make_meta_step(loss, optax.adam(OUTER_LR), skip_nonfinite=guard)
 
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{' --clock cpu' if args.clock == 'cpu' else ''}{' --write' if args.write else ''}`"
         f" ({'process CPU time, all threads' if args.clock == 'cpu' else 'wall time'}).",
         "- Sizes: MLP 1-40-40-1, 25 tasks x (10 support, 10 query), inner SGD 0.01 on every "
-        "parameter for S steps, outer Adam 1e-3, float32; medians of interleaved single steps.",
+        "parameter for S steps (`metattt.inner.sgd` in the metattt steps), outer Adam 1e-3, "
+        "float32; medians of interleaved single steps.",
         "- Each metattt step was first checked against plain JAX on one batch (meta-loss and "
         "new parameters within float32 tolerance).",
         "- XLA ops: operations of the compiled step that run as separate kernels (fusions, dots, "

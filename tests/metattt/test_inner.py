@@ -407,3 +407,84 @@ def test_guard_on_equals_guard_off_on_clean_data_second_order(problem):
     chex.assert_trees_all_close(
         grad(fast, slow, True), grad(fast, slow, False), rtol=1e-5, atol=1e-6
     )
+
+
+def _fault_cases():
+    """(name, loss_fn, fast, slow, batch, lr, max_steps): a clean loop and each fault the
+    guard handles, plus a float16 sum p + u that overflows (caught by neither probe: both test
+    the update, not the new parameters, so the step is applied by both)."""
+    params = init_params(jax.random.key(80))
+    fast, slow = P.split(params, P.select(params, "re:w2|b1"))
+    x, y = make_batch(jax.random.key(81))
+
+    def exploding(p, b):  # finite while w2 is small, infinite once it grows
+        return loss_fn(p, b) + jnp.where(jnp.sum(p["w2"] ** 2) > 3.0, jnp.inf, 0.0)
+
+    far = dict(fast, w2=jnp.full_like(fast["w2"], 0.6))
+    f16 = {"p": jnp.array([6e4, 1.0, -2.0], jnp.float16)}
+    return [
+        ("clean", loss_fn, fast, slow, (x, y), 0.1, 3),
+        ("nan support", loss_fn, fast, slow, (x.at[3, 0].set(jnp.nan), y), 0.1, 3),
+        ("inf target", loss_fn, fast, slow, (x, y.at[5, 0].set(jnp.inf)), 0.1, 3),
+        ("mid-loop", exploding, far, slow, (x, y), -0.5, 4),
+        ("f16 overflow", lambda q, s: s * jnp.sum(q["p"] ** 2), f16, {"p": None},
+         jnp.float16(1e3), 0.5, 2),
+        ("f16 p + u overflow", lambda q, s: s * jnp.sum(q["p"].astype(jnp.float32)), f16,
+         {"p": None}, jnp.float32(-1e4), 1.0, 2),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_bounded_sgd_skips_exactly_the_steps_optax_sgd_skips(first_order):
+    """inner.sgd probes the gradient only (|u| <= |g|): on every fault case it applies,
+    skips and counts the same steps as optax.sgd, whose update the guard also probes, and the
+    meta-gradients through both are finite and agree (the update is tested in either case,
+    not the new parameters: an overflowing float16 sum p + u is applied by both)."""
+    for name, fn, fast, slow, batch, lr, k in _fault_cases():
+
+        def run(f, opt, fn=fn, slow=slow, batch=batch, k=k):
+            return inner.adapt(fn, f, slow, batch, opt=opt, max_steps=k, first_order=first_order)
+
+        ref, got = run(fast, optax.sgd(lr)), run(fast, inner.sgd(lr))
+        np.testing.assert_array_equal(got.active, ref.active, err_msg=name)
+        assert int(got.num_skipped) == int(ref.num_skipped), name
+        chex.assert_trees_all_close(got.params, ref.params, rtol=1e-6, atol=0)
+        if name == "clean":
+            assert int(got.num_skipped) == 0
+        elif name.startswith("f16 p"):
+            assert bool(got.active[0]) and np.isinf(np.asarray(got.params["p"][0]))
+        else:
+            assert int(got.num_skipped) > 0, name
+        if name.startswith("f16"):
+            continue
+
+        def meta(f, opt, run=run, slow=slow):
+            return loss_fn(P.merge(run(f, opt).params, slow), make_batch(jax.random.key(82)))
+
+        g_ref = jax.grad(meta)(fast, optax.sgd(lr))
+        g_got = jax.grad(meta)(fast, inner.sgd(lr))
+        chex.assert_tree_all_finite(g_got)
+        chex.assert_trees_all_close(g_got, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_bounded_sgd_still_probes_the_update_where_its_bound_does_not_hold():
+    """Step weights may scale the update past the float16 range, and a supplied gradient of a
+    wider dtype than its parameter is cast down: then the update is probed and the step
+    skipped, as with any rule."""
+    fast, slow = {"p": jnp.array([1.0, -2.0], jnp.float16)}, {"p": None}
+
+    def fn(q, _):
+        return jnp.sum(q["p"] ** 2)
+
+    heavy = inner.adapt(
+        fn, fast, slow, None, opt=inner.sgd(0.5), max_steps=2,
+        step_weights=jnp.array([1e6, 1.0]),
+    )  # fmt: skip
+    np.testing.assert_array_equal(heavy.active, [False, True])
+    assert np.all(np.isfinite(np.asarray(heavy.params["p"], np.float32)))
+    wide = (jnp.float32(1.0), {"p": jnp.array([1e6, 1.0], jnp.float32)})  # -0.5 * 1e6: inf
+    cast = inner.adapt(
+        fn, fast, slow, None, opt=inner.sgd(0.5), max_steps=1, first_value_and_grad=wide
+    )
+    assert int(cast.num_skipped) == 1
+    np.testing.assert_array_equal(cast.params["p"], fast["p"])
