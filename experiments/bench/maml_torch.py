@@ -6,7 +6,8 @@ every parameter, meta-loss = mean query MSE, outer Adam (lr 1e-3), all in float3
 (differentiated through the inner gradients) and first order (FOMAML), S in {1, 5}. Three
 implementations of the same computation:
 
-* ``jax``: ``metattt.meta.make_meta_step`` over ``maml_loss`` / ``fomaml_loss`` (jitted).
+* ``jax``: ``metattt.meta.make_meta_step`` over ``maml_loss`` / ``fomaml_loss`` (jitted), the
+  inner rule ``metattt.inner.sgd`` and the non-finite guard on (the defaults a user gets).
 * ``torch.func``: ``functional_call`` + nested ``grad`` + ``vmap`` over the tasks.
 * ``higher``: ``higher.innerloop_ctx`` with a Python loop over the tasks.
 
@@ -56,6 +57,7 @@ from metattt import meta, runlog
 from metattt import params as P
 from metattt.data import sinusoid
 from metattt.inner import InnerConfig
+from metattt.inner import sgd as inner_sgd
 from metattt.models.mlp import mlp
 
 try:
@@ -147,7 +149,7 @@ class JaxImpl:
             return jnp.mean((model.apply(p, x) - y) ** 2)
 
         mask = P.select(model.params, lambda path, leaf: True)
-        inner = InnerConfig(opt=optax.sgd(INNER_LR), max_steps=steps)
+        inner = InnerConfig(opt=inner_sgd(INNER_LR), max_steps=steps)  # guard on (default)
         method = meta.maml_loss if order == "second" else meta.fomaml_loss
         meta_loss = functools.partial(method, loss_fn, mask=mask, inner=inner)
         self._step = meta.make_meta_step(meta_loss, optax.adam(OUTER_LR))
@@ -421,7 +423,8 @@ def report(times: dict, parity: list[dict], setup: Setup) -> str:
             f"- Versions: {versions()}.",
             f"- Sizes: MLP {'-'.join(map(str, SIZES))} (ReLU), {NUM_TASKS} tasks per meta-batch, "
             f"K={NUM_SUPPORT} support and {NUM_QUERY} query points per task, inner SGD lr "
-            f"{INNER_LR} on all parameters for S steps, outer Adam lr {OUTER_LR}, float32.",
+            f"{INNER_LR} on all parameters for S steps (JAX: `metattt.inner.sgd`, non-finite guard "
+            f"on), outer Adam lr {OUTER_LR}, float32.",
             "- Command: `make bench` (or `python -m experiments.bench.maml_torch`).",
             f"- Method: warm-up (JAX compile) first, then {setup.rounds} interleaved round-robin "
             f"rounds × {setup.per_round} meta-steps per implementation on fresh sinusoid batches "
