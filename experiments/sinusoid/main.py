@@ -37,7 +37,8 @@ def _mse_loss(apply):
 
 def _meta_loss(method: str, loss_fn, mask, cfg):
     """The meta-loss of ``method``; ``pretrained`` is MAML's with zero inner steps."""
-    inner_cfg = InnerConfig(optax.sgd(cfg.inner.lr), max_steps=cfg.inner.train_steps)
+    # inner.sgd: the same steps as optax.sgd, and a cheaper non-finite guard (|lr| <= 1).
+    inner_cfg = InnerConfig(inner.sgd(cfg.inner.lr), max_steps=cfg.inner.train_steps)
     if method == "maml":
         return functools.partial(meta.maml_loss, loss_fn, mask=mask, inner=inner_cfg)
     if method == "fomaml":
@@ -58,6 +59,8 @@ def validate(cfg) -> None:
             raise ValueError(f"unknown sinusoid method {method!r}; known: {METHODS}")
     if not cfg.seeds:
         raise ValueError("config.seeds is empty")
+    if not 0 < cfg.inner.lr <= 1:
+        raise ValueError(f"config.inner.lr must be in (0, 1] (inner SGD), got {cfg.inner.lr!r}")
     t = cfg.train
     check_counts(t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every, prefix="train.")
     if t.mesh_devices < 0 or (t.mesh_devices and t.meta_batch % t.mesh_devices):

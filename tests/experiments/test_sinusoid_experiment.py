@@ -246,6 +246,14 @@ def test_distributed_initialisation_follows_the_config(monkeypatch):
         sinusoid.validate(cfg)
 
 
+def test_an_inner_rate_above_one_is_refused():
+    """The inner loop runs ``metattt.inner.sgd``, whose cheaper guard needs |lr| <= 1."""
+    cfg = sinusoid_config.get_config("tiny")
+    cfg.inner.lr = 1.5
+    with pytest.raises(ValueError, match=r"config.inner.lr must be in \(0, 1\] \(inner SGD\)"):
+        sinusoid.validate(cfg)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sinusoid")
