@@ -16,6 +16,7 @@ source on digits-C.
 
 import ml_collections
 
+from configs import distributed_section
 from metattt.data.digits_c import CORRUPTIONS
 
 
@@ -36,6 +37,7 @@ def get_config(arg=None):
     c.backbone.batch_size = 64
     c.backbone.lr = 1e-3
     c.backbone.weight_decay = 1e-4
+    c.backbone.mesh_devices = 0  # >0: shard the batches over this many devices (all processes')
 
     c.stream = ml_collections.ConfigDict()
     c.stream.corruptions = ("gaussian_noise", "gaussian_blur", "contrast", "impulse_noise")
@@ -73,6 +75,8 @@ def get_config(arg=None):
 
     c.plot = ml_collections.ConfigDict()
     c.plot.smooth = 20
+
+    c.distributed = distributed_section()  # several processes: README.md, "Multi-host"
 
     if arg in ("tiny", "demo"):
         c.seeds = (0,)

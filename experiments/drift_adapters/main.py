@@ -1,4 +1,12 @@
-"""Config -> backbone, drift streams and the TENT comparison per seed -> ``results.json``."""
+"""Config -> backbone, drift streams and the TENT comparison per seed -> ``results.json``.
+
+With ``backbone.mesh_devices`` the backbone's training batches are sharded over that many
+devices, the parameters replicated; across several processes (``config.distributed``) that
+mesh spans every process's devices and each process runs the same steps. The trained backbone
+is then copied to each process's own device, so the streams and the TENT comparison run
+unchanged (the same computation on every process), and process 0 alone writes files other
+than the checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from experiments.drift_adapters.stream import (
     summarize,
 )
 from experiments.drift_adapters.tent import summarize_tent, tent_comparison
-from metattt import atomic, objectives, runlog, train
+from metattt import atomic, multihost, objectives, runlog, sharding, train
 from metattt.data import digits_c
 from metattt.models.digits_net import digits_net
 
@@ -34,9 +42,13 @@ BACKBONE_STEPS_PER_CALL = 100
 
 
 @functools.lru_cache(maxsize=4)
-def _backbone_program(hidden: int, momentum: float, lr: float, weight_decay: float):
-    """``(net, step)``: the backbone and its AdamW cross-entropy step, the normalisation's
-    running statistics carried as model state; cached so that the seeds share a compilation."""
+def _backbone_program(
+    hidden: int, momentum: float, lr: float, weight_decay: float, mesh_devices: int
+):
+    """``(net, step, mesh)``: the backbone and its AdamW cross-entropy step, the normalisation's
+    running statistics carried as model state; with ``mesh_devices`` the step shards the batch
+    over a data-parallel mesh of that many devices (all processes'), else ``mesh`` is None.
+    Cached so that the seeds share a compilation."""
     net = digits_net(hidden=hidden, momentum=momentum)
 
     def loss_fn(params, norm, batch):
@@ -45,7 +57,17 @@ def _backbone_program(hidden: int, momentum: float, lr: float, weight_decay: flo
         return objectives.cross_entropy(logits, y), norm
 
     opt = optax.adamw(lr, weight_decay=weight_decay)
-    return net, train.supervised(loss_fn, opt, has_state=True, jit=False)
+    step = train.supervised(loss_fn, opt, has_state=True, jit=False)
+    if not mesh_devices:
+        return net, step, None
+    auto = (jax.sharding.AxisType.Auto,)  # as metattt.sharding's: shardings set by placement
+    mesh = jax.make_mesh((mesh_devices,), ("batch",), axis_types=auto)
+    return net, sharding.shard_step(step, mesh), mesh
+
+
+def _local(tree):
+    """A process-local copy of a pytree of arrays replicated over a mesh."""
+    return jax.device_put(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree))
 
 
 def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, workdir: str):
@@ -53,10 +75,14 @@ def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, wor
 
     ``cfg.backbone.train_steps`` AdamW steps on batches drawn from ``(seed, 1)``, with the
     normalisation layer in training mode (batch statistics, running statistics updated);
-    :func:`metattt.train.fit` checkpoints in ``workdir``, so a killed run resumes.
+    :func:`metattt.train.fit` checkpoints in ``workdir``, so a killed run resumes. With
+    ``cfg.backbone.mesh_devices`` each batch is split over the mesh (the batch statistics are
+    still those of the whole batch) and the trained arrays come back as process-local copies.
     """
     b = cfg.backbone
-    net, step = _backbone_program(b.hidden, b.norm_momentum, b.lr, b.weight_decay)
+    net, step, mesh = _backbone_program(
+        b.hidden, b.norm_momentum, b.lr, b.weight_decay, b.mesh_devices
+    )
     params, norm = net.init(jax.random.key(seed))
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     idx = np.stack(
@@ -67,7 +93,11 @@ def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, wor
 
     def batches(first: int):
         rows = idx[first : first + chunk]
-        return flat[rows], y_train[rows]
+        stacked = flat[rows], y_train[rows]
+        if mesh is None:
+            return stacked
+        by_example = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "batch"))
+        return jax.device_put(stacked, by_example)  # (steps, batch, ...): split the batch axis
 
     memory = runlog.MemoryWriter()
     state = train.fit(
@@ -85,7 +115,9 @@ def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, wor
     )
     if memory.history:
         logger.info("backbone seed %d: last train loss %.4f", seed, memory.last("loss"))
-    return net, state.params, state.model_state
+    if mesh is None:
+        return net, state.params, state.model_state
+    return net, _local(state.params), _local(state.model_state)
 
 
 # ------------------------------------------------------------------------------- drift stream
@@ -114,6 +146,12 @@ def validate(cfg) -> None:
         raise ValueError(
             f"stream.clean_steps ({cfg.stream.clean_steps}) must exceed detector.warmup "
             f"({cfg.detector.warmup})"
+        )
+    b = cfg.backbone
+    if b.mesh_devices < 0 or (b.mesh_devices and b.batch_size % b.mesh_devices):
+        raise ValueError(
+            f"backbone.mesh_devices={b.mesh_devices} must be 0 or divide backbone.batch_size="
+            f"{b.batch_size} (each device gets an equal share of the examples)"
         )
     if cfg.tent.steps_per_batch < 1:
         raise ValueError(f"tent.steps_per_batch must be >= 1, got {cfg.tent.steps_per_batch}")
@@ -180,8 +218,9 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "timing": timing,
     }
-    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
-    plot_stream(results, cfg, os.path.join(workdir, "drift_adapters_stream.png"))
+    if multihost.is_primary():  # every process of a multi-process run holds the same results
+        atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
+        plot_stream(results, cfg, os.path.join(workdir, "drift_adapters_stream.png"))
     for objective, per_method in results["summary"].items():
         logger.info("objective %s:\n%s", objective, stream_table(per_method))
     return results
