@@ -24,7 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from metattt.train import Step
 
-__all__ = ["leaf_spec", "param_shardings", "shard_step"]
+__all__ = ["leaf_spec", "local_copy", "param_shardings", "shard_step"]
 
 PyTree = Any
 
@@ -40,6 +40,13 @@ def leaf_spec(shape: tuple[int, ...], axis: str, size: int, min_size: int = 1024
         return PartitionSpec()
     dim = max(candidates, key=lambda d: (shape[d], -d))
     return PartitionSpec(*(axis if d == dim else None for d in range(len(shape))))
+
+
+def local_copy(tree: PyTree) -> PyTree:
+    """Each array of ``tree``, replicated over a mesh (possibly spanning several processes), as
+    an array of this process only (on its default device, uncommitted): what a step trained on
+    the mesh hands to code that then runs the same computation on every process alone."""
+    return jax.device_put(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree))
 
 
 def _auto(mesh: Mesh) -> Mesh:

@@ -65,11 +65,6 @@ def _backbone_program(
     return net, sharding.shard_step(step, mesh), mesh
 
 
-def _local(tree):
-    """A process-local copy of a pytree of arrays replicated over a mesh."""
-    return jax.device_put(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree))
-
-
 def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, workdir: str):
     """Train the backbone with cross-entropy on clean images: ``(net, params, norm_stats)``.
 
@@ -117,7 +112,7 @@ def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, wor
         logger.info("backbone seed %d: last train loss %.4f", seed, memory.last("loss"))
     if mesh is None:
         return net, state.params, state.model_state
-    return net, _local(state.params), _local(state.model_state)
+    return net, *sharding.local_copy((state.params, state.model_state))
 
 
 # ------------------------------------------------------------------------------- drift stream

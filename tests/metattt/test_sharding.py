@@ -146,3 +146,14 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused_in_one_line():
         step.update(step.init(_mlp_params(0)), (x[:12], y[:12]))
     with pytest.raises(ValueError, match="axis 'model' is not an axis of the mesh"):
         sharding.shard_step(step, _mesh(), axis="model")
+
+
+def test_local_copy_of_replicated_arrays_is_one_device_and_equal():
+    mesh = jax.make_mesh((2,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    tree = {"w": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32), "n": np.int32(7)}
+    replicated = jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
+    local = sharding.local_copy(replicated)
+    for key in tree:
+        assert local[key].sharding.device_set == {jax.devices()[0]}
+        assert not local[key].committed  # later computations place it with their other inputs
+        np.testing.assert_array_equal(local[key], tree[key])
