@@ -119,7 +119,12 @@ def shard_step(
                 f"the batch's leading axis ({sorted(sizes, key=str)}) must be one size divisible "
                 f"by the {num_shards} devices of mesh axis {axis!r}"
             )
-        batch = jax.device_put(batch, by_example)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(batch)):
+            # Inside a trace (fit's compiled multi-step call) device_put places nothing: the
+            # batch made there is split by a constraint instead.
+            batch = jax.lax.with_sharding_constraint(batch, by_example)
+        else:
+            batch = jax.device_put(batch, by_example)
         return constrained(jax.device_put(state, placement(state)), batch)
 
     return Step(init, update)

@@ -157,3 +157,22 @@ def test_local_copy_of_replicated_arrays_is_one_device_and_equal():
         assert local[key].sharding.device_set == {jax.devices()[0]}
         assert not local[key].committed  # later computations place it with their other inputs
         np.testing.assert_array_equal(local[key], tree[key])
+
+
+def test_inside_fits_compiled_call_the_batch_is_split_over_the_mesh():
+    """fit with steps_per_call=2 traces the step (batches made in the program): each device
+    still computes the loss of its 1/8 of the batch, and the result is the one-device fit's."""
+    seen = []
+
+    def loss(params, batch):
+        jax.debug.inspect_array_sharding(batch[0], callback=seen.append)
+        return _mlp_loss(params, batch)
+
+    params = _mlp_params(4)
+    single = train.supervised(_mlp_loss, optax.adam(1e-2))
+    dp = sharding.shard_step(train.supervised(loss, optax.adam(1e-2), jit=False), _mesh())
+    kwargs = dict(num_steps=4, steps_per_call=2, show_progress=False)
+    want = train.fit(single, single.init(params), _batch, **kwargs)
+    got = train.fit(dp, dp.init(params), _batch, **kwargs)
+    assert seen and {s.shard_shape((BATCH, D_IN)) for s in seen} == {(BATCH // 8, D_IN)}
+    chex.assert_trees_all_close(want.params, got.params, rtol=1e-5, atol=1e-6)
