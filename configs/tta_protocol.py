@@ -18,6 +18,8 @@ by ``python -m experiments.run --report --workdir runs/tta_protocol``.
 
 import ml_collections
 
+from configs import distributed_section
+
 
 def _setting(steps, lr, clip_norm):
     return ml_collections.ConfigDict({"steps": steps, "lr": lr, "clip_norm": clip_norm})
@@ -51,6 +53,7 @@ def get_config(arg=None):
     c.train.lr = 3e-3
     c.train.steps_per_call = 100
     c.train.checkpoint_every = 1000  # a multiple of steps_per_call
+    c.train.mesh_devices = 0  # >0: shard the batches over this many devices (all processes')
 
     # The protocol's fixed fields; the ablation below overrides the others.
     c.protocol = ml_collections.ConfigDict()
@@ -71,6 +74,8 @@ def get_config(arg=None):
     # The other loss mode, for these settings with reset per clip (each preset): "" for none.
     c.ablation.other_mode = "one_step"
     c.ablation.other_mode_settings = ("stronger",)
+
+    c.distributed = distributed_section()  # several processes: README.md, "Multi-host"
 
     if arg in ("tiny", "demo"):  # seconds: a smaller model, one shift, one adapted cell
         c.seeds = (0,)

@@ -1,4 +1,11 @@
-"""Config -> source training and every ablation cell per seed and shift -> ``results.json``."""
+"""Config -> source training and every ablation cell per seed and shift -> ``results.json``.
+
+With ``train.mesh_devices`` the source training's batches are sharded over that many devices,
+the parameters replicated; across several processes (``config.distributed``) that mesh spans
+every process's devices and each process runs the same steps. The trained predictor is then
+copied to each process's own device, so the adaptation cells run unchanged (the same
+computation on every process), and process 0 alone writes files other than the checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import optax
 from experiments import harness
 from experiments.tta_protocol.cells import BASELINE, cells
 from experiments.tta_protocol.report import plot_rolling, summary_table
-from metattt import atomic, runlog, stats, train, tta
+from metattt import atomic, multihost, runlog, sharding, stats, train, tta
 from metattt.data import controlled
 from metattt.models import dynamics as dyn
 
@@ -42,6 +49,11 @@ def validate(cfg) -> None:
     train.check_counts(
         t.num_steps, t.steps_per_call, t.checkpoint_every, t.steps_per_call, prefix="train."
     )
+    if t.mesh_devices < 0 or (t.mesh_devices and t.batch % t.mesh_devices):
+        raise ValueError(
+            f"train.mesh_devices={t.mesh_devices} must be 0 or divide train.batch={t.batch} "
+            "(each device gets an equal share of the examples)"
+        )
 
 
 class SourceProgram(NamedTuple):
@@ -50,10 +62,12 @@ class SourceProgram(NamedTuple):
     apply: Callable
     step: train.Step
     batch_fn: Callable  # ((key, system, regime), step) -> windows
+    mesh: jax.sharding.Mesh | None  # the data-parallel mesh of train.mesh_devices, or None
 
 
 def source_program(cfg, apply: Callable) -> SourceProgram:
-    """The rollout-loss Adam step and its batches (each seed's key and system are data)."""
+    """The rollout-loss Adam step and its batches (each seed's key and system are data); with
+    ``train.mesh_devices`` the step shards each batch over that many devices (all processes')."""
     pcfg = predictor_config(cfg)
     length = pcfg.window + pcfg.horizon
 
@@ -66,14 +80,20 @@ def source_program(cfg, apply: Callable) -> SourceProgram:
         return controlled.sample_windows(key, system, regime, cfg.train.batch, length)
 
     step = train.supervised(loss_fn, optax.adam(cfg.train.lr), jit=False)
-    return SourceProgram(apply, step, batch_fn)
+    mesh = None
+    if cfg.train.mesh_devices:
+        auto = (jax.sharding.AxisType.Auto,)  # as metattt.sharding's: shardings set by placement
+        mesh = jax.make_mesh((cfg.train.mesh_devices,), ("batch",), axis_types=auto)
+        step = sharding.shard_step(step, mesh)
+    return SourceProgram(apply, step, batch_fn, mesh)
 
 
 def train_source(cfg, seed: int, workdir: str, program: SourceProgram | None = None):
     """Train the predictor on the source regime; returns ``(program, params, seconds)``.
 
     Resumes from ``workdir``'s checkpoint. ``program`` from an earlier seed may be passed: it is
-    the same function of any parameters of this structure, so compiled code is reused.
+    the same function of any parameters of this structure, so compiled code is reused. Trained
+    on a mesh, the parameters come back as process-local copies.
     """
     pcfg = predictor_config(cfg)
     model = dyn.init_predictor(pcfg, seed=seed)
@@ -95,7 +115,8 @@ def train_source(cfg, seed: int, workdir: str, program: SourceProgram | None = N
             workdir=workdir,
             writer=writer,
         )
-    return program, state.params, time.perf_counter() - start
+    params = state.params if program.mesh is None else sharding.local_copy(state.params)
+    return program, params, time.perf_counter() - start
 
 
 def stream_clips(cfg, seed: int, shift: str | None):
@@ -174,19 +195,21 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         "seeds": list(cfg.seeds),
         "mode": cfg.protocol.mode,
     }
-    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
-    text = summary_table(results)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(text + "\n")
-    plot_rolling(results, os.path.join(workdir, "tta_protocol_rolling.png"))
+    if multihost.is_primary():  # every process of a multi-process run holds the same results
+        atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
+        text = summary_table(results)
+        with open(os.path.join(workdir, "summary.md"), "w") as f:
+            f.write(text + "\n")
+        plot_rolling(results, os.path.join(workdir, "tta_protocol_rolling.png"))
     return results
 
 
 def _adapt_stream(protocol, losses, params, clips, eval_fn, logdir: str) -> dict[str, Any]:
     """One cell on one seed's stream: every clip logged under ``logdir`` (cleared first, so a
     cell computed again after a kill does not log its clips twice), its summary row and its
-    rolling post-adapt loss."""
-    shutil.rmtree(logdir, ignore_errors=True)
+    rolling post-adapt loss (process 0 alone clears and writes the log)."""
+    if multihost.is_primary():
+        shutil.rmtree(logdir, ignore_errors=True)
     result = tta.run_protocol(protocol, losses, params, clips, eval_fn=eval_fn)
     with runlog.create_writer(logdir) as writer:
         tta.write_protocol_metrics(writer, result)

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -12,11 +13,14 @@ import pytest
 from configs import tta_protocol as tta_config
 from experiments import report, tta_protocol
 from metattt import stats
+from metattt.data import controlled
+from metattt.models import dynamics as dyn
 from tests.experiments.killing import kill_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tta_protocol")
 WALL_TIMES = ("train_seconds", "tta_seconds")
+TEST_KEY = 123  # a key no training batch is drawn from
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +86,47 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
     assert len(path.read_text().splitlines()) == 1 + cfg.data.num_clips  # each clip once
 
 
+@pytest.mark.slow
+def test_the_source_batches_sharded_over_devices_equal_the_one_device_training(
+    tiny, tmp_path, monkeypatch
+):
+    """``train.mesh_devices=2``: each source-training batch of 16 windows split over 2 of the 8
+    simulated CPU devices, through the same sharded step a multi-process run uses; the
+    reference is the fixture's one-device predictor, read back from its final checkpoint (no
+    training). The gradient sums the windows in another order, and 300 Adam steps carry that
+    rounding forward: every parameter within 1e-5 (measured 1.3e-6, 2026-12-07) except the
+    attention's key bias, which shifts every score of a query equally, so softmax removes it and
+    its exact gradient is zero; Adam scales the rounding noise into lr-sized steps (measured
+    difference 4e-2, as large as the values). So the predictor is also compared as a function:
+    its rollout loss on a fresh batch within 1e-5 relative."""
+    cfg, _, workdir = tiny
+    seed = cfg.seeds[0]
+    program, params, _ = tta_protocol.train_source(
+        cfg, seed, str(workdir / "source" / f"seed_{seed}")
+    )
+    sharded_cfg = copy.deepcopy(cfg)
+    sharded_cfg.train.mesh_devices = 2
+    meshes, make_mesh = [], jax.make_mesh
+    monkeypatch.setattr(
+        jax, "make_mesh", lambda *a, **k: meshes.append(make_mesh(*a, **k)) or meshes[-1]
+    )
+    _, sharded, _ = tta_protocol.train_source(sharded_cfg, seed, str(tmp_path))
+    assert [m.devices.size for m in meshes] == [2]
+    noise = "['attn']['key']['bias']"
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(params), strict=True
+    ):
+        key = jax.tree_util.keystr(path)
+        if not key.endswith(noise):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=key)
+    pcfg = tta_protocol.predictor_config(cfg)
+    system = controlled.make_system(seed, pcfg.state_dim, pcfg.action_dim)
+    data = (jax.random.key(TEST_KEY), system, controlled.source_regime(pcfg.state_dim))
+    windows = program.batch_fn(data, 0)
+    loss = [dyn.rollout_loss(program.apply, p, windows, pcfg.window) for p in (sharded, params)]
+    np.testing.assert_allclose(*loss, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
@@ -90,6 +135,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(tiny, tmp_path, c
         ("protocol.mode", "multi", "unknown TTA mode 'multi'"),
         ("model.num_heads", 3, "num_heads \\(3\\) must divide dim"),
         ("seeds", (), "config.seeds is empty"),
+        ("train.mesh_devices", 3, "train.mesh_devices=3 must be 0 or divide train.batch=16"),
     ],
 )
 def test_bad_config_values_are_rejected(key, value, message):
