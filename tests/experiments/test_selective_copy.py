@@ -256,7 +256,8 @@ def test_a_run_killed_with_sigkill_on_two_processes_resumes_to_the_one_process_r
     dead pair's lock and resumes there, ending with the trained parameters and score of the
     one-device run (the module's tiny run, whose selective cell this is). The sharded batch's
     loss sums in another order, and 100 AdamW steps carry that rounding into the parameters
-    (measured: 0, bit-equal on this machine, 2026-12-07, which the test does not require): the
+    (measured: 1.4e-6 absolute with the same 4 devices in one process, 2026-12-07; it was
+    bit-equal while shard_step left batches made inside fit's compiled calls unsplit): the
     bound is 1e-5 absolute + 1e-4 relative, and the accuracy, an argmax over 512 answer slots,
     may differ by a few flipped slots (0.01). Process 1 (umask 077) creates nothing outside the
     checkpoints (``run/ckpt``, ``params``). Started once more, the pair reads both cells back on
