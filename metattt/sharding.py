@@ -24,7 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from metattt.train import Step
 
-__all__ = ["leaf_spec", "local_copy", "param_shardings", "shard_step"]
+__all__ = ["data_mesh", "leaf_spec", "local_copy", "param_shardings", "shard_step"]
 
 PyTree = Any
 
@@ -47,6 +47,14 @@ def local_copy(tree: PyTree) -> PyTree:
     an array of this process only (on its default device, uncommitted): what a step trained on
     the mesh hands to code that then runs the same computation on every process alone."""
     return jax.device_put(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree))
+
+
+def data_mesh(num_devices: int, axis: str = "batch") -> Mesh | None:
+    """A one-axis data-parallel mesh over ``num_devices`` devices (all processes'), or None for
+    0. Its axis is ``Auto``: shardings follow from placement, as :func:`shard_step` uses them."""
+    if not num_devices:
+        return None
+    return jax.make_mesh((num_devices,), (axis,), axis_types=(AxisType.Auto,))
 
 
 def _auto(mesh: Mesh) -> Mesh:

@@ -58,11 +58,8 @@ def _backbone_program(
 
     opt = optax.adamw(lr, weight_decay=weight_decay)
     step = train.supervised(loss_fn, opt, has_state=True, jit=False)
-    if not mesh_devices:
-        return net, step, None
-    auto = (jax.sharding.AxisType.Auto,)  # as metattt.sharding's: shardings set by placement
-    mesh = jax.make_mesh((mesh_devices,), ("batch",), axis_types=auto)
-    return net, sharding.shard_step(step, mesh), mesh
+    mesh = sharding.data_mesh(mesh_devices)
+    return net, step if mesh is None else sharding.shard_step(step, mesh), mesh
 
 
 def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, workdir: str):
@@ -143,11 +140,8 @@ def validate(cfg) -> None:
             f"({cfg.detector.warmup})"
         )
     b = cfg.backbone
-    if b.mesh_devices < 0 or (b.mesh_devices and b.batch_size % b.mesh_devices):
-        raise ValueError(
-            f"backbone.mesh_devices={b.mesh_devices} must be 0 or divide backbone.batch_size="
-            f"{b.batch_size} (each device gets an equal share of the examples)"
-        )
+    sizes = {"backbone.batch_size": b.batch_size}
+    harness.check_mesh_devices("backbone.mesh_devices", b.mesh_devices, sizes, "examples")
     if cfg.tent.steps_per_batch < 1:
         raise ValueError(f"tent.steps_per_batch must be >= 1, got {cfg.tent.steps_per_batch}")
 

@@ -107,6 +107,17 @@ def check_config(config: Mapping[str, Any], prefix: str = "") -> None:
             _check(path, key, value)
 
 
+def check_mesh_devices(key: str, devices: int, sizes: Mapping[str, int], what: str) -> None:
+    """One line unless ``devices`` (config key ``key``) is 0 or divides every size in ``sizes``
+    (config key -> value): each device must get an equal share of the ``what``."""
+    for size_key, size in sizes.items():
+        if devices < 0 or (devices and size % devices):
+            raise ValueError(
+                f"{key}={devices} must be 0 or divide {size_key}={size} (each device gets an "
+                f"equal share of the {what})"
+            )
+
+
 def section_to(cls: type, section: Mapping[str, Any], **overrides: Any) -> Any:
     """A config section as the library dataclass ``cls``: each of its fields from the key of
     the same name (a field the section lacks keeps its default), ``overrides`` last; the

@@ -42,12 +42,8 @@ def validate(cfg) -> None:
         raise ValueError("task.num_tokens must be positive and below half the length")
     t = cfg.train
     train.check_counts(t.steps, t.steps_per_call, t.checkpoint_every, t.log_every, prefix="train.")
-    for key, size in (("train.batch", t.batch), ("eval.num_examples", cfg.eval.num_examples)):
-        if t.mesh_devices < 0 or (t.mesh_devices and size % t.mesh_devices):
-            raise ValueError(
-                f"train.mesh_devices={t.mesh_devices} must be 0 or divide {key}={size} (each "
-                "device gets an equal share of the examples)"
-            )
+    sizes = {"train.batch": t.batch, "eval.num_examples": cfg.eval.num_examples}
+    harness.check_mesh_devices("train.mesh_devices", t.mesh_devices, sizes, "examples")
 
 
 def model_config(variant: str, cfg) -> MambaConfig:
@@ -72,14 +68,6 @@ def _accuracy(logits: jax.Array, batch: selective_copy.CopyBatch) -> jax.Array:
     return jnp.sum(correct) / jnp.sum(batch.answer)
 
 
-def _mesh(cfg) -> jax.sharding.Mesh | None:
-    """The data-parallel mesh of ``train.mesh_devices`` devices (all processes'), or None."""
-    if not cfg.train.mesh_devices:
-        return None
-    auto = (jax.sharding.AxisType.Auto,)  # as metattt.sharding's: shardings set by placement
-    return jax.make_mesh((cfg.train.mesh_devices,), ("batch",), axis_types=auto)
-
-
 def train_and_eval(variant: str, cfg, seed: int, workdir: str) -> dict[str, float]:
     """Train one model variant with AdamW on fresh batches; its answer-slot accuracy and timing.
 
@@ -102,7 +90,7 @@ def train_and_eval(variant: str, cfg, seed: int, workdir: str) -> dict[str, floa
         return objectives.cross_entropy(logits, targets, weight)
 
     step = train.supervised(loss_fn, optax.adamw(cfg.train.lr, weight_decay=0.01), jit=False)
-    mesh = _mesh(cfg)
+    mesh = sharding.data_mesh(cfg.train.mesh_devices)
     if mesh is not None:
         step = sharding.shard_step(step, mesh)
     initial = step.init(params)

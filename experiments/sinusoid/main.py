@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.harness import check_mesh_devices
 from experiments.sinusoid.report import plot_curves
 from metattt import atomic, inner, meta, multihost, runlog, stats
 from metattt import params as P
@@ -63,11 +64,8 @@ def validate(cfg) -> None:
         raise ValueError(f"config.inner.lr must be in (0, 1] (inner SGD), got {cfg.inner.lr!r}")
     t = cfg.train
     check_counts(t.num_steps, t.steps_per_call, t.checkpoint_every, t.log_every, prefix="train.")
-    if t.mesh_devices < 0 or (t.mesh_devices and t.meta_batch % t.mesh_devices):
-        raise ValueError(
-            f"train.mesh_devices={t.mesh_devices} must be 0 or divide train.meta_batch="
-            f"{t.meta_batch} (each device gets an equal share of the tasks)"
-        )
+    check_mesh_devices("train.mesh_devices", t.mesh_devices, {"train.meta_batch": t.meta_batch},
+                       "tasks")  # fmt: skip
 
 
 def train(method: str, seed: int, cfg, workdir: str, writer=None):

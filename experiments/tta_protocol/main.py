@@ -49,11 +49,8 @@ def validate(cfg) -> None:
     train.check_counts(
         t.num_steps, t.steps_per_call, t.checkpoint_every, t.steps_per_call, prefix="train."
     )
-    if t.mesh_devices < 0 or (t.mesh_devices and t.batch % t.mesh_devices):
-        raise ValueError(
-            f"train.mesh_devices={t.mesh_devices} must be 0 or divide train.batch={t.batch} "
-            "(each device gets an equal share of the examples)"
-        )
+    harness.check_mesh_devices("train.mesh_devices", t.mesh_devices, {"train.batch": t.batch},
+                               "examples")  # fmt: skip
 
 
 class SourceProgram(NamedTuple):
@@ -80,10 +77,8 @@ def source_program(cfg, apply: Callable) -> SourceProgram:
         return controlled.sample_windows(key, system, regime, cfg.train.batch, length)
 
     step = train.supervised(loss_fn, optax.adam(cfg.train.lr), jit=False)
-    mesh = None
-    if cfg.train.mesh_devices:
-        auto = (jax.sharding.AxisType.Auto,)  # as metattt.sharding's: shardings set by placement
-        mesh = jax.make_mesh((cfg.train.mesh_devices,), ("batch",), axis_types=auto)
+    mesh = sharding.data_mesh(cfg.train.mesh_devices)
+    if mesh is not None:
         step = sharding.shard_step(step, mesh)
     return SourceProgram(apply, step, batch_fn, mesh)
 

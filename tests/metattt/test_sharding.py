@@ -176,3 +176,10 @@ def test_inside_fits_compiled_call_the_batch_is_split_over_the_mesh():
     got = train.fit(dp, dp.init(params), _batch, **kwargs)
     assert seen and {s.shard_shape((BATCH, D_IN)) for s in seen} == {(BATCH // 8, D_IN)}
     chex.assert_trees_all_close(want.params, got.params, rtol=1e-5, atol=1e-6)
+
+
+def test_data_mesh_is_one_auto_axis_or_none():
+    assert sharding.data_mesh(0) is None
+    mesh = sharding.data_mesh(2, axis="tasks")
+    assert mesh.axis_names == ("tasks",) and mesh.devices.size == 2
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
