@@ -32,6 +32,7 @@ the workdir's config digest: a run restarted with another coordinator or process
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -185,6 +186,15 @@ def _config_path(argv: list[str]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _argv(argv: list[str]):
+    saved, sys.argv = sys.argv, argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def cli(argv: list[str] | None = None) -> None:
     """Parse flags (a bad key, type, value or file is one line on stderr, exit 2), then run."""
     argv = list(sys.argv if argv is None else argv)
@@ -194,7 +204,9 @@ def cli(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"config file not found: {path}")
         if path is not None:
             _check_config_source(path)
-        flags.FLAGS(argv)
+        flags.FLAGS.unparse_flags()  # a second call in one process starts from the defaults
+        with _argv(argv):  # config_flags finds the --config.* overrides in sys.argv
+            flags.FLAGS(argv)
         if _REPORT.value:
             name = report_workdir(os.path.abspath(_WORKDIR.value))
             print(f"rendered the {name} report from {_WORKDIR.value}")

@@ -9,7 +9,7 @@ import pytest
 
 from experiments import harness
 from metattt import multihost
-from tests.experiments.test_sinusoid_experiment import _run_cli
+from tests.experiments.entry import run_cli
 
 
 def test_json_cell_computes_once_and_survives_torn_writes(tmp_path):
@@ -172,11 +172,11 @@ def test_a_workdir_belongs_to_one_experiment_and_config(tmp_path):
 
 def test_the_entry_point_refuses_a_foreign_workdir_and_an_empty_one(tmp_path):
     (tmp_path / "owner.json").write_text(json.dumps({"experiment": "forecasting"}))
-    proc = _run_cli("--config", "configs/sinusoid.py:tiny", "--workdir", str(tmp_path))
+    proc = run_cli("--config", "configs/sinusoid.py:tiny", "--workdir", str(tmp_path))
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, lines
     assert "holds a run of experiment 'forecasting'" in lines[0]
-    proc = _run_cli("--config", "configs/sinusoid.py:tiny", "--workdir", "")
+    proc = run_cli("--config", "configs/sinusoid.py:tiny", "--workdir", "")
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --workdir is empty: name a directory for the run's results"
     )

@@ -18,6 +18,7 @@ import scipy.stats
 from configs import sinusoid as sinusoid_config
 from experiments import report, sinusoid
 from tests.experiments.compare import assert_close_tree
+from tests.experiments.entry import run_cli
 from tests.experiments.killing import kill_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -169,16 +170,6 @@ def test_demo_rows_are_the_curve_before_and_after_one_step(frozen, monkeypatch, 
         assert after == pytest.approx(means[1], rel=1e-6) and seconds >= 0
 
 
-def _run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -192,14 +183,14 @@ def _run_cli(*args):
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, args, message):
-    proc = _run_cli("--config", "configs/sinusoid.py:tiny", *args, "--workdir", str(tmp_path))
+    proc = run_cli("--config", "configs/sinusoid.py:tiny", *args, "--workdir", str(tmp_path))
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
 def test_missing_config_file_is_a_one_line_error(tmp_path):
-    proc = _run_cli("--config", "configs/no_such.py", "--workdir", str(tmp_path))
+    proc = run_cli("--config", "configs/no_such.py", "--workdir", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: config file not found: configs/no_such.py"
 
@@ -208,7 +199,7 @@ def test_a_second_launch_on_a_busy_workdir_is_refused_before_it_writes(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         (tmp_path / "run.lock").write_text(f"{socket.gethostname()} {holder.pid}")
-        proc = _run_cli("--config", "configs/sinusoid.py:tiny", "--workdir", str(tmp_path))
+        proc = run_cli("--config", "configs/sinusoid.py:tiny", "--workdir", str(tmp_path))
     finally:
         holder.kill()
         holder.wait()
