@@ -69,7 +69,7 @@ def test_modules_are_imported_when_first_used():
     """Every process that imports metattt pays only for what it uses (PEP 562 exports, see
     metattt/_lazy.py): the MAML core needs neither flax, scipy nor the model, data and energy
     packages (orbax comes with the training contract's checkpoints); and all of metattt's
-    packages together leave the slow scipy modules (~0.2-0.8 s each) to the functions that
+    packages together, attd and the experiments' harness leave the slow scipy modules (~0.2-0.8 s each) to the functions that
     need them. A resume or CLI test's subprocess starts ~1 s of CPU sooner."""
     heavy = ("flax", "scipy", "metattt.models", "metattt.energy", "metattt.data")
     slow = ("scipy.signal", "scipy.stats", "scipy.ndimage", "scipy.optimize")
@@ -79,6 +79,7 @@ def test_modules_are_imported_when_first_used():
         "import metattt, metattt.inner, metattt.meta\n"
         f"print(loaded({heavy!r}))\n"
         "_ = metattt.data, metattt.energy, metattt.models, metattt.fit, metattt.functionalize\n"
+        "import attd, experiments.harness\n"
         f"print(loaded({slow!r}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

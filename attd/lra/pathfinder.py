@@ -52,7 +52,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "Pathfinder",
@@ -184,6 +183,8 @@ def _one_image(
     dashed: bool,
     dash: tuple[int, int],
 ):
+    from scipy import ndimage  # here, not at the top: ~0.3 s for every `import attd`
+
     h, w = size
     pen, marker = _square(thickness), _square(marker_size)
     margin = max(marker_size, thickness) // 2 + 1
