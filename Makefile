@@ -25,8 +25,9 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 # Test files are spread over the cores (pytest-xdist; one file stays on one worker, so its
-# module fixtures are built once).
-PYTEST_WORKERS := -n auto --maxprocesses 4 --dist loadfile
+# module fixtures are built once), in the order tests/conftest.py gives them (xdist would
+# otherwise queue the files with the most tests first, and the one-test tutorials last).
+PYTEST_WORKERS := -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_WORKERS)

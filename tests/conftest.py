@@ -66,6 +66,8 @@ def pytest_collection_modifyitems(config, items):
     """Files that hold slow end-to-end tests run first, in collection order otherwise (a
     stable sort; a file's tests stay together and in order). The workers take files from one
     queue (``--dist loadfile``), so a long file taken last leaves the other cores idle at the
-    end; started first, the long files overlap with the many short ones."""
+    end; started first, the long files overlap with the many short ones. (xdist keeps this
+    order only with ``--no-loadscope-reorder``, which ``make test`` passes; by default it
+    queues the files with the most tests first, and so the one-test tutorials last.)"""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
