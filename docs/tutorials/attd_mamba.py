@@ -75,7 +75,8 @@ controller = attd.threshold_controller(3, temperature=0.05)
 method = attd.make_attd(apply, config, controller, inner_lr=10.0, lam=0.01)
 psi0 = attd.init_psi(config, 2, jax.random.key(0))
 outer = task.outer.split
-s = method.signal(method.init(theta, psi0), jnp.asarray(outer.tokens), jnp.asarray(outer.mask))
+signal = jax.jit(method.signal)  # jitted: one compiled program instead of one per operation
+s = signal(method.init(theta, psi0), jnp.asarray(outer.tokens), jnp.asarray(outer.mask))
 params = method.init(theta, psi0, attd.quantile_thresholds(np.asarray(s), 3))
 
 
@@ -100,9 +101,12 @@ params = mt.fit(
 
 
 # %%
+predict, classify = jax.jit(method.predict), jax.jit(method.classify)
+
+
 def evaluate(split):
-    out = method.predict(params, jnp.asarray(split.tokens), jnp.asarray(split.mask))
-    fixed = method.classify(params, jnp.asarray(split.tokens), jnp.asarray(split.mask))
+    out = predict(params, jnp.asarray(split.tokens), jnp.asarray(split.mask))
+    fixed = classify(params, jnp.asarray(split.tokens), jnp.asarray(split.mask))
     labels = np.asarray(split.labels)
     return (
         float(np.mean(np.argmax(fixed, -1) == labels)),
