@@ -1,7 +1,8 @@
 """Energy-aware test-time training of a MoE classifier on digits-C (issue 5, the digits half).
 
-Command (full run, 3 seeds; about 10 min on the shared 2-core CPU, mostly training; a rerun on
-the same workdir reuses checkpoints and cells):
+Command (full run, 3 seeds; about 10 min on the shared 2-core CPU, mostly training, plus about
+13 min for the fast-weight tuning (12 grid points on a validation stream; measured beside the
+LM run); a rerun on the same workdir reuses checkpoints and cells):
     python -m experiments.run --config configs/energy_moe_digits.py --workdir runs/energy_moe_digits
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/energy_moe_digits.py:tiny \
