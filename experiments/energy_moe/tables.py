@@ -176,13 +176,20 @@ def tuning_table(results: dict[str, Any], metric: Metric) -> list[str]:
         if t["fallback"]
         else f"the lowest µJ/token at Δ {label} < {bound}"
     )
+    chosen, edges = t["points"][t["chosen"]], []
+    for field in ("fast_lr", "fast_chunk", "fast_steps"):  # a choice at the grid's border
+        tried = sorted({p[field] for p in t["points"]})
+        if len(tried) > 1 and chosen[field] in (tried[0], tried[-1]):
+            side = "smallest" if chosen[field] == tried[0] else "largest"
+            edges.append(f"{field} {chosen[field]:g} is the {side} tried")
+    edge = f" At the grid's edge: {', '.join(edges)}." if edges else ""
     lines = [
         "",
         f"**Fast-weight settings chosen on a validation stream** ({t['method']}, "
         f"{t['stream_batches']} batches per seed of {VALIDATION[key]}; no TTT there: "
         f"{fmt(t['no_ttt'][key])} {label}, {fmt(t['no_ttt']['uj_per_token'], 4)} µJ/token). "
         f"Chosen on the seeds' means, {rule}; every fast-weight method serves the test stream "
-        "at it.",
+        f"at it.{edge}",
         "",
         f"| fast_lr | fast_chunk | fast_steps | validation {label} | validation Δ {label} vs no "
         "TTT | validation µJ/token | energy reduction | chosen |",

@@ -182,4 +182,6 @@ def test_tuning_table_of_the_frozen_tiny_run():
         assert cells[5] == f"{p['uj_per_token']['mean']:.4f}"
         assert line.endswith("| **yes** |") == (i == t["chosen"])
     assert "the lowest µJ/token at Δ bits/char < 5%" in lines[1]
+    edge = "At the grid's edge: fast_lr 0.5 is the smallest tried."  # one chunk, one step count
+    assert lines[1].endswith(edge) == (t["points"][t["chosen"]]["fast_lr"] == 0.5)
     assert tables.tuning_table({k: v for k, v in results.items() if k != "tuning"}, BPC) == []
