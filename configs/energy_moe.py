@@ -1,7 +1,9 @@
 """Energy-aware test-time training of a MoE character-level language model (issue 5).
 
 Command (full run, 3 seeds; about 26 min on the shared 2-core CPU under load from other jobs,
-training about 6 min per seed; a rerun on the same workdir reuses checkpoints and cells):
+training about 6 min per seed, plus about 14 min for the fast-weight tuning (12 grid points,
+one compilation each, on a validation stream; measured beside the digits run); a rerun on the
+same workdir reuses checkpoints and cells):
     python -m experiments.run --config configs/energy_moe.py --workdir runs/energy_moe
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/energy_moe.py:tiny --workdir runs/energy_moe_tiny
@@ -114,6 +116,7 @@ def get_config(arg=None):
     )
     c.schedule = schedule_section(lam="0.3", int8_lam="1", expert=("lora_ttt/4", "fast_ttt/4"))
     c.memory = memory_section()
+    c.tune = tune_section("fast_ttt/4", stream_batches=32)
     # Weight-only int8 experts (per-output-channel symmetric scales): served static ("int8"),
     # with router TTT ("int8_ttt") and with energy-aware TTT at each λ ("int8_energy_ttt/<λ>").
     c.int8 = ml_collections.ConfigDict()
@@ -151,6 +154,11 @@ def get_config(arg=None):
         c.schedule.methods = ("energy_ttt/3@adaptive", "fast_ttt/4@margin")
         c.schedule.max_every = 4
         c.memory.patience = 1
+        c.tune.enabled = False  # ~20 s of compilation per point: the report test has a tuning
+        c.tune.fast_lrs = (0.5, 1.0)  # record of a tiny run with it on (these values)
+        c.tune.fast_chunks = (4,)
+        c.tune.fast_step_counts = (1,)
+        c.tune.stream_batches = 4
     if arg == "demo":  # the full runs' best energy-aware point: λ 0.3 on hard batches only
         c.data.batch = 8  # adapting 1 of 8 windows: the full run's share (2 of 16)
         c.data.stream_batches = 64  # long enough for the saving to repay an adaptation
@@ -244,3 +252,27 @@ def memory_section() -> ml_collections.ConfigDict:
     m.margin = 0.1
     m.patience = 4
     return m
+
+
+def tune_section(method: str, *, stream_batches: int) -> ml_collections.ConfigDict:
+    """The ``tune`` section (shared with configs/energy_moe_digits.py): the fast-weight settings
+    ``expert.fast_lr``, ``fast_chunk`` and ``fast_steps`` chosen on a validation stream.
+
+    experiments/energy_moe/tuning.py serves ``method`` at every point of the grid
+    fast_lrs × fast_chunks × fast_step_counts, and the trained model, on ``stream_batches``
+    batches per seed of a validation stream the test stream never reads (LM: code windows that
+    share no byte with a test window; digits: corrupted train-split images), then picks one
+    point for every seed from the seeds' means: the lowest dynamic energy per token among the
+    points whose metric change vs the trained model is below ``max_change`` (the plan's
+    accuracy bound), else the best metric. Every fast-weight method then serves the test
+    stream at that point.
+    """
+    t = ml_collections.ConfigDict()
+    t.enabled = True
+    t.method = method
+    t.fast_lrs = (0.25, 1.0)  # 12 points: one compilation each
+    t.fast_chunks = (8, 16, 32)  # a chunk of data.length positions would never read W != 0
+    t.fast_step_counts = (1, 2)
+    t.stream_batches = stream_batches
+    t.max_change = 0.05
+    return t

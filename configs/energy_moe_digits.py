@@ -1,7 +1,8 @@
 """Energy-aware test-time training of a MoE classifier on digits-C (issue 5, the digits half).
 
-Command (full run, 3 seeds; about 10 min on the shared 2-core CPU, mostly training; a rerun on
-the same workdir reuses checkpoints and cells):
+Command (full run, 3 seeds; about 10 min on the shared 2-core CPU, mostly training, plus about
+13 min for the fast-weight tuning (12 grid points on a validation stream; measured beside the
+LM run); a rerun on the same workdir reuses checkpoints and cells):
     python -m experiments.run --config configs/energy_moe_digits.py --workdir runs/energy_moe_digits
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/energy_moe_digits.py:tiny \
@@ -27,7 +28,7 @@ Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run wri
 
 import ml_collections
 
-from configs.energy_moe import expert_section, memory_section, schedule_section
+from configs.energy_moe import expert_section, memory_section, schedule_section, tune_section
 
 
 def get_config(arg=None):
@@ -114,6 +115,7 @@ def get_config(arg=None):
     )
     c.schedule = schedule_section(lam="1", int8_lam="1", expert=("lora_ttt/4", "fast_ttt/4"))
     c.memory = memory_section()
+    c.tune = tune_section("fast_ttt/4", stream_batches=32)  # 4 batches per segment
     c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
     c.int8.enabled = True
     c.int8.lambdas = (1.0, 10.0)
@@ -148,6 +150,7 @@ def get_config(arg=None):
         c.schedule.methods = ("energy_ttt/3@margin",)  # one more compilation (the signals)
         c.schedule.max_every = 4
         c.memory.patience = 1
+        c.tune.enabled = False  # the LM's tiny run tunes (seconds per point)
     if arg == "demo":
         c.data.stream_batches = 16
         c.ttt.lr = 5e-2

@@ -44,6 +44,9 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
   ``ttt.every``-th batch.
 * ``memory`` (issue 15 item 6, :mod:`.pressure`): the trained model served while simulated
   tenants take memory, stepping down through batch chunks and top-k.
+* the fast-weight settings (``expert.fast_lr``, ``fast_chunk``, ``fast_steps``) are chosen on
+  a validation stream the test stream never reads (``tune``, :mod:`.tuning`): a grid served
+  per seed, one point chosen on the seeds' means for every fast-weight method.
 * Every adapting method but the budgets also records routing explanations (issue 15 item 8,
   :mod:`.explanations`): avoided assignments and their energy, activation shares before and
   after, router stability.
@@ -61,8 +64,9 @@ time / inference time).
 Modules: :mod:`.main` (checks and the run), :mod:`.runtime` (model, compiled functions,
 training), :mod:`.expert` (the expert-level methods and objectives), :mod:`.lm` /
 :mod:`.digits` (the tasks' data), :mod:`.serving`, :mod:`.schedules`, :mod:`.pressure`,
-:mod:`.explanations`, :mod:`.aggregate` (results from cells),
-:mod:`.tables`, :mod:`.plots` and :mod:`.report` (rendered from ``results.json`` alone).
+:mod:`.explanations`, :mod:`.tuning` (the fast-weight settings), :mod:`.aggregate` (results
+from cells), :mod:`.tables`, :mod:`.plots` and :mod:`.report` (rendered from ``results.json``
+alone).
 """
 
 from experiments.energy_moe.aggregate import SCALARS, aggregate, figure_data, matched, scalars

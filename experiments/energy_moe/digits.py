@@ -63,11 +63,12 @@ def tokens(images: np.ndarray) -> np.ndarray:
     )
 
 
-def schedule(cfg) -> list[tuple[int, int, str, int]]:
-    """Equal segments cycling through every (corruption, severity) pair, severity-major."""
+def schedule(cfg, batches: int | None = None) -> list[tuple[int, int, str, int]]:
+    """Equal segments of ``batches`` (None: ``data.stream_batches``) cycling through every
+    (corruption, severity) pair, severity-major."""
     d = cfg.data
     pairs = [(c, s) for s in d.severities for c in d.corruptions]
-    length = d.stream_batches // len(pairs)
+    length = (batches or d.stream_batches) // len(pairs)
     return [(i * length, (i + 1) * length, c, int(s)) for i, (c, s) in enumerate(pairs)]
 
 
@@ -81,6 +82,18 @@ def shifted_stream(cfg, x_test: np.ndarray, y_test: np.ndarray, seed: int) -> Ex
         batch_size=cfg.data.batch,
         seed=lm.TEST_SEED + seed,
     )
+    return Examples(tokens(s.x.reshape(-1, *s.x.shape[2:])), s.y.reshape(-1))
+
+
+def validation_stream(cfg, seed: int, batches: int) -> Examples:
+    """(batches·B,) corrupted images of the seed's train split, per :func:`schedule` over
+    ``batches`` (seed ``lm.VALID_SEED + seed``): never an image of the test split, which alone
+    feeds the test stream; but the model was trained on their clean versions, so the validation
+    errors are lower than the test's -- the tuning compares points on the same stream, by their
+    change vs the trained model."""
+    x_tr, y_tr, _, _ = digits_c.load_digits_split(seed, cfg.data.test_fraction)
+    s = digits_c.make_stream(x_tr, y_tr, schedule(cfg, batches), num_steps=batches,
+                             batch_size=cfg.data.batch, seed=lm.VALID_SEED + seed)  # fmt: skip
     return Examples(tokens(s.x.reshape(-1, *s.x.shape[2:])), s.y.reshape(-1))
 
 

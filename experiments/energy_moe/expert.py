@@ -205,9 +205,9 @@ def validate(cfg, mcfg: moe.MoEConfig, head: str) -> None:
         select(params, selector_of(cfg, method))  # an empty selection raises
 
 
-def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
-    """A :class:`Variant` per method that needs one; compiled functions are shared by every
-    method with the same model, selector and objective."""
+def build_variants(cfg, rt: Runtime, head: str, names=None) -> dict[str, Variant]:
+    """A :class:`Variant` per method that needs one (of ``names`` only, when given); compiled
+    functions are shared by every method with the same model, selector and objective."""
     if "expert" not in cfg:
         return {}
     mcfg = rt.mcfg
@@ -218,7 +218,7 @@ def build_variants(cfg, rt: Runtime, head: str) -> dict[str, Variant]:
     }
     out = {}
     for name, method in methods(cfg).items():
-        if not needs_variant(method):
+        if not needs_variant(method) or (names is not None and name not in names):
             continue
         model = model_of(cfg, mcfg, method)
         selector, objective = selector_of(cfg, method), objective_of(method, head)

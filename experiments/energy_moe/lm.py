@@ -17,6 +17,8 @@ from metattt.data import text_corpora as tc
 from metattt.models import moe
 
 TEST_SEED = 10_000  # stream windows come from seeds no training batch uses
+VALID_SEED = 20_000  # the validation windows' offsets (then filtered: see validation_stream)
+MAX_DRAWS = 100  # rounds of offset draws before validation_stream gives up
 
 
 class Streams(NamedTuple):
@@ -59,6 +61,34 @@ def shifted_stream(cfg, streams: Streams, seed: int) -> tc.LMWindows:
     """(S·B, L) windows of code at seeded random offsets (S stream batches of B)."""
     n = cfg.data.stream_batches * cfg.data.batch
     return tc.lm_windows(streams.shifted, cfg.data.length, n, seed=TEST_SEED + seed)
+
+
+def validation_stream(cfg, seed: int, batches: int) -> tc.LMWindows:
+    """(batches·B, L) windows of code that share no byte with any window of the seed's test
+    stream (:func:`shifted_stream`, unchanged): offsets drawn with seed ``VALID_SEED + seed``,
+    those whose L + 1 bytes (inputs and targets) touch a test window's dropped. Disjoint in
+    position, not in content: the same modules, so the same shift (text repeated verbatim
+    elsewhere in the corpus may repeat).
+
+    Raises:
+        ValueError: too few offsets left after :data:`MAX_DRAWS` rounds of draws.
+    """
+    streams = load_streams(seed)
+    data, span = streams.shifted, cfg.data.length + 1
+    test = shifted_stream(cfg, streams, seed)
+    edges = np.zeros(data.size + 1, np.int64)  # +1 where a test window starts, -1 past its end
+    np.add.at(edges, test.start, 1)
+    np.add.at(edges, test.start + span, -1)
+    read = np.concatenate([[0], np.cumsum(np.cumsum(edges)[:-1] > 0)])  # test bytes before i
+    rng, n, starts = np.random.default_rng(VALID_SEED + seed), batches * cfg.data.batch, []
+    for _ in range(MAX_DRAWS):
+        draw = rng.integers(0, data.size - span + 1, size=n, dtype=np.int64)
+        starts.extend(draw[read[draw + span] == read[draw]][: n - len(starts)])
+        if len(starts) == n:
+            index = np.asarray(starts)[:, None] + np.arange(span)[None, :]
+            windows = data[index].astype(np.int32) + 1
+            return tc.LMWindows(windows[:, :-1], windows[:, 1:], np.asarray(starts))
+    raise ValueError(f"fewer than {n} validation windows of {span} bytes outside the test stream")
 
 
 def doc_batches(cfg, seed: int, streams: Streams):

@@ -9,7 +9,15 @@ import time
 from typing import Any
 
 from experiments import harness
-from experiments.energy_moe import expert, pressure, registry, runtime, schedules, serving
+from experiments.energy_moe import (
+    expert,
+    pressure,
+    registry,
+    runtime,
+    schedules,
+    serving,
+    tuning,
+)
 from experiments.energy_moe.aggregate import aggregate, figure_data
 from experiments.energy_moe.plots import plot_all
 from experiments.energy_moe.tables import summary
@@ -30,6 +38,7 @@ def validate(cfg) -> None:
     expert.validate(cfg, task.model_config(cfg), task.head)
     schedules.validate(cfg)
     pressure.validate(cfg, task.model_config(cfg).top_k)
+    tuning.validate(cfg, task)
 
 
 def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
@@ -91,22 +100,29 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     validate(cfg)
     task = task_of(cfg)
     rt = runtime.build_runtime(cfg, task.model_config(cfg), head=task.head)
-    variants = expert.build_variants(cfg, rt, task.head)
     b, length = cfg.data.batch, cfg.data.length
     rate = serving.stream_rate(rt, batch=b, length=length, utilization=cfg.monitor.utilization)
+    tuned = None
+    if tuning.enabled(cfg):  # the fast-weight settings, chosen on the validation stream
+        tuned = tuning.tune(cfg, rt, task, workdir, rate=rate)
+        cfg = tuning.with_point(cfg, tuning.Point(**tuned["settings"]))
+    variants = expert.build_variants(cfg, rt, task.head)
     p_fixed = serving.stream_fixed_power(rt, batch=b, length=length, rate=rate)
     table = registry.methods(cfg)
     cells: dict[str, list[dict[str, Any]]] = {name: [] for name in table}
     seeds_info = []
     for seed in cfg.seeds:
-        pending = [n for n in table if not os.path.isfile(cell_path(workdir, seed, n))]
-        if pending:  # only then load the data, the parameters and compile
+        cell = {n: cell_path(workdir, seed, tuning.cell_name(cfg, n, m)) for n, m in table.items()}
+        pending = [n for n in table if not os.path.isfile(cell[n])]
+        if pending:  # only then load the data, the parameters and compile (what is pending)
             params, stream, info, reference = task.prepare(cfg, rt, seed, workdir)
-            int8 = any(m.int8 and not expert.needs_variant(m) for m in table.values())
-            signals = any(m.schedule and not expert.needs_variant(m) for m in table.values())
+            todo = [table[n] for n in pending]
+            int8 = any(m.int8 and not expert.needs_variant(m) for m in todo)
+            signals = any(m.schedule and not expert.needs_variant(m) for m in todo)
             runtime.warm_up(rt, params, stream, batch=b, windows=cfg.ttt.windows, int8=int8,
                             signals=signals)  # fmt: skip
-            expert.warm_up(variants, params, stream, batch=b, windows=cfg.ttt.windows)
+            expert.warm_up({n: variants[n] for n in pending if n in variants}, params, stream,
+                           batch=b, windows=cfg.ttt.windows)  # fmt: skip
         else:
             with open(runtime.info_path(workdir, seed)) as f:
                 info = json.load(f)
@@ -119,7 +135,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                 budget_w = p_fixed + share * (p0 - p_fixed)
             cells[name].append(
                 harness.json_cell(
-                    cell_path(workdir, seed, name),
+                    cell[name],
                     lambda m=method, bw=budget_w, n=name: serving.serve(
                         cfg,
                         rt,
@@ -150,6 +166,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         expert=expert.describe(variants, table),
         figures=figure_data(cells, table),
     )
+    if tuned is not None:
+        results["tuning"] = tuned
     atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
     with open(os.path.join(workdir, "summary.md"), "w") as f:
         f.write(summary(results, cfg) + "\n")

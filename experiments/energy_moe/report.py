@@ -291,12 +291,16 @@ def _fast_header(results: dict[str, Any], cfg) -> str:
     if not fast:
         return ""
     x = cfg.expert
+    if "tuning" in results:  # the settings chosen on the validation stream, not the config's
+        x = results["tuning"]["settings"]
     ranks = ", ".join(f"{n}: R = {i['fast_rank']}" for n, i in fast.items())
     return (
         " fast_ttt/<ρ>: every expert's output gains (q W) θ_O, W an (R, R) fast weight per "
         "sequence and expert trained inside each forward pass on ||k W − v||² over the tokens "
-        f"routed to it, in chunks of {x.fast_chunk} positions ({x.fast_steps} step(s) of rate "
-        f"{x.fast_lr} after reading each chunk: causal), θ_O zero at the start; R chosen so that "
+        f"routed to it, in chunks of {x['fast_chunk']} positions ({x['fast_steps']} step(s) of "
+        f"rate {x['fast_lr']} after reading each chunk: causal"
+        + ("; chosen on a validation stream, see below" if "tuning" in results else "")
+        + "), θ_O zero at the start; R chosen so that "
         f"θ_K, θ_Q, θ_V, θ_O (4·D·R) equal lora_ttt/<ρ>'s 3·ρ·(D + F) ({ranks}); the method "
         "adapts them with the router, and every forward pass is charged their projections, "
         "reads and inner steps (metattt.models.fast_weights.fast_work)."

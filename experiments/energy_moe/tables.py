@@ -96,7 +96,7 @@ def summary_tables(results: dict[str, Any], metric: Metric) -> str:
                 f"{r['final_level']} | {r['final_top_k']} | {r['final_pruned']} | "
                 f"{r['budget_kept']} | {r['plan_budget_met']} | {fmt(r[m_key])} |"
             )
-    lines += expert_table(results, metric)
+    lines += expert_table(results, metric) + tuning_table(results, metric)
     lines += schedule_table(results, metric) + memory_table(results, metric)
     lines += explain_table(results)
     return "\n".join(lines)
@@ -151,6 +151,55 @@ def expert_table(results: dict[str, Any], metric: Metric) -> list[str]:
             f"{change(r[f'{m_key}_change'], metric)} | {fmt(r['energy_reduction'], 1, 100)}% | "
             f"{d_metric} | {d_energy} | {fmt(r['adapt_share_of_energy'], 1, 100)}% | "
             f"{fmt(r['overhead'], 1, 100)}% |"
+        )
+    return lines
+
+
+#: What each task's validation stream is, and what it shares with the test stream.
+VALIDATION = {
+    "bpc": "code windows of the same stdlib modules that share no byte with any test window",
+    "error": "corrupted images of the train split (no test image; the model was trained on "
+    "their clean versions)",
+}
+
+
+def tuning_table(results: dict[str, Any], metric: Metric) -> list[str]:
+    """The fast-weight settings' grid on the validation stream, the chosen point marked (no
+    lines when the run did not tune)."""
+    t = results.get("tuning")
+    if not t:
+        return []
+    key, label = metric.key, metric.label
+    bound = f"{100 * t['max_change']:g}{'%' if metric.relative else ' pp'}"
+    rule = (
+        f"no point within {bound}: the best {label}"
+        if t["fallback"]
+        else f"the lowest µJ/token at Δ {label} < {bound}"
+    )
+    chosen, edges = t["points"][t["chosen"]], []
+    for field in ("fast_lr", "fast_chunk", "fast_steps"):  # a choice at the grid's border
+        tried = sorted({p[field] for p in t["points"]})
+        if len(tried) > 1 and chosen[field] in (tried[0], tried[-1]):
+            side = "smallest" if chosen[field] == tried[0] else "largest"
+            edges.append(f"{field} {chosen[field]:g} is the {side} tried")
+    edge = f" At the grid's edge: {', '.join(edges)}." if edges else ""
+    lines = [
+        "",
+        f"**Fast-weight settings chosen on a validation stream** ({t['method']}, "
+        f"{t['stream_batches']} batches per seed of {VALIDATION[key]}; no TTT there: "
+        f"{fmt(t['no_ttt'][key])} {label}, {fmt(t['no_ttt']['uj_per_token'], 4)} µJ/token). "
+        f"Chosen on the seeds' means, {rule}; every fast-weight method serves the test stream "
+        f"at it.{edge}",
+        "",
+        f"| fast_lr | fast_chunk | fast_steps | validation {label} | validation Δ {label} vs no "
+        "TTT | validation µJ/token | energy reduction | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, p in enumerate(t["points"]):
+        lines.append(
+            f"| {p['fast_lr']:g} | {p['fast_chunk']} | {p['fast_steps']} | {fmt(p[key])} | "
+            f"{change(p[f'{key}_change'], metric)} | {fmt(p['uj_per_token'], 4)} | "
+            f"{fmt(p['energy_reduction'], 1, 100)}% | {'**yes**' if i == t['chosen'] else ''} |"
         )
     return lines
 

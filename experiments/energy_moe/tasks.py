@@ -52,6 +52,8 @@ class Task(NamedTuple):
         prepare: ``(cfg, runtime, seed, workdir) -> (params, stream, info, reference)``:
             trains (or restores) the seed's model and builds its shifted stream and its
             in-distribution reference batches ``(inputs, targets)`` (N, B, ...).
+        validation: ``(cfg, seed, batches) -> stream``: the shifted validation stream the
+            tuning serves (:mod:`.tuning`), disjoint from the test stream.
     """
 
     section: str
@@ -60,10 +62,19 @@ class Task(NamedTuple):
     model_config: Callable[[Any], Any]
     validate_data: Callable[[Any], None]
     prepare: Callable[..., tuple[Any, Any, dict, Any]]
+    validation: Callable[..., Any]
 
 
 TASKS = {
-    "lm": Task("energy_moe", BPC, "lm", lm.model_config, lm.validate_data, lm.prepare),
+    "lm": Task(
+        "energy_moe",
+        BPC,
+        "lm",
+        lm.model_config,
+        lm.validate_data,
+        lm.prepare,
+        lm.validation_stream,
+    ),
     "digits": Task(
         "energy_moe_digits",
         ERROR,
@@ -71,7 +82,8 @@ TASKS = {
         digits.model_config,
         digits.validate_data,
         digits.prepare,
-    ),  # fmt: skip
+        digits.validation_stream,
+    ),
 }
 
 

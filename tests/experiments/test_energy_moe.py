@@ -13,7 +13,7 @@ import pytest
 
 from configs import energy_moe as energy_config
 from experiments import energy_moe
-from experiments.energy_moe import registry, runtime, serving
+from experiments.energy_moe import registry, runtime, serving, tables, tuning
 from experiments.energy_moe.tasks import task_of
 from metattt.energy import SimulatedDevice, edp
 from metattt.models import moe
@@ -40,7 +40,9 @@ def _same(a, b) -> bool:
 
 
 def _cell(workdir, name):
-    return json.loads((workdir / "cells" / "seed_0" / f"{name.replace('/', '_')}.json").read_text())
+    """The tiny run's seed-0 cell of ``name`` (a fast-weight method's is named by its setting)."""
+    cell = tuning.cell_name(energy_config.get_config("tiny"), name, registry.parse_method(name))
+    return json.loads((workdir / "cells" / "seed_0" / f"{cell.replace('/', '_')}.json").read_text())
 
 
 # --- methods and config checks (no training) ----------------------------------------------------
@@ -390,6 +392,8 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
         ref = f"energy_ttt/{info['lam']:g}"
         assert cells[9] == f"{points[name][1] - points[ref][1]:+.3f}"
     assert "Expert-level adaptation and objectives (vs no TTT): lora_hw/4:masked" in text
+    assert "\n".join(tables.tuning_table(results, energy_moe.BPC)) in text  # the tuned grid
+    assert "(1 step(s) of rate 0.5 after reading each chunk: causal; chosen on a validation" in text
     assert "≤ 4, mean" in text  # lora_hw: the share of the buffer the hardware allowed
     # issue 15 items 6-8: schedule vs periodic, memory pressure, routing explanations
     # a row's occurrences: the methods table, then its issue-15 tables in order
@@ -572,7 +576,9 @@ def test_a_run_killed_with_sigkill_resumes_bit_identically(tiny_run, tmp_path):
         frozen = json.load(f)
     # The Pareto front and the matched-accuracy picks are choices made by comparing numbers:
     # they may flip with the rounding, so they are checked against the run's own rows instead.
-    decided = ("pareto_front", "matched")
+    # The fixture's tuning record is a tiny run's with tune.enabled (the report test's table);
+    # the tiny config does not tune (~20 s of compilation per point).
+    decided = ("pareto_front", "matched", "tuning")
     assert_same_structure(
         {k: v for k, v in _numbers(results).items() if k not in decided},
         {k: v for k, v in _numbers(frozen).items() if k not in decided},
