@@ -181,7 +181,7 @@ def test_scheduled_methods_adapt_exactly_on_the_hard_batches_of_their_served_mod
     # the served model at the start: LoRA B = 0 or int8 experts
     start = expert.prepare(variant, trained, 0) if variant else quantize.quantize_experts(trained)
     model = variant.mcfg if variant else rt.mcfg
-    apply = quantize.int8_apply(moe.init_moe(model).apply)
+    apply = jax.jit(quantize.int8_apply(moe.init_moe(model).apply))  # one program, not op by op
     signal = lambda xs: (
         _entropy(apply(start, xs).logits) if method.schedule == "entropy"
         else _margin(apply(start, xs).aux["router_probs"])
