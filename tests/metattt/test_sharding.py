@@ -183,3 +183,13 @@ def test_data_mesh_is_one_auto_axis_or_none():
     mesh = sharding.data_mesh(2, axis="tasks")
     assert mesh.axis_names == ("tasks",) and mesh.devices.size == 2
     assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+
+
+def test_shard_stacked_splits_the_batch_axis_of_every_leaf_not_the_steps():
+    rng = np.random.default_rng(3)
+    stacked = (rng.normal(size=(3, BATCH, D_IN)).astype(np.float32), rng.integers(0, 9, (3, BATCH)))
+    placed = sharding.shard_stacked(stacked, sharding.data_mesh(8))
+    for got, want in zip(placed, stacked, strict=True):
+        assert got.sharding.spec == P(None, "batch")
+        assert {s.data.shape[:2] for s in got.addressable_shards} == {(3, BATCH // 8)}
+        np.testing.assert_array_equal(got, want)
