@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+import jax
+
 from experiments import harness
 from experiments.energy_moe import expert, pressure, registry, runtime, schedules, serving
 from experiments.energy_moe.aggregate import aggregate, figure_data
@@ -49,7 +51,9 @@ def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
     if not cfg.monitor.memory_gb > 0 or not others or min(others) < 0:
         raise ValueError(f"need monitor.memory_gb > 0 and a non-empty monitor.memory_others_gb of "
                          f"values >= 0, got {cfg.monitor.memory_gb}, {others}")  # fmt: skip
-    params = moe.init_moe(mcfg).params  # validates the model config
+    # Validates the model config; shapes only, so JAX starts no backend (a multi-process run
+    # calls jax.distributed.initialize after these checks).
+    params = jax.eval_shape(lambda: moe.init_moe(mcfg).params)
     select(params, cfg.ttt.params)  # an unknown preset or an empty selection raises
     t = cfg.train
     train.check_counts(
