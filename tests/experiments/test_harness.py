@@ -23,6 +23,7 @@ DISTRIBUTED_CONFIGS = (
     "energy_moe_digits",
     "attd_lra",
     "attd_dynamics",
+    "forecasting",
 )
 
 
