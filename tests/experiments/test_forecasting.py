@@ -318,6 +318,20 @@ def test_memory_rows_measure_each_compiled_meta_gradient(monkeypatch):
         assert param_bytes <= r["output_bytes"] < 2 * param_bytes and r["temp_bytes"] >= 0, r
 
 
+def _restored_cells(tiny_run):
+    """``(pretrained parameters, FOMAML's meta-trained ones, its info)`` of the tiny run's seed
+    0, restored from its cells (no training)."""
+    seed_dir = tiny_run.workdir / "seed_0"
+    template = tiny_run.programs.init_params(0)
+
+    def refuse(run_dir):
+        raise AssertionError(f"the tiny run left {run_dir} incomplete")
+
+    params, _ = harness.params_cell(seed_dir / "pretrain", template, refuse)
+    meta_dir = seed_dir / f"meta_fomaml_{tiny_run.cfg.adapt}"
+    return params, *harness.params_cell(meta_dir, template, refuse)
+
+
 @pytest.mark.slow
 def test_meta_training_killed_mid_cell_resumes_bit_identically(
     tiny_run, tmp_path, monkeypatch, caplog
@@ -327,14 +341,7 @@ def test_meta_training_killed_mid_cell_resumes_bit_identically(
     FOMAML cell, computed by the same jitted functions (the run's programs)."""
     cfg, programs = tiny_run.cfg, tiny_run.programs  # 8 meta-steps, a checkpoint every 4
     assert (cfg.meta.steps, cfg.meta.checkpoint_every) == (8, 4)
-    seed_dir = tiny_run.workdir / "seed_0"
-    template = programs.init_params(0)
-
-    def refuse(run_dir):
-        raise AssertionError(f"the tiny run left {run_dir} incomplete")
-
-    params, _ = harness.params_cell(seed_dir / "pretrain", template, refuse)
-    whole, info = harness.params_cell(seed_dir / f"meta_fomaml_{cfg.adapt}", template, refuse)
+    params, whole, info = _restored_cells(tiny_run)
     sessions = F.recordings(cfg, 0, test=False)
 
     real = cells.sample_tasks
@@ -376,15 +383,8 @@ def test_the_meta_training_sharded_over_devices_equals_the_one_device_training(t
     and the query loss after training within 1e-5 relative. The compiled sharded meta-step
     all-reduces (each device's share of the meta-gradient summed); a replicated one needs no
     collective."""
-    cfg, programs = tiny_run.cfg, tiny_run.programs
-    seed_dir = tiny_run.workdir / "seed_0"
-    template = programs.init_params(0)
-
-    def refuse(run_dir):
-        raise AssertionError(f"the tiny run left {run_dir} incomplete")
-
-    params, _ = harness.params_cell(seed_dir / "pretrain", template, refuse)
-    want, want_info = harness.params_cell(seed_dir / f"meta_fomaml_{cfg.adapt}", template, refuse)
+    cfg = tiny_run.cfg
+    params, want, want_info = _restored_cells(tiny_run)
     sharded_cfg = copy.deepcopy(cfg)
     sharded_cfg.mesh_devices = 2
     sharded_cfg.meta.micro_batches = 1
