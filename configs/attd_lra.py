@@ -34,6 +34,8 @@ runs write them).
 
 import ml_collections
 
+from configs import distributed_section
+
 TASKS = ("listops", "pathfinder", "text")
 
 
@@ -76,6 +78,10 @@ def get_config(arg=None):
     c.section = "attd_lra"  # BENCHMARKS.md section
     c.figure_prefix = "attd"  # docs/figures/<prefix>_*.png
     c.command = "python -m experiments.run --config configs/attd_lra.py --workdir runs/attd_lra"
+    # >0: shard the pretraining's and the outer training's batches over this many devices (all
+    # processes'); README.md, "Multi-host"
+    c.mesh_devices = 0
+    c.distributed = distributed_section()
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 32

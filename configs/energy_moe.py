@@ -33,6 +33,8 @@ Expected result: see the energy_moe section of BENCHMARKS.md (the run writes it)
 
 import ml_collections
 
+from configs import distributed_section
+
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
@@ -76,6 +78,7 @@ def get_config(arg=None):
     c.train.checkpoint_every = 500  # a multiple of steps_per_call
     c.train.load_balance = 0.01  # Switch load-balancing loss weight
     c.train.z_loss = 1e-3  # router z-loss weight
+    c.train.mesh_devices = 0  # >0: shard the batches over this many devices (all processes')
 
     c.ttt = ml_collections.ConfigDict()
     c.ttt.params = "router"  # a metattt.params selector
@@ -122,6 +125,8 @@ def get_config(arg=None):
     c.int8 = ml_collections.ConfigDict()
     c.int8.enabled = True
     c.int8.lambdas = (0.1, 1.0)
+
+    c.distributed = distributed_section()  # several processes: README.md, "Multi-host"
 
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)

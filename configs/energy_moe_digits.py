@@ -28,6 +28,7 @@ Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run wri
 
 import ml_collections
 
+from configs import distributed_section
 from configs.energy_moe import expert_section, memory_section, schedule_section, tune_section
 
 
@@ -75,6 +76,7 @@ def get_config(arg=None):
     c.train.checkpoint_every = 300  # a multiple of steps_per_call
     c.train.load_balance = 0.01
     c.train.z_loss = 1e-3
+    c.train.mesh_devices = 0  # >0: shard the batches over this many devices (all processes')
 
     c.ttt = ml_collections.ConfigDict()
     c.ttt.params = "router+layernorm"  # a metattt.params selector
@@ -119,6 +121,8 @@ def get_config(arg=None):
     c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
     c.int8.enabled = True
     c.int8.lambdas = (1.0, 10.0)
+
+    c.distributed = distributed_section()  # several processes: README.md, "Multi-host"
 
     if arg in ("tiny", "demo"):  # seconds
         c.seeds = (0,)

@@ -22,6 +22,8 @@ Expected result: see the forecasting section of BENCHMARKS.md (the run writes it
 
 import ml_collections
 
+from configs import distributed_section
+
 # Which parameters adapt: names the experiment resolves against the model's parameter paths.
 ADAPT_SETS = ("embeddings", "embeddings+latents", "embeddings+last_layer")
 
@@ -31,6 +33,10 @@ def get_config(arg=None):
     c.experiment = "forecasting"
     c.seeds = (0, 1, 2)
     c.fast_compile = True  # XLA's cheap backend optimisation level: compile time dominates here
+    # >0: shard the pretraining's windows and each meta-step's tasks over this many devices (all
+    # processes'); README.md, "Multi-host"
+    c.mesh_devices = 0
+    c.distributed = distributed_section()
 
     c.data = ml_collections.ConfigDict()
     c.data.num_train_sessions = 8

@@ -261,6 +261,8 @@ def make_meta_step(
         micro_batches: M; the task batch (size a multiple of M) is cut into M equal
             micro-batches whose gradients are computed one after another and averaged (gradient
             accumulation: the result equals the full batch's, peak memory is one micro-batch's).
+            Micro-batch m takes every M-th task from task m, so that with ``mesh`` each one is
+            split over all devices when the devices divide the batch's size over M.
         jit: compile the step (turn off only to debug).
         skip_nonfinite: static; False compiles the outer guard out (the update is applied
             whatever its value, as in plain JAX). The inner loop has its own switch,
@@ -288,7 +290,12 @@ def make_meta_step(
                 f"the task batch's leading axis ({sorted(sizes)}) must be one size divisible "
                 f"by micro_batches = {micro_batches}"
             )
-        chunks = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), tasks)
+        # Micro-batch m holds tasks m, m + M, m + 2M, ...: a batch sharded over a mesh in
+        # contiguous blocks then has every micro-batch spread over every device (contiguous
+        # micro-batches would each lie on a few devices' blocks and run one after another).
+        chunks = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(-1, micro_batches, *x.shape[1:]), 0, 1), tasks
+        )
 
         def body(total, chunk):
             (loss, aux), grads = value_and_grad(meta_params, chunk)
@@ -296,7 +303,7 @@ def make_meta_step(
 
         zeros = jax.tree.map(jnp.zeros_like, meta_params)
         total, (losses, aux) = jax.lax.scan(body, zeros, chunks)
-        aux = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), aux)
+        aux = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), aux)
         grads = jax.tree.map(lambda g: g / micro_batches, total)
         return (jnp.mean(losses), aux), grads
 

@@ -24,7 +24,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from metattt.train import Step
 
-__all__ = ["data_mesh", "leaf_spec", "local_copy", "param_shardings", "shard_step"]
+__all__ = [
+    "data_mesh",
+    "leaf_spec",
+    "local_copy",
+    "param_shardings",
+    "shard_stacked",
+    "shard_step",
+]
 
 PyTree = Any
 
@@ -55,6 +62,15 @@ def data_mesh(num_devices: int, axis: str = "batch") -> Mesh | None:
     if not num_devices:
         return None
     return jax.make_mesh((num_devices,), (axis,), axis_types=(AxisType.Auto,))
+
+
+def shard_stacked(tree: PyTree, mesh: Mesh, axis: str | None = None) -> PyTree:
+    """Host-made stacked batches (every leaf ``(steps, batch, ...)``, what
+    :func:`metattt.train.fit` scans with ``stacked=True``) placed with their batch axis split over
+    mesh axis ``axis`` (default: the mesh's first); every process passes the same global
+    arrays."""
+    spec = PartitionSpec(None, axis or mesh.axis_names[0])
+    return jax.device_put(tree, NamedSharding(_auto(mesh), spec))
 
 
 def _auto(mesh: Mesh) -> Mesh:

@@ -69,8 +69,9 @@ def test_modules_are_imported_when_first_used():
     """Every process that imports metattt pays only for what it uses (PEP 562 exports, see
     metattt/_lazy.py): the MAML core needs neither flax, scipy nor the model, data and energy
     packages (orbax comes with the training contract's checkpoints); and all of metattt's
-    packages together, attd and the experiments' harness leave the slow scipy modules (~0.2-0.8 s each) to the functions that
-    need them. A resume or CLI test's subprocess starts ~1 s of CPU sooner."""
+    packages together, attd and the experiments' harness leave the slow scipy modules
+    (~0.2-0.8 s each) to the functions that need them. A resume or CLI test's subprocess starts
+    ~1 s of CPU sooner."""
     heavy = ("flax", "scipy", "metattt.models", "metattt.energy", "metattt.data")
     slow = ("scipy.signal", "scipy.stats", "scipy.ndimage", "scipy.optimize")
     code = (

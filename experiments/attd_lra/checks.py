@@ -55,6 +55,8 @@ def validate(cfg) -> None:
         section, key = name.split(".")
         if not cfg[section][key] >= 1:
             raise ValueError(f"{name} must be >= 1, got {cfg[section][key]}")
+    sizes = {f"{s}.batch": cfg[s].batch for s in ("pretrain", "finetune")}
+    harness.check_mesh_devices("mesh_devices", cfg.mesh_devices, sizes, "examples")
     if not a.adam_eps_root >= 0:
         raise ValueError(f"attd.adam_eps_root must be >= 0, got {a.adam_eps_root}")
     if not a.joint_weight >= 0:

@@ -30,9 +30,11 @@ first- vs second-order comparison (``configs/attd_lra.py:second_order``) is the 
 with one switch, and ``config.ablation_methods`` run on ``config.ablation_seeds`` only.
 
 Every (task, seed, method) cell is cached as JSON under ``workdir/<task>/seed_<s>/``, so a
-rerun skips finished cells. ``results.json``, ``summary.md`` and the plots go into
-``workdir``; ``python -m experiments.run --report --workdir W`` renders them into
-BENCHMARKS.md and docs/.
+rerun skips finished cells. With ``mesh_devices`` the pretraining and every outer training are
+data-parallel over a mesh of all processes' devices (``config.distributed``), and every process
+scores the cells alike (:mod:`.training`). ``results.json``, ``summary.md`` and the plots go
+into ``workdir`` (process 0 alone writes them); ``python -m experiments.run --report --workdir
+W`` renders them into BENCHMARKS.md and docs/.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ import pathlib
 import time
 from typing import Any
 
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
 from attd import lra, shifts
 from attd.mamba import init_mamba
 from experiments import harness
@@ -52,7 +57,7 @@ from experiments.attd_lra.aggregate import aggregate
 from experiments.attd_lra.checks import model_config, validate
 from experiments.attd_lra.methods import SHIFT_TASKS, parse_method, seed_methods
 from experiments.attd_lra.report import plot_accuracy_vs_k, plot_k_vs_difficulty, summary_table
-from metattt import atomic, runlog
+from metattt import atomic, multihost, runlog, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     base_info: dict[str, dict[int, Any]] = {}
     inner_lrs: dict[str, dict[str, Any]] = {}
     todo = len(cfg.tasks) * sum(len(seed_methods(cfg, s)) for s in cfg.seeds)
+    mesh = sharding.data_mesh(cfg.mesh_devices)
     bar = runlog.progress(total=todo, desc="attd_lra cells")
     for task_name in cfg.tasks:
         cells[task_name], base_info[task_name] = {}, {}
@@ -112,7 +118,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                 m: json.loads(p.read_text()) for m, p in paths.items() if p.exists()
             }
             base_path = cell_dir / "base" / "info.json"
-            if len(cells[task_name][seed]) == len(paths) and base_path.exists():
+            done = len(cells[task_name][seed]) == len(paths) and base_path.exists()
+            if not multihost.any_process(not done):  # all skip, or all compute (collectives)
                 base_info[task_name][seed] = json.loads(base_path.read_text())
                 bar.update(len(paths))
                 continue
@@ -121,8 +128,10 @@ def run(cfg, workdir: str) -> dict[str, Any]:
             apply, theta = init_mamba(mcfg, seed=seed)
             if pretrain_step is None:
                 pretrain_step = training.make_pretrain_step(
-                    apply, cfg.pretrain.lr, cfg.pretrain.lm_weight
+                    apply, cfg.pretrain.lr, cfg.pretrain.lm_weight, mesh
                 )
+            if mesh is not None:  # saved and restored replicated over the mesh
+                theta = jax.device_put(theta, NamedSharding(mesh, PartitionSpec()))
             theta, base_info[task_name][seed] = harness.params_cell(
                 cell_dir / "base",
                 theta,
@@ -130,6 +139,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                     cfg, t, tr, s, pretrain_step, run_dir
                 ),
             )
+            if mesh is not None:
+                theta = sharding.local_copy(theta)
             if cfg.attd.inner_lr_grid and task_name not in inner_lrs:  # on the first seed
                 inner_lrs[task_name] = harness.json_cell(
                     root / task_name / "inner_lr.json",
@@ -142,7 +153,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
                 if name not in compiled:
                     family = parse_method(name).adapter or "low_rank"
                     lr = inner_lrs[task_name][family]["chosen"] if task_name in inner_lrs else None
-                    compiled[name] = training.compile_method(name, apply, mcfg, cfg, lr)
+                    compiled[name] = training.compile_method(name, apply, mcfg, cfg, lr, mesh)
                 psi0 = training.initial_psi(name, mcfg, cfg, seed)
                 run_dir = str(cell_dir / f"{name}_run")
                 cell = harness.json_cell(
@@ -161,10 +172,11 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     bar.close()
     results = aggregate(cfg, cells, base_info)
     results["inner_lr"] = inner_lrs
-    atomic.write_json(root / "results.json", results, indent=1)
-    (root / "summary.md").write_text(summary_table(results) + "\n")
-    plot_accuracy_vs_k(results, str(root / f"{cfg.figure_prefix}_accuracy_vs_k.png"))
-    plot_k_vs_difficulty(results, str(root / f"{cfg.figure_prefix}_k_vs_difficulty.png"))
+    if multihost.is_primary():  # every process of a multi-process run holds the same results
+        atomic.write_json(root / "results.json", results, indent=1)
+        (root / "summary.md").write_text(summary_table(results) + "\n")
+        plot_accuracy_vs_k(results, str(root / f"{cfg.figure_prefix}_accuracy_vs_k.png"))
+        plot_k_vs_difficulty(results, str(root / f"{cfg.figure_prefix}_k_vs_difficulty.png"))
     return results
 
 

@@ -1,4 +1,10 @@
-"""Pretraining the base Mamba, and training and scoring one method's cell."""
+"""Pretraining the base Mamba, and training and scoring one method's cell.
+
+Both trainings may run data-parallel (a ``mesh`` from the config's ``mesh_devices``): each batch
+is split over the mesh, the parameters replicated; what they return stays replicated over it
+(the parameter cell saves it so, all processes together), and the scoring runs on this
+process's own copy (:func:`metattt.sharding.local_copy`), the same on every process.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from attd.lra import LRATask, Split
 from attd.mamba import MambaConfig
 from attd.method import ATTD, ATTDParams, benchmark_eval_paths, make_attd
 from experiments.attd_lra.methods import BASES, CONTROLLED, parse_method
-from metattt import objectives, runlog, train
+from metattt import multihost, objectives, runlog, sharding, train
 
 #: What :func:`attd.method.benchmark_eval_paths` counts besides the times, kept per cell.
 _TIMING_KEYS = ("inner_steps", "executed_steps", "masked_steps", "max_abs_diff")
@@ -28,8 +34,15 @@ def _batches(seed: int, n: int, steps: int, batch: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, (steps, batch))
 
 
-def make_pretrain_step(apply, lr: float, lm_weight: float) -> train.Step:
-    """Adam on θ of L_task + lm_weight · next-token CE; logs both terms."""
+def _on(step: train.Step, mesh: jax.sharding.Mesh | None) -> train.Step:
+    return step if mesh is None else sharding.shard_step(step, mesh)
+
+
+def make_pretrain_step(
+    apply, lr: float, lm_weight: float, mesh: jax.sharding.Mesh | None = None
+) -> train.Step:
+    """Adam on θ of L_task + lm_weight · next-token CE; logs both terms. With ``mesh`` each
+    batch is split over it."""
 
     def loss_fn(theta, batch):
         tokens, mask, labels = batch
@@ -37,14 +50,15 @@ def make_pretrain_step(apply, lr: float, lm_weight: float) -> train.Step:
         lm = objectives.next_token_cross_entropy(apply(theta, tokens, head="lm"), tokens, mask)
         return task + lm_weight * lm, {"task_loss": task, "lm_loss": lm}
 
-    return train.supervised(loss_fn, optax.adam(lr), has_aux=True)
+    return _on(train.supervised(loss_fn, optax.adam(lr), has_aux=True), mesh)
 
 
 def fit_on_split(step: train.Step, state, split: Split, idx: np.ndarray, run_dir: str, every: int):
     """``step`` over the batches ``split[idx[i]]``, resumable in ``run_dir``.
 
     Returns ``(state, every step's metrics)``; every step is logged, so they are read back
-    from ``run_dir/metrics.jsonl`` also when the run resumed at its end.
+    from ``run_dir/metrics.jsonl`` also when the run resumed at its end (process 0 writes the
+    file; the others read it once it is closed).
     """
     with runlog.create_writer(run_dir) as writer:
         state = train.fit(
@@ -58,6 +72,7 @@ def fit_on_split(step: train.Step, state, split: Split, idx: np.ndarray, run_dir
             writer=writer,
             show_progress=False,
         )
+    multihost.barrier(f"metrics {run_dir}")
     return state, runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
@@ -178,10 +193,12 @@ def outer_optimizer(cfg) -> optax.GradientTransformation:
 
 
 class Compiled(NamedTuple):
-    """A method's jitted pieces, shared by every seed of a task."""
+    """A method's jitted pieces, shared by every seed of a task; ``train_step`` splits its
+    batches over ``mesh`` when there is one."""
 
     method: ATTD
     train_step: train.Step
+    mesh: jax.sharding.Mesh | None
     signal: Any
     adapted_signal: Any
     radius: Any
@@ -189,7 +206,12 @@ class Compiled(NamedTuple):
 
 
 def compile_method(
-    name: str, apply, mcfg: MambaConfig, cfg, inner_lr: float | None = None
+    name: str,
+    apply,
+    mcfg: MambaConfig,
+    cfg,
+    inner_lr: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Compiled:
     method = make_method(name, apply, mcfg, cfg, inner_lr)
 
@@ -200,7 +222,8 @@ def compile_method(
 
     return Compiled(
         method,
-        method.train_step(outer_optimizer(cfg)),
+        _on(method.train_step(outer_optimizer(cfg)), mesh),
+        mesh,
         jax.jit(method.signal),
         jax.jit(adapted_signal),
         jax.jit(method.transition_radius),
@@ -251,6 +274,30 @@ def _probe_signal(c: Compiled, params: ATTDParams, split: Split, batch: int) -> 
     return np.asarray(c.signal(params, jnp.asarray(tokens), jnp.asarray(mask)))
 
 
+def train_outer(
+    cfg, c: Compiled, name: str, theta, outer: Split, seed: int, psi0, run_dir: str
+) -> tuple[ATTDParams, list[dict[str, Any]], float]:
+    """A method's outer parameters trained from the base on ``outer`` (resumable in
+    ``run_dir``), thresholds started at quantiles of s on it: ``(params, every step's metrics,
+    the training's seconds)``, the parameters this process's own arrays also when trained on
+    ``c.mesh``."""
+    s_outer = _probe_signal(c, c.method.init(theta, psi0), outer, cfg.eval.batch)
+    params = c.method.init(theta, psi0, initial_thresholds(name, s_outer, cfg.attd.k_max))
+    start = time.perf_counter()
+    idx = _batches(seed + 1, len(outer.labels), cfg.finetune.steps, cfg.finetune.batch)
+    state, logged = fit_on_split(
+        c.train_step,
+        c.train_step.init(params),
+        outer,
+        idx,
+        run_dir,
+        cfg.finetune.checkpoint_every,
+    )
+    seconds = time.perf_counter() - start
+    params = state.params if c.mesh is None else sharding.local_copy(state.params)
+    return params, logged, seconds
+
+
 def run_cell(
     cfg,
     c: Compiled,
@@ -272,20 +319,7 @@ def run_cell(
     """
     k_max = c.method.controller.max_steps
     outer = task.train if outer is None else outer
-    s_outer = _probe_signal(c, c.method.init(theta, psi0), outer, cfg.eval.batch)
-    params = c.method.init(theta, psi0, initial_thresholds(name, s_outer, cfg.attd.k_max))
-    start = time.perf_counter()
-    idx = _batches(seed + 1, len(outer.labels), cfg.finetune.steps, cfg.finetune.batch)
-    state, logged = fit_on_split(
-        c.train_step,
-        c.train_step.init(params),
-        outer,
-        idx,
-        run_dir,
-        cfg.finetune.checkpoint_every,
-    )
-    params = state.params
-    finetune_s = time.perf_counter() - start
+    params, logged, finetune_s = train_outer(cfg, c, name, theta, outer, seed, psi0, run_dir)
     thresholds = np.asarray(c.method.controller.thresholds(params.controller)).tolist()
     cell: dict[str, Any] = {
         "method": name,

@@ -86,10 +86,7 @@ def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, wor
     def batches(first: int):
         rows = idx[first : first + chunk]
         stacked = flat[rows], y_train[rows]
-        if mesh is None:
-            return stacked
-        by_example = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "batch"))
-        return jax.device_put(stacked, by_example)  # (steps, batch, ...): split the batch axis
+        return stacked if mesh is None else sharding.shard_stacked(stacked, mesh)
 
     memory = runlog.MemoryWriter()
     state = train.fit(

@@ -137,7 +137,7 @@ def prepare(cfg, rt: runtime.Runtime, seed: int, workdir: str) -> tuple[Any, Exa
         info = {
             "train_loss_nats": loss,
             "train_seconds": seconds,
-            "clean_test_error": clean_error(cfg, rt, params, x_te, y_te),
+            "clean_test_error": clean_error(cfg, rt, runtime.local(rt, params), x_te, y_te),
         }
         return params, info
 

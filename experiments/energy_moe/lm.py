@@ -110,7 +110,7 @@ def fit(cfg, rt: runtime.Runtime, seed: int, streams: Streams, run_dir: str):
     batches = doc_batches(cfg, seed, streams)
     params, loss, seconds = runtime.pretrain(cfg, rt, seed, batches, run_dir)
     info = {"train_loss_nats": loss, "train_seconds": seconds}
-    nats = runtime.mean_score(rt, params, *heldout_batches(cfg, streams, seed))
+    nats = runtime.mean_score(rt, runtime.local(rt, params), *heldout_batches(cfg, streams, seed))
     info["heldout_doc_bpc"] = nats / math.log(2)
     return params, info
 

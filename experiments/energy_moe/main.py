@@ -1,5 +1,10 @@
 """The experiment: config -> checks, per seed a trained model and a shifted stream, every method
-served on it (cached per (seed, method) cell), then ``results.json`` in the workdir."""
+served on it (cached per (seed, method) cell), then ``results.json`` in the workdir.
+
+With ``train.mesh_devices`` the pretraining is data-parallel over a mesh of all processes'
+devices (:mod:`.runtime`); every process then serves every cell alike, and process 0 alone
+writes the cell records, ``results.json``, ``summary.md`` and the figures.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import json
 import os
 import time
 from typing import Any
+
+import jax
 
 from experiments import harness
 from experiments.energy_moe import (
@@ -22,7 +29,7 @@ from experiments.energy_moe.aggregate import aggregate, figure_data
 from experiments.energy_moe.plots import plot_all
 from experiments.energy_moe.tables import summary
 from experiments.energy_moe.tasks import task_of
-from metattt import atomic, runlog, train
+from metattt import atomic, multihost, runlog, train
 from metattt.energy import lambda_controller
 from metattt.models import moe
 from metattt.params import select
@@ -53,12 +60,16 @@ def validate_methods(cfg, mcfg: moe.MoEConfig) -> None:
     if not cfg.monitor.memory_gb > 0 or not others or min(others) < 0:
         raise ValueError(f"need monitor.memory_gb > 0 and a non-empty monitor.memory_others_gb of "
                          f"values >= 0, got {cfg.monitor.memory_gb}, {others}")  # fmt: skip
-    params = moe.init_moe(mcfg).params  # validates the model config
+    # Validates the model config; shapes only, so JAX starts no backend (a multi-process run
+    # calls jax.distributed.initialize after these checks).
+    params = jax.eval_shape(lambda: moe.init_moe(mcfg).params)
     select(params, cfg.ttt.params)  # an unknown preset or an empty selection raises
     t = cfg.train
     train.check_counts(
         t.num_steps, t.steps_per_call, t.checkpoint_every, t.steps_per_call, prefix="train."
     )
+    harness.check_mesh_devices("train.mesh_devices", t.mesh_devices, {"train.batch": t.batch},
+                               "examples")  # fmt: skip
     if cfg.ttt.steps < 1 or cfg.ttt.every < 1 or not 1 <= cfg.ttt.windows <= cfg.data.batch:
         raise ValueError("need ttt.steps >= 1, ttt.every >= 1 and 1 <= ttt.windows <= data.batch")
     if any(not lam > 0 for lam in cfg.ttt.lambdas):
@@ -114,7 +125,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     for seed in cfg.seeds:
         cell = {n: cell_path(workdir, seed, tuning.cell_name(cfg, n, m)) for n, m in table.items()}
         pending = [n for n in table if not os.path.isfile(cell[n])]
-        if pending:  # only then load the data, the parameters and compile (what is pending)
+        if multihost.any_process(bool(pending)):  # only then load the data, the parameters and
+            # compile what is pending (every process, as the training's collectives need them all)
             params, stream, info, reference = task.prepare(cfg, rt, seed, workdir)
             todo = [table[n] for n in pending]
             int8 = any(m.int8 and not expert.needs_variant(m) for m in todo)
@@ -168,10 +180,11 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     )
     if tuned is not None:
         results["tuning"] = tuned
-    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(summary(results, cfg) + "\n")
-    plot_all(results, workdir, metric=task.metric, prefix=task.section)
+    if multihost.is_primary():  # every process of a multi-process run holds the same results
+        atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
+        with open(os.path.join(workdir, "summary.md"), "w") as f:
+            f.write(summary(results, cfg) + "\n")
+        plot_all(results, workdir, metric=task.metric, prefix=task.section)
     return results
 
 

@@ -1,5 +1,11 @@
 """What every seed and method of a run shares: the model, its compiled functions, the costs,
-and the per-seed trained parameters (trained once, resumable, cached in the workdir)."""
+and the per-seed trained parameters (trained once, resumable, cached in the workdir).
+
+With ``train.mesh_devices`` the pretraining's batches are sharded over a data-parallel mesh of
+that many devices (all processes' in a multi-process run, ``config.distributed``), the
+parameters replicated; the trained parameters are then copied to each process's own device, so
+serving runs unchanged (the same computation on every process).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from experiments import harness
-from metattt import objectives, runlog, train
+from metattt import objectives, runlog, sharding, train
 from metattt.data import text_corpora as tc
 from metattt.energy import SimulatedDevice, energy_tent, proxy_costs
 from metattt.energy.schedule import prediction_entropy, router_margin
@@ -63,6 +70,8 @@ class Runtime(NamedTuple):
             serving forward pass).
         probe: jitted ``(params, inputs, mask) -> router probabilities (layers, B, L, E)`` (the
             routing explanations).
+        mesh: the data-parallel mesh ``train_step`` shards its batches over
+            (``train.mesh_devices``), or None.
     """
 
     mcfg: moe.MoEConfig
@@ -74,6 +83,7 @@ class Runtime(NamedTuple):
     device: SimulatedDevice
     signals: Any
     probe: Any
+    mesh: jax.sharding.Mesh | None
 
 
 def score(out, targets, head: str) -> jax.Array:
@@ -156,6 +166,9 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
         return ce + cfg.train.load_balance * lb + cfg.train.z_loss * z
 
     train_step = train.supervised(train_loss, optax.adam(cfg.train.lr), jit=False)
+    mesh = sharding.data_mesh(cfg.train.mesh_devices)
+    if mesh is not None:
+        train_step = sharding.shard_step(train_step, mesh)
 
     ks = {mcfg.top_k, *(int(k) for k in cfg.baselines.top_k)}
     if cfg.budget.fractions:
@@ -185,6 +198,7 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
         device,
         compile_signals(mcfg, head),
         compile_probe(mcfg),
+        mesh,
     )
 
 
@@ -192,17 +206,23 @@ def pretrain(cfg, rt: Runtime, seed: int, batches, workdir: str) -> tuple[Any, f
     """Train ``rt.train_step`` with :func:`metattt.train.fit` (resumable in ``workdir``).
 
     ``batches(first)`` makes, on the host, the stacked ``(inputs, targets)`` of steps
-    ``first .. first + train.steps_per_call - 1``. Returns ``(params, the last logged mean
-    training loss, seconds)``.
+    ``first .. first + train.steps_per_call - 1`` (split over ``rt.mesh`` when there is one).
+    Returns ``(params, the last logged mean training loss, seconds)``; trained on a mesh, the
+    parameters are replicated over it (:func:`local` copies them to this process).
     """
     t = cfg.train
+
+    def placed(first: int):
+        stacked = batches(first)
+        return stacked if rt.mesh is None else sharding.shard_stacked(stacked, rt.mesh)
+
     memory = runlog.MemoryWriter()
     start = time.perf_counter()
     with runlog.create_writer(workdir) as files:
         state = train.fit(
             rt.train_step,
             rt.train_step.init(rt.init(seed)),
-            batches,
+            placed,
             stacked=True,
             num_steps=t.num_steps,
             steps_per_call=t.steps_per_call,
@@ -228,8 +248,22 @@ def info_path(workdir: str, seed: int) -> str:
 
 def trained_params(rt: Runtime, seed: int, workdir: str, fit) -> tuple[Any, dict[str, Any]]:
     """``fit(run_dir) -> (params, info)`` once per seed (:func:`experiments.harness.params_cell`:
-    a killed training resumes from its checkpoints in ``run_dir``); a rerun restores them."""
-    return harness.params_cell(seed_dir(workdir, seed), rt.init(seed), fit)
+    a killed training resumes from its checkpoints in ``run_dir``); a rerun restores them.
+
+    Trained on ``rt.mesh``, the parameters are saved and restored replicated over it (all
+    processes together), then returned as this process's own copy (:func:`local`).
+    """
+    template = rt.init(seed)
+    if rt.mesh is not None:
+        template = jax.device_put(template, jax.sharding.NamedSharding(rt.mesh, P()))
+    params, info = harness.params_cell(seed_dir(workdir, seed), template, fit)
+    return local(rt, params), info
+
+
+def local(rt: Runtime, params: Any) -> Any:
+    """Parameters trained on ``rt.mesh`` as this process's own arrays
+    (:func:`metattt.sharding.local_copy`); unchanged without a mesh."""
+    return params if rt.mesh is None else sharding.local_copy(params)
 
 
 def mean_score(rt: Runtime, params: Any, inputs: np.ndarray, targets: np.ndarray) -> float:

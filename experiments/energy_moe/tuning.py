@@ -29,6 +29,7 @@ from experiments.energy_moe.aggregate import aggregate
 from experiments.energy_moe.registry import Method, methods
 from experiments.energy_moe.runtime import Runtime
 from experiments.energy_moe.tasks import Task
+from metattt import multihost
 
 
 class Point(NamedTuple):
@@ -135,7 +136,8 @@ def tune(cfg, rt: Runtime, task: Task, workdir: str, *, rate: float) -> dict[str
     for seed in cfg.seeds:
         names = {n: "no_ttt" if n == "no_ttt" else f"{t.method}~{n}" for n in table}
         pending = any(not os.path.isfile(_path(workdir, seed, names[n])) for n in table)
-        if pending:  # only then load the model and the stream
+        if multihost.any_process(pending):  # only then load the model and the stream (every
+            # process, as the training's collectives need them all)
             params, _, _, reference = task.prepare(cfg, rt, seed, workdir)
             stream = task.validation(cfg, seed, t.stream_batches)
         for name, method in table.items():

@@ -15,7 +15,7 @@ import numpy as np
 
 from experiments.forecasting.configure import compute_dtype, recordings
 from experiments.forecasting.programs import Programs
-from metattt import meta, runlog, train
+from metattt import meta, multihost, runlog, train
 from metattt.data import sessions as S
 from metattt.data.session_metrics import forecast_metrics, neuron_sse, query_stats
 from metattt.data.session_tasks import (
@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 def pretrain(programs: Programs, sessions: list[Recording], seed: int, run_dir: str):
-    """Multi-session pretraining of every parameter; returns ``(params, info)``.
+    """Multi-session pretraining of every parameter; returns ``(params, info)``, the
+    parameters as the training leaves them (replicated over ``programs.mesh``, if any).
 
     Resumable: :func:`metattt.train.fit` checkpoints in ``run_dir``.
     """
@@ -68,7 +69,7 @@ def pretrain(programs: Programs, sessions: list[Recording], seed: int, run_dir: 
             writer=writer,
             jit=programs.jit,
         )
-    losses = [r["loss"] for r in runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+    losses = [r["loss"] for r in _metrics(run_dir)]
     info = {"loss_first": losses[0], "loss_last": losses[-1], "steps": cfg.pretrain.steps}
     info["seconds"] = time.perf_counter() - start
     logger.info("seed %d: pretraining loss %.4f -> %.4f", seed, losses[0], losses[-1])
@@ -84,7 +85,8 @@ def meta_train(
     seed: int,
     run_dir: str,
 ):
-    """Meta-train ``method`` from ``params`` on the training sessions; ``(params, info)``.
+    """Meta-train ``method`` from ``params`` (this process's own) on the training sessions;
+    ``(params, info)``, the parameters as the training leaves them (see :func:`pretrain`).
 
     ``info`` holds the post-adaptation query loss over every training session (fixed reset
     keys and all windows) before and after meta-training, and the per-step curve. Resumable:
@@ -121,11 +123,18 @@ def meta_train(
             writer=writer,
         )
     seconds = time.perf_counter() - start
-    curve = [r["query_loss"] for r in runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
-    after = float(evaluate(state.params, full))
+    curve = [r["query_loss"] for r in _metrics(run_dir)]
+    after = float(evaluate(programs.local(state.params), full))
     logger.info("seed %d %s/%s: query loss %.4f -> %.4f", seed, method, adapt_set, before, after)
     info = {"query_before": before, "query_after": after, "seconds": seconds, "curve": curve}
     return state.params, info
+
+
+def _metrics(run_dir: str) -> list[dict[str, Any]]:
+    """Every logged row of a training in ``run_dir`` (process 0 writes the file; the others
+    read it once it is closed)."""
+    multihost.barrier(f"metrics {run_dir}")
+    return runlog.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def register(programs: Programs, params, rec: Recording, seed: int):

@@ -126,6 +126,11 @@ def validate(cfg) -> None:
             f"meta.tasks_per_step = {m.tasks_per_step} must be divisible by meta.micro_batches "
             f"= {m.micro_batches}"
         )
+    sizes = {
+        "pretrain.batch": cfg.pretrain.batch,
+        "meta.tasks_per_step/meta.micro_batches": m.tasks_per_step // m.micro_batches,
+    }
+    harness.check_mesh_devices("mesh_devices", cfg.mesh_devices, sizes, "windows or tasks")
     support, query = window_counts(cfg)
     if min(support, query) < 1:
         raise ValueError(

@@ -1,4 +1,10 @@
-"""Config -> every seed's cells (cached in the workdir) -> ``results.json``, summary and plots."""
+"""Config -> every seed's cells (cached in the workdir) -> ``results.json``, summary and plots.
+
+With ``mesh_devices`` the pretraining and the meta-training are data-parallel over a mesh of
+all processes' devices (``config.distributed``; :mod:`.programs`); the trained parameters are
+then copied to each process, which computes every other cell alike, and process 0 alone writes
+the files other than the checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from experiments.forecasting.aggregate import summarize_seeds
 from experiments.forecasting.configure import FINETUNE, recordings, validate
 from experiments.forecasting.programs import Programs
 from experiments.forecasting.report import plot_curves, plot_online, summary
-from metattt import atomic
+from metattt import atomic, multihost
 
 logger = logging.getLogger(__name__)
 
@@ -36,25 +42,27 @@ def run_seed(programs: Programs, cfg, seed: int, workdir: str) -> dict[str, Any]
     os.makedirs(folder, exist_ok=True)
     sessions = recordings(cfg, seed, test=False)
     test = recordings(cfg, seed, test=True)
-    template = programs.init_params(seed)
+    template = programs.template(seed)
     pretrained, pre_info = harness.params_cell(
         os.path.join(folder, "pretrain"),
         template,
         lambda run_dir: cells.pretrain(programs, sessions, seed, run_dir),
     )
+    pretrained = programs.local(pretrained)
     inits = {}
     meta_info = {}
     for method, adapt_set in method_names(cfg):
         if method == FINETUNE or (method, adapt_set) in inits:
             continue
         label = method_label(method, adapt_set, cfg)
-        inits[method, adapt_set], meta_info[label] = harness.params_cell(
+        trained, meta_info[label] = harness.params_cell(
             os.path.join(folder, f"meta_{method}_{adapt_set}"),
             template,
             lambda run_dir, m=method, a=adapt_set: cells.meta_train(
                 programs, m, a, pretrained, sessions, seed, run_dir
             ),
         )
+        inits[method, adapt_set] = programs.local(trained)
     curves = {}
     for method, adapt_set in method_names(cfg):
         init = pretrained if method == FINETUNE else inits[method, adapt_set]
@@ -98,11 +106,12 @@ def run(cfg, workdir: str) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "cell_seconds": harness.cell_seconds(workdir),
     }
-    atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(summary(results, cfg) + "\n")
-    plot_curves(results, cfg, os.path.join(workdir, "forecasting_curves.png"))
-    plot_online(results, os.path.join(workdir, "forecasting_online.png"))
+    if multihost.is_primary():  # every process of a multi-process run holds the same results
+        atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
+        with open(os.path.join(workdir, "summary.md"), "w") as f:
+            f.write(summary(results, cfg) + "\n")
+        plot_curves(results, cfg, os.path.join(workdir, "forecasting_curves.png"))
+        plot_online(results, os.path.join(workdir, "forecasting_online.png"))
     return results
 
 

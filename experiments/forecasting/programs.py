@@ -1,7 +1,10 @@
 """The compiled programs of a run: pretraining, meta-steps, evaluation, adaptation curves, online.
 
 Shapes depend only on the config, so each program is built once per run (cached by its static
-arguments) and shared by every seed.
+arguments) and shared by every seed. With the config's ``mesh_devices`` the two trainings
+(pretraining, meta-steps) split their batches over a data-parallel mesh of all processes'
+devices, the parameters replicated; every other program runs on this process's own copy of
+the parameters (:meth:`Programs.local`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments.forecasting.configure import (
     FINETUNE,
@@ -21,7 +25,7 @@ from experiments.forecasting.configure import (
     compute_dtype,
     perceiver_config,
 )
-from metattt import meta, online, train
+from metattt import meta, online, sharding, train
 from metattt import params as P
 from metattt.data.session_metrics import neuron_sse
 from metattt.data.session_tasks import ResetTask
@@ -48,6 +52,7 @@ class Programs:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.mesh = sharding.data_mesh(cfg.mesh_devices)
         self.pcfg = perceiver_config(cfg)
         self.apply, _ = M.init_perceiver(self.pcfg, seed=0)  # same function for any params
         self.loss_fn = M.forecast_loss(self.apply)
@@ -65,6 +70,21 @@ class Programs:
 
     def init_params(self, seed: int):
         return M.init_perceiver(self.pcfg, seed=seed).params
+
+    def template(self, seed: int):
+        """Parameters shaped and placed as the trainings leave them (replicated over the mesh,
+        if any): what a parameter cell saves and restores."""
+        params = self.init_params(seed)
+        if self.mesh is None:
+            return params
+        return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+
+    def local(self, params):
+        """Trained parameters as this process's own arrays (unchanged without a mesh)."""
+        return params if self.mesh is None else sharding.local_copy(params)
+
+    def _on_mesh(self, step: train.Step) -> train.Step:
+        return step if self.mesh is None else sharding.shard_step(step, self.mesh)
 
     def mask(self, params, adapt_set: str):
         return P.select(params, adapt_selector(adapt_set, self.pcfg.num_layers))
@@ -94,7 +114,7 @@ class Programs:
                 return jax.tree.map(lambda x: x[idx], windows)
 
             step = train.supervised(self.loss_fn, optax.adam(cfg.pretrain.lr), jit=False)
-            return step, batch_fn
+            return self._on_mesh(step), batch_fn
 
         return self._cached(("pretrain", chunk), build)
 
@@ -127,6 +147,7 @@ class Programs:
                 micro_batches=cfg.meta.micro_batches,
                 jit=False,
             )
+            step = self._on_mesh(step)
             return train.Step(step.init, self.jit(step.update))
 
         return self._cached(("meta", method, adapt_set), build)

@@ -3,6 +3,7 @@ shifted test splits, the starting thresholds, the second-order comparison's piec
 variants, the meta-gradient of ``+so`` against finite differences, ablation seeds, section and
 figures), and a pretraining killed mid-cell that resumes bit-identically."""
 
+import copy
 import json
 import pathlib
 
@@ -17,10 +18,11 @@ from attd.dynamics import ADAPTERS
 from attd.mamba import init_mamba
 from configs import attd_dynamics as dynamics_config
 from configs import attd_lra as attd_config
-from experiments import attd_lra, report
+from experiments import attd_lra, harness, report
 from experiments.attd_lra import methods, readings, training
 from experiments.attd_lra import report as attd_report
 from experiments.attd_lra.aggregate import mixture_and_bands, shift_bands
+from metattt import objectives, sharding
 from tests.metattt.test_stats import brute_force_spearman
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "attd_lra" / "results.json"
@@ -33,11 +35,21 @@ def frozen():
     return json.loads(FIXTURE.read_text())
 
 
-@pytest.mark.slow
-def test_tiny_run_end_to_end_caches_its_cells(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny run on one device: ``(config, workdir, results)``."""
     cfg = attd_config.get_config("tiny")
-    workdir = tmp_path / "attd_lra"
-    results = attd_lra.run(cfg, str(workdir))
+    workdir = tmp_path_factory.mktemp("attd_lra") / "attd_lra"
+    return cfg, workdir, attd_lra.run(cfg, str(workdir))
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a cached cell was recomputed")
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end_caches_its_cells(tiny_run, monkeypatch):
+    cfg, workdir, results = tiny_run
     table = results["tasks"]["listops"]
     assert set(table) == set(cfg.methods) == {"fixed", "attd"}
     k_max = cfg.attd.k_max
@@ -64,11 +76,8 @@ def test_tiny_run_end_to_end_caches_its_cells(tmp_path, monkeypatch):
     for plot in ("attd_accuracy_vs_k.png", "attd_k_vs_difficulty.png"):
         assert (workdir / plot).stat().st_size > 1000
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a cached cell was recomputed")
-
-    monkeypatch.setattr(training, "pretrain", refuse)
-    monkeypatch.setattr(training, "run_cell", refuse)
+    monkeypatch.setattr(training, "pretrain", _refuse)
+    monkeypatch.setattr(training, "run_cell", _refuse)
     again = attd_lra.run(cfg, str(workdir))["tasks"]["listops"]
     assert json.dumps(again, sort_keys=True) == json.dumps(table, sort_keys=True)  # NaN-safe
 
@@ -210,10 +219,63 @@ def test_write_report_uses_the_configured_section_and_figure_prefix(frozen, tmp_
         assert (tmp_path / "docs" / "figures" / f"attd_so_probe_{plot}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_the_outer_training_sharded_over_devices_equals_the_one_device_training(
+    tiny_run, tmp_path, monkeypatch
+):
+    """``mesh_devices=2``: ATTD's outer training (the run's dominant cost) with each batch of 8
+    inputs split over 2 of the 8 simulated CPU devices (the outer loss's logits hold 4 inputs
+    per device, seen inside the compiled step), from the tiny run's base; the reference is the
+    tiny run's one-device ATTD cell, read back from its run's final checkpoint (no training).
+    The gradient sums the inputs in another order and 4 Adam steps carry that rounding forward:
+    every parameter within 1e-5 (measured 7.5e-8, 2026-12-07), and each step's logged loss
+    within 1e-5 relative. The parameters come back as this process's own arrays."""
+    cfg, workdir, _ = tiny_run
+    task, outer = attd_lra.load_task(cfg, "listops", 0)
+    mcfg = attd_lra.model_config(cfg, task.vocab_size, task.num_classes)
+    apply, theta = init_mamba(mcfg, seed=0)
+    cell_dir = workdir / "listops" / "seed_0"
+    theta, _ = harness.params_cell(cell_dir / "base", theta, _refuse)  # restored
+    psi0 = training.initial_psi("attd", mcfg, cfg, 0)
+
+    def outer_training(config, compiled, run_dir):
+        return training.train_outer(config, compiled, "attd", theta, outer, 0, psi0, run_dir)
+
+    single = training.compile_method("attd", apply, mcfg, cfg)
+    want, want_log, _ = outer_training(cfg, single, str(cell_dir / "attd_run"))  # at its end
+    sharded_cfg = copy.deepcopy(cfg)
+    sharded_cfg.mesh_devices = 2
+    sharded_cfg.finetune.checkpoint_every = cfg.finetune.steps  # one save: the same steps
+    attd_lra.validate(sharded_cfg)
+    seen, cross_entropy = [], objectives.cross_entropy
+    whole = (cfg.finetune.batch, task.num_classes)  # the outer loss's logits
+
+    def spy(logits, *rest, **kwargs):
+        if logits.shape == whole:  # not the next-token losses inside the inner loop's vmap
+            jax.debug.inspect_array_sharding(
+                logits, callback=lambda s: seen.append(s.shard_shape(whole))
+            )
+        return cross_entropy(logits, *rest, **kwargs)
+
+    monkeypatch.setattr(objectives, "cross_entropy", spy)
+    dp = training.compile_method("attd", apply, mcfg, sharded_cfg, mesh=sharding.data_mesh(2))
+    dp = dp._replace(signal=single.signal)  # the same probe, compiled once
+    got, got_log, _ = outer_training(sharded_cfg, dp, str(tmp_path))
+    assert seen and set(seen) == {(whole[0] // 2, whole[1])}
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+    ):
+        assert a.sharding.device_set == {jax.devices()[0]}
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    losses = [[row["loss"] for row in log] for log in (got_log, want_log)]
+    np.testing.assert_allclose(*losses, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
         ("seeds", (), "seeds is empty"),
+        ("mesh_devices", 3, "mesh_devices=3 must be 0 or divide pretrain.batch=8"),
         ("tasks", ("imagenet",), "config.tasks must be"),
         ("methods", ("attd", "oracle"), "config.methods must be"),
         ("attd.k_max", 0, "attd.k_max"),

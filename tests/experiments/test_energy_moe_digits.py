@@ -87,6 +87,7 @@ def test_shifted_stream_is_the_corrupted_test_split():
         ("baselines.top_k", (2,), "baselines.top_k"),
         ("int8.lambdas", (-1.0,), "int8.lambdas must be > 0"),
         ("train.num_steps", 30, "multiple of train.steps_per_call"),
+        ("train.mesh_devices", 5, "train.mesh_devices=5 must be 0 or divide train.batch=16"),
         ("expert.methods", ("energy_ttt/0.3:masked",), "needs a trained token head"),
         ("expert.methods", ("lora_ttt/2:next_token",), "needs a trained token head"),
     ],

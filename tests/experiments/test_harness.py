@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +12,19 @@ import pytest
 from experiments import harness
 from metattt import multihost
 from tests.experiments.entry import run_cli
+
+#: The configs whose experiments can run on several processes (a ``distributed`` section).
+DISTRIBUTED_CONFIGS = (
+    "sinusoid",
+    "selective_copy",
+    "drift_adapters",
+    "tta_protocol",
+    "energy_moe",
+    "energy_moe_digits",
+    "attd_lra",
+    "attd_dynamics",
+    "forecasting",
+)
 
 
 def test_json_cell_computes_once_and_survives_torn_writes(tmp_path):
@@ -151,6 +166,33 @@ def test_a_bad_distributed_section_is_refused_in_one_line(key, value, message):
         with pytest.raises(ValueError, match=message) as error:
             harness.check_config(cfg)
         assert "\n" not in str(error.value)
+
+
+def test_validating_a_config_with_a_distributed_section_starts_no_jax_backend():
+    """``experiments.run`` validates a config before ``jax.distributed.initialize``, which
+    refuses to run once any JAX computation has started a backend: a ``validate`` that
+    initialises parameters would fail every multi-process launch (energy_moe's did). Every
+    config with a ``distributed`` section, validated in a fresh process."""
+    code = (
+        "import importlib\n"
+        "from jax._src import xla_bridge\n"
+        "from experiments import harness\n"
+        "names = []\n"
+        f"for name in {DISTRIBUTED_CONFIGS!r}:\n"
+        "    cfg = importlib.import_module('configs.' + name).get_config('tiny')\n"
+        "    assert 'distributed' in cfg, name\n"
+        "    harness.check_config(cfg)\n"
+        "    importlib.import_module('experiments.' + cfg.experiment).validate(cfg)\n"
+        "    if xla_bridge.backends_are_initialized():\n"
+        "        names.append(name)\n"
+        "        break\n"
+        "print(names)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == "[]", run.stdout
 
 
 def test_a_workdir_belongs_to_one_experiment_and_config(tmp_path):

@@ -2,6 +2,7 @@
 against the same steps on one device."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -183,3 +184,34 @@ def test_data_mesh_is_one_auto_axis_or_none():
     mesh = sharding.data_mesh(2, axis="tasks")
     assert mesh.axis_names == ("tasks",) and mesh.devices.size == 2
     assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+
+
+def test_shard_stacked_splits_the_batch_axis_of_every_leaf_not_the_steps():
+    rng = np.random.default_rng(3)
+    stacked = (rng.normal(size=(3, BATCH, D_IN)).astype(np.float32), rng.integers(0, 9, (3, BATCH)))
+    placed = sharding.shard_stacked(stacked, sharding.data_mesh(8))
+    for got, want in zip(placed, stacked, strict=True):
+        assert got.sharding.spec == P(None, "batch")
+        assert {s.data.shape[:2] for s in got.addressable_shards} == {(3, BATCH // 8)}
+        np.testing.assert_array_equal(got, want)
+
+
+def test_each_micro_batch_of_a_sharded_meta_step_is_split_over_every_device():
+    """16 tasks in 2 micro-batches over 8 devices: micro-batch m is every 2nd task from m, so
+    each one's 8 tasks already lie one per device. The compiled step's only collective is the
+    all-reduce of the gradient (contiguous micro-batches, each on 4 devices' blocks, were
+    all-gathered first), and the step equals the one-device micro-batched step."""
+
+    def meta_loss(p, task):
+        loss = _mlp_loss(p, task)
+        return loss, meta.MetaAux(loss, jnp.zeros((1,)), jnp.zeros((), jnp.int32))
+
+    params, tasks = _mlp_params(5), _batch(3)
+    single = meta.make_meta_step(meta_loss, optax.adam(1e-2), micro_batches=2)
+    dp = meta.make_meta_step(meta_loss, optax.adam(1e-2), micro_batches=2, mesh=_mesh())
+    hlo = jax.jit(dp.update).lower(dp.init(params), tasks).compile().as_text()
+    collectives = set(re.findall(r"\b(all-[a-z]+|collective-[a-z]+|reduce-scatter)\b", hlo))
+    assert collectives == {"all-reduce"}
+    want, _ = single.update(single.init(params), tasks)
+    got, _ = dp.update(dp.init(params), tasks)
+    chex.assert_trees_all_close(want.params, got.params, rtol=1e-5, atol=1e-6)
