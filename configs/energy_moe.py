@@ -164,7 +164,7 @@ def get_config(arg=None):
         c.tune.fast_chunks = (4,)
         c.tune.fast_step_counts = (1,)
         c.tune.stream_batches = 4
-    if arg == "demo":  # the full runs' best energy-aware point: λ 0.3 on hard batches only
+    if arg == "demo":  # the full runs' best energy-aware point: int8 experts, λ 1 on hard batches
         c.data.batch = 8  # adapting 1 of 8 windows: the full run's share (2 of 16)
         c.data.stream_batches = 64  # long enough for the saving to repay an adaptation
         c.ttt.every = 4
@@ -172,7 +172,7 @@ def get_config(arg=None):
         c.ttt.lr = 5e-2
         c.ttt.lambdas = (0.3,)
         c.expert.methods = ()
-        c.schedule.methods = ("energy_ttt/0.3@margin",)
+        c.schedule.methods = ("int8_energy_ttt/1@margin",)
         c.memory.enabled = False
     elif arg is not None and arg != "tiny":
         raise ValueError(f"unknown variant {arg!r} of configs/energy_moe.py (known: tiny, demo)")

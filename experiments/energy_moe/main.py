@@ -194,9 +194,10 @@ DEMO_BUDGET_SHARE = 0.9
 
 
 def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
-    """``make demo``: no TTT vs the full runs' best energy-aware point (energy-aware TENT at
-    λ 0.3 on the batches whose router margin marks them hard, ``energy_ttt/0.3@margin``) on the
-    demo config's shifted (code) stream.
+    """``make demo``: no TTT vs the full runs' best energy-aware point (the experts quantized to
+    weight-only int8 and energy-aware TENT of the router at λ 1 on the batches whose router
+    margin marks them hard, ``int8_energy_ttt/1@margin``) on the demo config's shifted (code)
+    stream.
 
     Returns rows ``(system, method, metric, before, after, seconds)``: the simulated mean power
     over the second half of the stream against a budget (:data:`DEMO_BUDGET_SHARE` of no TTT's
@@ -220,9 +221,10 @@ def demo_rows(workdir: str) -> list[tuple[str, str, str, float, float, float]]:
     budget = fixed + DEMO_BUDGET_SHARE * (base["mean_power_w"]["mean"] - fixed)
     met = "met" if best["late_power_w"]["mean"] <= budget else "not met"
     system = "energy-aware MoE TTT"
+    served = registry.parse_method(name)
     method = (
-        f"TENT+energy (λ={registry.parse_method(name).lam:g}) on hard batches (router margin), "
-        f"{best['adapt_calls']['mean']:.0f} adaptations"
+        f"{'int8 experts, ' if served.int8 else ''}TENT+energy (λ={served.lam:g}) on hard "
+        f"batches (router margin), {best['adapt_calls']['mean']:.0f} adaptations"
     )
     metrics = (
         ("late_power_w", f"sim. power, 2nd half of stream (W); budget {budget:.1f} W {met}"),

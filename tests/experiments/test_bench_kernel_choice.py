@@ -42,3 +42,4 @@ def test_evaluate_counts_hits_and_time_lost_by_hand():
     args = argparse.Namespace(train=10, held=2, repeats=1, seed=2, write=False)
     text = bench.render(result, args, 10)
     assert "picks the fastest backend on 1 of 2 shapes" in text and text.count("| no |") == 1
+    assert bench.VERDICT in text.splitlines()
