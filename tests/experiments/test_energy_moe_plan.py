@@ -253,3 +253,40 @@ def test_fast_weight_reading_states_each_method_against_lora_at_equal_parameters
         "(fast rank 7): moves toward" in fast2 and "(target met; overhead < 10%: not met)" in fast2
     )
     assert fast_reading({"methods": results["methods"], "expert": {}}, BPC) == []
+
+
+def test_a_window_method_runs_from_its_name_to_a_served_cell():
+    """``ttt~w4`` at tiny sizes: the registry names it, serving adapts after every 4-byte chunk
+    of every batch, and the cell's score is a Python loop's that scores each chunk with the
+    parameters adapted by hand (``rt.adapt``) on the chunks before it (float32, rtol 1e-5)."""
+    from experiments.energy_moe import runtime, serving, windows
+    from experiments.energy_moe.tasks import BPC
+    from metattt.models import moe
+
+    cfg = energy_config.get_config("tiny")
+    cfg.window.methods = ("ttt~w4",)
+    cfg.ttt.steps = 1
+    method = registry.methods(cfg)["ttt~w4"]
+    assert method == registry.Method("ttt", window=4)
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    b, length, steps, rows = cfg.data.batch, cfg.data.length, 2, cfg.ttt.windows
+    x = np.random.default_rng(5).integers(1, 257, (steps * b, length + 1)).astype(np.int32)
+    stream = SimpleNamespace(inputs=x[:, :-1], targets=x[:, 1:])
+    params = rt.init(0)
+    rate = serving.stream_rate(rt, batch=b, length=length, utilization=0.5)
+    cell = serving.serve(cfg, rt, params, stream, method, rate=rate, seed=0, metric=BPC)
+    assert cell["window"] == 4 and cell["adapt_calls"] == steps * length // 4
+    apply = jax.jit(moe.init_moe(rt.mcfg).apply)
+    mask, scores = jnp.ones((rt.mcfg.num_experts,), bool), []
+    for t in range(steps):
+        xs, ys = stream.inputs[t * b : (t + 1) * b], stream.targets[t * b : (t + 1) * b]
+        for c in range(length // 4):
+            logp = np.asarray(jax.nn.log_softmax(apply(params, xs, expert_mask=mask).logits))
+            nll = -np.take_along_axis(logp, ys[..., None], -1)[..., 0]
+            scores.append(nll[:, 4 * c : 4 * c + 4].mean())
+            params = rt.adapt(params, xs[:rows, 4 * c : 4 * c + 4], jnp.float32(0), mask)[0]
+    assert cell[BPC.key] == pytest.approx(np.mean(scores) * BPC.scale, rel=1e-5)
+    assert cell["adapt_dynamic_j"] > 0
+    cfg.window.methods = ("ttt~w5",)
+    with pytest.raises(ValueError, match="W must divide data.length"):
+        windows.validate(cfg, "lm")
