@@ -290,3 +290,26 @@ def test_a_window_method_runs_from_its_name_to_a_served_cell():
     cfg.window.methods = ("ttt~w5",)
     with pytest.raises(ValueError, match="W must divide data.length"):
         windows.validate(cfg, "lm")
+
+
+def test_window_rows_join_the_when_to_adapt_table_and_reading():
+    """A ``~w<W>`` row sits in the when-to-adapt table and the reading against its periodic
+    reference (the name without ``~w``), with its differences computed from the two rows."""
+    from experiments.energy_moe import report, tables
+    from experiments.energy_moe.tasks import BPC
+
+    seed = lambda v: {"mean": v, "ci": float("nan")}
+    row = lambda bpc, uj, calls, **extra: {
+        "bpc": seed(bpc), "bpc_change": seed(bpc / 2.0 - 1), "uj_per_token": seed(uj),
+        "adapt_calls": seed(calls), "energy_reduction": seed(0.25), "overhead": seed(0.5),
+        "adapt_share_of_energy": seed(0.1), "meets_energy_target": False, **extra,
+    }  # fmt: skip
+    results = {"methods": {"ttt": row(1.9, 0.4, 8.0), "ttt~w16": row(1.7, 0.55, 512.0, window=16)}}
+    table = tables.schedule_table(results, BPC)
+    line = next(x for x in table if x.startswith("| ttt~w16 |"))
+    assert "| - (W = 16) | all | 512.0 | 1.700 |" in line
+    assert line.endswith("| 512.0 vs 8.0 | -0.200 | +0.1500 |")
+    assert not any(x.startswith("| ttt |") for x in table)
+    reading = report.plan_reading(results, BPC)
+    assert reading[0].startswith("- ttt~w16 adapted on 512.0 windows of 16 tokens: ")
+    assert "vs ttt (8.0 adaptations) -0.200" in reading[0] and "+37.5% energy" in reading[0]
