@@ -226,9 +226,14 @@ def schedule_table(results: dict[str, Any], metric: Metric) -> list[str]:
     lines = [
         "",
         "**When to adapt** (issue 15 item 7): the signal's threshold is a quantile of its "
-        "in-distribution values; 'hard batches' is the share of stream batches past it; "
-        "'~w<W>' adapts after every W-token window of every batch (adaptations: windows). 'vs "
-        "periodic': this method's mean minus the same method adapting every ttt.every-th batch.",
+        "in-distribution values; 'hard batches' is the share of stream batches past it"
+        + (
+            "; '~w<W>' adapts after every W-token window of every batch (adaptations: windows)"
+            if any("window" in rows[n] for n in names)
+            else ""
+        )
+        + ". 'vs periodic': this method's mean minus the same method adapting every "
+        "ttt.every-th batch.",
         "",
         f"| method | threshold | hard batches | adaptations | {label} | Δ {label} vs no TTT | "
         f"energy reduction | adapt share of energy | TTT overhead (wall) | adaptations vs "
