@@ -2,7 +2,8 @@
 
 Command (full run, 3 seeds; about 26 min on the shared 2-core CPU under load from other jobs,
 training about 6 min per seed, plus about 14 min for the fast-weight tuning (12 grid points,
-one compilation each, on a validation stream; measured beside the digits run); a rerun on the
+one compilation each, on a validation stream; measured beside the digits run), plus about 3 min
+for the two window methods (measured alone on the shared CPU); a rerun on the
 same workdir reuses checkpoints and cells):
     python -m experiments.run --config configs/energy_moe.py --workdir runs/energy_moe
 Tiny smoke run (seconds; what the tests run):
