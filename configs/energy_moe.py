@@ -2,7 +2,8 @@
 
 Command (full run, 3 seeds; about 26 min on the shared 2-core CPU under load from other jobs,
 training about 6 min per seed, plus about 14 min for the fast-weight tuning (12 grid points,
-one compilation each, on a validation stream; measured beside the digits run); a rerun on the
+one compilation each, on a validation stream; measured beside the digits run), plus about 3 min
+for the two window methods (measured alone on the shared CPU); a rerun on the
 same workdir reuses checkpoints and cells):
     python -m experiments.run --config configs/energy_moe.py --workdir runs/energy_moe
 Tiny smoke run (seconds; what the tests run):
@@ -23,8 +24,9 @@ experts ``int8_fast_ttt/<r>``), each with the router and λ_energy = ``expert.la
 TTT with the masked-byte and two-augmentation consistency objectives; energy-aware router TTT,
 int8 router TTT and expert-level methods adapting only on hard batches (``schedule.methods``:
 the served model's prediction entropy or router margin past an in-distribution quantile, or an
-adaptive period) and serving under simulated memory pressure (``memory``), with routing
-explanations of every adapting method but the budgets (issue 15 items 6-8).
+adaptive period), router TTT adapting after every 16-byte window of every batch
+(``window.methods``) and serving under simulated memory pressure (``memory``), with routing
+explanations of every adapting method but the budgets and windows (issue 15 items 6-8).
 Energy is the SIMULATED monitor's (a modelled accelerator driven by the FLOPs and bytes of the
 experts actually used); the adaptation's own forward and backward passes are charged to it.
 
@@ -119,6 +121,10 @@ def get_config(arg=None):
     )
     c.schedule = schedule_section(lam="0.3", int8_lam="1", expert=("lora_ttt/4", "fast_ttt/4"))
     c.memory = memory_section()
+    # Adaptation per token window (issue 15 item 7, experiments/energy_moe/windows.py):
+    # "<router TTT method>~w<W>" adapts after every W-token chunk of every batch.
+    c.window = ml_collections.ConfigDict()
+    c.window.methods = ("ttt~w16", "energy_ttt/0.3~w16")
     c.tune = tune_section("fast_ttt/4", stream_batches=32)
     # Weight-only int8 experts (per-output-channel symmetric scales): served static ("int8"),
     # with router TTT ("int8_ttt") and with energy-aware TTT at each λ ("int8_energy_ttt/<λ>").
@@ -159,6 +165,7 @@ def get_config(arg=None):
         c.schedule.methods = ("energy_ttt/3@adaptive", "fast_ttt/4@margin")
         c.schedule.max_every = 4
         c.memory.patience = 1
+        c.window.methods = ()  # the suite's time: tests/experiments cover ~w<W> on stubs
         c.tune.enabled = False  # ~20 s of compilation per point: the report test has a tuning
         c.tune.fast_lrs = (0.5, 1.0)  # record of a tiny run with it on (these values)
         c.tune.fast_chunks = (4,)

@@ -42,12 +42,15 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
   (``@entropy``) or router margin (``@margin``), from the served model's forward pass, is past
   an in-distribution quantile, or at an adaptive period (``@adaptive``), instead of every
   ``ttt.every``-th batch.
+* per token window (issue 15 item 7, :mod:`.windows`), named in ``window.methods``:
+  ``<method>~w<W>`` (the router TTT kinds) adapts after every W-token chunk of every batch,
+  each chunk scored with the parameters adapted on the chunks before it (LM only).
 * ``memory`` (issue 15 item 6, :mod:`.pressure`): the trained model served while simulated
   tenants take memory, stepping down through batch chunks and top-k.
 * the fast-weight settings (``expert.fast_lr``, ``fast_chunk``, ``fast_steps``) are chosen on
   a validation stream the test stream never reads (``tune``, :mod:`.tuning`): a grid served
   per seed, one point chosen on the seeds' means for every fast-weight method.
-* Every adapting method but the budgets also records routing explanations (issue 15 item 8,
+* Every adapting method but the budgets and windows also records routing explanations (issue 15 item 8,
   :mod:`.explanations`): avoided assignments and their energy, activation shares before and
   after, router stability.
 

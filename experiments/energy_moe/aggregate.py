@@ -88,6 +88,8 @@ def _issue15_rows(runs: list[dict], method: Method) -> dict[str, Any]:
     row: dict[str, Any] = {}
     if method.adapts:
         row["adapt_calls"] = stats.seed_summary([r["adapt_calls"] for r in runs])
+    if method.window:
+        row["window"] = method.window
     if method.schedule:
         for key in ("threshold", "hard_share"):
             row[key] = stats.seed_summary([r[key] for r in runs])

@@ -31,8 +31,9 @@ from metattt.energy import activation_shares, explain_token, routing_changes, to
 
 
 def explains(method: Method) -> bool:
-    """Whether serving ``method`` records routing explanations (it adapts; not a budget)."""
-    return method.adapts and method.kind != "budget"
+    """Whether serving ``method`` records routing explanations (it adapts; not a budget, not per
+    token window: that path calls neither ``infer`` nor ``adapt``)."""
+    return method.adapts and method.kind != "budget" and not method.window
 
 
 class Snapshots:

@@ -24,6 +24,7 @@ from experiments.energy_moe import (
     schedules,
     serving,
     tuning,
+    windows,
 )
 from experiments.energy_moe.aggregate import aggregate, figure_data
 from experiments.energy_moe.plots import plot_all
@@ -44,6 +45,7 @@ def validate(cfg) -> None:
     validate_methods(cfg, task.model_config(cfg))
     expert.validate(cfg, task.model_config(cfg), task.head)
     schedules.validate(cfg)
+    windows.validate(cfg, task.head)
     pressure.validate(cfg, task.model_config(cfg).top_k)
     tuning.validate(cfg, task)
 

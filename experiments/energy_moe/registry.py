@@ -17,7 +17,10 @@ in full (``expert.methods``). Every kind that adapts at test time but
 margin (``@margin``), from the served model's own forward pass, is past an in-distribution
 quantile, or at a period that halves on hard batches and doubles on easy ones (``@adaptive``);
 the config names them in ``schedule.methods`` (e.g. ``int8_ttt@margin``,
-``lora_ttt/4:masked@entropy``). ``memory`` (item 6, :mod:`.pressure`) serves the
+``lora_ttt/4:masked@entropy``). The router TTT kinds (``ttt``, ``energy_ttt``, ``int8_ttt``,
+``int8_energy_ttt``, without objective or schedule) may instead end in ``~w<W>``: adapt after
+every window of W tokens inside each batch (:mod:`.windows`, named in ``window.methods``, e.g.
+``ttt~w16``). ``memory`` (item 6, :mod:`.pressure`) serves the
 trained model while other tenants' memory use follows a simulated trace, stepping down through
 serving levels (``memory.enabled``). :func:`parse_method` turns a name into a :class:`Method`
 and rejects anything else in one line that lists the valid forms; :func:`methods` names the
@@ -46,6 +49,8 @@ OBJECTIVE_KINDS = ("ttt", "energy_ttt", *EXPERT)  # the kinds that may name an o
 SCHEDULES = ("entropy", "margin", "adaptive")
 #: the kinds that may name a schedule: all that adapt at test time but ``budget``
 SCHEDULE_KINDS = ("ttt", "energy_ttt", "int8_ttt", "int8_energy_ttt", *EXPERT)
+#: the kinds that may adapt per token window (``~w<W>``): the router TTT's
+WINDOW_KINDS = ("ttt", "energy_ttt", "int8_ttt", "int8_energy_ttt")
 
 
 class Method(NamedTuple):
@@ -62,6 +67,7 @@ class Method(NamedTuple):
             match).
         objective: the adaptation's objective (``""``: the task's own).
         schedule: when to adapt (``""``: every ``ttt.every``-th batch; else :data:`SCHEDULES`).
+        window: W > 0: adapt after every W-token window of every batch (:mod:`.windows`).
     """
 
     kind: str
@@ -72,6 +78,7 @@ class Method(NamedTuple):
     rank: int = 0
     objective: str = ""
     schedule: str = ""
+    window: int = 0
 
     @property
     def adapts(self) -> bool:
@@ -108,21 +115,25 @@ KINDS = {
 def parse_method(name: str) -> Method:
     """``"energy_ttt/0.3"`` -> ``Method("energy_ttt", lam=0.3)``; ``"lora_ttt/4:masked"`` ->
     ``Method("lora_ttt", rank=4, objective="masked")``; ``"int8_ttt@margin"`` ->
-    ``Method("int8_ttt", schedule="margin")``.
+    ``Method("int8_ttt", schedule="margin")``; ``"ttt~w16"`` -> ``Method("ttt", window=16)``.
 
     Raises:
         ValueError: an unknown kind, a missing, extra or unparsable value, an objective that
-            is unknown or on a kind that does not adapt, or a schedule that is unknown or on a
-            kind that does not take one (one line listing the valid forms).
+            is unknown or on a kind that does not adapt, a schedule that is unknown or on a
+            kind that does not take one, or a window that is not ``w<W>`` (W >= 1) on a router
+            TTT kind alone (one line listing the valid forms).
     """
-    base, at, schedule = str(name).partition("@")
+    named, tilde, win = str(name).partition("~")
+    base, at, schedule = named.partition("@")
     head, colon, objective = base.partition(":")
     kind, slash, value = head.partition("/")
     ok_objective = not colon or (objective in OBJECTIVES and kind in OBJECTIVE_KINDS)
     ok_schedule = not at or (schedule in SCHEDULES and kind in SCHEDULE_KINDS)
-    if kind in KINDS and ok_objective and ok_schedule:
+    window = int(win[1:]) if win[:1] == "w" and win[1:].isdigit() else 0
+    ok_window = not tilde or (window >= 1 and kind in WINDOW_KINDS and not colon and not at)
+    if kind in KINDS and ok_objective and ok_schedule and ok_window:
         field, cast, _ = KINDS[kind]
-        named = {"objective": objective, "schedule": schedule}
+        named = {"objective": objective, "schedule": schedule, "window": window}
         if field is None and not slash:
             return Method(kind, **named)
         if field is not None and slash:
@@ -134,7 +145,7 @@ def parse_method(name: str) -> Method:
     raise ValueError(
         f"unknown method {name!r}; valid: {valid}; {', '.join(OBJECTIVE_KINDS)} may end in "
         f":<objective> ({', '.join(OBJECTIVES)}), then {', '.join(SCHEDULE_KINDS)} in "
-        f"@<schedule> ({', '.join(SCHEDULES)})"
+        f"@<schedule> ({', '.join(SCHEDULES)}); or {', '.join(WINDOW_KINDS)} in ~w<W> (W >= 1)"
     )
 
 
@@ -152,11 +163,12 @@ def methods(cfg) -> dict[str, Method]:
 
 def _listed(cfg) -> list[tuple[str, Method]]:
     """``(name, Method)`` of every method the config runs: the sweeps, the methods named in full
-    (``expert.methods``, ``schedule.methods``, issue 15), then ``memory``."""
+    (``expert.methods``, ``schedule.methods``, ``window.methods``, issue 15), then ``memory``."""
     int8 = cfg.get("int8")
     int8_on = int8 is not None and bool(int8.enabled)
     named = [*(cfg.expert.methods if "expert" in cfg else ()),
-             *(cfg.schedule.methods if "schedule" in cfg else ())]  # fmt: skip
+             *(cfg.schedule.methods if "schedule" in cfg else ()),
+             *(cfg.window.methods if "window" in cfg else ())]  # fmt: skip
     memory = "memory" in cfg and bool(cfg.memory.enabled)
     return [
         ("no_ttt", Method("no_ttt")),

@@ -19,6 +19,7 @@ from experiments.energy_moe.tables import (
     periodic_reference,
     router_reference,
     summary,
+    when_to_adapt,
 )
 from experiments.energy_moe.tasks import BPC, Metric, task_of
 from metattt.models import moe
@@ -184,11 +185,16 @@ def plan_reading(results: dict[str, Any], metric: Metric) -> list[str]:
     routing explanations, each saying whether it moves toward the targets."""
     rows, m_key, label = results["methods"], metric.key, metric.label
     lines = []
-    for name in (n for n in rows if "hard_share" in rows[n]):
+    for name in when_to_adapt(rows):
         r, ref = rows[name], periodic_reference(results, name)
+        when = (
+            f"{r['adapt_calls']['mean']:.1f} batches "
+            f"({100 * r['hard_share']['mean']:.0f}% of the stream past the threshold)"
+            if "hard_share" in r
+            else f"{r['adapt_calls']['mean']:.1f} windows of {r['window']} tokens"
+        )
         text = (
-            f"- {name} adapted on {r['adapt_calls']['mean']:.1f} batches "
-            f"({100 * r['hard_share']['mean']:.0f}% of the stream past the threshold): "
+            f"- {name} adapted on {when}: "
             f"{change(r[f'{m_key}_change'], metric)} {label}, "
             f"{100 * r['energy_reduction']['mean']:+.1f}% energy, TTT overhead "
             f"{100 * r['overhead']['mean']:.1f}%"
@@ -243,6 +249,15 @@ def plan_header(results: dict[str, Any], cfg) -> list[str]:
             "in-distribution batches (held-out docs / clean test digits) per seed; @adaptive "
             f"starts at period {cfg.ttt.every} and moves within [1, {s.max_every}]; the signal "
             "comes from the serving forward pass (no extra work)."
+        )
+    if any("window" in r for r in rows.values()):
+        lines.append(
+            "- Token windows (issue 15 item 7, ~w<W>): every batch is read in causal chunks of "
+            f"W tokens; after each, {cfg.ttt.steps} adaptation step(s) on the chunk of the first "
+            f"{cfg.ttt.windows} sequences, and the next chunk is scored with the result. Each "
+            "chunk is charged as a forward pass of (batch, W) tokens (attention over earlier "
+            "chunks not charged), each step as 1 + backward passes over (rows, W) tokens; wall "
+            "overhead = the windowed pass with adaptation minus the same pass without."
         )
     if any("memory_over" in r for r in rows.values()):
         m = cfg.memory

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.energy_moe import schedules
+from experiments.energy_moe import schedules, windows
 from experiments.energy_moe.expert import HardwareRanks, Variant, hardware_limits, prepare
 from experiments.energy_moe.explanations import Snapshots, explain, explains
 from experiments.energy_moe.pressure import MemoryPressure
@@ -221,6 +221,13 @@ def serve(
     if explains(method):
         snaps = Snapshots(infer, adapt, half=len(inputs) // 2)
         infer, adapt = snaps.infer, snaps.adapt
+    windowed, dense = None, batch_dense_work(rt, b, length)
+    mask = static_mask(rt.joules, method.prune)
+    if method.window:  # every chunk is a (B, W) pass; the adaptation reads (ttt.windows, W)
+        windowed = windows.windowed(mcfg, rt.adapt, method.window, cfg.ttt.windows)
+        windows.warm_up(windowed, params, inputs[0], targets[0], jnp.asarray(mask))
+        work = lambda counts, rows: batch_work(rt, counts, rows, method.window, weights=weights)
+        dense = batch_dense_work(rt, b, method.window)
     served = serve_stream(
         infer,
         adapt,
@@ -228,12 +235,12 @@ def serve(
         inputs,
         targets,
         work=work,
-        dense=batch_dense_work(rt, b, length),
+        dense=dense,
         device=rt.device,
         monitor=monitor,
         period_s=tokens / rate,
         top_k=method.top_k or mcfg.top_k,
-        mask=static_mask(rt.joules, method.prune),
+        mask=mask,
         lam=cfg.budget.lam_init if policy is not None else method.lam,
         adapting=method.adapts and policy is None,
         adapt_every=cfg.ttt.every,
@@ -242,6 +249,7 @@ def serve(
         policy=policy,
         schedule=schedule,
         on_window=on_window,
+        windowed=windowed,
     )
     monitor.close()
     steps = len(inputs)
@@ -277,6 +285,8 @@ def serve(
         "monitor": monitor.source,
         "monitor_fallback": monitor.fallback_reason,
     }
+    if windowed is not None:
+        out["window"] = method.window
     if hw is not None:
         out.update(
             hw_budget_w=budget_w,

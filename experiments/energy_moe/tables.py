@@ -205,22 +205,35 @@ def tuning_table(results: dict[str, Any], metric: Metric) -> list[str]:
 
 
 def periodic_reference(results: dict[str, Any], name: str) -> str | None:
-    """The same method adapting every ``ttt.every``-th batch (its name without ``@...``)."""
-    ref = name.partition("@")[0]
+    """The same method adapting every ``ttt.every``-th batch (its name without ``@...`` or
+    ``~w...``)."""
+    ref = name.partition("@")[0].partition("~")[0]
     return ref if ref != name and ref in results["methods"] else None
 
 
+def when_to_adapt(rows: dict[str, Any]) -> list[str]:
+    """The methods that choose when to adapt: by a schedule or per token window."""
+    return [n for n in rows if "hard_share" in rows[n] or "window" in rows[n]]
+
+
 def schedule_table(results: dict[str, Any], metric: Metric) -> list[str]:
-    """When to adapt (issue 15 item 7): each scheduled method against its periodic reference."""
+    """When to adapt (issue 15 item 7): each scheduled or per-window method against its
+    periodic reference."""
     rows, m_key, label = results["methods"], metric.key, metric.label
-    names = [n for n in rows if "hard_share" in rows[n]]
+    names = when_to_adapt(rows)
     if not names:
         return []
     lines = [
         "",
         "**When to adapt** (issue 15 item 7): the signal's threshold is a quantile of its "
-        "in-distribution values; 'hard batches' is the share of stream batches past it. 'vs "
-        "periodic': this method's mean minus the same method adapting every ttt.every-th batch.",
+        "in-distribution values; 'hard batches' is the share of stream batches past it"
+        + (
+            "; '~w<W>' adapts after every W-token window of every batch (adaptations: windows)"
+            if any("window" in rows[n] for n in names)
+            else ""
+        )
+        + ". 'vs periodic': this method's mean minus the same method adapting every "
+        "ttt.every-th batch.",
         "",
         f"| method | threshold | hard batches | adaptations | {label} | Δ {label} vs no TTT | "
         f"energy reduction | adapt share of energy | TTT overhead (wall) | adaptations vs "
@@ -237,8 +250,13 @@ def schedule_table(results: dict[str, Any], metric: Metric) -> list[str]:
                 f"{r[m_key]['mean'] - p[m_key]['mean']:+.3f}",
                 f"{r['uj_per_token']['mean'] - p['uj_per_token']['mean']:+.4f}",
             ]
+        when = (
+            [fmt(r["threshold"], 3), f"{fmt(r['hard_share'], 0, 100)}%"]
+            if "hard_share" in r
+            else [f"- (W = {r['window']})", "all"]
+        )
         lines.append(
-            f"| {name} | {fmt(r['threshold'], 3)} | {fmt(r['hard_share'], 0, 100)}% | "
+            f"| {name} | {' | '.join(when)} | "
             f"{fmt(r['adapt_calls'], 1)} | {fmt(r[m_key])} | "
             f"{change(r[f'{m_key}_change'], metric)} | {fmt(r['energy_reduction'], 1, 100)}% | "
             f"{fmt(r['adapt_share_of_energy'], 1, 100)}% | {fmt(r['overhead'], 1, 100)}% | "

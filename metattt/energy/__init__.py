@@ -13,7 +13,8 @@ serving of a stream under a monitor, with adaptation and an optional power-budge
 that steps down under memory pressure), :mod:`~metattt.energy.explain` (which experts a
 routing avoided and what that saved, activation shares, top-k agreement),
 :mod:`~metattt.energy.schedule` (when to adapt: periodic, on a difficulty signal, or at an
-adaptive frequency) and :mod:`~metattt.energy.kernel_costs` (MoE dispatch backends timed per
+adaptive frequency), :mod:`~metattt.energy.windows` (adaptation after every token window of a
+served batch) and :mod:`~metattt.energy.kernel_costs` (MoE dispatch backends timed per
 shape on the device, a fitted cost model per backend, and the backend it predicts cheapest).
 """
 
@@ -107,6 +108,7 @@ from metattt.energy.schedule import (
     router_margin,
 )
 from metattt.energy.serving import ServedStream, serve_stream
+from metattt.energy.windows import WindowServed, serve_windows
 
 __all__ = [
     "Schedule",
@@ -131,6 +133,8 @@ __all__ = [
     "peak_bytes",
     "read_memory",
     "serving_ladder",
+    "serve_windows",
+    "WindowServed",
     "ServedStream",
     "kernel_costs",
     "serve_stream",

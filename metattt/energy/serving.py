@@ -19,7 +19,10 @@ Shapes: inputs (S, B, ...), targets (S, B, ...), counts (layers, E), mask (E,).
 When to adapt: every ``adapt_every``-th batch, or by a ``schedule``
 (:mod:`metattt.energy.schedule`: on a difficulty signal, at an adaptive frequency); ``infer``
 then returns ``(score, counts, signal)``, the batch's label-free signal (e.g. prediction
-entropy) from the same forward pass, so the decision costs no extra work.
+entropy) from the same forward pass, so the decision costs no extra work. Or within each
+batch, per token window (:mod:`metattt.energy.windows`): ``windowed`` serves the batch chunk by
+chunk, each chunk one forward pass of (B, W) tokens and each adaptation step on (rows, W)
+tokens, all charged to the batch's window.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def serve_stream(
     policy: Any = None,
     schedule: Schedule | None = None,
     on_window: Callable[[Any, np.ndarray], None] | None = None,
+    windowed: Callable[..., Any] | None = None,
 ) -> ServedStream:
     """Serve ``inputs`` batch by batch, prequentially, each batch one monitor window.
 
@@ -118,7 +122,7 @@ def serve_stream(
       top_k, mask, lam: the routing and λ_energy of the first batch.
       adapting: adapt from the start (a policy turns it on and off afterwards).
       adapt_every, adapt_windows: adapt on the first ``adapt_windows`` rows of every
-        ``adapt_every``-th batch.
+        ``adapt_every``-th batch (``windowed``: the rows its adaptation reads, every batch).
       backward_factor: an adaptation step costs ``1 + backward_factor`` forward passes.
       policy: a :class:`metattt.energy.PowerBudget` or None.
       schedule: a :class:`metattt.energy.schedule.Schedule` deciding, from each batch's
@@ -127,7 +131,15 @@ def serve_stream(
       on_window: called after each batch with its :class:`WindowRecord` and its inference
         expert counts (layers, E), e.g. to choose adapter ranks from the readings
         (:func:`metattt.energy.adapter_ranks`) for the next adaptation.
+      windowed: ``windowed(params, inputs, targets, lam, mask, adapting=...) ->``
+        :class:`metattt.energy.windows.WindowServed` (e.g. a jitted
+        :func:`~metattt.energy.windows.serve_windows`): adapt after every token window of every
+        batch instead (no policy, no schedule); ``work`` then prices a chunk, ``dense`` a
+        chunk's dense work. ``infer_s`` is the wall time of the same pass without adaptation,
+        ``adapt_s`` what adapting added to it.
     """
+    if windowed is not None and (policy is not None or schedule is not None):
+        raise ValueError("windowed serving takes no policy and no schedule")
     simulated = hasattr(monitor, "record_work")
     state = policy.init() if policy is not None else None
     decision = None
@@ -141,40 +153,72 @@ def serve_stream(
     adapt_calls = 0
     signals: list[float] = []
     when = schedule.init() if schedule is not None else None
+
+    def charge(counts, rows, scale=1.0):  # price one pass and feed the monitor
+        nonlocal dynamic
+        w = work(counts, rows).scaled(scale) if scale != 1.0 else work(counts, rows)
+        joules = device.work_energy(*w)
+        dynamic += joules
+        return (monitor.record_work(*w) if simulated else 0.0), joules
+
+    def charge_adaptation(stats, rows):  # every step (each of its passes): its busy time
+        nonlocal adapt_dynamic
+        step_counts = np.asarray(stats.expert_counts)
+        busy_s = 0.0
+        for c in step_counts.reshape(-1, *step_counts.shape[-2:]):
+            step_busy, joules = charge(c, rows, 1 + backward_factor)
+            busy_s += step_busy
+            adapt_dynamic += joules
+        curve_energy.extend(np.asarray(stats.joules_per_token).reshape(-1).tolist())
+        curve_loss.extend(np.asarray(stats.task_loss).reshape(-1).tolist())
+        return busy_s
+
     for t in range(steps):
         with monitor.measure() as window:
             k = top_k
+            x, y = inputs[t], targets[t]
             start = time.perf_counter()
-            out = jax.block_until_ready(infer(params, inputs[t], targets[t], k, mask))
-            infer_s += time.perf_counter() - start
-            score, counts = out[0], out[1]
-            if schedule is not None:
-                if len(out) != 3:
-                    raise ValueError("with a schedule, infer must return (score, counts, signal)")
-                signals.append(float(out[2]))
-                when, due = schedule.update(when, signals[-1])
+            if windowed is not None:
+                out = jax.block_until_ready(windowed(params, x, y, lam, mask, adapting=False))
+                plain_s = time.perf_counter() - start
+                infer_s += plain_s
+                if adapting:
+                    start = time.perf_counter()
+                    out = jax.block_until_ready(windowed(params, x, y, lam, mask, adapting=True))
+                    adapt_s += max(time.perf_counter() - start - plain_s, 0.0)
+                    params = out.params
+                    adapt_calls += len(out.scores)
+                score, per_chunk = float(np.mean(out.scores)), np.asarray(out.counts)
+                counts = per_chunk.sum(0)
+                step_busy = 0.0
+                for chunk_counts in per_chunk:
+                    chunk_busy, joules = charge(chunk_counts, x.shape[0])
+                    step_busy += chunk_busy
+                    expert_j += joules - device.work_energy(*dense)
+                if adapting:
+                    step_busy += charge_adaptation(out.stats, adapt_windows)
             else:
-                due = t % adapt_every == 0
-            counts = np.asarray(counts)
-            w = work(counts, inputs.shape[1])
-            step_busy = monitor.record_work(*w) if simulated else 0.0
-            dynamic += device.work_energy(*w)
-            expert_j += device.work_energy(*w) - device.work_energy(*dense)
-            if adapting and due:
-                sub = inputs[t, :adapt_windows]
-                start = time.perf_counter()
-                params, stats = jax.block_until_ready(adapt(params, sub, lam, mask))
-                adapt_s += time.perf_counter() - start
-                adapt_calls += 1
-                curve_energy += np.asarray(stats.joules_per_token).tolist()
-                curve_loss += np.asarray(stats.task_loss).tolist()
-                step_counts_all = np.asarray(stats.expert_counts)
-                for step_counts in step_counts_all.reshape(-1, *step_counts_all.shape[-2:]):
-                    step = work(step_counts, sub.shape[0]).scaled(1 + backward_factor)
-                    if simulated:
-                        step_busy += monitor.record_work(*step)
-                    adapt_dynamic += device.work_energy(*step)
-                    dynamic += device.work_energy(*step)
+                out = jax.block_until_ready(infer(params, x, y, k, mask))
+                infer_s += time.perf_counter() - start
+                score, counts = out[0], np.asarray(out[1])
+                if schedule is not None:
+                    if len(out) != 3:
+                        raise ValueError(
+                            "with a schedule, infer must return (score, counts, signal)"
+                        )
+                    signals.append(float(out[2]))
+                    when, due = schedule.update(when, signals[-1])
+                else:
+                    due = t % adapt_every == 0
+                step_busy, joules = charge(counts, x.shape[0])
+                expert_j += joules - device.work_energy(*dense)
+                if adapting and due:
+                    sub = x[:adapt_windows]
+                    start = time.perf_counter()
+                    params, stats = jax.block_until_ready(adapt(params, sub, lam, mask))
+                    adapt_s += time.perf_counter() - start
+                    adapt_calls += 1
+                    step_busy += charge_adaptation(stats, sub.shape[0])
             if simulated:
                 monitor.idle(max(period_s - step_busy, 0.0))
         rec = window.record

@@ -87,6 +87,8 @@ def _cell(workdir, name):
         ("int8_fast_ttt/4:entropy@adaptive", energy_moe.Method(
             "int8_fast_ttt", rank=4, objective="entropy", schedule="adaptive")),
         ("memory", energy_moe.Method("memory")),
+        ("ttt~w16", energy_moe.Method("ttt", window=16)),
+        ("int8_energy_ttt/1~w8", energy_moe.Method("int8_energy_ttt", lam=1.0, window=8)),
     ],
 )  # fmt: skip
 def test_parse_method(name, method):
@@ -100,7 +102,8 @@ def test_parse_method(name, method):
      "int8_energy_ttt", "no_ttt@entropy", "fast_ttt", "fast_ttt/0", "budget/0.5@margin",
      "prune/1@entropy", "top_k/1@margin", "int8@margin", "memory@entropy", "int8_ttt:masked",
      "int8_ttt:masked@margin", "lora_ttt/4@weekly", "lora_ttt/4@margin:masked", "int8_fast_ttt",
-     "int8_fast_ttt/0", "ttt@weekly", "memory/2", "ttt@"],
+     "int8_fast_ttt/0", "ttt@weekly", "memory/2", "ttt@", "ttt~w0", "ttt~16", "ttt~w",
+     "lora_ttt/4~w4", "no_ttt~w4", "ttt@margin~w4", "energy_ttt/0.3:masked~w4", "ttt~w4@margin"],
 )  # fmt: skip
 def test_unknown_method_names_list_the_valid_forms(name):
     with pytest.raises(ValueError, match=f"unknown method '{name}'; valid: no_ttt, ttt, energy"):
@@ -121,13 +124,18 @@ def test_methods_of_the_full_config_in_run_order():
     expected += [f"budget/{x:g}" for x in cfg.budget.fractions]
     expected += [f"prune/{n}" for n in cfg.baselines.prune] + ["top_k/1", "int8", "int8_ttt"]
     expected += [f"int8_energy_ttt/{x:g}" for x in cfg.int8.lambdas]
-    expected += [*cfg.expert.methods, *cfg.schedule.methods, "memory"]
+    expected += [*cfg.expert.methods, *cfg.schedule.methods, *cfg.window.methods, "memory"]
     assert list(table) == expected
     scheduled = [(m.kind, m.schedule) for m in table.values() if m.schedule]
     assert scheduled == [("energy_ttt", "entropy"), ("energy_ttt", "margin"),
                          ("energy_ttt", "adaptive"), ("int8_energy_ttt", "margin"),
                          ("lora_ttt", "margin"), ("fast_ttt", "margin")]  # fmt: skip
-    router = [m.lam for n, m in table.items() if m.kind == "energy_ttt" and n[-1].isdigit()]
+    router = [m.lam for n, m in table.items()
+              if m.kind == "energy_ttt" and n[-1].isdigit() and not m.window]  # fmt: skip
+    assert [(m.kind, m.window) for m in table.values() if m.window] == [
+        ("ttt", 16),
+        ("energy_ttt", 16),
+    ]
     assert router == list(cfg.ttt.lambdas)
     int8_sweep = [m.lam for m in table.values() if m.kind == "int8_energy_ttt" and not m.schedule]
     assert int8_sweep == list(cfg.int8.lambdas)
@@ -179,6 +187,8 @@ def test_methods_of_the_full_config_in_run_order():
         ("schedule.quantile", 1.0, "schedule.quantile must be in"),
         ("schedule.max_every", 1, "schedule.max_every must be >= ttt.every"),
         ("schedule.methods", ("energy_ttt/0.5",), "end in @<schedule>"),
+        ("window.methods", ("energy_ttt/0.5",), "end in ~w<W>"),
+        ("window.methods", ("ttt~w5",), "W must divide data.length=16"),
         ("schedule.methods", ("lora_ttt/4@bogus",), "unknown method 'lora_ttt/4@bogus'"),
         ("schedule.methods", ("lora_ttt/5@entropy",), r"ranks <= expert.max_rank=4"),
         ("schedule.methods", ("fast_ttt/3@margin",), "no fast rank matches LoRA rank 3"),

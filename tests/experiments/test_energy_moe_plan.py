@@ -253,3 +253,63 @@ def test_fast_weight_reading_states_each_method_against_lora_at_equal_parameters
         "(fast rank 7): moves toward" in fast2 and "(target met; overhead < 10%: not met)" in fast2
     )
     assert fast_reading({"methods": results["methods"], "expert": {}}, BPC) == []
+
+
+def test_a_window_method_runs_from_its_name_to_a_served_cell():
+    """``ttt~w4`` at tiny sizes: the registry names it, serving adapts after every 4-byte chunk
+    of every batch, and the cell's score is a Python loop's that scores each chunk with the
+    parameters adapted by hand (``rt.adapt``) on the chunks before it (float32, rtol 1e-5)."""
+    from experiments.energy_moe import runtime, serving, windows
+    from experiments.energy_moe.tasks import BPC
+    from metattt.models import moe
+
+    cfg = energy_config.get_config("tiny")
+    cfg.window.methods = ("ttt~w4",)
+    cfg.ttt.steps = 1
+    method = registry.methods(cfg)["ttt~w4"]
+    assert method == registry.Method("ttt", window=4)
+    rt = runtime.build_runtime(cfg, runtime.model_config(cfg))
+    b, length, steps, rows = cfg.data.batch, cfg.data.length, 2, cfg.ttt.windows
+    x = np.random.default_rng(5).integers(1, 257, (steps * b, length + 1)).astype(np.int32)
+    stream = SimpleNamespace(inputs=x[:, :-1], targets=x[:, 1:])
+    params = rt.init(0)
+    rate = serving.stream_rate(rt, batch=b, length=length, utilization=0.5)
+    cell = serving.serve(cfg, rt, params, stream, method, rate=rate, seed=0, metric=BPC)
+    assert cell["window"] == 4 and cell["adapt_calls"] == steps * length // 4
+    apply = jax.jit(moe.init_moe(rt.mcfg).apply)
+    mask, scores = jnp.ones((rt.mcfg.num_experts,), bool), []
+    for t in range(steps):
+        xs, ys = stream.inputs[t * b : (t + 1) * b], stream.targets[t * b : (t + 1) * b]
+        for c in range(length // 4):
+            logp = np.asarray(jax.nn.log_softmax(apply(params, xs, expert_mask=mask).logits))
+            nll = -np.take_along_axis(logp, ys[..., None], -1)[..., 0]
+            scores.append(nll[:, 4 * c : 4 * c + 4].mean())
+            params = rt.adapt(params, xs[:rows, 4 * c : 4 * c + 4], jnp.float32(0), mask)[0]
+    assert cell[BPC.key] == pytest.approx(np.mean(scores) * BPC.scale, rel=1e-5)
+    assert cell["adapt_dynamic_j"] > 0
+    cfg.window.methods = ("ttt~w5",)
+    with pytest.raises(ValueError, match="W must divide data.length"):
+        windows.validate(cfg, "lm")
+
+
+def test_window_rows_join_the_when_to_adapt_table_and_reading():
+    """A ``~w<W>`` row sits in the when-to-adapt table and the reading against its periodic
+    reference (the name without ``~w``), with its differences computed from the two rows."""
+    from experiments.energy_moe import report, tables
+    from experiments.energy_moe.tasks import BPC
+
+    seed = lambda v: {"mean": v, "ci": float("nan")}
+    row = lambda bpc, uj, calls, **extra: {
+        "bpc": seed(bpc), "bpc_change": seed(bpc / 2.0 - 1), "uj_per_token": seed(uj),
+        "adapt_calls": seed(calls), "energy_reduction": seed(0.25), "overhead": seed(0.5),
+        "adapt_share_of_energy": seed(0.1), "meets_energy_target": False, **extra,
+    }  # fmt: skip
+    results = {"methods": {"ttt": row(1.9, 0.4, 8.0), "ttt~w16": row(1.7, 0.55, 512.0, window=16)}}
+    table = tables.schedule_table(results, BPC)
+    line = next(x for x in table if x.startswith("| ttt~w16 |"))
+    assert "| - (W = 16) | all | 512.0 | 1.700 |" in line
+    assert line.endswith("| 512.0 vs 8.0 | -0.200 | +0.1500 |")
+    assert not any(x.startswith("| ttt |") for x in table)
+    reading = report.plan_reading(results, BPC)
+    assert reading[0].startswith("- ttt~w16 adapted on 512.0 windows of 16 tokens: ")
+    assert "vs ttt (8.0 adaptations) -0.200" in reading[0] and "+37.5% energy" in reading[0]
