@@ -50,9 +50,9 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
 * the fast-weight settings (``expert.fast_lr``, ``fast_chunk``, ``fast_steps``) are chosen on
   a validation stream the test stream never reads (``tune``, :mod:`.tuning`): a grid served
   per seed, one point chosen on the seeds' means for every fast-weight method.
-* Every adapting method but the budgets and windows also records routing explanations (issue 15 item 8,
-  :mod:`.explanations`): avoided assignments and their energy, activation shares before and
-  after, router stability.
+* Every adapting method but the budgets and windows also records routing explanations (issue
+  15 item 8, :mod:`.explanations`): avoided assignments and their energy, activation shares
+  before and after, router stability.
 
 Energy (:mod:`.serving`, :mod:`metattt.energy.accounting`). The monitor is the simulated one
 unless the config asks for NVML (the results record which one ran). Each batch is one measured
