@@ -54,6 +54,7 @@ from experiments.energy_moe.runtime import (
     compile_infer,
     compile_probe,
     compile_signals,
+    served_apply,
 )
 from metattt import augment
 from metattt.energy import MemoryReading, RankLimits, adapter_ranks, energy_tent
@@ -225,7 +226,7 @@ def build_variants(cfg, rt: Runtime, head: str, names=None) -> dict[str, Variant
         key = (model.lora_rank, model.fast_rank, repr(selector), objective)
         if key not in compiled:
             ttt = energy_tent(
-                quantize.int8_apply(moe.init_moe(model).apply), rt.joules, top_k=mcfg.top_k,
+                served_apply(model), rt.joules, top_k=mcfg.top_k,
                 params=selector,
                 task=objective, head=head, opt=optax.adam(cfg.ttt.lr), max_steps=cfg.ttt.steps,
                 **corruptions(cfg, mcfg, head),

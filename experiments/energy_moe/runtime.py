@@ -9,6 +9,7 @@ serving runs unchanged (the same computation on every process).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -93,10 +94,17 @@ def score(out, targets, head: str) -> jax.Array:
     return jnp.mean(jnp.argmax(out.class_logits, axis=-1) != targets)
 
 
+@functools.lru_cache(maxsize=32)
+def served_apply(mcfg: moe.MoEConfig):
+    """``apply(params, inputs, **kwargs)`` of ``mcfg``'s model, also taking parameters with int8
+    experts (:func:`metattt.models.quantize.int8_apply`); built once per config."""
+    return quantize.int8_apply(moe.init_moe(mcfg).apply)
+
+
 def compile_infer(mcfg: moe.MoEConfig, head: str):
     """Jitted ``(params, inputs, targets, mask) -> (score, counts)`` of ``mcfg``'s model; it
     also takes parameters with int8 experts (:func:`metattt.models.quantize.int8_apply`)."""
-    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
+    apply = served_apply(mcfg)
 
     @jax.jit
     def infer(p, inputs, targets, mask):
@@ -112,7 +120,7 @@ def compile_signals(mcfg: moe.MoEConfig, head: str):
     same forward pass (:func:`metattt.energy.schedule.prediction_entropy` of the head's
     predictions, :func:`~metattt.energy.schedule.router_margin`); it also takes parameters with
     int8 experts."""
-    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
+    apply = served_apply(mcfg)
 
     @jax.jit
     def infer(p, inputs, targets, mask):
@@ -127,7 +135,7 @@ def compile_signals(mcfg: moe.MoEConfig, head: str):
 def compile_probe(mcfg: moe.MoEConfig):
     """Jitted ``(params, inputs, mask) -> (layers, B, L, E)`` router probabilities (parameters
     with int8 experts too)."""
-    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
+    apply = served_apply(mcfg)
     return jax.jit(lambda p, inputs, mask: apply(p, inputs, expert_mask=mask).aux["router_probs"])
 
 
@@ -154,7 +162,7 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     # Every compiled function also takes parameters with int8 experts (compiled on first use).
-    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
+    apply = served_apply(mcfg)
 
     def train_loss(p, batch):
         inputs, targets = batch

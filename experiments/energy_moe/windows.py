@@ -22,15 +22,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from experiments.energy_moe import runtime
 from experiments.energy_moe.registry import parse_method
 from metattt.energy import serve_windows
-from metattt.models import moe, quantize
+from metattt.models import moe
 
 
 def token_infer(mcfg: moe.MoEConfig):
     """``(params, inputs, targets, mask) -> (nll (B, L), assign (layers, B, L, E))``: each token's
     next-byte nats and its expert assignments (parameters with int8 experts too)."""
-    apply = quantize.int8_apply(moe.init_moe(mcfg).apply)
+    apply = runtime.served_apply(mcfg)
 
     def infer(p, inputs, targets, mask):
         out = apply(p, inputs, expert_mask=mask)
