@@ -91,7 +91,7 @@ def param_shardings(
 
 def shard_step(
     step: Step,
-    mesh: Mesh,
+    mesh: Mesh | None,
     *,
     axis: str | None = None,
     shard_params: bool = False,
@@ -103,7 +103,8 @@ def shard_step(
     Args:
       step: a :class:`metattt.train.Step` whose ``update(state, batch)`` treats the leading
         axis of every batch leaf as independent examples or tasks.
-      mesh: the device mesh.
+      mesh: the device mesh; None (what :func:`data_mesh` gives for no mesh) returns ``step``
+        unchanged.
       axis: the mesh axis to shard over (default: the mesh's first).
       shard_params: shard parameters and optimizer state (FSDP) instead of replicating them.
       min_size: arrays with fewer entries stay replicated (gathering them costs more than it
@@ -113,6 +114,8 @@ def shard_step(
       A :class:`metattt.train.Step`. Its ``update`` raises a one-line ValueError when the
       batch's leading axis is not one size divisible by the axis's device count.
     """
+    if mesh is None:
+        return step
     axis = axis or mesh.axis_names[0]
     if axis not in mesh.axis_names:
         raise ValueError(f"axis {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")

@@ -34,10 +34,6 @@ def _batches(seed: int, n: int, steps: int, batch: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, (steps, batch))
 
 
-def _on(step: train.Step, mesh: jax.sharding.Mesh | None) -> train.Step:
-    return step if mesh is None else sharding.shard_step(step, mesh)
-
-
 def make_pretrain_step(
     apply, lr: float, lm_weight: float, mesh: jax.sharding.Mesh | None = None
 ) -> train.Step:
@@ -50,7 +46,7 @@ def make_pretrain_step(
         lm = objectives.next_token_cross_entropy(apply(theta, tokens, head="lm"), tokens, mask)
         return task + lm_weight * lm, {"task_loss": task, "lm_loss": lm}
 
-    return _on(train.supervised(loss_fn, optax.adam(lr), has_aux=True), mesh)
+    return sharding.shard_step(train.supervised(loss_fn, optax.adam(lr), has_aux=True), mesh)
 
 
 def fit_on_split(step: train.Step, state, split: Split, idx: np.ndarray, run_dir: str, every: int):
@@ -222,7 +218,7 @@ def compile_method(
 
     return Compiled(
         method,
-        _on(method.train_step(outer_optimizer(cfg)), mesh),
+        sharding.shard_step(method.train_step(outer_optimizer(cfg)), mesh),
         mesh,
         jax.jit(method.signal),
         jax.jit(adapted_signal),

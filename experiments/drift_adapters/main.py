@@ -59,7 +59,7 @@ def _backbone_program(
     opt = optax.adamw(lr, weight_decay=weight_decay)
     step = train.supervised(loss_fn, opt, has_state=True, jit=False)
     mesh = sharding.data_mesh(mesh_devices)
-    return net, step if mesh is None else sharding.shard_step(step, mesh), mesh
+    return net, sharding.shard_step(step, mesh), mesh
 
 
 def train_backbone(x_train: np.ndarray, y_train: np.ndarray, seed: int, cfg, workdir: str):

@@ -175,8 +175,7 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
 
     train_step = train.supervised(train_loss, optax.adam(cfg.train.lr), jit=False)
     mesh = sharding.data_mesh(cfg.train.mesh_devices)
-    if mesh is not None:
-        train_step = sharding.shard_step(train_step, mesh)
+    train_step = sharding.shard_step(train_step, mesh)
 
     ks = {mcfg.top_k, *(int(k) for k in cfg.baselines.top_k)}
     if cfg.budget.fractions:

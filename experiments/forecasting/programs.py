@@ -83,9 +83,6 @@ class Programs:
         """Trained parameters as this process's own arrays (unchanged without a mesh)."""
         return params if self.mesh is None else sharding.local_copy(params)
 
-    def _on_mesh(self, step: train.Step) -> train.Step:
-        return step if self.mesh is None else sharding.shard_step(step, self.mesh)
-
     def mask(self, params, adapt_set: str):
         return P.select(params, adapt_selector(adapt_set, self.pcfg.num_layers))
 
@@ -114,7 +111,7 @@ class Programs:
                 return jax.tree.map(lambda x: x[idx], windows)
 
             step = train.supervised(self.loss_fn, optax.adam(cfg.pretrain.lr), jit=False)
-            return self._on_mesh(step), batch_fn
+            return sharding.shard_step(step, self.mesh), batch_fn
 
         return self._cached(("pretrain", chunk), build)
 
@@ -147,7 +144,7 @@ class Programs:
                 micro_batches=cfg.meta.micro_batches,
                 jit=False,
             )
-            step = self._on_mesh(step)
+            step = sharding.shard_step(step, self.mesh)
             return train.Step(step.init, self.jit(step.update))
 
         return self._cached(("meta", method, adapt_set), build)

@@ -91,8 +91,7 @@ def train_and_eval(variant: str, cfg, seed: int, workdir: str) -> dict[str, floa
 
     step = train.supervised(loss_fn, optax.adamw(cfg.train.lr, weight_decay=0.01), jit=False)
     mesh = sharding.data_mesh(cfg.train.mesh_devices)
-    if mesh is not None:
-        step = sharding.shard_step(step, mesh)
+    step = sharding.shard_step(step, mesh)
     initial = step.init(params)
 
     def fit(run_dir: str):

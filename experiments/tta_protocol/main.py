@@ -78,9 +78,7 @@ def source_program(cfg, apply: Callable) -> SourceProgram:
 
     step = train.supervised(loss_fn, optax.adam(cfg.train.lr), jit=False)
     mesh = sharding.data_mesh(cfg.train.mesh_devices)
-    if mesh is not None:
-        step = sharding.shard_step(step, mesh)
-    return SourceProgram(apply, step, batch_fn, mesh)
+    return SourceProgram(apply, sharding.shard_step(step, mesh), batch_fn, mesh)
 
 
 def train_source(cfg, seed: int, workdir: str, program: SourceProgram | None = None):
