@@ -263,7 +263,8 @@ def make_meta_step(
             accumulation: the result equals the full batch's, peak memory is one micro-batch's).
             Micro-batch m takes every M-th task from task m, so that with ``mesh`` each one is
             split over all devices when the devices divide the batch's size over M.
-        jit: compile the step (turn off only to debug).
+        jit: compile the step (turn off only to debug; ``mesh`` needs it, as the sharding
+            is the compiled step's).
         skip_nonfinite: static; False compiles the outer guard out (the update is applied
             whatever its value, as in plain JAX). The inner loop has its own switch,
             :attr:`metattt.inner.InnerConfig.skip_nonfinite`.
@@ -279,6 +280,8 @@ def make_meta_step(
     check_clip_norm(clip_norm)
     if not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+    if mesh is not None and not jit:
+        raise ValueError("mesh needs jit=True: the batch is sharded by the compiled step")
     if clip_norm is not None:
         outer_opt = optax.chain(optax.clip_by_global_norm(clip_norm), outer_opt)
     value_and_grad = jax.value_and_grad(functools.partial(batch_meta_loss, meta_loss), has_aux=True)

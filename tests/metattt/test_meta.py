@@ -180,6 +180,11 @@ def test_gradient_accumulation_over_micro_batches_equals_the_full_batch():
         step.update(step.init(params), tasks)
     with pytest.raises(ValueError, match="micro_batches must be a positive int"):
         meta.make_meta_step(loss, optax.sgd(0.1), micro_batches=0)
+    # A mesh shards the batch inside the compiled step: without jit it would be ignored.
+    with pytest.raises(ValueError, match="mesh needs jit=True"):
+        meta.make_meta_step(
+            loss, optax.sgd(0.1), mesh=jax.sharding.Mesh(jax.devices(), ("b",)), jit=False
+        )
 
 
 def test_a_non_finite_query_loss_skips_the_outer_update_and_is_counted():
