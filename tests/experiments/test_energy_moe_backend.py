@@ -109,3 +109,17 @@ def test_an_unresolved_cost_model_config_builds_no_runtime():
     assert energy_moe.task_of(cfg).model_config(cfg).backend == "auto"  # shapes only
     with pytest.raises(ValueError, match="chosen at run start"):
         runtime.build_runtime(cfg, energy_moe.task_of(cfg).model_config(cfg))
+
+
+@pytest.mark.parametrize("config", [lm_config, digits_config], ids=["lm", "digits"])
+def test_the_full_configs_ask_for_the_cost_model_and_the_small_ones_for_auto(config):
+    """The full runs choose by measurement at their serving batch (B·L tokens, E, D, F, K of
+    the model, dropless); tiny and demo keep "auto" (no measuring in the suite or the demo)."""
+    cfg = config.get_config()
+    assert cfg.model.backend == "cost_model"
+    m = cfg.model
+    serving = kc.DispatchShape(cfg.data.batch * cfg.data.length, m.d_model, m.d_ff,
+                               m.num_experts, m.top_k)  # fmt: skip
+    assert backend.dispatch_shapes(cfg) == [serving, *kc.neighbour_shapes(serving)]
+    for variant in ("tiny", "demo"):
+        assert config.get_config(variant).model.backend == "auto"
