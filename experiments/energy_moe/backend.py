@@ -20,6 +20,7 @@ and so choose alike.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from typing import Any
 
@@ -28,6 +29,8 @@ from experiments.energy_moe.tasks import task_of
 from kernels_pallas.moe_dispatch import BACKENDS
 from metattt import multihost
 from metattt.energy import kernel_costs as kc
+
+logger = logging.getLogger(__name__)
 
 #: The timings file in the workdir.
 TIMINGS = "kernel_costs.json"
@@ -74,6 +77,10 @@ def resolve(cfg, workdir: str) -> tuple[Any, kc.BackendChoice | None]:
     choice = choose() if multihost.is_primary() else None
     multihost.barrier("energy_moe.backend")  # the others read what process 0 stored
     choice = choose() if choice is None else choice
+    times = ", ".join(f"{b} {1e3 * v:.3g} ms" for b, v in choice.costs.items())
+    logger.info("Dispatch backend %s, chosen by the cost model at %s (%s; %d timings measured "
+                "now, the others read from %s).", choice.backend, choice.shape.key(), times,
+                choice.measured, path)  # fmt: skip
     out = copy.deepcopy(cfg)
     out.model.backend = choice.backend
     return out, choice

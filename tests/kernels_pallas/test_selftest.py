@@ -156,6 +156,22 @@ def test_record_keeps_each_distinct_resolution_once_in_order():
     assert selftest.resolutions() == []
 
 
+def test_calls_inside_unrecorded_are_not_listed():
+    """A MoE dispatch traced inside ``unrecorded`` (a cost measurement) leaves no record; the
+    same call outside it does."""
+    x = jnp.ones((4, 2))
+    w = jnp.ones((2, 2, 3))
+    call = lambda: moe_dispatch(x, w, w, jnp.ones((2, 3, 2)), jnp.zeros((4, 2)), top_k=1,
+                                backend="reference")  # fmt: skip
+    with selftest.unrecorded():
+        with selftest.unrecorded():
+            call()
+        call()
+    assert selftest.resolutions() == []
+    call()
+    assert [r["requested"] for r in selftest.resolutions()] == ["reference"]
+
+
 # --- the selective scan ---------------------------------------------------------------------
 
 

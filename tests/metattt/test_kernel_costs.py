@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from kernels_pallas import selftest
 from metattt.energy import SimulatedMonitor
 from metattt.energy import kernel_costs as kc
 
@@ -97,12 +98,15 @@ def test_candidates_are_device_aware():
 
 
 def test_measure_store_reload_and_choose(tmp_path):
-    """Tiny real timings on this device: positive, stored under this device's key beside
-    another device's entry (kept), reloaded equal, and the choice is the measured faster."""
+    """Tiny real timings on this device: positive, not recorded as the run's backends, stored
+    under this device's key beside another device's entry (kept), reloaded equal, and the
+    choice is the measured faster."""
     shapes = [kc.DispatchShape(16, 8, 16, 4, 2), kc.DispatchShape(32, 8, 16, 4, 1, 1.0)]
     backends = ("reference", "ragged")
     monitor = SimulatedMonitor(seed=0)  # fed no work: no energy, so joules stay NaN
+    before = selftest.resolutions()
     timings = kc.measure_dispatch(shapes, backends, repeats=2, monitor=monitor)
+    assert selftest.resolutions() == before  # timing is not what a run resolved to
     assert [(t.backend, t.shape) for t in timings] == [(b, s) for s in shapes for b in backends]
     assert all(t.seconds > 0 and math.isnan(t.joules) for t in timings)
     path = tmp_path / "costs" / "kernels.json"
