@@ -267,6 +267,7 @@ def _entries(table: dict[str, Any]) -> list[KernelTiming]:
         for entry in entries.values():
             joules = entry["joules"]
             shape = DispatchShape(**entry["shape"])
+            _check_shape(shape)
             out.append(KernelTiming(backend, shape, float(entry["seconds"]),
                                     math.nan if joules is None else float(joules)))  # fmt: skip
     return out

@@ -188,10 +188,14 @@ def test_profile_and_choose_measures_only_what_the_file_lacks(tmp_path):
         '{"format": "other"}',
         '{"format": "metattt.kernel_costs", "version": 1,'
         ' "devices": {"X|jax-1": {"ragged": {"a": {"seconds": 1}}}}}',
+        '{"format": "metattt.kernel_costs", "version": 1, "devices": {"X|jax-1": {"ragged": {"a":'
+        ' {"seconds": 1, "joules": null, "shape": {"tokens": 0, "d_model": 8, "d_ff": 16,'
+        ' "experts": 4, "top_k": 2}}}}}}',
     ],
 )
 def test_profile_and_choose_measures_again_over_a_damaged_file(tmp_path, caplog, text):
-    """Bad JSON, another format, a malformed entry: logged, measured, and the file replaced."""
+    """Bad JSON, another format, a malformed entry, an invalid shape: logged, measured, and the
+    file replaced."""
     path, measure = tmp_path / "costs.json", _Measure()
     path.write_text(text)
     shapes = [kc.DispatchShape(64, 8, 16, 4, 2), kc.DispatchShape(32, 8, 16, 4, 2)]
