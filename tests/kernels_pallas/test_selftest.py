@@ -159,10 +159,10 @@ def test_record_keeps_each_distinct_resolution_once_in_order():
 def test_calls_inside_unrecorded_are_not_listed():
     """A MoE dispatch traced inside ``unrecorded`` (a cost measurement) leaves no record; the
     same call outside it does."""
-    x = jnp.ones((4, 2))
-    w = jnp.ones((2, 2, 3))
-    call = lambda: moe_dispatch(x, w, w, jnp.ones((2, 3, 2)), jnp.zeros((4, 2)), top_k=1,
-                                backend="reference")  # fmt: skip
+    x, w, w_down = jnp.ones((4, 2)), jnp.ones((2, 2, 3)), jnp.ones((2, 3, 2))
+    call = lambda: jax.eval_shape(  # recorded when traced: no need to compile
+        lambda: moe_dispatch(x, w, w, w_down, jnp.zeros((4, 2)), top_k=1, backend="reference")
+    )
     with selftest.unrecorded():
         with selftest.unrecorded():
             call()
