@@ -3,8 +3,9 @@
 Command (full run, 3 seeds; about 26 min on the shared 2-core CPU under load from other jobs,
 training about 6 min per seed, plus about 14 min for the fast-weight tuning (12 grid points,
 one compilation each, on a validation stream; measured beside the digits run), plus about 3 min
-for the two window methods (measured alone on the shared CPU); a rerun on the
-same workdir reuses checkpoints and cells):
+for the two window methods (measured alone on the shared CPU), plus about 13 s timing the MoE
+dispatch backends (``model.backend``); a rerun on the same workdir reuses checkpoints, cells
+and timings):
     python -m experiments.run --config configs/energy_moe.py --workdir runs/energy_moe
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/energy_moe.py:tiny --workdir runs/energy_moe_tiny
@@ -64,7 +65,12 @@ def get_config(arg=None):
     c.model.d_ff = 256
     c.model.expert_widths = (16, 32, 48, 64, 96, 128, 192, 256)  # per-expert hidden widths
     c.model.top_k = 2
-    c.model.backend = "auto"
+    # The MoE dispatch backend the measured kernel cost model picks at run start
+    # (experiments/energy_moe/backend.py: every candidate timed at the run's shapes, stored in
+    # the workdir's kernel_costs.json, reused on a rerun; about 13 s). On the 2-core CPU it
+    # picks ragged, what "auto" resolves to there (the same programs), about 4x faster than the
+    # capacity einsum at the serving batch's 1024 tokens.
+    c.model.backend = "cost_model"
 
     c.data = ml_collections.ConfigDict()
     c.data.length = 64  # L bytes per window (the model's max_len)
@@ -142,6 +148,10 @@ def get_config(arg=None):
         c.model.num_experts = 4
         c.model.d_ff = 32
         c.model.expert_widths = (4, 8, 16, 32)
+        # Not "cost_model": measuring costs ~13 s of compilation (10% of `make demo`, more than
+        # the tiny run's tests can spare), and at these sizes the two backends once timed 4%
+        # apart under load, so the choice, and the demo's figures, could follow the noise.
+        c.model.backend = "auto"
         c.data.length = 16
         c.data.batch = 4
         c.data.stream_batches = 12

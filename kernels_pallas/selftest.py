@@ -19,10 +19,13 @@ The self-test checks the kernel's code paths at a small size; it cannot see a fa
 only a user's larger shapes trigger (asking for ``backend="pallas"`` explicitly skips all of
 this). The public functions report each resolution with :func:`record`; :func:`resolutions`
 lists them, and :func:`metattt.runlog.write_run_info` writes the list into ``run_info.json``.
+Calls made inside :func:`unrecorded` (timing every backend to choose one) are not listed: they
+are not what the run ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -56,6 +59,7 @@ class SelfTestError(Exception):
 _lock = threading.RLock()  # re-entrant: a self-test may resolve another kernel
 _verdicts: dict[tuple[str, ...], str | None] = {}  # key -> None (passed) or the failure reason
 _records: dict[tuple[str, ...], dict[str, str]] = {}
+_local = threading.local()  # .unrecorded: depth of unrecorded() blocks on this thread
 
 
 def device_kind() -> str:
@@ -129,7 +133,10 @@ def verdict(kernel: str, self_test: Callable[[], None], *, dtype, config) -> tup
 
 
 def record(kernel: str, requested: str, backend: str, reason: str, **details: Any) -> None:
-    """Note that a call of ``kernel`` asked for ``requested`` and ran ``backend``, and why."""
+    """Note that a call of ``kernel`` asked for ``requested`` and ran ``backend``, and why
+    (nothing inside :func:`unrecorded` on this thread)."""
+    if getattr(_local, "unrecorded", 0):
+        return
     entry = {
         "kernel": kernel,
         "requested": requested,
@@ -141,6 +148,18 @@ def record(kernel: str, requested: str, backend: str, reason: str, **details: An
     }
     with _lock:
         _records.setdefault(tuple(sorted(entry.items())), entry)
+
+
+@contextlib.contextmanager
+def unrecorded():
+    """Calls on this thread inside the block are not recorded (:func:`record`): e.g. timing
+    every backend to choose one for a run, which is not a resolution the run made. Verdicts
+    (self-tests) are still cached."""
+    _local.unrecorded = getattr(_local, "unrecorded", 0) + 1
+    try:
+        yield
+    finally:
+        _local.unrecorded -= 1
 
 
 def resolutions() -> list[dict[str, str]]:

@@ -95,8 +95,13 @@ VERDICT = (
     "experts it used, whichever backend runs them (dropless: every backend computes the same "
     "assignments); a faster backend changes only the wall-clock times, and so the measured TTT "
     "overhead. Its energy effect needs the NVML monitor on a GPU (owed), where "
-    '`choose_backend(..., objective="joules")` fits measured joules. The energy_moe runs '
-    'use `backend="auto"` (ragged where `jax.lax.ragged_dot` exists), not this model.'
+    '`choose_backend(..., objective="joules")` fits measured joules. The energy_moe configs '
+    'choose their backend with this model at run start (`model.backend = "cost_model"`, '
+    "experiments/energy_moe/backend.py: every candidate timed at the run's serving and "
+    "training shapes and two smaller neighbours, stored in the workdir, reused on a rerun); on "
+    'this CPU it picks ragged at both full configs\' serving shapes, what `backend="auto"` '
+    "resolves to (ragged where `jax.lax.ragged_dot` exists), so the kept energy_moe results, "
+    'run with "auto", come from the same programs.'
 )
 
 

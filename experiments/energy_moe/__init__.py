@@ -64,12 +64,17 @@ Reported per token: the dynamic energy (above idle, what routing changes), the t
 the simulated compute delay, their product (EDP), and the wall-clock TTT overhead (adaptation
 time / inference time).
 
-Modules: :mod:`.main` (checks and the run), :mod:`.runtime` (model, compiled functions,
-training), :mod:`.expert` (the expert-level methods and objectives), :mod:`.lm` /
-:mod:`.digits` (the tasks' data), :mod:`.serving`, :mod:`.schedules`, :mod:`.pressure`,
-:mod:`.explanations`, :mod:`.tuning` (the fast-weight settings), :mod:`.aggregate` (results
-from cells), :mod:`.tables`, :mod:`.plots` and :mod:`.report` (rendered from ``results.json``
-alone).
+Dispatch backend (issue 15 item 4, :mod:`.backend`): ``model.backend = "cost_model"`` (the
+full configs) times every candidate MoE dispatch backend at the run's shapes, stores the timings
+in the workdir (reused on a rerun) and builds every model function with the backend the fitted
+cost model picks; ``results.json`` records the choice and the report prints it.
+
+Modules: :mod:`.main` (checks and the run), :mod:`.backend` (the dispatch backend),
+:mod:`.runtime` (model, compiled functions, training), :mod:`.expert` (the expert-level
+methods and objectives), :mod:`.lm` / :mod:`.digits` (the tasks' data), :mod:`.serving`,
+:mod:`.schedules`, :mod:`.pressure`, :mod:`.explanations`, :mod:`.tuning` (the fast-weight
+settings), :mod:`.aggregate` (results from cells), :mod:`.tables`, :mod:`.plots` and
+:mod:`.report` (rendered from ``results.json`` alone).
 """
 
 from experiments.energy_moe.aggregate import SCALARS, aggregate, figure_data, matched, scalars

@@ -17,6 +17,7 @@ import jax
 
 from experiments import harness
 from experiments.energy_moe import (
+    backend,
     expert,
     pressure,
     registry,
@@ -42,6 +43,7 @@ def validate(cfg) -> None:
     """Raise ValueError for config values that would fail later."""
     task = task_of(cfg)
     task.validate_data(cfg)
+    backend.validate(cfg)
     validate_methods(cfg, task.model_config(cfg))
     expert.validate(cfg, task.model_config(cfg), task.head)
     schedules.validate(cfg)
@@ -111,6 +113,7 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     into ``workdir``; returns the results.
     """
     validate(cfg)
+    cfg, choice = backend.resolve(cfg, workdir)  # "cost_model": measured, stored, chosen
     task = task_of(cfg)
     rt = runtime.build_runtime(cfg, task.model_config(cfg), head=task.head)
     b, length = cfg.data.batch, cfg.data.length
@@ -182,6 +185,8 @@ def run(cfg, workdir: str) -> dict[str, Any]:
     )
     if tuned is not None:
         results["tuning"] = tuned
+    if choice is not None:
+        results["backend_choice"] = backend.record(choice)
     if multihost.is_primary():  # every process of a multi-process run holds the same results
         atomic.write_json(os.path.join(workdir, "results.json"), results, indent=1)
         with open(os.path.join(workdir, "summary.md"), "w") as f:

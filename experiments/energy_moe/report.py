@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from experiments import report
-from experiments.energy_moe import digits
+from experiments.energy_moe import backend, digits
 from experiments.energy_moe.plots import PLOTS, plot_all, shown_plots
 from experiments.energy_moe.registry import ENERGY_AWARE, INT8
 from experiments.energy_moe.serving import BACKWARD_FACTOR
@@ -481,6 +481,7 @@ def write_report(results: dict[str, Any], cfg, workdir: str | None = None) -> No
     body = "\n".join(
         [
             *HEADERS[name](results, cfg, mcfg, n_params),
+            *backend.line(results),
             *expert_header(results, cfg),
             *plan_header(results, cfg),
             "",

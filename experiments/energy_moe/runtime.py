@@ -29,13 +29,21 @@ from metattt.energy.schedule import prediction_entropy, router_margin
 from metattt.models import moe, quantize
 
 HEADS = ("lm", "class")
+#: ``model.backend`` asking for the dispatch backend the measured cost model picks at run start
+#: (:mod:`.backend`).
+COST_MODEL = "cost_model"
 
 
 def model_config(
     cfg, top_k: int | None = None, *, vocab_size: int = tc.VOCAB_SIZE, num_classes: int = 0
 ) -> moe.MoEConfig:
     """The model section of the config as a :class:`~metattt.models.moe.MoEConfig` (a byte LM
-    by default; ``num_classes`` > 0 adds the classification head)."""
+    by default; ``num_classes`` > 0 adds the classification head).
+
+    ``model.backend = "cost_model"`` before the run resolves it (:func:`.backend.resolve`)
+    gives the MoEConfig default ``"auto"``: the config checks and the report read only shapes
+    and sizes, which every backend shares; :func:`build_runtime` refuses such a config.
+    """
     m = cfg.model
     return moe.MoEConfig(
         vocab_size=vocab_size,
@@ -49,7 +57,7 @@ def model_config(
         max_len=cfg.data.length,
         capacity_factor=None,
         expert_widths=tuple(int(w) for w in m.expert_widths),
-        backend=m.backend,
+        backend="auto" if m.backend == COST_MODEL else m.backend,
     )
 
 
@@ -161,6 +169,9 @@ def build_runtime(cfg, mcfg: moe.MoEConfig, head: str = "lm") -> Runtime:
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if cfg.model.backend == COST_MODEL:
+        raise ValueError(f"model.backend={COST_MODEL!r} is chosen at run start: build the runtime "
+                         "from experiments.energy_moe.backend.resolve's config")  # fmt: skip
     # Every compiled function also takes parameters with int8 experts (compiled on first use).
     apply = served_apply(mcfg)
 

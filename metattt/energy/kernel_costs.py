@@ -16,7 +16,9 @@ energy) in features of the shape that the backends' costs scale with (:data:`FEA
 
 minimising the relative error Σ_i (t̂_i / t_i - 1)² (times span orders of magnitude).
 :func:`choose_backend` picks the backend of least predicted time (or energy); a shape that was
-measured uses its measurement.
+measured uses its measurement. :func:`profile_and_choose` is the whole loop for one run: the
+timings a file lacks for this device are measured (the rest read back), stored, fitted, and the
+backend is chosen at the run's shape.
 
 Candidates are device-aware (:func:`candidate_backends`): the capacity einsum (``"reference"``)
 and ``"ragged"`` (``jax.lax.ragged_dot``, where this JAX has it) everywhere, the Pallas grouped
@@ -27,20 +29,24 @@ slower than the jnp forms -- an interpreter, not a kernel -- so it is no fair ca
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas import selftest
 from kernels_pallas.moe_dispatch import capacity, moe_dispatch, ragged_dot_available
 from metattt import atomic
 from metattt.energy.monitor import AbstractMonitor
+
+logger = logging.getLogger(__name__)
 
 KERNEL_COSTS_FORMAT = "metattt.kernel_costs"
 KERNEL_COSTS_VERSION = 1
@@ -162,7 +168,8 @@ def measure_dispatch(
     that call every backend once in turn; seconds is each backend's median. With ``monitor``,
     each backend then runs ``repeats`` more calls in one measured window and joules is the
     window's energy per call (NaN when the window shows none, e.g. a simulated monitor that is
-    fed no work).
+    fed no work). The dispatches are not recorded as resolutions of the run
+    (:func:`kernels_pallas.selftest.unrecorded`).
 
     Raises:
         ValueError: an invalid shape, ``repeats`` < 1, or an unknown backend.
@@ -175,6 +182,11 @@ def measure_dispatch(
             raise ValueError(f"backends must name concrete dispatch backends, got {b!r}")
     for shape in shapes:
         _check_shape(shape)
+    with selftest.unrecorded():  # timing every backend is not what a run resolved to
+        return _measure(shapes, backends, repeats, monitor, seed)
+
+
+def _measure(shapes, backends, repeats, monitor, seed) -> list[KernelTiming]:
     out = []
     for shape in shapes:
         args = _inputs(shape, seed)
@@ -222,16 +234,12 @@ def _read(path: str) -> dict[str, Any]:
     return payload
 
 
-def save_timings(
-    path: str | os.PathLike, timings: Sequence[KernelTiming], key: str | None = None
-) -> None:
-    """Merge ``timings`` into the JSON file at ``path`` under ``key`` (default
-    :func:`device_key`); a (backend, shape) measured again replaces the old entry, entries of
-    other devices or JAX versions are kept. The file is replaced atomically."""
-    path, key = os.fspath(path), device_key() if key is None else key
-    payload = _read(path) if os.path.isfile(path) else {
-        "format": KERNEL_COSTS_FORMAT, "version": KERNEL_COSTS_VERSION, "devices": {}
-    }  # fmt: skip
+def _empty() -> dict[str, Any]:
+    return {"format": KERNEL_COSTS_FORMAT, "version": KERNEL_COSTS_VERSION, "devices": {}}
+
+
+def _write(path: str, payload: dict[str, Any], timings: Sequence[KernelTiming], key: str) -> None:
+    """Merge ``timings`` into ``payload`` under ``key``, then replace the file atomically."""
     table = payload["devices"].setdefault(key, {})
     for t in timings:
         table.setdefault(t.backend, {})[t.shape.key()] = {
@@ -240,6 +248,29 @@ def save_timings(
             "joules": None if math.isnan(t.joules) else t.joules,
         }
     atomic.write_json(path, payload, indent=1, sort_keys=True)
+
+
+def save_timings(
+    path: str | os.PathLike, timings: Sequence[KernelTiming], key: str | None = None
+) -> None:
+    """Merge ``timings`` into the JSON file at ``path`` under ``key`` (default
+    :func:`device_key`); a (backend, shape) measured again replaces the old entry, entries of
+    other devices or JAX versions are kept. The file is replaced atomically."""
+    path, key = os.fspath(path), device_key() if key is None else key
+    _write(path, _read(path) if os.path.isfile(path) else _empty(), timings, key)
+
+
+def _entries(table: dict[str, Any]) -> list[KernelTiming]:
+    """The :class:`KernelTiming` of one device's ``{backend: {shape key: entry}}`` table."""
+    out = []
+    for backend, entries in table.items():
+        for entry in entries.values():
+            joules = entry["joules"]
+            shape = DispatchShape(**entry["shape"])
+            _check_shape(shape)
+            out.append(KernelTiming(backend, shape, float(entry["seconds"]),
+                                    math.nan if joules is None else float(joules)))  # fmt: skip
+    return out
 
 
 def load_timings(path: str | os.PathLike, key: str | None = None) -> list[KernelTiming]:
@@ -257,14 +288,7 @@ def load_timings(path: str | os.PathLike, key: str | None = None) -> list[Kernel
     devices = _read(path)["devices"]
     if key not in devices:
         raise ValueError(f"{path}: no timings for {key!r}; stored: {sorted(devices)}")
-    out = []
-    for backend, entries in devices[key].items():
-        for entry in entries.values():
-            joules = entry["joules"]
-            shape = DispatchShape(**entry["shape"])
-            out.append(KernelTiming(backend, shape, float(entry["seconds"]),
-                                    math.nan if joules is None else float(joules)))  # fmt: skip
-    return out
+    return _entries(devices[key])
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -359,3 +383,121 @@ def choose_backend(
         return model.measured.get((objective, b, key), model.predict(b, shape, objective))
 
     return min(names, key=cost)
+
+
+# --- one run's choice -------------------------------------------------------------------------
+
+
+def neighbour_shapes(
+    shape: DispatchShape, factors: Sequence[float] = (0.5, 0.25)
+) -> list[DispatchShape]:
+    """Shapes beside ``shape`` for the fit: its token count T scaled by each factor (at least 1
+    token), duplicates and ``shape`` itself left out. Smaller, not larger: the einsum's one-hot
+    slot tensor grows as T² when dropless, so a larger T would cost most of the measurement.
+
+    Example: ``neighbour_shapes(DispatchShape(1024, 64, 256, 8, 2))`` holds T = 512 and 256.
+    """
+    _check_shape(shape)
+    out: dict[str, DispatchShape] = {}
+    for factor in factors:
+        if not factor > 0:
+            raise ValueError(f"factors must be > 0, got {factor!r}")
+        near = shape._replace(tokens=max(1, round(shape.tokens * factor)))
+        if near.key() != shape.key():
+            out.setdefault(near.key(), near)
+    return list(out.values())
+
+
+class BackendChoice(NamedTuple):
+    """What :func:`profile_and_choose` chose, and from what.
+
+    Attributes:
+        backend: the chosen backend.
+        shape: the shape it was chosen at.
+        objective: ``"seconds"`` or ``"joules"``.
+        costs: ``{backend: objective at shape}`` of every candidate, measured (what
+            :func:`choose_backend` compares at a measured shape).
+        predicted: ``{backend: the fitted model's objective at shape}``.
+        measured: how many (backend, shape) timings this call measured (0: all were read from
+            the file).
+        key: the device key the timings are stored under (:func:`device_key`).
+    """
+
+    backend: str
+    shape: DispatchShape
+    objective: str
+    costs: dict[str, float]
+    predicted: dict[str, float]
+    measured: int
+    key: str
+
+
+def profile_and_choose(
+    path: str | os.PathLike,
+    shapes: Sequence[DispatchShape],
+    *,
+    backends: Sequence[str] | None = None,
+    objective: str = "seconds",
+    repeats: int = 5,
+    monitor: AbstractMonitor | None = None,
+    key: str | None = None,
+    measure: Callable[..., list[KernelTiming]] | None = None,
+) -> BackendChoice:
+    """The backend of least ``objective`` at ``shapes[0]``, from timings stored at ``path``.
+
+    Every (backend, shape) of ``backends`` (default :func:`candidate_backends`) x ``shapes``
+    that the file lacks under ``key`` (default :func:`device_key`) is measured
+    (``measure(shapes, backends, repeats=, monitor=)``, default :func:`measure_dispatch`: all
+    backends of a shape that lacks any, interleaved) and merged into the file; what it holds is
+    read back, not measured again, so a rerun of the same shapes measures nothing. A file that
+    cannot be read (not JSON, another format or version, a malformed entry) is logged and
+    replaced by a fresh one, as a damaged cache is recomputed. The candidates' timings under
+    ``key`` (every shape stored, not only ``shapes``) are fitted (:func:`fit_cost_model`) and
+    :func:`choose_backend` picks at ``shapes[0]``, where its measurement decides.
+
+    Args:
+        path: the JSON timings file (created if missing).
+        shapes: the shape to choose at first, then any others to measure (e.g. another batch
+            size the same model runs, and :func:`neighbour_shapes` for the fit).
+
+    Raises:
+        ValueError: no shapes, an invalid shape or backend, an unknown objective, fewer than 2
+            stored timings of a candidate, or no ``objective`` model (joules need a monitor
+            that measures energy).
+    """
+    if not shapes:
+        raise ValueError("shapes is empty")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    for shape in shapes:
+        _check_shape(shape)
+    path, key = os.fspath(path), device_key() if key is None else key
+    backends = candidate_backends() if backends is None else tuple(backends)
+    measure = measure_dispatch if measure is None else measure
+    payload, stored = _empty(), []
+    if os.path.isfile(path):
+        try:
+            payload = _read(path)
+            stored = _entries(payload["devices"].get(key, {}))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            logger.warning("Kernel cost file %s is unreadable (%s); measuring again.", path, err)
+            payload, stored = _empty(), []
+    have = {(t.backend, t.shape.key()) for t in stored}
+    missing = list({s.key(): s for s in shapes
+                    if any((b, s.key()) not in have for b in backends)}.values())  # fmt: skip
+    new = list(measure(missing, backends, repeats=repeats, monitor=monitor)) if missing else []
+    if new:
+        _write(path, payload, new, key)
+    fresh = {(t.backend, t.shape.key()) for t in new}
+    timings = [t for t in stored if (t.backend, t.shape.key()) not in fresh] + new
+    # in the file's order, so a fit from what was just measured equals one from the file
+    timings = sorted((t for t in timings if t.backend in backends),
+                     key=lambda t: (t.backend, t.shape.key()))  # fmt: skip
+    model = fit_cost_model(timings)
+    shape = shapes[0]
+    chosen = choose_backend(model, shape, objective=objective, backends=backends)
+    costs = {b: model.measured[(objective, b, shape.key())] for b in backends
+             if (objective, b, shape.key()) in model.measured}  # fmt: skip
+    predicted = {b: model.predict(b, shape, objective) for b in backends
+                 if b in model.coefficients.get(objective, {})}  # fmt: skip
+    return BackendChoice(chosen, shape, objective, costs, predicted, len(new), key)

@@ -14,10 +14,11 @@ import pytest
 
 from configs import energy_moe as energy_config
 from experiments import energy_moe
-from experiments.energy_moe import registry, runtime, serving, tables, tuning
+from experiments.energy_moe import backend, registry, runtime, serving, tables, tuning
 from experiments.energy_moe.tasks import task_of
 from metattt import objectives
 from metattt.energy import SimulatedDevice, edp
+from metattt.energy import kernel_costs as kc
 from metattt.models import moe
 from tests.experiments.compare import assert_same_structure
 from tests.experiments.killing import kill_after
@@ -169,6 +170,7 @@ def test_methods_of_the_full_config_in_run_order():
         ("baselines.top_k", (2,), "baselines.top_k"),
         ("int8.lambdas", (0.0,), "int8.lambdas must be > 0"),
         ("model.num_heads", 3, "num_heads"),
+        ("model.backend", "fastest", "model.backend must be one of"),
         ("train.num_steps", 30, "multiple of train.steps_per_call"),
         ("train.mesh_devices", 3, "train.mesh_devices=3 must be 0 or divide train.batch=8"),
         ("data.heldout_windows", 6, "multiple of data.batch"),
@@ -401,15 +403,24 @@ def test_report_renders_a_frozen_tiny_run_without_training(tmp_path, monkeypatch
 
     monkeypatch.setattr(report, "BENCHMARKS", tmp_path / "repo" / "BENCHMARKS.md")
     cfg = energy_config.get_config("tiny")
+    cfg.model.backend = "cost_model"  # as the full config asks; the record below is its choice
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "run_info.json").write_text(json.dumps({"config": cfg.to_dict()}))
     with open(FIXTURE) as f:
         results = json.load(f)
+    shape = kc.DispatchShape(64, 16, 32, 4, 2)
+    choice = kc.BackendChoice("ragged", shape, "seconds", {"reference": 7.5e-4, "ragged": 5e-4},
+                              {"reference": 7e-4, "ragged": 6e-4}, 0, "cpu|jax-0.10.2")  # fmt: skip
+    results["backend_choice"] = backend.record(choice)
     (workdir / "results.json").write_text(json.dumps(results))
     assert run.report_workdir(str(workdir)) == "energy_moe"
     text = (tmp_path / "repo" / "BENCHMARKS.md").read_text()
     assert "<!-- energy_moe:start -->" in text and "configs/energy_moe.py" in text
+    (chosen,) = [x for x in text.splitlines() if x.startswith("- Dispatch backend: ")]
+    assert chosen.startswith("- Dispatch backend: **ragged**, chosen at run start by the measured")
+    assert "objective: seconds of the forward dispatch at the serving shape T=64,D=16," in chosen
+    assert ": reference 0.75 ms, ragged 0.5 ms; timings in the workdir's kernel_costs" in chosen
     rows = results["methods"]
     points = {n: (r["uj_per_token"]["mean"], r["bpc"]["mean"]) for n, r in rows.items()}
     for name, (uj, bpc) in points.items():

@@ -156,6 +156,22 @@ def test_record_keeps_each_distinct_resolution_once_in_order():
     assert selftest.resolutions() == []
 
 
+def test_calls_inside_unrecorded_are_not_listed():
+    """A MoE dispatch traced inside ``unrecorded`` (a cost measurement) leaves no record; the
+    same call outside it does."""
+    x, w, w_down = jnp.ones((4, 2)), jnp.ones((2, 2, 3)), jnp.ones((2, 3, 2))
+    call = lambda: jax.eval_shape(  # recorded when traced: no need to compile
+        lambda: moe_dispatch(x, w, w, w_down, jnp.zeros((4, 2)), top_k=1, backend="reference")
+    )
+    with selftest.unrecorded():
+        with selftest.unrecorded():
+            call()
+        call()
+    assert selftest.resolutions() == []
+    call()
+    assert [r["requested"] for r in selftest.resolutions()] == ["reference"]
+
+
 # --- the selective scan ---------------------------------------------------------------------
 
 

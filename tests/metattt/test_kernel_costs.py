@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from kernels_pallas import selftest
 from metattt.energy import SimulatedMonitor
 from metattt.energy import kernel_costs as kc
 
@@ -97,12 +98,15 @@ def test_candidates_are_device_aware():
 
 
 def test_measure_store_reload_and_choose(tmp_path):
-    """Tiny real timings on this device: positive, stored under this device's key beside
-    another device's entry (kept), reloaded equal, and the choice is the measured faster."""
+    """Tiny real timings on this device: positive, not recorded as the run's backends, stored
+    under this device's key beside another device's entry (kept), reloaded equal, and the
+    choice is the measured faster."""
     shapes = [kc.DispatchShape(16, 8, 16, 4, 2), kc.DispatchShape(32, 8, 16, 4, 1, 1.0)]
     backends = ("reference", "ragged")
     monitor = SimulatedMonitor(seed=0)  # fed no work: no energy, so joules stay NaN
+    before = selftest.resolutions()
     timings = kc.measure_dispatch(shapes, backends, repeats=2, monitor=monitor)
+    assert selftest.resolutions() == before  # timing is not what a run resolved to
     assert [(t.backend, t.shape) for t in timings] == [(b, s) for s in shapes for b in backends]
     assert all(t.seconds > 0 and math.isnan(t.joules) for t in timings)
     path = tmp_path / "costs" / "kernels.json"
@@ -122,3 +126,81 @@ def test_measure_store_reload_and_choose(tmp_path):
         assert kc.choose_backend(model, s) == min(times, key=times.get)
     with pytest.raises(ValueError, match="concrete dispatch backends"):
         kc.measure_dispatch(shapes, ("auto",))
+
+
+def test_neighbour_shapes_by_hand():
+    s = kc.DispatchShape(64, 8, 16, 4, 2)
+    assert kc.neighbour_shapes(s) == [s._replace(tokens=32), s._replace(tokens=16)]
+    assert kc.neighbour_shapes(s._replace(tokens=2)) == [s._replace(tokens=1)]  # T=1 once
+    with pytest.raises(ValueError, match="factors must be > 0"):
+        kc.neighbour_shapes(s, (0.0,))
+
+
+class _Measure:
+    """A measurement by known cost laws (no timing): ``reference`` costs 1 ms + 1 µs per token,
+    ``ragged`` 3 ms flat, so reference is cheaper below T = 2000; counts its calls."""
+
+    laws = {"reference": lambda s: 1e-3 + 1e-6 * s.tokens, "ragged": lambda s: 3e-3}
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, shapes, backends, *, repeats, monitor):
+        self.calls.append([s.key() for s in shapes])
+        return [kc.KernelTiming(b, s, self.laws[b](s)) for s in shapes for b in backends]
+
+
+def test_profile_and_choose_measures_only_what_the_file_lacks(tmp_path):
+    """The first call measures every shape, stores, fits and chooses at the first shape by its
+    measurement; a second call reads everything back (no measurement, the same choice); a new
+    shape measures that shape alone; another device key measures afresh."""
+    path, measure = tmp_path / "k" / "costs.json", _Measure()
+    small, big = kc.DispatchShape(64, 8, 16, 4, 2), kc.DispatchShape(4096, 8, 16, 4, 2)
+    shapes = [small, *kc.neighbour_shapes(small)]
+    backends = ("reference", "ragged")
+    first = kc.profile_and_choose(path, shapes, backends=backends, measure=measure, key="X|jax-1")
+    assert measure.calls == [[s.key() for s in shapes]] and first.measured == 6
+    assert first.backend == "reference" and first.shape == small and first.objective == "seconds"
+    assert first.costs == {b: law(small) for b, law in _Measure.laws.items()}
+    assert set(first.predicted) == set(backends) and first.key == "X|jax-1"
+    again = kc.profile_and_choose(path, shapes, backends=backends, measure=measure, key="X|jax-1")
+    assert len(measure.calls) == 1 and again == first._replace(measured=0)
+    grown = kc.profile_and_choose(path, [big, *shapes], backends=backends, measure=measure,
+                                  key="X|jax-1")  # fmt: skip
+    assert measure.calls[1:] == [[big.key()]] and grown.measured == 2
+    assert grown.backend == "ragged" and grown.costs["reference"] == _Measure.laws["reference"](big)
+    assert len(kc.load_timings(path, key="X|jax-1")) == 8
+    kc.profile_and_choose(path, shapes, backends=backends, measure=measure, key="Y|jax-1")
+    assert len(measure.calls) == 3 and len(kc.load_timings(path, key="X|jax-1")) == 8
+    with pytest.raises(ValueError, match="shapes is empty"):
+        kc.profile_and_choose(path, [], measure=measure)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        kc.profile_and_choose(path, shapes, objective="watts", measure=measure)
+    with pytest.raises(ValueError, match="no joules model"):  # the laws give no energy
+        kc.profile_and_choose(path, shapes, backends=backends, objective="joules",
+                              measure=measure, key="X|jax-1")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        '{"format": "other"}',
+        '{"format": "metattt.kernel_costs", "version": 1,'
+        ' "devices": {"X|jax-1": {"ragged": {"a": {"seconds": 1}}}}}',
+        '{"format": "metattt.kernel_costs", "version": 1, "devices": {"X|jax-1": {"ragged": {"a":'
+        ' {"seconds": 1, "joules": null, "shape": {"tokens": 0, "d_model": 8, "d_ff": 16,'
+        ' "experts": 4, "top_k": 2}}}}}}',
+    ],
+)
+def test_profile_and_choose_measures_again_over_a_damaged_file(tmp_path, caplog, text):
+    """Bad JSON, another format, a malformed entry, an invalid shape: logged, measured, and the
+    file replaced."""
+    path, measure = tmp_path / "costs.json", _Measure()
+    path.write_text(text)
+    shapes = [kc.DispatchShape(64, 8, 16, 4, 2), kc.DispatchShape(32, 8, 16, 4, 2)]
+    with caplog.at_level("WARNING"):
+        choice = kc.profile_and_choose(path, shapes, backends=("reference", "ragged"),
+                                       measure=measure, key="X|jax-1")  # fmt: skip
+    assert "is unreadable" in caplog.text and choice.measured == 4 and len(measure.calls) == 1
+    assert len(kc.load_timings(path, key="X|jax-1")) == 4  # a valid file again
