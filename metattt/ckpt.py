@@ -277,6 +277,8 @@ class Checkpointer:
                     reason = _nonfinite(state) or (check(step, state) if check else None)
                 except Exception as error:  # noqa: BLE001 - any failure to load refuses it
                     reason = _first_line(error)
+                if reason is not None:
+                    gc.collect()  # a failed read's debris, collected while it is muted
             if not multihost.any_process(reason is not None):
                 return step, state
             reason = reason or "refused by another process of this run"
@@ -394,8 +396,10 @@ def _quiet_orbax_failures() -> Iterator[None]:
 
     When orbax fails to read a corrupted checkpoint, its sibling asyncio tasks fail too and,
     when garbage-collected, print "Task exception was never retrieved" with the whole
-    tensorstore spec, or raise "Event loop is closed" as unraisable exceptions. They are
-    collected here, inside the block, with the asyncio logger and the unraisable hook muted.
+    tensorstore spec, or raise "Event loop is closed" as unraisable exceptions. The block
+    collects them (``gc.collect()`` after a failure; a successful restore leaves none, and a
+    full collection costs ~0.3 s in a process holding JAX's caches) with the asyncio logger
+    and the unraisable hook muted.
     """
     asyncio_logger = logging.getLogger("asyncio")
     level, hook = asyncio_logger.level, sys.unraisablehook
@@ -403,7 +407,6 @@ def _quiet_orbax_failures() -> Iterator[None]:
     sys.unraisablehook = lambda unraisable: None
     try:
         yield
-        gc.collect()
     finally:
         asyncio_logger.setLevel(level)
         sys.unraisablehook = hook

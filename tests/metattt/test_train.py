@@ -390,6 +390,10 @@ def _corrupt(step_dir, how):
         middle = len(data) // 2
         data[middle : middle + 64] = np.random.default_rng(0).bytes(64)
         p.write_bytes(bytes(data))
+    elif how == "unsealed_zero_byte":  # killed before sealing: orbax itself reads it and fails
+        (step_dir / "manifest.sha256.json").unlink()
+        for p in _data_files(step_dir):
+            p.write_bytes(b"")
     elif how == "missing_metadata":
         (step_dir / "default" / "_METADATA").unlink()
     elif how == "empty_folder":
@@ -398,7 +402,8 @@ def _corrupt(step_dir, how):
 
 
 @pytest.mark.parametrize(
-    "how", ["zero_byte", "truncated", "garbled", "missing_metadata", "empty_folder"]
+    "how",
+    ["zero_byte", "truncated", "garbled", "unsealed_zero_byte", "missing_metadata", "empty_folder"],
 )
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_one_before(tmp_path, how, caplog):
     kwargs = dict(checkpoint_every=10, log_every=10, show_progress=False)
