@@ -371,7 +371,17 @@ def _capacity_share(r: dict[str, Any]) -> str:
     if shares is None or all(cf is None for cf, _, _ in levels):
         return ""
     at = sum(s for (cf, _, _), s in zip(levels, shares, strict=True) if cf is not None)
-    return f"; {100 * at:.0f}% of the batches were served at a capacity-factor level"
+    text = f"; {100 * at:.0f}% of the batches were served at a capacity-factor level"
+    need = {(cf, k, c): b for (cf, k, c), b in zip(levels, r["memory_level_bytes"], strict=True)}
+    extra = [b - need[(None, k, c)] for (cf, k, c), b in need.items()
+             if cf is not None and (None, k, c) in need]  # fmt: skip
+    if extra and min(extra) >= 0:
+        span = f"{min(extra)}" if min(extra) == max(extra) else f"{min(extra)}-{max(extra)}"
+        text += (
+            f" (each priced {span} bytes above the dropless level of the same chunks and "
+            "top-k: the rung buys no memory here)"
+        )
+    return text
 
 
 def _capacity_text(rows: dict[str, Any]) -> str:

@@ -320,7 +320,7 @@ def test_memory_pressure_forces_the_capacity_rung_and_serves_the_model_at_that_f
     score and count as a direct call of the classifier at capacity factor 0.5 (assignments
     dropped), and the cell records the share of batches served at each level."""
     from configs import energy_moe_digits as digits_config
-    from experiments.energy_moe import digits, runtime
+    from experiments.energy_moe import digits
     from metattt.models import moe
 
     cfg = digits_config.get_config("tiny")
@@ -330,7 +330,8 @@ def test_memory_pressure_forces_the_capacity_rung_and_serves_the_model_at_that_f
     m.pressure, m.limit_x, m.margin, m.patience = (0.6,), 2.0, 0.0, 1
     pressure.validate(cfg, 2, "class")
     mcfg = digits.model_config(cfg)
-    rt = SimpleNamespace(mcfg=mcfg, infer={2: runtime.compile_infer(mcfg, "class")})
+    dropless = jax.jit(lambda p, x, y, mask: (jnp.float32(0.5), jnp.zeros((1, 4), jnp.int32)))
+    rt = SimpleNamespace(mcfg=mcfg, infer={2: dropless})  # not under test here: a stub
     # levels priced by capacity (XLA's own pricing is tested in tests/metattt)
     monkeypatch.setattr(pressure, "peak_bytes", lambda fn, *a: 2000 if fn is rt.infer[2] else 1000)
     rng = np.random.default_rng(3)
@@ -409,6 +410,11 @@ def test_digits_window_methods_are_windows_of_images_and_render_as_such():
     memory = {"error": seed(0.6), "error_change": seed(0.0), "energy_reduction": seed(0.1),
               "memory_degraded_share": seed(0.5), "memory_over": [1], "memory_over_full": [2],
               "memory_levels": [[None, 2, 1], [1.0, 2, 1]], "memory_level_bytes": [2048, 1024],
-              "memory_level_shares": [0.25, 0.75]}  # fmt: skip
+              "memory_level_shares": [0.25, 0.75], "meets_energy_target": False}  # fmt: skip
     line = tables.memory_table({"methods": {"memory": memory}}, ERROR)[-1]
     assert line.startswith("| memory | 1x2 dropless (2): 25%, 1x2 c=1 (1): 75% |")
+    reading = report.plan_reading({"methods": {"memory": memory}}, ERROR)[0]
+    assert "; 75% of the batches were served at a capacity-factor level; a memory" in reading
+    memory["memory_level_bytes"] = [2048, 2176]  # the factor priced above dropless
+    reading = report.plan_reading({"methods": {"memory": memory}}, ERROR)[0]
+    assert "(each priced 128 bytes above the dropless level" in reading
