@@ -216,7 +216,7 @@ def test_image_windows_are_charged_a_pass_of_w_images_and_every_step():
     windowed = lambda *args, adapting: IMAGE_WINDOWED(*args, adapting=True)
     served = serve_stream(None, None, CMODEL.params, inputs, targets, work=work,
                           dense=dense.scaled(CW / CB), device=device, monitor=monitor,
-                          period_s=1.0, top_k=2, mask=MASK, lam=0.5, adapting=True,
+                          period_s=1.0, top_k=2, mask=MASK, lam=LAM, adapting=True,
                           adapt_windows=CROWS, backward_factor=2.0, windowed=windowed,
                           window_rows=CW)  # fmt: skip
     monitor.close()
