@@ -2,8 +2,10 @@
 
 Command (full run, 3 seeds; about 10 min on the shared 2-core CPU, mostly training, plus about
 13 min for the fast-weight tuning (12 grid points on a validation stream; measured beside the
-LM run), plus about 13 s timing the MoE dispatch backends (``model.backend``); a rerun on the
-same workdir reuses checkpoints, cells and timings):
+LM run), plus about 13 s timing the MoE dispatch backends (``model.backend``); the whole run
+took 22 min on 2026-12-07 with the two image-window methods (about 35 s per seed, both) and the
+capacity-factor levels' compilations; a rerun on the same workdir reuses checkpoints, cells and
+timings):
     python -m experiments.run --config configs/energy_moe_digits.py --workdir runs/energy_moe_digits
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/energy_moe_digits.py:tiny \
