@@ -262,12 +262,14 @@ def memory_section() -> ml_collections.ConfigDict:
     trained model on a simulated device of ``limit_x`` full-service footprints (XLA's peak bytes
     of the compiled forward) whose other tenants use the shares ``pressure`` of it (equal
     segments of the stream); metattt.energy.memory_policy steps down through batch ``chunks``,
-    then top-k down to ``min_top_k``, keeping a ``margin``, and steps up after ``patience`` calm
-    readings.
+    then ``capacity_factors`` (None: dropless; the classifier only -- for the LM capacity
+    dropping is not causal), then top-k down to ``min_top_k``, keeping a ``margin``, and steps
+    up after ``patience`` calm readings.
     """
     m = ml_collections.ConfigDict()
     m.enabled = True
     m.chunks = (1, 2)
+    m.capacity_factors = (None,)  # from the most generous; (None,): dropless only
     m.min_top_k = 1
     m.limit_x = 2.0
     m.pressure = (0.3, 0.55, 0.68, 0.3)

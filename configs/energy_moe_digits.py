@@ -2,8 +2,10 @@
 
 Command (full run, 3 seeds; about 10 min on the shared 2-core CPU, mostly training, plus about
 13 min for the fast-weight tuning (12 grid points on a validation stream; measured beside the
-LM run), plus about 13 s timing the MoE dispatch backends (``model.backend``); a rerun on the
-same workdir reuses checkpoints, cells and timings):
+LM run), plus about 13 s timing the MoE dispatch backends (``model.backend``); the whole run
+took 22 min on 2026-12-07 with the two image-window methods (about 35 s per seed, both) and the
+capacity-factor levels' compilations; a rerun on the same workdir reuses checkpoints, cells and
+timings):
     python -m experiments.run --config configs/energy_moe_digits.py --workdir runs/energy_moe_digits
 Tiny smoke run (seconds; what the tests run):
     python -m experiments.run --config configs/energy_moe_digits.py:tiny \
@@ -21,7 +23,11 @@ LoRA on the experts, the norms, the biases, fast-weight experts with rank-4 LoRA
 parameters (``fast_ttt/4``; on int8 experts ``int8_fast_ttt/4``), each with the router; the
 two-augmentation consistency objective;
 masked reconstruction is refused, the token head being never trained); the schedules, memory
-pressure and routing explanations of issue 15 items 6-8 as in ``configs/energy_moe.py``.
+pressure and routing explanations of issue 15 items 6-8 as in ``configs/energy_moe.py``, the
+memory ladder with capacity-factor rungs after the batch chunks (``memory.capacity_factors``:
+legitimate for a classifier, which predicts once per image from all its tokens), and router TENT
+per window of 4 images of every batch (``ttt~w4``, ``energy_ttt/1~w4``: each window scored with
+the parameters from before its update, then adapted on).
 Energy is the SIMULATED monitor's.
 
 Expected result: see the energy_moe_digits section of BENCHMARKS.md (the run writes it).
@@ -121,6 +127,19 @@ def get_config(arg=None):
     )
     c.schedule = schedule_section(lam="1", int8_lam="1", expert=("lora_ttt/4", "fast_ttt/4"))
     c.memory = memory_section()
+    # Capacity-factor rungs after the batch chunks (issue 15 item 6): the classifier predicts
+    # once per image from all its tokens, so dropping assignments over an expert's capacity is
+    # legitimate here (for the LM it is not causal: the LM stays dropless). Measured on the CPU
+    # with the ragged backend the run picks (metattt.energy.peak_bytes): every factor from 2 to
+    # 0.5 costs 128 bytes MORE than dropless at each chunk size and top-k (the grouped matmuls'
+    # buffers hold all T·K assignments; dropped ones are only masked), so the policy never picks
+    # such a level: the rung is kept to show that it buys no memory here.
+    c.memory.capacity_factors = (None, 1.0)
+    # Adaptation per window of W images (issue 15 item 7, experiments/energy_moe/windows.py):
+    # "<router TTT method>~w<W>" scores W consecutive images of the batch with the parameters
+    # from before, then adapts on them; W = batch / 8.
+    c.window = ml_collections.ConfigDict()
+    c.window.methods = ("ttt~w4", "energy_ttt/1~w4")
     c.tune = tune_section("fast_ttt/4", stream_batches=32)  # 4 batches per segment
     c.int8 = ml_collections.ConfigDict()  # weight-only int8 experts, as in configs/energy_moe.py
     c.int8.enabled = True
@@ -159,6 +178,8 @@ def get_config(arg=None):
         c.schedule.methods = ("energy_ttt/3@margin",)  # one more compilation (the signals)
         c.schedule.max_every = 4
         c.memory.patience = 1
+        c.memory.capacity_factors = (None,)  # the suite's time: tests cover the rungs on stubs
+        c.window.methods = ()  # likewise (tests/metattt/test_energy_windows.py)
         c.tune.enabled = False  # the LM's tiny run tunes (seconds per point)
     if arg == "demo":
         c.data.stream_batches = 16

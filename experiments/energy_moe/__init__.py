@@ -42,11 +42,13 @@ adapt on it, so no method sees a label before predicting it. Methods (:mod:`.reg
   (``@entropy``) or router margin (``@margin``), from the served model's forward pass, is past
   an in-distribution quantile, or at an adaptive period (``@adaptive``), instead of every
   ``ttt.every``-th batch.
-* per token window (issue 15 item 7, :mod:`.windows`), named in ``window.methods``:
-  ``<method>~w<W>`` (the router TTT kinds) adapts after every W-token chunk of every batch,
-  each chunk scored with the parameters adapted on the chunks before it (LM only).
+* per window (issue 15 item 7, :mod:`.windows`), named in ``window.methods``:
+  ``<method>~w<W>`` (the router TTT kinds) adapts after every W-token chunk (LM) or every
+  window of W images (classifier) of every batch, each chunk scored with the parameters
+  adapted on the chunks before it.
 * ``memory`` (issue 15 item 6, :mod:`.pressure`): the trained model served while simulated
-  tenants take memory, stepping down through batch chunks and top-k.
+  tenants take memory, stepping down through batch chunks, capacity factors (classifier only)
+  and top-k.
 * the fast-weight settings (``expert.fast_lr``, ``fast_chunk``, ``fast_steps``) are chosen on
   a validation stream the test stream never reads (``tune``, :mod:`.tuning`): a grid served
   per seed, one point chosen on the seeds' means for every fast-weight method.

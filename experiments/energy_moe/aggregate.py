@@ -90,6 +90,7 @@ def _issue15_rows(runs: list[dict], method: Method) -> dict[str, Any]:
         row["adapt_calls"] = stats.seed_summary([r["adapt_calls"] for r in runs])
     if method.window:
         row["window"] = method.window
+        row["window_unit"] = runs[0].get("window_unit", "tokens")
     if method.schedule:
         for key in ("threshold", "hard_share"):
             row[key] = stats.seed_summary([r[key] for r in runs])
@@ -101,6 +102,10 @@ def _issue15_rows(runs: list[dict], method: Method) -> dict[str, Any]:
         )
         row["memory_level_bytes"] = runs[0]["memory_level_bytes"]
         row["memory_levels"] = runs[0]["memory_levels"]
+        if "memory_level_shares" in runs[0]:  # mean over seeds of each level's share of batches
+            row["memory_level_shares"] = np.mean(
+                [r["memory_level_shares"] for r in runs], axis=0
+            ).tolist()
     if "explain" in runs[0]:
         ex = [r["explain"] for r in runs]
         keys = ("avoided_uj_per_token", "adopted_uj_per_token", "saved_uj_per_token",

@@ -48,7 +48,7 @@ def validate(cfg) -> None:
     expert.validate(cfg, task.model_config(cfg), task.head)
     schedules.validate(cfg)
     windows.validate(cfg, task.head)
-    pressure.validate(cfg, task.model_config(cfg).top_k)
+    pressure.validate(cfg, task.model_config(cfg).top_k, task.head)
     tuning.validate(cfg, task)
 
 

@@ -2,10 +2,15 @@
 tenants take a changing share of a simulated device's memory.
 
 The serving levels (:func:`metattt.energy.serving_ladder`: batch chunks ``memory.chunks``, then
-top-k down to ``memory.min_top_k``) are priced by XLA's peak bytes of the compiled forward pass
-at each level's chunk size (:func:`metattt.energy.peak_bytes`). The simulated device holds
-``memory.limit_x`` times the full-service level's bytes; the other tenants use the share
-``memory.pressure[i]`` of it during segment i of the stream (equal segments). After each batch
+capacity factors ``memory.capacity_factors``, then top-k down to ``memory.min_top_k``) are
+priced by XLA's peak bytes of the compiled forward pass at each level's chunk size
+(:func:`metattt.energy.peak_bytes`). A capacity factor c drops the assignments past
+C = ceil(c·T·K/E) per expert among the T tokens of a served slice (lowest gates first): the
+classifier's levels only -- it predicts once per image from all its tokens, while for the LM
+which tokens are dropped would depend on later tokens (not causal), so the LM stays dropless.
+The simulated device holds ``memory.limit_x`` times the full-service level's bytes; the other
+tenants use the share ``memory.pressure[i]`` of it during segment i of the stream (equal
+segments). After each batch
 the device is read (:class:`metattt.energy.SimulatedMemory`: the tenants plus what the served
 level holds) and :func:`metattt.energy.memory_policy` picks the level of the next batch: down
 at once, up after ``memory.patience`` calm readings.
@@ -27,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.energy_moe.runtime import Runtime
+from experiments.energy_moe.runtime import Runtime, compile_infer
 from metattt.energy import SimulatedMemory, memory_policy, peak_bytes, serving_ladder
+from metattt.energy.memory import level_config
 
 
 def tenant_trace(cfg, steps: int, limit: int) -> list[int]:
@@ -48,12 +54,14 @@ class MemoryPressure:
         forward pass of ``rows`` rows."""
         m = cfg.memory
         self.rt, self.work_of = rt, work
-        self.ladder = serving_ladder(rt.mcfg.top_k, chunks=tuple(m.chunks), min_top_k=m.min_top_k)
+        self.ladder = serving_ladder(rt.mcfg.top_k, capacity_factors=capacity_factors(cfg),
+                                     chunks=tuple(m.chunks), min_top_k=m.min_top_k)  # fmt: skip
         mask = jnp.ones((rt.mcfg.num_experts,), bool)
-        self.need = []
+        self.need, self.fns, compiled = [], [], {}
         for level in self.ladder:  # price, and compile, every level before serving
             rows = len(x) // level.chunks
-            fn = rt.infer[level.top_k]
+            fn = level_infer(rt, level, compiled)
+            self.fns.append(fn)
             self.need.append(peak_bytes(fn, params, x[:rows], y[:rows], mask))
             jax.block_until_ready(fn(params, x[:rows], y[:rows], mask))
         steps = cfg.data.stream_batches
@@ -68,8 +76,7 @@ class MemoryPressure:
     def infer(self, p, x, y, k, mask):
         """The batch at the current level: ``chunks`` slices, scores averaged (equal slices),
         counts summed."""
-        level = self.ladder[self.decision.level]
-        fn = self.rt.infer[level.top_k]
+        level, fn = self.ladder[self.decision.level], self.fns[self.decision.level]
         outs = [fn(p, xs, ys, jnp.asarray(mask)) for xs, ys in
                 zip(np.split(x, level.chunks), np.split(y, level.chunks), strict=True)]  # fmt: skip
         self._chunk_counts = [np.asarray(c) for _, c in outs]
@@ -100,15 +107,46 @@ class MemoryPressure:
             "memory_over": int(sum(s > r for s, r in zip(served, room, strict=True))),
             "memory_over_full": int(sum(self.need[0] > r for r in room)),
             "memory_degraded_share": float(np.mean(np.asarray(self.levels) > 0)),
+            "memory_level_shares": (
+                np.bincount(self.levels, minlength=len(self.ladder)) / max(len(self.levels), 1)
+            ).tolist(),
         }
 
 
-def validate(cfg, top_k: int) -> None:
+def capacity_factors(cfg) -> tuple[float | None, ...]:
+    """``memory.capacity_factors`` (absent: ``(None,)``, dropless only)."""
+    return tuple(cfg.memory.get("capacity_factors", (None,)))
+
+
+def level_infer(rt: Runtime, level, compiled: dict) -> Any:
+    """The jitted inference of a ladder level: ``rt.infer[top_k]`` when dropless, else the
+    model at the level's capacity factor (compiled once per (capacity factor, top-k) into
+    ``compiled``)."""
+    if level.capacity_factor is None:
+        return rt.infer[level.top_k]
+    key = (level.capacity_factor, level.top_k)
+    if key not in compiled:
+        head = "class" if rt.mcfg.num_classes else "lm"
+        compiled[key] = compile_infer(level_config(rt.mcfg, level), head)
+    return compiled[key]
+
+
+def validate(cfg, top_k: int, head: str = "lm") -> None:
     """Raise ValueError for a ``memory`` section that would fail later (absent or off:
     nothing)."""
     if "memory" not in cfg or not cfg.memory.enabled:
         return
     m = cfg.memory
+    cfs = capacity_factors(cfg)
+    given = [c for c in cfs if c is not None]
+    valid = all(isinstance(c, int | float) and c > 0 for c in given)
+    if not cfs or not valid or given != sorted(set(given), reverse=True) or None in cfs[1:]:
+        raise ValueError(f"memory.capacity_factors must be None (dropless) or > 0, from the "
+                         f"most generous (None first, then decreasing), got {cfs}")  # fmt: skip
+    if given and head == "lm":
+        raise ValueError(f"memory.capacity_factors must be (None,) for the LM, got {cfs}: "
+                         "capacity dropping is not causal (which tokens are dropped depends on "
+                         "later tokens)")  # fmt: skip
     serving_ladder(top_k, chunks=tuple(m.chunks), min_top_k=m.min_top_k)  # raises
     if any(cfg.data.batch % c for c in m.chunks):
         raise ValueError(f"memory.chunks must divide data.batch={cfg.data.batch}, got "

@@ -19,8 +19,8 @@ quantile, or at a period that halves on hard batches and doubles on easy ones (`
 the config names them in ``schedule.methods`` (e.g. ``int8_ttt@margin``,
 ``lora_ttt/4:masked@entropy``). The router TTT kinds (``ttt``, ``energy_ttt``, ``int8_ttt``,
 ``int8_energy_ttt``, without objective or schedule) may instead end in ``~w<W>``: adapt after
-every window of W tokens inside each batch (:mod:`.windows`, named in ``window.methods``, e.g.
-``ttt~w16``). ``memory`` (item 6, :mod:`.pressure`) serves the
+every window of W tokens (LM) or W images (classifier) inside each batch (:mod:`.windows`,
+named in ``window.methods``, e.g. ``ttt~w16``). ``memory`` (item 6, :mod:`.pressure`) serves the
 trained model while other tenants' memory use follows a simulated trace, stepping down through
 serving levels (``memory.enabled``). :func:`parse_method` turns a name into a :class:`Method`
 and rejects anything else in one line that lists the valid forms; :func:`methods` names the
@@ -49,7 +49,7 @@ OBJECTIVE_KINDS = ("ttt", "energy_ttt", *EXPERT)  # the kinds that may name an o
 SCHEDULES = ("entropy", "margin", "adaptive")
 #: the kinds that may name a schedule: all that adapt at test time but ``budget``
 SCHEDULE_KINDS = ("ttt", "energy_ttt", "int8_ttt", "int8_energy_ttt", *EXPERT)
-#: the kinds that may adapt per token window (``~w<W>``): the router TTT's
+#: the kinds that may adapt per window of tokens or images (``~w<W>``): the router TTT's
 WINDOW_KINDS = ("ttt", "energy_ttt", "int8_ttt", "int8_energy_ttt")
 
 
@@ -67,7 +67,8 @@ class Method(NamedTuple):
             match).
         objective: the adaptation's objective (``""``: the task's own).
         schedule: when to adapt (``""``: every ``ttt.every``-th batch; else :data:`SCHEDULES`).
-        window: W > 0: adapt after every W-token window of every batch (:mod:`.windows`).
+        window: W > 0: adapt after every window of W tokens (LM) or W images (classifier)
+            of every batch (:mod:`.windows`).
     """
 
     kind: str

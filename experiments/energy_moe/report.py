@@ -20,6 +20,7 @@ from experiments.energy_moe.tables import (
     router_reference,
     summary,
     when_to_adapt,
+    window_unit,
 )
 from experiments.energy_moe.tasks import BPC, Metric, task_of
 from metattt.models import moe
@@ -191,7 +192,8 @@ def plan_reading(results: dict[str, Any], metric: Metric) -> list[str]:
             f"{r['adapt_calls']['mean']:.1f} batches "
             f"({100 * r['hard_share']['mean']:.0f}% of the stream past the threshold)"
             if "hard_share" in r
-            else f"{r['adapt_calls']['mean']:.1f} windows of {r['window']} tokens"
+            else f"{r['adapt_calls']['mean']:.1f} windows of {r['window']} "
+            f"{r.get('window_unit', 'tokens')}"
         )
         text = (
             f"- {name} adapted on {when}: "
@@ -218,8 +220,9 @@ def plan_reading(results: dict[str, Any], metric: Metric) -> list[str]:
             f"served {100 * r['memory_degraded_share']['mean']:.0f}% of the batches degraded "
             f"and exceeded the memory left in {r['memory_over']} (the reading follows the batch, "
             f"so a sudden rise is met one batch late), at {change(r[f'{m_key}_change'], metric)}"
-            f" {label} and {100 * r['energy_reduction']['mean']:+.1f}% energy vs no_ttt; a "
-            "memory lever, it "
+            f" {label} and {100 * r['energy_reduction']['mean']:+.1f}% energy vs no_ttt"
+            + _capacity_share(r)
+            + "; a memory lever, it "
             f"{'meets' if r['meets_energy_target'] else 'does not meet'} the ≥ 20% energy at "
             f"< 5{'%' if metric.relative else ' pp'} {label} target."
         )
@@ -250,7 +253,18 @@ def plan_header(results: dict[str, Any], cfg) -> list[str]:
             f"starts at period {cfg.ttt.every} and moves within [1, {s.max_every}]; the signal "
             "comes from the serving forward pass (no extra work)."
         )
-    if any("window" in r for r in rows.values()):
+    if window_unit(rows) == "images" and any("window" in r for r in rows.values()):
+        lines.append(
+            "- Image windows (issue 15 item 7, ~w<W>): the classifier predicts once per image, "
+            "so a window is W consecutive images of the stream batch; each window is scored "
+            "with the parameters from before its update, then adapted on (its first "
+            f"min({cfg.ttt.windows}, W) images, {cfg.ttt.steps} step(s)): the causality of the "
+            "LM's token windows. Each window is charged as a forward pass of "
+            f"(W, {cfg.data.length}) tokens, "
+            "each step as 1 + backward passes over its adapted images; wall overhead = the "
+            "windowed pass with adaptation minus the same pass without."
+        )
+    elif any("window" in r for r in rows.values()):
         lines.append(
             "- Token windows (issue 15 item 7, ~w<W>): every batch is read in causal chunks of "
             f"W tokens; after each, {cfg.ttt.steps} adaptation step(s) on the chunk of the first "
@@ -266,7 +280,9 @@ def plan_header(results: dict[str, Any], cfg) -> list[str]:
             "full-service level's peak bytes; other tenants use "
             f"{', '.join(f'{p:.0%}' for p in m.pressure)} of it in equal segments of the stream; "
             f"the policy keeps a {m.margin:.0%} margin and steps up after {m.patience} calm "
-            "readings; a chunked batch is priced per chunk (weights read once per chunk)."
+            "readings; a chunked batch is priced per chunk (weights read once per chunk)"
+            + _capacity_text(rows)
+            + "."
         )
     explained = [n for n, r in rows.items() if "explain" in r]
     if explained:
@@ -346,6 +362,38 @@ def _fast_header(results: dict[str, Any], cfg) -> str:
             else ""
         )
     )
+
+
+def _capacity_share(r: dict[str, Any]) -> str:
+    """The share of batches the memory method served at a capacity-factor level (nothing
+    without such levels)."""
+    levels, shares = r["memory_levels"], r.get("memory_level_shares")
+    if shares is None or all(cf is None for cf, _, _ in levels):
+        return ""
+    at = sum(s for (cf, _, _), s in zip(levels, shares, strict=True) if cf is not None)
+    text = f"; {100 * at:.0f}% of the batches were served at a capacity-factor level"
+    need = {(cf, k, c): b for (cf, k, c), b in zip(levels, r["memory_level_bytes"], strict=True)}
+    extra = [b - need[(None, k, c)] for (cf, k, c), b in need.items()
+             if cf is not None and (None, k, c) in need]  # fmt: skip
+    if extra and min(extra) >= 0:
+        span = f"{min(extra)}" if min(extra) == max(extra) else f"{min(extra)}-{max(extra)}"
+        text += (
+            f" (each priced {span} bytes above the dropless level of the same chunks and "
+            "top-k: the rung buys no memory here)"
+        )
+    return text
+
+
+def _capacity_text(rows: dict[str, Any]) -> str:
+    """The capacity-factor rungs of the memory ladders (nothing when dropless only)."""
+    levels = [lv for r in rows.values() for lv in r.get("memory_levels", ())]
+    cfs = sorted({cf for cf, _, _ in levels if cf is not None}, reverse=True)
+    if not cfs:
+        return ""
+    return (f"; capacity factors {', '.join(f'{c:g}' for c in cfs)} after dropless: each expert "
+            "processes at most ceil(c·T·K/E) of a served slice's T·K assignments, the lowest "
+            "gates dropped (their experts' work is not charged); legitimate for the classifier, "
+            "which predicts once per image from all its tokens")  # fmt: skip
 
 
 def _memory_source(results: dict[str, Any], cfg) -> str:

@@ -222,12 +222,19 @@ def serve(
         snaps = Snapshots(infer, adapt, half=len(inputs) // 2)
         infer, adapt = snaps.infer, snaps.adapt
     windowed, dense = None, batch_dense_work(rt, b, length)
+    window_rows, adapt_windows = None, cfg.ttt.windows
     mask = static_mask(rt.joules, method.prune)
-    if method.window:  # every chunk is a (B, W) pass; the adaptation reads (ttt.windows, W)
-        windowed = windows.windowed(mcfg, rt.adapt, method.window, cfg.ttt.windows)
+    if method.window:
+        adapt_windows = windows.adapt_rows(cfg, mcfg, method.window)
+        windowed = windows.windowed(mcfg, rt.adapt, method.window, adapt_windows)
         windows.warm_up(windowed, params, inputs[0], targets[0], jnp.asarray(mask))
-        work = lambda counts, rows: batch_work(rt, counts, rows, method.window, weights=weights)
-        dense = batch_dense_work(rt, b, method.window)
+        if windows.axis_of(mcfg) == 1:  # a chunk is a (B, W) pass; adapting reads (rows, W)
+            work = lambda counts, rows: batch_work(rt, counts, rows, method.window,
+                                                   weights=weights)  # fmt: skip
+            dense = batch_dense_work(rt, b, method.window)
+        else:  # a window is a (W, L) pass of W images; adapting reads (rows, L)
+            window_rows = method.window
+            dense = batch_dense_work(rt, method.window, length)
     served = serve_stream(
         infer,
         adapt,
@@ -244,12 +251,13 @@ def serve(
         lam=cfg.budget.lam_init if policy is not None else method.lam,
         adapting=method.adapts and policy is None,
         adapt_every=cfg.ttt.every,
-        adapt_windows=cfg.ttt.windows,
+        adapt_windows=adapt_windows,
         backward_factor=BACKWARD_FACTOR,
         policy=policy,
         schedule=schedule,
         on_window=on_window,
         windowed=windowed,
+        window_rows=window_rows,
     )
     monitor.close()
     steps = len(inputs)
@@ -287,6 +295,7 @@ def serve(
     }
     if windowed is not None:
         out["window"] = method.window
+        out["window_unit"] = "tokens" if window_rows is None else "images"
     if hw is not None:
         out.update(
             hw_budget_w=budget_w,

@@ -212,8 +212,13 @@ def periodic_reference(results: dict[str, Any], name: str) -> str | None:
 
 
 def when_to_adapt(rows: dict[str, Any]) -> list[str]:
-    """The methods that choose when to adapt: by a schedule or per token window."""
+    """The methods that choose when to adapt: by a schedule or per window."""
     return [n for n in rows if "hard_share" in rows[n] or "window" in rows[n]]
+
+
+def window_unit(rows: dict[str, Any]) -> str:
+    """What the ``~w<W>`` rows' windows hold: ``"tokens"`` (LM) or ``"images"`` (digits)."""
+    return next((r.get("window_unit", "tokens") for r in rows.values() if "window" in r), "tokens")
 
 
 def schedule_table(results: dict[str, Any], metric: Metric) -> list[str]:
@@ -228,7 +233,8 @@ def schedule_table(results: dict[str, Any], metric: Metric) -> list[str]:
         "**When to adapt** (issue 15 item 7): the signal's threshold is a quantile of its "
         "in-distribution values; 'hard batches' is the share of stream batches past it"
         + (
-            "; '~w<W>' adapts after every W-token window of every batch (adaptations: windows)"
+            f"; '~w<W>' adapts after every W-{window_unit(rows)[:-1]} window of every batch "
+            "(adaptations: windows)"
             if any("window" in rows[n] for n in names)
             else ""
         )
@@ -273,21 +279,32 @@ def memory_table(results: dict[str, Any], metric: Metric) -> list[str]:
     names = [n for n in rows if "memory_over" in rows[n]]
     if not names:
         return []
+    shares = any("memory_level_shares" in rows[n] for n in names)
+    capacity = any(cf is not None for n in names for cf, _, _ in rows[n]["memory_levels"])
+    what = "batch chunks, capacity factor, top-k" if capacity else "batch chunks, top-k"
     lines = [
         "",
-        "**Memory pressure** (issue 15 item 6): levels (batch chunks, top-k) priced by XLA's "
+        f"**Memory pressure** (issue 15 item 6): levels ({what}) priced by XLA's "
         "peak bytes of the compiled forward; per seed, the batches whose served level exceeded "
-        "the memory the other tenants left, with the policy and with full service throughout.",
+        "the memory the other tenants left, with the policy and with full service throughout"
+        + ("; after each level, the share of batches served at it (mean over seeds)" if shares
+           else "")
+        + ".",
         "",
-        f"| method | levels: chunks x top-k (KiB) | batches degraded | over the memory left | "
+        f"| method | levels: chunks x top-k{', capacity factor' if capacity else ''} (KiB) | "
+        f"batches degraded | over the memory left | "
         f"full service: over | {label} | Δ {label} vs no TTT | energy reduction |",
         "|---|---|---|---|---|---|---|---|",
-    ]
+    ]  # fmt: skip
     for name in names:
         r = rows[name]
+        share = r.get("memory_level_shares", [None] * len(r["memory_levels"]))
         levels = ", ".join(
-            f"{c}x{k} ({b / 1024:.0f})"
-            for (_, k, c), b in zip(r["memory_levels"], r["memory_level_bytes"], strict=True)
+            f"{c}x{k}{' ' + _capacity(cf) if capacity else ''} ({b / 1024:.0f})"
+            + ("" if s is None else f": {100 * s:.0f}%")
+            for (cf, k, c), b, s in zip(
+                r["memory_levels"], r["memory_level_bytes"], share, strict=True
+            )  # fmt: skip
         )
         lines.append(
             f"| {name} | {levels} | {fmt(r['memory_degraded_share'], 0, 100)}% | "
@@ -295,6 +312,10 @@ def memory_table(results: dict[str, Any], metric: Metric) -> list[str]:
             f"{change(r[f'{m_key}_change'], metric)} | {fmt(r['energy_reduction'], 1, 100)}% |"
         )
     return lines
+
+
+def _capacity(cf: float | None) -> str:
+    return "dropless" if cf is None else f"c={cf:g}"
 
 
 def explained_best(results: dict[str, Any]) -> str | None:

@@ -13,9 +13,10 @@ serving of a stream under a monitor, with adaptation and an optional power-budge
 that steps down under memory pressure), :mod:`~metattt.energy.explain` (which experts a
 routing avoided and what that saved, activation shares, top-k agreement),
 :mod:`~metattt.energy.schedule` (when to adapt: periodic, on a difficulty signal, or at an
-adaptive frequency), :mod:`~metattt.energy.windows` (adaptation after every token window of a
-served batch) and :mod:`~metattt.energy.kernel_costs` (MoE dispatch backends timed per
-shape on the device, a fitted cost model per backend, and the backend it predicts cheapest).
+adaptive frequency), :mod:`~metattt.energy.windows` (adaptation after every window of tokens,
+or of sequences, of a served batch) and :mod:`~metattt.energy.kernel_costs` (MoE dispatch
+backends timed per shape on the device, a fitted cost model per backend, and the backend it
+predicts cheapest).
 """
 
 from metattt.energy import kernel_costs

@@ -20,9 +20,9 @@ When to adapt: every ``adapt_every``-th batch, or by a ``schedule``
 (:mod:`metattt.energy.schedule`: on a difficulty signal, at an adaptive frequency); ``infer``
 then returns ``(score, counts, signal)``, the batch's label-free signal (e.g. prediction
 entropy) from the same forward pass, so the decision costs no extra work. Or within each
-batch, per token window (:mod:`metattt.energy.windows`): ``windowed`` serves the batch chunk by
-chunk, each chunk one forward pass of (B, W) tokens and each adaptation step on (rows, W)
-tokens, all charged to the batch's window.
+batch, per window of tokens or of sequences (:mod:`metattt.energy.windows`): ``windowed`` serves
+the batch chunk by chunk, each chunk one forward pass of (B, W) tokens (or of W sequences,
+``window_rows``) and each adaptation step on its rows, all charged to the batch's window.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def serve_stream(
     schedule: Schedule | None = None,
     on_window: Callable[[Any, np.ndarray], None] | None = None,
     windowed: Callable[..., Any] | None = None,
+    window_rows: int | None = None,
 ) -> ServedStream:
     """Serve ``inputs`` batch by batch, prequentially, each batch one monitor window.
 
@@ -133,10 +134,13 @@ def serve_stream(
         (:func:`metattt.energy.adapter_ranks`) for the next adaptation.
       windowed: ``windowed(params, inputs, targets, lam, mask, adapting=...) ->``
         :class:`metattt.energy.windows.WindowServed` (e.g. a jitted
-        :func:`~metattt.energy.windows.serve_windows`): adapt after every token window of every
-        batch instead (no policy, no schedule); ``work`` then prices a chunk, ``dense`` a
-        chunk's dense work. ``infer_s`` is the wall time of the same pass without adaptation,
-        ``adapt_s`` what adapting added to it.
+        :func:`~metattt.energy.windows.serve_windows`): adapt after every window (of tokens or of
+        sequences) of every batch instead (no policy, no schedule); ``work`` then prices a
+        chunk, ``dense`` a chunk's dense work. ``infer_s`` is the wall time of the same pass
+        without adaptation, ``adapt_s`` what adapting added to it.
+      window_rows: with ``windowed``, the rows each chunk's forward pass reads, as ``work``
+        is asked to price them (None: the batch's B, token windows; W for windows of W
+        sequences).
     """
     if windowed is not None and (policy is not None or schedule is not None):
         raise ValueError("windowed serving takes no policy and no schedule")
@@ -192,7 +196,7 @@ def serve_stream(
                 counts = per_chunk.sum(0)
                 step_busy = 0.0
                 for chunk_counts in per_chunk:
-                    chunk_busy, joules = charge(chunk_counts, x.shape[0])
+                    chunk_busy, joules = charge(chunk_counts, window_rows or x.shape[0])
                     step_busy += chunk_busy
                     expert_j += joules - device.work_energy(*dense)
                 if adapting:

@@ -313,3 +313,108 @@ def test_window_rows_join_the_when_to_adapt_table_and_reading():
     reading = report.plan_reading(results, BPC)
     assert reading[0].startswith("- ttt~w16 adapted on 512.0 windows of 16 tokens: ")
     assert "vs ttt (8.0 adaptations) -0.200" in reading[0] and "+37.5% energy" in reading[0]
+
+
+def test_memory_pressure_forces_the_capacity_rung_and_serves_the_model_at_that_factor(monkeypatch):
+    """digits: a trace that leaves room for the capacity level only; the batches served there
+    score and count as a direct call of the classifier at capacity factor 0.5 (assignments
+    dropped), and the cell records the share of batches served at each level."""
+    from configs import energy_moe_digits as digits_config
+    from experiments.energy_moe import digits
+    from metattt.models import moe
+
+    cfg = digits_config.get_config("tiny")
+    cfg.data.stream_batches = 3
+    m = cfg.memory
+    m.chunks, m.min_top_k, m.capacity_factors = (1,), 2, (None, 0.5)
+    m.pressure, m.limit_x, m.margin, m.patience = (0.6,), 2.0, 0.0, 1
+    pressure.validate(cfg, 2, "class")
+    mcfg = digits.model_config(cfg)
+    dropless = jax.jit(lambda p, x, y, mask: (jnp.float32(0.5), jnp.zeros((1, 4), jnp.int32)))
+    rt = SimpleNamespace(mcfg=mcfg, infer={2: dropless})  # not under test here: a stub
+    # levels priced by capacity (XLA's own pricing is tested in tests/metattt)
+    monkeypatch.setattr(pressure, "peak_bytes", lambda fn, *a: 2000 if fn is rt.infer[2] else 1000)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 17, (cfg.data.batch, 64)).astype(np.int32)
+    y = rng.integers(0, 10, cfg.data.batch).astype(np.int32)
+    params = moe.init_moe(mcfg, seed=0).params
+    mp = pressure.MemoryPressure(cfg, rt, params, x, y, lambda c, r: Work(1.0, 1.0))
+    assert [tuple(level) for level in mp.ladder] == [(None, 2, 1), (0.5, 2, 1)]
+    assert mp.need == [2000, 1000] and mp.others == [2400] * 3  # room 1600: level 1 only
+    mask = np.ones(mcfg.num_experts, bool)
+    apply = moe.init_moe(mcfg._replace(capacity_factor=0.5)).apply
+    out = jax.jit(lambda p, x: apply(p, x, expert_mask=jnp.asarray(mask)))(params, x)
+    want_error = float(np.mean(np.argmax(np.asarray(out.class_logits), -1) != y))
+    want_counts = np.asarray(out.aux["expert_counts"])
+    assert want_counts.sum() < mcfg.num_layers * x.size * 2  # the factor dropped assignments
+    for _ in range(3):
+        score, counts = mp.infer(params, x, y, 2, mask)
+        if mp.levels[-1] == 1:
+            assert float(score) == pytest.approx(want_error, abs=1e-6)
+            np.testing.assert_array_equal(counts, want_counts)
+        mp.on_window(None, None)
+    assert mp.levels == [0, 1, 1]  # the first reading comes after the first batch
+    assert mp.summary()["memory_level_shares"] == pytest.approx([1 / 3, 2 / 3])
+
+
+def test_capacity_factors_are_checked_in_one_line_and_refused_for_the_lm():
+    from configs import energy_moe_digits as digits_config
+    from metattt.energy import serving_ladder
+
+    cfg = energy_config.get_config("tiny")
+    cfg.memory.capacity_factors = (None, 1.0)
+    with pytest.raises(ValueError, match="for the LM.*not causal") as err:
+        pressure.validate(cfg, 2, "lm")
+    assert "\n" not in str(err.value)
+    pressure.validate(cfg, 2, "class")
+    for bad in ((1.0, None), (1.0, 1.25), (None, 0.0), (None, "1"), ()):
+        cfg.memory.capacity_factors = bad
+        with pytest.raises(ValueError, match="memory.capacity_factors must be None"):
+            pressure.validate(cfg, 2, "class")
+    full = digits_config.get_config()  # the digits ladder: chunks, then capacity, then top-k
+    m = full.memory
+    ladder = serving_ladder(2, capacity_factors=pressure.capacity_factors(full),
+                            chunks=tuple(m.chunks), min_top_k=m.min_top_k)  # fmt: skip
+    cfs = pressure.capacity_factors(full)
+    assert cfs[0] is None and len(cfs) > 1
+    assert [tuple(level) for level in ladder] == [
+        (cf, k, c) for k in (2, 1) for cf in cfs for c in m.chunks
+    ]
+
+
+def test_digits_window_methods_are_windows_of_images_and_render_as_such():
+    from configs import energy_moe_digits as digits_config
+    from experiments.energy_moe import main, report, tables, windows
+    from experiments.energy_moe.tasks import ERROR
+
+    cfg = digits_config.get_config()
+    main.validate(cfg)
+    table = registry.methods(cfg)
+    assert [table[n] for n in cfg.window.methods] == [
+        registry.Method("ttt", window=4),
+        registry.Method("energy_ttt", lam=1.0, window=4),
+    ]
+    cfg.window.methods = ("ttt~w5",)
+    with pytest.raises(ValueError, match=r"W \(images\) must divide data.batch=32"):
+        windows.validate(cfg, "class")
+    seed = lambda v: {"mean": v, "ci": float("nan")}
+    row = {"error": seed(0.6), "error_change": seed(0.01), "uj_per_token": seed(0.9),
+           "adapt_calls": seed(768.0), "energy_reduction": seed(-1.0), "overhead": seed(2.0),
+           "adapt_share_of_energy": seed(0.5), "meets_energy_target": False, "window": 4,
+           "window_unit": "images"}  # fmt: skip
+    results = {"methods": {"ttt~w4": row}}
+    assert "every W-image window" in tables.schedule_table(results, ERROR)[1]
+    assert report.plan_reading(results, ERROR)[0].startswith(
+        "- ttt~w4 adapted on 768.0 windows of 4 images: "
+    )
+    memory = {"error": seed(0.6), "error_change": seed(0.0), "energy_reduction": seed(0.1),
+              "memory_degraded_share": seed(0.5), "memory_over": [1], "memory_over_full": [2],
+              "memory_levels": [[None, 2, 1], [1.0, 2, 1]], "memory_level_bytes": [2048, 1024],
+              "memory_level_shares": [0.25, 0.75], "meets_energy_target": False}  # fmt: skip
+    line = tables.memory_table({"methods": {"memory": memory}}, ERROR)[-1]
+    assert line.startswith("| memory | 1x2 dropless (2): 25%, 1x2 c=1 (1): 75% |")
+    reading = report.plan_reading({"methods": {"memory": memory}}, ERROR)[0]
+    assert "; 75% of the batches were served at a capacity-factor level; a memory" in reading
+    memory["memory_level_bytes"] = [2048, 2176]  # the factor priced above dropless
+    reading = report.plan_reading({"methods": {"memory": memory}}, ERROR)[0]
+    assert "(each priced 128 bytes above the dropless level" in reading
