@@ -70,16 +70,24 @@ def _by_hand(p, x, y):
     return np.array(scores), np.array(counts), p
 
 
+def _assert_served_as_by_hand(got, by_hand, params, steps_shape):
+    """``got`` (a WindowServed) equals the Python loop's (scores, counts, final parameters), and
+    the adaptation moved the parameters; ``steps_shape`` is (C, K steps, layers, E)."""
+    scores, counts, final = by_hand
+    np.testing.assert_allclose(got.scores, scores, **TOL)
+    np.testing.assert_array_equal(got.counts, counts)
+    assert got.stats.expert_counts.shape == steps_shape
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got.params, final)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), final, params))
+    assert max(moved) > 1e-4  # the adaptation changed the parameters
+
+
 def test_windows_equal_a_loop_over_chunks_that_adapts_by_hand():
     x, y = _batch(0)
     got = WINDOWED(MODEL.params, x, y, LAM, MASK, adapting=True)
-    scores, counts, final = _by_hand(MODEL.params, x, y)
-    np.testing.assert_allclose(got.scores, scores, **TOL)
-    np.testing.assert_array_equal(got.counts, counts)
-    assert got.stats.expert_counts.shape == (L // W, 2, 2, 4)  # (C, K steps, layers, E)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got.params, final)
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), final, MODEL.params))
-    assert max(moved) > 1e-4  # the adaptation changed the parameters
+    by_hand = _by_hand(MODEL.params, x, y)
+    _assert_served_as_by_hand(got, by_hand, MODEL.params, (L // W, 2, 2, 4))
+    scores = by_hand[0]
     plain = WINDOWED(MODEL.params, x, y, LAM, MASK, adapting=False)  # every chunk at θ_0
     np.testing.assert_allclose(plain.scores[0], scores[0], **TOL)
     assert np.abs(plain.scores[1:] - scores[1:]).max() > 1e-5
@@ -188,13 +196,8 @@ def _images_by_hand(p, x, y):
 def test_image_windows_equal_a_loop_that_adapts_by_hand_and_ignore_later_images():
     x, y = _images(6)
     got = IMAGE_WINDOWED(CMODEL.params, x, y, LAM, MASK, adapting=True)
-    scores, counts, final = _images_by_hand(CMODEL.params, x, y)
-    np.testing.assert_allclose(got.scores, scores, **TOL)
-    np.testing.assert_array_equal(got.counts, counts)
-    assert got.stats.expert_counts.shape == (CB // CW, 2, 1, 4)  # (C, K steps, layers, E)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got.params, final)
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), final, CMODEL.params))
-    assert max(moved) > 1e-4  # the adaptation changed the parameters
+    by_hand = _images_by_hand(CMODEL.params, x, y)
+    _assert_served_as_by_hand(got, by_hand, CMODEL.params, (CB // CW, 2, 1, 4))
     # The images after window 0 change: window 0's score does not; the later ones do.
     x2, y2 = x.copy(), y.copy()
     x2[CW:], y2[CW:] = (x[CW:] + 5) % 16, (y[CW:] + 1) % 3
