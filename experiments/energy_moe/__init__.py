@@ -76,13 +76,14 @@ Modules: :mod:`.main` (checks and the run), :mod:`.backend` (the dispatch backen
 methods and objectives), :mod:`.lm` / :mod:`.digits` (the tasks' data), :mod:`.serving`,
 :mod:`.schedules`, :mod:`.pressure`, :mod:`.explanations`, :mod:`.tuning` (the fast-weight
 settings), :mod:`.aggregate` (results from cells), :mod:`.tables`, :mod:`.plots` and
-:mod:`.report` (rendered from ``results.json`` alone).
+:mod:`.readings` and :mod:`.report` (rendered from ``results.json`` alone).
 """
 
 from experiments.energy_moe.aggregate import SCALARS, aggregate, figure_data, matched, scalars
 from experiments.energy_moe.main import demo_rows, run, validate
+from experiments.energy_moe.readings import reading
 from experiments.energy_moe.registry import Method, methods, parse_method
-from experiments.energy_moe.report import reading, write_report
+from experiments.energy_moe.report import write_report
 from experiments.energy_moe.runtime import Runtime, build_runtime
 from experiments.energy_moe.serving import BACKWARD_FACTOR, serve, static_mask
 from experiments.energy_moe.tables import summary

@@ -217,7 +217,7 @@ def test_fast_weight_reading_states_each_method_against_lora_at_equal_parameters
     """One line for every fast-weight method: its change and energy against no TTT, LoRA's at
     the same adapted parameters when LoRA ran, and a verdict that follows the numbers (moves
     toward the target only when it saves energy, costs < 5% and saves more than LoRA)."""
-    from experiments.energy_moe.report import fast_reading
+    from experiments.energy_moe.readings import fast_reading
     from experiments.energy_moe.tasks import BPC
 
     def row(change, saved, overhead, meets):
@@ -295,7 +295,7 @@ def test_a_window_method_runs_from_its_name_to_a_served_cell():
 def test_window_rows_join_the_when_to_adapt_table_and_reading():
     """A ``~w<W>`` row sits in the when-to-adapt table and the reading against its periodic
     reference (the name without ``~w``), with its differences computed from the two rows."""
-    from experiments.energy_moe import report, tables
+    from experiments.energy_moe import readings, tables
     from experiments.energy_moe.tasks import BPC
 
     seed = lambda v: {"mean": v, "ci": float("nan")}
@@ -310,7 +310,7 @@ def test_window_rows_join_the_when_to_adapt_table_and_reading():
     assert "| - (W = 16) | all | 512.0 | 1.700 |" in line
     assert line.endswith("| 512.0 vs 8.0 | -0.200 | +0.1500 |")
     assert not any(x.startswith("| ttt |") for x in table)
-    reading = report.plan_reading(results, BPC)
+    reading = readings.plan_reading(results, BPC)
     assert reading[0].startswith("- ttt~w16 adapted on 512.0 windows of 16 tokens: ")
     assert "vs ttt (8.0 adaptations) -0.200" in reading[0] and "+37.5% energy" in reading[0]
 
@@ -384,7 +384,7 @@ def test_capacity_factors_are_checked_in_one_line_and_refused_for_the_lm():
 
 def test_digits_window_methods_are_windows_of_images_and_render_as_such():
     from configs import energy_moe_digits as digits_config
-    from experiments.energy_moe import main, report, tables, windows
+    from experiments.energy_moe import main, readings, tables, windows
     from experiments.energy_moe.tasks import ERROR
 
     cfg = digits_config.get_config()
@@ -404,7 +404,7 @@ def test_digits_window_methods_are_windows_of_images_and_render_as_such():
            "window_unit": "images"}  # fmt: skip
     results = {"methods": {"ttt~w4": row}}
     assert "every W-image window" in tables.schedule_table(results, ERROR)[1]
-    assert report.plan_reading(results, ERROR)[0].startswith(
+    assert readings.plan_reading(results, ERROR)[0].startswith(
         "- ttt~w4 adapted on 768.0 windows of 4 images: "
     )
     memory = {"error": seed(0.6), "error_change": seed(0.0), "energy_reduction": seed(0.1),
@@ -413,8 +413,8 @@ def test_digits_window_methods_are_windows_of_images_and_render_as_such():
               "memory_level_shares": [0.25, 0.75], "meets_energy_target": False}  # fmt: skip
     line = tables.memory_table({"methods": {"memory": memory}}, ERROR)[-1]
     assert line.startswith("| memory | 1x2 dropless (2): 25%, 1x2 c=1 (1): 75% |")
-    reading = report.plan_reading({"methods": {"memory": memory}}, ERROR)[0]
+    reading = readings.plan_reading({"methods": {"memory": memory}}, ERROR)[0]
     assert "; 75% of the batches were served at a capacity-factor level; a memory" in reading
     memory["memory_level_bytes"] = [2048, 2176]  # the factor priced above dropless
-    reading = report.plan_reading({"methods": {"memory": memory}}, ERROR)[0]
+    reading = readings.plan_reading({"methods": {"memory": memory}}, ERROR)[0]
     assert "(each priced 128 bytes above the dropless level" in reading
