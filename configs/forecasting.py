@@ -91,7 +91,7 @@ def get_config(arg=None):
 
     c.online = ml_collections.ConfigDict()
     c.online.method = "fomaml"  # the initialisation adapted offline / online
-    c.online.drifts = (0.0, 0.1, 0.2, 0.3)
+    c.online.drifts = (0.0, 0.1, 0.2, 0.3)  # empty: no online comparison (cell, table, plot)
     c.online.lr = 3e-3  # Adam on each arrived window
     c.online.steps_per_update = 1
 

@@ -65,15 +65,17 @@ def summary(results: dict[str, Any], cfg) -> str:
             f"| {name} | {_fmt(r['query_before'], 4)} | {_fmt(r['query_after'], 4)} | "
             f"{_fmt(r['seconds'], 0)} |"
         )
-    lines += [
-        "",
-        f"**Online vs offline under drift** (held-out R² on the stream after the support half; "
-        f"init {cfg.online.method}, offline = {k} inner steps then frozen, online = then Adam "
-        f"lr {cfg.online.lr} on each window whose target has fully arrived, P steps late)",
-        "",
-        "| drift | unadapted | offline | online | online - offline |",
-        "|---|---|---|---|---|",
-    ]
+    if results["online"]:
+        lines += [
+            "",
+            f"**Online vs offline under drift** (held-out R² on the stream after the support "
+            f"half; init {cfg.online.method}, offline = {k} inner steps then frozen, online = "
+            f"then Adam lr {cfg.online.lr} on each window whose target has fully arrived, P "
+            "steps late)",
+            "",
+            "| drift | unadapted | offline | online | online - offline |",
+            "|---|---|---|---|---|",
+        ]
     for drift, r in results["online"].items():
         diff = np.subtract(r["online"]["per_seed"], r["offline"]["per_seed"])
         lines.append(
@@ -120,7 +122,10 @@ def plot_curves(results: dict[str, Any], cfg, path: str) -> None:
 
 
 def plot_online(results: dict[str, Any], path: str) -> None:
-    """Held-out stream R² vs drift magnitude: unadapted, offline, online."""
+    """Held-out stream R² vs drift magnitude: unadapted, offline, online (no file without an
+    online comparison)."""
+    if not results["online"]:
+        return
     plt = _pyplot()
     drifts = list(results["online"])
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -165,11 +170,12 @@ def reading(results: dict[str, Any], cfg) -> list[str]:
         d: np.mean(np.subtract(r["online"]["per_seed"], r["offline"]["per_seed"]))
         for d, r in results["online"].items()
     }
-    lines.append(
-        "- Online minus offline stream R² by drift: "
-        + ", ".join(f"{d}: {v:+.3f}" for d, v in diffs.items())
-        + "."
-    )
+    if diffs:
+        lines.append(
+            "- Online minus offline stream R² by drift: "
+            + ", ".join(f"{d}: {v:+.3f}" for d, v in diffs.items())
+            + "."
+        )
     for dtype in sorted({r["dtype"] for r in results["memory"]}):
         rows = {
             (r["inner_steps"], r["remat"]): r["temp_bytes"]

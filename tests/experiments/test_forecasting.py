@@ -64,6 +64,30 @@ def _steps_to_level(curve, level):
     return next((i for i, v in enumerate(curve) if v >= level), len(curve))
 
 
+def test_without_an_online_comparison_the_report_leaves_out_its_table_reading_and_plot(
+    frozen, tmp_path
+):
+    """``online.drifts = ()`` (the demo's setting) gives an empty online record: the summary
+    loses exactly the online table, the reading its online line, and no online plot is drawn."""
+    cfg, without = _config(), dict(frozen, online={})
+    full, text = F.summary(frozen, cfg).splitlines(), F.summary(without, cfg).splitlines()
+    dropped = [line for line in full if line not in text]
+    assert dropped[0].startswith("**Online vs offline under drift**")
+    assert dropped[1:3] == [
+        "| drift | unadapted | offline | online | online - offline |",
+        "|---|---|---|---|---|",
+    ]
+    assert [row.split(" | ")[0] for row in dropped[3:]] == [f"| {d}" for d in frozen["online"]]
+    start = full.index(dropped[0]) - 1  # the blank line before the section
+    assert full[:start] + full[start + 2 + len(dropped) :] == text  # and the one after its title
+    online_lines = [x for x in F.reading(frozen, cfg) if x.startswith("- Online minus offline")]
+    assert len(online_lines) == 1 and F.reading(without, cfg) == [
+        x for x in F.reading(frozen, cfg) if x not in online_lines
+    ]
+    F.plot_online(without, str(tmp_path / "online.png"))
+    assert not (tmp_path / "online.png").exists()
+
+
 def test_summary_cells_follow_the_per_seed_curves(frozen):
     cfg = _config()
     text = F.summary(frozen, cfg)
