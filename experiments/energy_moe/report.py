@@ -282,7 +282,9 @@ def write_report(results: dict[str, Any], cfg, workdir: str | None = None) -> No
     plot_all(results, str(report.BENCHMARKS.parent / "docs" / "figures"), metric=task.metric,
              prefix=name)  # fmt: skip
     mcfg = task.model_config(cfg)
-    n_params = sum(x.size for x in jax.tree.leaves(moe.init_moe(mcfg).params))
+    n_params = sum(
+        x.size for x in jax.tree.leaves(jax.eval_shape(lambda: moe.init_moe(mcfg).params))
+    )
     captions = CAPTIONS[name]
     figures = [f"![{captions[p]}](docs/figures/{name}_{p}.png)" for p in shown_plots(results)]
     body = "\n".join(
