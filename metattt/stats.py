@@ -64,7 +64,9 @@ def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
 
     Note:
       With a single value the spread is unknown: ``half_width``, ``low`` and ``high`` are NaN
-      (and :func:`format_ci` prints ``± nan``), rather than a misleading zero.
+      (and :func:`format_ci` prints ``± nan``), rather than a misleading zero. So they are
+      when a value is infinite or NaN (e.g. a diverged run's loss): the mean is then inf or
+      NaN as NumPy gives it, and no spread is computed (nor warned about).
 
     Args:
       values: the observations, any array-like (flattened).
@@ -81,8 +83,9 @@ def mean_ci(values: Any, confidence: float = 0.95) -> MeanCI:
     n = x.size
     if n == 0:
         raise ValueError("mean_ci needs at least one value, got none")
-    mean = float(np.mean(x))
-    if n == 1:
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, said in the docstring
+        mean = float(np.mean(x))
+    if n == 1 or not np.all(np.isfinite(x)):
         half = math.nan
     else:
         sem = float(np.std(x, ddof=1)) / math.sqrt(n)

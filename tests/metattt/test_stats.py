@@ -36,6 +36,15 @@ def test_mean_ci_small_n():
         stats.mean_ci([1.0, 2.0], confidence=1.5)
 
 
+@pytest.mark.filterwarnings("error")  # NumPy's "invalid value" warnings fail the test
+def test_mean_ci_of_a_diverged_value_is_inf_or_nan_without_a_spread():
+    for values, mean in (([1.0, np.inf, 2.0], np.inf), ([np.inf, -np.inf, 0.5], np.nan)):
+        m = stats.mean_ci(values)
+        np.testing.assert_equal(m.mean, mean)
+        assert m.n == 3 and math.isnan(m.half_width) and math.isnan(m.low)
+    assert math.isnan(stats.mean_ci([1.0, np.nan]).half_width)
+
+
 def test_t_interval_coverage():
     rng = np.random.default_rng(1)
     mu = 1.7
