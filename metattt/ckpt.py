@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -269,7 +270,7 @@ class Checkpointer:
         """
         for step in reversed(self.all_steps()):
             reason = _unsealed_damage(os.path.join(self.directory, str(step)))
-            with _quiet_orbax_failures():
+            with _quiet_orbax_failures() as settle:
                 try:
                     if reason is not None:
                         raise CorruptCheckpoint(reason)
@@ -278,7 +279,7 @@ class Checkpointer:
                 except Exception as error:  # noqa: BLE001 - any failure to load refuses it
                     reason = _first_line(error)
                 if reason is not None:
-                    gc.collect()  # a failed read's debris, collected while it is muted
+                    settle()  # a failed read's debris, collected while it is muted
             if not multihost.any_process(reason is not None):
                 return step, state
             reason = reason or "refused by another process of this run"
@@ -391,22 +392,37 @@ def _unsealed_damage(folder: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet_orbax_failures() -> Iterator[None]:
+def _quiet_orbax_failures() -> Iterator[Callable[[], None]]:
     """Keeps a failed restore's debris off the console: our one-line warning says it all.
 
     When orbax fails to read a corrupted checkpoint, its sibling asyncio tasks fail too and,
     when garbage-collected, print "Task exception was never retrieved" with the whole
-    tensorstore spec, or raise "Event loop is closed" as unraisable exceptions. The block
-    collects them (``gc.collect()`` after a failure; a successful restore leaves none, and a
-    full collection costs ~0.3 s in a process holding JAX's caches) with the asyncio logger
-    and the unraisable hook muted.
+    tensorstore spec; and tensorstore's own threads, finishing the cancelled reads a moment
+    later, raise "Event loop is closed" as unraisable exceptions (seen up to ~1 ms after the
+    failure, often after the restore had returned). The block mutes the asyncio logger and the
+    unraisable hook; call what it yields after a failure: it collects the debris
+    (``gc.collect()``; a successful restore leaves none, and a full collection costs ~0.3 s in
+    a process holding JAX's caches) and waits until no unraisable exception has arrived for
+    0.1 s (1 s at most) before the block unmutes them.
     """
     asyncio_logger = logging.getLogger("asyncio")
     level, hook = asyncio_logger.level, sys.unraisablehook
+    last = [time.monotonic()]
+
+    def mute(unraisable: Any) -> None:
+        last[0] = time.monotonic()
+
+    def settle(quiet_s: float = 0.1, limit_s: float = 1.0) -> None:
+        gc.collect()
+        deadline = time.monotonic() + limit_s
+        last[0] = time.monotonic()
+        while time.monotonic() - last[0] < quiet_s and time.monotonic() < deadline:
+            time.sleep(quiet_s / 5)
+
     asyncio_logger.setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda unraisable: None
+    sys.unraisablehook = mute
     try:
-        yield
+        yield settle
     finally:
         asyncio_logger.setLevel(level)
         sys.unraisablehook = hook
