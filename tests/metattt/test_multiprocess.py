@@ -10,7 +10,6 @@ each process's log, never wedging the suite.
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import socket
@@ -69,7 +68,7 @@ def start_pair(out_dir: pathlib.Path, command=None, *, umasks=(None, None)):
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=None if umask is None else functools.partial(os.umask, umask),
+                    umask=-1 if umask is None else umask,  # set in C: no Python in the child
                 )
             )
     return procs
