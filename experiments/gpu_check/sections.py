@@ -293,7 +293,7 @@ def models(rec: Recorder, size: str) -> None:
         start = time.perf_counter()
         value, grads = jax.block_until_ready(grad(params))
         first = time.perf_counter() - start
-        norm = float(optax.global_norm(grads))
+        norm = float(optax.tree.norm(grads))
         return {
             "loss": float(value),
             "grad_norm": norm,

@@ -182,7 +182,7 @@ def test_every_family_gets_a_gradient_at_its_neutral_start(model):
     def grad_norms(starts):
         pairs = zip(adapters, starts, strict=True)
         grads = [jax.grad(functools.partial(loss, a))(p) for a, p in pairs]
-        return [optax.global_norm(g) for g in grads]
+        return [optax.tree.norm(g) for g in grads]
 
     norms = dict(zip(sorted(FAMILY_LEAVES), map(float, grad_norms(starts)), strict=True))
     assert all(n > 1e-6 for n in norms.values()), norms
