@@ -86,8 +86,8 @@ def test_maml_gradient_reaches_frozen_parameters_and_remat_is_identical(x64):
         loss_fn, p, task, mask=mask, inner=inner._replace(remat=remat)
     )[0]
     central_difference_check(functools.partial(f, remat=False), params, **FD)
-    g_plain = jax.grad(f)(params, False)
-    g_remat = jax.grad(f)(params, True)
+    meta_grad = jax.jit(jax.grad(f), static_argnums=1)  # one program each, not eager ops
+    g_plain, g_remat = meta_grad(params, False), meta_grad(params, True)
     chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-12, atol=1e-14)
     assert float(jnp.abs(g_plain["l0"]["kernel"]).sum()) > 0
 
@@ -115,7 +115,8 @@ def test_e2e_ttt_is_query_plus_mean_inner_loss():
     params, task = tiny_params(jax.random.key(7)), one_task(8)
     mask = P.select(params, "re:.")
     inner = InnerConfig(optax.sgd(0.05), max_steps=4)
-    total, aux = meta.e2e_ttt_loss(loss_fn, params, task, mask=mask, inner=inner, num_steps=3)
+    e2e = lambda p: meta.e2e_ttt_loss(loss_fn, p, task, mask=mask, inner=inner, num_steps=3)
+    total, aux = jax.jit(e2e)(params)
     np.testing.assert_allclose(total, aux.query_loss + jnp.mean(aux.inner_losses[:3]), rtol=1e-6)
 
 
@@ -124,14 +125,17 @@ def test_first_order_equals_gradient_at_adapted_parameters():
     params, task = tiny_params(jax.random.key(9)), one_task(10)
     mask = P.select(params, "re:.")
     inner = InnerConfig(optax.sgd(0.1), max_steps=3)
-    fo = jax.grad(lambda p: meta.fomaml_loss(loss_fn, p, task, mask=mask, inner=inner)[0])(params)
+    fo_loss = lambda p: meta.fomaml_loss(loss_fn, p, task, mask=mask, inner=inner)[0]
+    fo = jax.jit(jax.grad(fo_loss))(params)  # one program, not eager ops
     adapted = params
     for _ in range(3):  # independent reference: three explicit SGD steps
         g = jax.grad(loss_fn)(adapted, task.support)
         adapted = jax.tree.map(lambda p, d: p - 0.1 * d, adapted, g)
     expected = jax.grad(loss_fn)(adapted, task.query)
     chex.assert_trees_all_close(fo, expected, rtol=1e-5, atol=1e-7)
-    so = jax.grad(lambda p: meta.maml_loss(loss_fn, p, task, mask=mask, inner=inner)[0])(params)
+    so = jax.jit(jax.grad(lambda p: meta.maml_loss(loss_fn, p, task, mask=mask, inner=inner)[0]))(
+        params
+    )
     assert not np.allclose(jax.tree.leaves(so)[0], jax.tree.leaves(fo)[0])
 
 
