@@ -410,12 +410,10 @@ def test_dispatch_vmaps_per_example_and_differentiates_twice():
         )
         return jax.vmap(one)(x, logits)
 
-    per_example = jnp.stack(
-        [
-            moe_dispatch(x[i], wg, wu, wd, logits[i], top_k=TOP_K, capacity_factor=factor).out
-            for i in range(batch)
-        ]
+    single = jax.jit(  # the unbatched call, once per example: one program, not op by op
+        lambda xi, li: moe_dispatch(xi, wg, wu, wd, li, top_k=TOP_K, capacity_factor=factor).out
     )
+    per_example = jnp.stack([single(x[i], logits[i]) for i in range(batch)])
 
     def meta(backend):
         inner = lambda w: jnp.sum(run(backend, x, w, logits) ** 2)
