@@ -57,7 +57,7 @@ class LinenNet(nn.Module):
 @pytest.fixture(scope="module")
 def linen_variables():
     x = jax.random.normal(jax.random.key(3), (4, 6))
-    return LinenNet().init(jax.random.key(0), x)
+    return jax.jit(LinenNet().init)(jax.random.key(0), x)  # one program, not ~50 eager ops
 
 
 def test_norm_presets_on_linen(linen_variables):
