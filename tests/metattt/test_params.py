@@ -58,7 +58,7 @@ def test_presets_on_linen():
             x = nn.MultiHeadDotProductAttention(num_heads=1)(x, x)
             return nn.Dense(3)(nn.RMSNorm()(x))
 
-    variables = Net().init(jax.random.key(0), jnp.ones((1, 2, 4)))
+    variables = jax.jit(Net().init)(jax.random.key(0), jnp.ones((1, 2, 4)))
     # linen's default names say the kind: LayerNorm and RMSNorm are separate presets.
     assert _selected(variables, "layernorm") == [
         "params/layernorm_0/bias",
@@ -174,9 +174,11 @@ def test_functionalized_batchnorm_uses_batch_statistics_in_training_and_stored_o
     scale, bias = np.asarray(p["bn"]["scale"]), np.asarray(p["bn"]["bias"])
     train = _batchnorm_reference(h, h.mean(0), h.var(0), scale, bias)
     np.testing.assert_allclose(jax.jit(net.apply)(p, x), train, rtol=1e-4, atol=1e-4)
-    grads = jax.grad(lambda q: jnp.sum(net.apply(q, x) ** 2))(p)
+    grads = jax.jit(jax.grad(lambda q: jnp.sum(net.apply(q, x) ** 2)))(p)
     assert np.abs(np.asarray(grads["bn"]["scale"])).sum() > 0
     np.testing.assert_array_equal(model.bn.mean[...], stored_mean)  # never written back
     model.eval()
     evaluation = _batchnorm_reference(h, stored_mean, stored_var, scale, bias)
-    np.testing.assert_allclose(functionalize(model).apply(p, x), evaluation, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        jax.jit(functionalize(model).apply)(p, x), evaluation, rtol=1e-4, atol=1e-4
+    )
