@@ -255,12 +255,7 @@ PARAMS_RTOL, PARAMS_ATOL, ACCURACY_ATOL = 1e-4, 1e-5, 0.01
 def short_config():
     """The tiny config with ``OVERRIDES`` applied, as the command line applies them."""
     cfg = config.get_config("tiny")
-    for key, value in OVERRIDES.items():
-        *sections, field = key.split(".")
-        node = cfg
-        for name in sections:
-            node = node[name]
-        node[field] = value
+    cfg.update_from_flattened_dict(OVERRIDES)
     return cfg
 
 
